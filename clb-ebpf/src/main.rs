@@ -1,0 +1,102 @@
+//! clb datapath: an XDP L4 load balancer with connection tracking and source-IP session
+//! persistence, NAT mode (client address preserved, replies routed back through clb).
+//!
+//! Per packet: Ethernet/IPv4 → to a VIP? (`forward`: conntrack → persistence → round robin,
+//! DNAT) : from a backend? (`reply`: conntrack, SNAT back to the VIP) : pass. Everything the
+//! balancer does not own goes to the stack untouched.
+#![no_std]
+#![no_main]
+// `core::intrinsics::atomic_xadd` for the round-robin cursor (RUSTC_BOOTSTRAP=1 build).
+#![feature(core_intrinsics)]
+#![expect(
+    internal_features,
+    reason = "atomic_xadd is the only fetch-and-add on BPF"
+)]
+
+mod backends;
+mod conntrack;
+mod csum;
+mod forward;
+mod maps;
+mod nat;
+mod parse;
+mod persist;
+mod reply;
+mod rst;
+mod schedule;
+mod stats;
+
+use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+use clb_common::{ListenerKey, counter};
+
+use crate::{maps::CLB_LSN_ADDR_V1, parse::L4};
+
+/// Final outcome of a parse step that stops processing.
+#[derive(Clone, Copy)]
+pub enum Verdict {
+    /// Drop, counting this `counter::DROP_*` reason.
+    Drop(u32),
+}
+
+/// The load balancer.
+#[xdp]
+pub fn clb_xdp(ctx: XdpContext) -> u32 {
+    let action = process(&ctx);
+    stats::count(match action {
+        xdp_action::XDP_PASS => counter::VERDICT_PASS,
+        xdp_action::XDP_DROP => counter::VERDICT_DROP,
+        xdp_action::XDP_TX => counter::VERDICT_TX,
+        xdp_action::XDP_REDIRECT => counter::VERDICT_REDIRECT,
+        _ => counter::VERDICT_ABORTED,
+    });
+    action
+}
+
+/// Passes every packet: attached to veth peers so `XDP_TX`/redirected frames are delivered,
+/// and the floor the benchmarks measure against.
+#[xdp]
+pub fn clb_pass(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_PASS
+}
+
+#[inline(always)]
+fn process(ctx: &XdpContext) -> u32 {
+    let Some(ip) = parse::ipv4(ctx) else {
+        return xdp_action::XDP_PASS;
+    };
+    // SAFETY: `parse::ipv4` bounds-checked a full IPv4 header.
+    let daddr = u32::from_ne_bytes(unsafe { (*ip).dst_addr });
+    let marker = ListenerKey {
+        vip: daddr,
+        port: 0,
+        proto: 0,
+        _pad: 0,
+    };
+    // SAFETY: read-only use of a map value.
+    if unsafe { CLB_LSN_ADDR_V1.get(&marker) }.is_some() {
+        match parse::l4_strict(ctx, ip) {
+            Ok(L4::Packet(p)) => forward::client_packet(ctx, ip, &p),
+            Ok(L4::Other) => xdp_action::XDP_PASS,
+            Err(Verdict::Drop(reason)) => {
+                stats::count(reason);
+                xdp_action::XDP_DROP
+            }
+        }
+    } else {
+        match parse::l4_lenient(ctx, ip) {
+            Some(p) => reply::backend_packet(ctx, ip, &p),
+            None => xdp_action::XDP_PASS,
+        }
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+// GPL-compatible: `bpf_fib_lookup` is a GPL-only helper.
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

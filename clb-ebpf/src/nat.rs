@@ -1,0 +1,143 @@
+//! NAT rewrite with incremental checksums, and forwarding: FIB lookup, TTL, MACs, devmap.
+
+use aya_ebpf::{
+    EbpfContext as _,
+    bindings::{bpf_fib_lookup, xdp_action},
+    helpers::bpf_fib_lookup as fib_lookup,
+    programs::XdpContext,
+};
+use clb_common::{PROTO_TCP, counter};
+use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
+
+use crate::{
+    csum,
+    maps::CLB_DEVS_V1,
+    parse::{Pkt, ptr_at},
+    stats,
+};
+
+const AF_INET: u8 = 2;
+const BPF_FIB_LKUP_RET_SUCCESS: i64 = 0;
+const BPF_FIB_LKUP_RET_NO_NEIGH: i64 = 7;
+
+/// Which end of the packet to rewrite.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    /// Destination: client → VIP becomes client → backend.
+    Dst,
+    /// Source: backend → client becomes VIP → client.
+    Src,
+}
+
+/// Rewrites one end's address and port (network byte order), updating the IPv4 checksum and
+/// the TCP/UDP checksum (pseudo-header address + port) incrementally. A UDP checksum of 0
+/// ("none") stays 0.
+#[inline(always)]
+pub fn rewrite(
+    ctx: &XdpContext,
+    ip: *mut Ipv4Hdr,
+    p: &Pkt,
+    end: End,
+    addr: u32,
+    port: u16,
+) -> Result<(), ()> {
+    let (old_addr, old_port) = match end {
+        End::Dst => (p.daddr, p.dport),
+        End::Src => (p.saddr, p.sport),
+    };
+    // SAFETY: `ip` and the L4 header were bounds-checked by the parser and are re-checked by
+    // `ptr_at` below; the frame has not changed size since.
+    unsafe {
+        match end {
+            End::Dst => (*ip).dst_addr = addr.to_ne_bytes(),
+            End::Src => (*ip).src_addr = addr.to_ne_bytes(),
+        }
+        let c = csum::replace4(u16::from_ne_bytes((*ip).check), old_addr, addr);
+        (*ip).check = c.to_ne_bytes();
+
+        if p.proto == PROTO_TCP {
+            let tcp: *mut TcpHdr = ptr_at(ctx, p.l4_off)?;
+            let mut c = u16::from_ne_bytes((*tcp).check);
+            c = csum::replace4(c, old_addr, addr);
+            c = csum::replace2(c, old_port, port);
+            (*tcp).check = c.to_ne_bytes();
+            match end {
+                End::Dst => (*tcp).dest = port.to_ne_bytes(),
+                End::Src => (*tcp).source = port.to_ne_bytes(),
+            }
+        } else {
+            let udp: *mut UdpHdr = ptr_at(ctx, p.l4_off)?;
+            let old = u16::from_ne_bytes((*udp).check);
+            if old != 0 {
+                let mut c = csum::replace4(old, old_addr, addr);
+                c = csum::replace2(c, old_port, port);
+                (*udp).check = csum::udp_nonzero(c).to_ne_bytes();
+            }
+            match end {
+                End::Dst => (*udp).dst = port.to_ne_bytes(),
+                End::Src => (*udp).src = port.to_ne_bytes(),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Sends the (already rewritten) packet on: FIB lookup for the next hop, then TTL decrement,
+/// MAC rewrite and a devmap redirect. When the kernel cannot give a next hop right now
+/// (no neighbour entry yet, no route, TTL expiring, egress not in the devmap), the packet goes
+/// to the stack unchanged but for the NAT, and the stack resolves, forwards or answers it.
+#[inline(always)]
+pub fn forward(ctx: &XdpContext, ip: *mut Ipv4Hdr, p: &Pkt) -> u32 {
+    // SAFETY: `ip` is bounds-checked (see `rewrite`); `fib` is a plain C struct for which
+    // all-zero is a valid value; the helper reads and writes only `fib`.
+    unsafe {
+        let mut fib: bpf_fib_lookup = core::mem::zeroed();
+        fib.family = AF_INET;
+        fib.l4_protocol = p.proto;
+        fib.__bindgen_anon_1.tot_len = p.ip_len;
+        fib.__bindgen_anon_2.tos = (*ip).tos;
+        fib.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes((*ip).src_addr);
+        fib.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes((*ip).dst_addr);
+        fib.ifindex = ctx.ingress_ifindex() as u32;
+        let rc = fib_lookup(
+            ctx.as_ptr(),
+            &mut fib,
+            core::mem::size_of::<bpf_fib_lookup>() as i32,
+            0,
+        );
+        if rc != BPF_FIB_LKUP_RET_SUCCESS {
+            stats::count(if rc == BPF_FIB_LKUP_RET_NO_NEIGH {
+                counter::FWD_STACK_NO_NEIGH
+            } else {
+                counter::FWD_STACK_NO_ROUTE
+            });
+            return xdp_action::XDP_PASS;
+        }
+        let ttl = (*ip).ttl;
+        if ttl <= 1 {
+            stats::count(counter::FWD_STACK_TTL);
+            return xdp_action::XDP_PASS;
+        }
+        // Choose the egress first: if it is not in the devmap the packet goes to the stack,
+        // which must still see our MAC as destination and the original TTL.
+        let action = match CLB_DEVS_V1.redirect(fib.ifindex, u64::from(xdp_action::XDP_PASS)) {
+            Ok(a) => a,
+            Err(a) => {
+                stats::count(counter::FWD_STACK_NO_DEV);
+                return a;
+            }
+        };
+        // TTL and protocol share one 16-bit word of the header.
+        let old = u16::from_ne_bytes([ttl, (*ip).proto]);
+        let new = u16::from_ne_bytes([ttl - 1, (*ip).proto]);
+        (*ip).ttl = ttl - 1;
+        (*ip).check = csum::replace2(u16::from_ne_bytes((*ip).check), old, new).to_ne_bytes();
+
+        let Ok(eth) = ptr_at::<EthHdr>(ctx, 0) else {
+            return xdp_action::XDP_ABORTED;
+        };
+        (*eth).dst_addr = fib.__bindgen_anon_6.__bindgen_anon_2.dmac;
+        (*eth).src_addr = fib.__bindgen_anon_6.__bindgen_anon_2.smac;
+        action
+    }
+}

@@ -1,0 +1,124 @@
+//! Builds a TCP RST in place for a packet of a connection the balancer does not know, and
+//! sends it back out the interface it came in on (`XDP_TX`), so the client learns at once that
+//! the connection is gone instead of retransmitting into a black hole.
+//!
+//! RFC 9293 §3.10.7.1: if the offending segment has ACK set, the reset is `<SEQ=SEG.ACK><RST>`;
+//! otherwise `<SEQ=0><ACK=SEG.SEQ+SEG.LEN><RST,ACK>`.
+
+use aya_ebpf::{bindings::xdp_action, helpers::bpf_xdp_adjust_tail, programs::XdpContext};
+use clb_common::{PROTO_TCP, counter};
+use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr};
+
+use crate::{
+    csum,
+    parse::{IP_OFF, Pkt, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, ptr_at},
+    stats,
+};
+
+const RST_FRAME_LEN: usize = IP_OFF + Ipv4Hdr::LEN + TcpHdr::LEN;
+
+/// Turns the TCP packet `p` into a RST to its sender; returns the action.
+/// Packets carrying RST themselves, or with IPv4 options, are dropped instead (counted).
+#[inline(always)]
+pub fn reply(ctx: &XdpContext, p: &Pkt) -> u32 {
+    match build(ctx, p) {
+        Ok(()) => {
+            stats::count(counter::RST_SENT);
+            xdp_action::XDP_TX
+        }
+        Err(()) => {
+            stats::count(counter::DROP_NO_CONN);
+            xdp_action::XDP_DROP
+        }
+    }
+}
+
+#[inline(always)]
+fn build(ctx: &XdpContext, p: &Pkt) -> Result<(), ()> {
+    if p.tcp_flags & TCP_RST != 0 || p.l4_off != IP_OFF + Ipv4Hdr::LEN {
+        return Err(());
+    }
+    let (seq, ack, flags) = {
+        let tcp: *const TcpHdr = ptr_at(ctx, IP_OFF + Ipv4Hdr::LEN)?;
+        // SAFETY: bounds-checked by `ptr_at`.
+        let (seg_seq, seg_ack, doff) = unsafe {
+            (
+                u32::from_be_bytes((*tcp).seq),
+                u32::from_be_bytes((*tcp).ack_seq),
+                ((*(tcp as *const u8).add(12)) >> 4) as u32 * 4,
+            )
+        };
+        if p.tcp_flags & TCP_ACK != 0 {
+            (seg_ack, 0, TCP_RST)
+        } else {
+            let payload = u32::from(p.ip_len) - Ipv4Hdr::LEN as u32 - doff;
+            let mut seg_len = payload;
+            if p.tcp_flags & TCP_SYN != 0 {
+                seg_len += 1;
+            }
+            if p.tcp_flags & TCP_FIN != 0 {
+                seg_len += 1;
+            }
+            (0, seg_seq.wrapping_add(seg_len), TCP_RST | TCP_ACK)
+        }
+    };
+
+    // Cut the frame down to Ethernet + IPv4 + a bare TCP header.
+    let delta = RST_FRAME_LEN as i32 - (ctx.data_end() - ctx.data()) as i32;
+    // SAFETY: the helper only resizes the frame; all pointers are re-derived after it.
+    if delta != 0 && unsafe { bpf_xdp_adjust_tail(ctx.ctx, delta) } != 0 {
+        return Err(());
+    }
+    let eth: *mut EthHdr = ptr_at(ctx, 0)?;
+    let ip: *mut Ipv4Hdr = ptr_at(ctx, IP_OFF)?;
+    let tcp: *mut TcpHdr = ptr_at(ctx, IP_OFF + Ipv4Hdr::LEN)?;
+    // SAFETY: all three bounds-checked just above against the new frame end.
+    unsafe {
+        core::mem::swap(&mut (*eth).src_addr, &mut (*eth).dst_addr);
+
+        (*ip).vihl = 0x45;
+        (*ip).tos = 0;
+        (*ip).tot_len = ((Ipv4Hdr::LEN + TcpHdr::LEN) as u16).to_be_bytes();
+        (*ip).id = [0, 0];
+        (*ip).frags = 0x4000u16.to_be_bytes(); // DF
+        (*ip).ttl = 64;
+        (*ip).proto = PROTO_TCP;
+        (*ip).src_addr = p.daddr.to_ne_bytes();
+        (*ip).dst_addr = p.saddr.to_ne_bytes();
+        (*ip).check = [0, 0];
+        let ipw = ip as *const u16;
+        let mut s: u32 = 0;
+        let mut i = 0;
+        while i < Ipv4Hdr::LEN / 2 {
+            s += u32::from(*ipw.add(i));
+            i += 1;
+        }
+        (*ip).check = (!csum::fold(s)).to_ne_bytes();
+
+        (*tcp).source = p.dport.to_ne_bytes();
+        (*tcp).dest = p.sport.to_ne_bytes();
+        (*tcp).seq = seq.to_be_bytes();
+        (*tcp).ack_seq = ack.to_be_bytes();
+        let b = tcp as *mut u8;
+        *b.add(12) = 5 << 4; // data offset 5 words, reserved bits 0
+        *b.add(13) = flags;
+        (*tcp).window = [0, 0];
+        (*tcp).check = [0, 0];
+        (*tcp).urg_ptr = [0, 0];
+        // Pseudo-header: addresses, protocol, TCP length.
+        let mut s: u32 = (p.daddr & 0xffff)
+            + (p.daddr >> 16)
+            + (p.saddr & 0xffff)
+            + (p.saddr >> 16)
+            + u32::from(u16::from_ne_bytes([0, PROTO_TCP]))
+            + u32::from(u16::from_ne_bytes((TcpHdr::LEN as u16).to_be_bytes()));
+        let tw = tcp as *const u16;
+        let mut i = 0;
+        while i < TcpHdr::LEN / 2 {
+            s += u32::from(*tw.add(i));
+            i += 1;
+        }
+        (*tcp).check = (!csum::fold(s)).to_ne_bytes();
+    }
+    Ok(())
+}

@@ -1,0 +1,119 @@
+//! `BPF_MAP_LOOKUP_BATCH` / `BPF_MAP_DELETE_BATCH` for hash maps: aya exposes one key per
+//! syscall, which makes walking a million-entry table take seconds; the batch commands read
+//! and delete thousands of entries per syscall.
+
+use std::{
+    io,
+    os::fd::{AsRawFd, BorrowedFd},
+};
+
+use bytemuck::Pod;
+
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
+
+/// The `batch` member of `union bpf_attr` (include/uapi/linux/bpf.h).
+#[repr(C)]
+#[derive(Default)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+fn sys_bpf(cmd: libc::c_long, attr: &mut BatchAttr) -> io::Result<()> {
+    // SAFETY: `attr` is a valid `bpf_attr` prefix of the size we pass; the kernel only writes
+    // `out_batch`/`count` and the buffers `keys`/`values` point to (sized by the caller).
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr as *mut BatchAttr,
+            std::mem::size_of::<BatchAttr>(),
+        )
+    };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// Calls `f` with successive batches of (key, value) pairs of the hash map `fd`, until the map
+/// is exhausted or `f` returns `false`. Entries added or removed meanwhile may or may not be
+/// seen (hash-map iteration semantics).
+pub fn for_each_batch<K: Pod, V: Pod>(
+    fd: BorrowedFd<'_>,
+    batch_size: usize,
+    mut f: impl FnMut(&[K], &[V]) -> bool,
+) -> io::Result<()> {
+    let mut keys = vec![K::zeroed(); batch_size];
+    let mut values = vec![V::zeroed(); batch_size];
+    // Hash-map batch tokens are bucket indices (u32).
+    let mut token_in: u32 = 0;
+    let mut token_out: u32 = 0;
+    let mut first = true;
+    loop {
+        let mut attr = BatchAttr {
+            in_batch: if first {
+                0
+            } else {
+                std::ptr::addr_of_mut!(token_in) as u64
+            },
+            out_batch: std::ptr::addr_of_mut!(token_out) as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: batch_size as u32,
+            map_fd: fd.as_raw_fd() as u32,
+            ..Default::default()
+        };
+        let res = sys_bpf(BPF_MAP_LOOKUP_BATCH, &mut attr);
+        let n = attr.count as usize;
+        let done = match res {
+            Ok(()) => false,
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => true,
+            Err(e) => return Err(e),
+        };
+        if n > 0 && !f(&keys[..n], &values[..n]) {
+            return Ok(());
+        }
+        if done {
+            return Ok(());
+        }
+        first = false;
+        token_in = token_out;
+    }
+}
+
+/// Deletes `keys` from the hash map `fd`; keys already gone are skipped. Returns how many
+/// were deleted.
+pub fn delete<K: Pod>(fd: BorrowedFd<'_>, keys: &[K]) -> io::Result<usize> {
+    let mut deleted = 0;
+    let mut rest = keys;
+    while !rest.is_empty() {
+        let mut attr = BatchAttr {
+            keys: rest.as_ptr() as u64,
+            count: rest.len() as u32,
+            map_fd: fd.as_raw_fd() as u32,
+            ..Default::default()
+        };
+        let res = sys_bpf(BPF_MAP_DELETE_BATCH, &mut attr);
+        let n = attr.count as usize;
+        deleted += n;
+        match res {
+            Ok(()) => return Ok(deleted),
+            // The kernel stops at the first missing key (another deleter, LRU eviction, or the
+            // datapath's own replacement); skip it and go on.
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                rest = &rest[(n + 1).min(rest.len())..]
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(deleted)
+}

@@ -1,0 +1,12 @@
+//! clb user space: the control plane (model, balancer, sweeper), the aya loader, the daemon
+//! with its API, the CLI, health checks, metrics and the L7 HTTP listener.
+
+pub mod balancer;
+pub mod batch;
+pub mod dataplane;
+pub mod model;
+pub mod sched;
+pub mod time;
+
+/// The compiled XDP object (`clb-ebpf`), embedded at build time.
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/clb"));
