@@ -26,8 +26,10 @@ pub fn pick(id: u32, lsn: &ListenerInfo) -> Result<u32, u32> {
         // SAFETY: an 8-byte aligned map value that lives as long as the map; every CPU
         // touches it only through this atomic add. `AtomicU64::fetch_add` is not offered on
         // the BPF target (no compare-and-swap there), but the fetch-and-add instruction is
-        // (ISA v3, see build.rs).
-        Some(p) => unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(p, 1) },
+        // (ISA v3, see build.rs). SeqCst, not Relaxed: LLVM 22's BPF backend lowers a relaxed
+        // fetch-add to the non-fetching `lock +=` and then uses the addend as the "result"
+        // (seen in the disassembly: the cursor was always 1).
+        Some(p) => unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::SeqCst }>(p, 1) },
         None => return Err(counter::DROP_NO_BACKEND),
     };
     let mut i = 0;

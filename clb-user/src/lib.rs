@@ -4,6 +4,7 @@
 pub mod balancer;
 pub mod batch;
 pub mod dataplane;
+pub mod loader;
 pub mod model;
 pub mod sched;
 pub mod time;

@@ -44,14 +44,10 @@ pub fn smooth_wrr(backends: &[Weighted], max_len: usize) -> Vec<u32> {
                 (exact / total, exact % total, i)
             })
             .collect();
-        let mut given: u64 = shares.iter().map(|s| s.0).sum();
+        let given: u64 = shares.iter().map(|s| s.0).sum();
         shares.sort_by(|a, b| b.1.cmp(&a.1).then(a.2.cmp(&b.2)));
-        for s in shares.iter_mut() {
-            if given >= spare {
-                break;
-            }
+        for s in shares.iter_mut().take(spare.saturating_sub(given) as usize) {
             s.0 += 1;
-            given += 1;
         }
         for (whole, _, i) in shares {
             weights[i] = whole + 1;

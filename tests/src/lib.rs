@@ -1,1 +1,25 @@
-//! clb test harness.
+//! clb's test harness: network namespaces and topologies ([`netns`]), hand-built frames
+//! ([`packet`]), the XDP program under `BPF_PROG_TEST_RUN` ([`lab`]), name-answering backends
+//! and clients ([`servers`]), the daemon and CLI as processes ([`daemon`]).
+
+pub mod daemon;
+pub mod lab;
+pub mod netns;
+pub mod packet;
+pub mod servers;
+
+use std::time::{Duration, Instant};
+
+/// Polls `f` every 50 ms until it returns `Some`, for at most `timeout`.
+pub fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let end = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if Instant::now() >= end {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -1,0 +1,1 @@
+//! The clb daemon and CLI as processes (filled in with the control plane).
