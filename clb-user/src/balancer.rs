@@ -164,6 +164,12 @@ impl<D: Dataplane> Balancer<D> {
         })
     }
 
+    /// How many listener and backend ids were found in the maps at start and not yet
+    /// claimed by the configuration.
+    pub fn dataplane_restored_summary(&self) -> (usize, usize) {
+        (self.restored_listeners.len(), self.restored_backends.len())
+    }
+
     /// The dataplane (for reads the balancer does not wrap).
     pub fn dataplane(&self) -> &D {
         &self.dp
@@ -692,7 +698,8 @@ impl<D: Dataplane> Balancer<D> {
                         CONN_FIN => "fin",
                         CONN_RST => "rst",
                         _ => "unknown",
-                    },
+                    }
+                    .into(),
                     idle_secs: now.saturating_sub(v.last_seen_ns) / NS_PER_SEC,
                 });
             }
@@ -974,53 +981,90 @@ pub struct SweepReport {
     pub micros: u64,
 }
 
+/// Entries re-checked and deleted per batch: the only window in which the datapath could
+/// replace a checked entry (a returning client reusing an expired key) before it is deleted.
+const SWEEP_CHUNK: usize = 512;
+
 /// Removes expired entries, and entries of listeners or backends that no longer exist.
 /// Connections: idle timeout, or FIN/RST aging. Sessions: persistence duration (all of a
 /// listener's when its persistence is off).
+///
+/// Races with the datapath and the control plane are closed this way: an entry is removed
+/// only if it is dead under the policy read before the scan *and* the one read after it (a
+/// backend added meanwhile is not mistaken for a removed one), and only if, re-read just
+/// before its batch is deleted, it still holds the value the scan saw (an expired key that a
+/// returning client just re-created is left alone).
 pub fn sweep<T: Tables + ?Sized>(
     t: &mut T,
-    policy: &SweepPolicy,
+    policy: &dyn Fn() -> SweepPolicy,
     now_ns: u64,
 ) -> Result<SweepReport, DpError> {
     let started = Instant::now();
     let mut r = SweepReport::default();
-    let mut dead_conns: Vec<ConnKey> = Vec::new();
+    let before = policy();
+    let conn_dead =
+        |p: &SweepPolicy, k: &ConnKey, v: &ConnValue| match p.listeners.get(&u32::from(k.listener))
+        {
+            None => true,
+            Some((idle, _)) => {
+                !p.backends.contains(&v.backend)
+                    || is_expired(now_ns, v.last_seen_ns, conn_timeout_ns(v.state, *idle))
+            }
+        };
+    let session_dead = |p: &SweepPolicy, k: &SessionKey, v: &SessionValue| match p
+        .listeners
+        .get(&u32::from(k.listener))
+    {
+        None => true,
+        Some((_, persist)) => {
+            *persist == 0
+                || !p.backends.contains(&v.backend)
+                || is_expired(now_ns, v.last_seen_ns, *persist)
+        }
+    };
+    let mut dead_conns: Vec<(ConnKey, ConnValue)> = Vec::new();
     t.scan_conns(&mut |ks: &[ConnKey], vs: &[ConnValue]| {
         r.conns_scanned += ks.len() as u64;
-        for (k, v) in ks.iter().zip(vs) {
-            let dead = match policy.listeners.get(&u32::from(k.listener)) {
-                None => true,
-                Some((idle, _)) => {
-                    !policy.backends.contains(&v.backend)
-                        || is_expired(now_ns, v.last_seen_ns, conn_timeout_ns(v.state, *idle))
-                }
-            };
-            if dead {
-                dead_conns.push(*k);
-            }
-        }
+        dead_conns.extend(
+            ks.iter()
+                .zip(vs)
+                .filter(|(k, v)| conn_dead(&before, k, v))
+                .map(|(k, v)| (*k, *v)),
+        );
         true
     })?;
-    r.conns_removed = t.del_conns(&dead_conns)? as u64;
-    let mut dead_sessions: Vec<SessionKey> = Vec::new();
+    let mut dead_sessions: Vec<(SessionKey, SessionValue)> = Vec::new();
     t.scan_sessions(&mut |ks: &[SessionKey], vs: &[SessionValue]| {
         r.sessions_scanned += ks.len() as u64;
-        for (k, v) in ks.iter().zip(vs) {
-            let dead = match policy.listeners.get(&u32::from(k.listener)) {
-                None => true,
-                Some((_, persist)) => {
-                    *persist == 0
-                        || !policy.backends.contains(&v.backend)
-                        || is_expired(now_ns, v.last_seen_ns, *persist)
-                }
-            };
-            if dead {
-                dead_sessions.push(*k);
-            }
-        }
+        dead_sessions.extend(
+            ks.iter()
+                .zip(vs)
+                .filter(|(k, v)| session_dead(&before, k, v))
+                .map(|(k, v)| (*k, *v)),
+        );
         true
     })?;
-    r.sessions_removed = t.del_sessions(&dead_sessions)? as u64;
+    let after = policy();
+    dead_conns.retain(|(k, v)| conn_dead(&after, k, v));
+    dead_sessions.retain(|(k, v)| session_dead(&after, k, v));
+    for chunk in dead_conns.chunks(SWEEP_CHUNK) {
+        let mut keys = Vec::with_capacity(chunk.len());
+        for (k, v) in chunk {
+            if t.get_conn(k)?.is_some_and(|now| now == *v) {
+                keys.push(*k);
+            }
+        }
+        r.conns_removed += t.del_conns(&keys)? as u64;
+    }
+    for chunk in dead_sessions.chunks(SWEEP_CHUNK) {
+        let mut keys = Vec::with_capacity(chunk.len());
+        for (k, v) in chunk {
+            if t.get_session(k)?.is_some_and(|now| now == *v) {
+                keys.push(*k);
+            }
+        }
+        r.sessions_removed += t.del_sessions(&keys)? as u64;
+    }
     r.micros = started.elapsed().as_micros() as u64;
     Ok(r)
 }
@@ -1034,7 +1078,7 @@ pub struct ConnView {
     pub vip: SocketAddrV4,
     pub backend: SocketAddrV4,
     /// "open", "fin" or "rst".
-    pub state: &'static str,
+    pub state: String,
     pub idle_secs: u64,
 }
 
@@ -1369,7 +1413,7 @@ mod tests {
                 _pad: 0,
             },
         );
-        let r = sweep(dp, &policy, now).unwrap();
+        let r = sweep(dp, &|| policy.clone(), now).unwrap();
         assert_eq!(r.conns_scanned, 4);
         assert_eq!(r.conns_removed, 2);
         assert_eq!(r.sessions_removed, 1);

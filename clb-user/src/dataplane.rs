@@ -65,6 +65,10 @@ pub trait Tables {
         f: &mut dyn FnMut(&[SessionKey], &[SessionValue]) -> bool,
     ) -> Result<(), DpError>;
     fn del_sessions(&mut self, keys: &[SessionKey]) -> Result<usize, DpError>;
+    /// One connection entry.
+    fn get_conn(&self, key: &ConnKey) -> Result<Option<ConnValue>, DpError>;
+    /// One persistence entry.
+    fn get_session(&self, key: &SessionKey) -> Result<Option<SessionValue>, DpError>;
 }
 
 /// What the control plane does to the datapath.
@@ -150,7 +154,7 @@ impl AyaDataplane {
 
     /// Reads one connection entry.
     pub fn conn(&self, key: &ConnKey) -> Result<Option<ConnValue>, DpError> {
-        get_or_not_found(self.conns.get(key, 0), CONN_MAP)
+        self.get_conn(key)
     }
 
     /// Inserts a persistence entry directly (tests, benchmarks).
@@ -162,7 +166,7 @@ impl AyaDataplane {
 
     /// Reads one persistence entry.
     pub fn session(&self, key: &SessionKey) -> Result<Option<SessionValue>, DpError> {
-        get_or_not_found(self.sessions.get(key, 0), SESSION_MAP)
+        self.get_session(key)
     }
 
     /// The connection map's handle (memory accounting in the benchmarks).
@@ -203,6 +207,12 @@ fn sum_percpu<T: aya::Pod + Default>(
 }
 
 impl Tables for AyaDataplane {
+    fn get_conn(&self, key: &ConnKey) -> Result<Option<ConnValue>, DpError> {
+        get_or_not_found(self.conns.get(key, 0), CONN_MAP)
+    }
+    fn get_session(&self, key: &SessionKey) -> Result<Option<SessionValue>, DpError> {
+        get_or_not_found(self.sessions.get(key, 0), SESSION_MAP)
+    }
     fn scan_conns(
         &self,
         f: &mut dyn FnMut(&[ConnKey], &[ConnValue]) -> bool,
@@ -379,6 +389,12 @@ impl MemDataplane {
 }
 
 impl Tables for MemDataplane {
+    fn get_conn(&self, key: &ConnKey) -> Result<Option<ConnValue>, DpError> {
+        Ok(self.conns.get(key).copied())
+    }
+    fn get_session(&self, key: &SessionKey) -> Result<Option<SessionValue>, DpError> {
+        Ok(self.sessions.get(key).copied())
+    }
     fn scan_conns(
         &self,
         f: &mut dyn FnMut(&[ConnKey], &[ConnValue]) -> bool,
@@ -507,6 +523,12 @@ impl AyaTables {
 }
 
 impl Tables for AyaTables {
+    fn get_conn(&self, key: &ConnKey) -> Result<Option<ConnValue>, DpError> {
+        get_or_not_found(self.conns.get(key, 0), CONN_MAP)
+    }
+    fn get_session(&self, key: &SessionKey) -> Result<Option<SessionValue>, DpError> {
+        get_or_not_found(self.sessions.get(key, 0), SESSION_MAP)
+    }
     fn scan_conns(
         &self,
         f: &mut dyn FnMut(&[ConnKey], &[ConnValue]) -> bool,

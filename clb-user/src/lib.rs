@@ -1,10 +1,17 @@
 //! clb user space: the control plane (model, balancer, sweeper), the aya loader, the daemon
 //! with its API, the CLI, health checks, metrics and the L7 HTTP listener.
 
+pub mod api;
 pub mod balancer;
 pub mod batch;
+pub mod cli;
+pub mod client;
+pub mod config;
+pub mod daemon;
 pub mod dataplane;
+pub mod health;
 pub mod loader;
+pub mod metrics;
 pub mod model;
 pub mod sched;
 pub mod time;

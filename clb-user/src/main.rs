@@ -1,12 +1,82 @@
-fn main() -> anyhow::Result<()> {
-    let mut ebpf = aya::Ebpf::load(clb::EBPF_OBJECT)?;
-    for name in ["clb_xdp", "clb_pass"] {
-        let p: &mut aya::programs::Xdp = ebpf.program_mut(name).unwrap().try_into()?;
-        if let Err(e) = p.load() {
-            eprintln!("{e:#?}");
-            return Err(e.into());
+//! The `clb` binary: the daemon and the CLI.
+
+use std::{process::ExitCode, time::Duration};
+
+use clap::Parser as _;
+use clb::{
+    cli::{Cli, Command, run_client, teardown},
+    client::ClientError,
+    daemon::{self, DaemonOptions},
+};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Daemon(args) => {
+            tracing_subscriber::fmt()
+                .with_env_filter(
+                    tracing_subscriber::EnvFilter::try_from_default_env()
+                        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                )
+                .init();
+            let opts = DaemonOptions {
+                config: args.config,
+                ifaces: args.iface,
+                xdp_mode: args.xdp_mode,
+                bpffs: args.bpffs,
+                api: cli.api,
+                metrics: args.metrics,
+                sweep_interval: Duration::from_secs(args.sweep_interval),
+                state_dir: args.state_dir,
+            };
+            let rt = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("error: starting the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match rt.block_on(daemon::run(opts)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!("{e:#}");
+                    eprintln!("error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
         }
-        println!("loaded {name}");
+        Command::Teardown { bpffs } => match teardown(&bpffs) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+        _ => {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("error: starting the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match rt.block_on(run_client(cli)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(ClientError::Refused { status, message }) => {
+                    eprintln!("error: {message} (HTTP {status})");
+                    ExitCode::FAILURE
+                }
+                Err(ClientError::Transport(e)) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
     }
-    Ok(())
 }

@@ -1,1 +1,226 @@
-//! The clb daemon and CLI as processes (filled in with the control plane).
+//! The `clb` daemon and CLI as processes, for end-to-end tests and the demo.
+//!
+//! The daemon runs in the balancer namespace through `nsenter --net` (only the network
+//! namespace changes), so its bpffs pins live in the host's mount namespace and survive a
+//! restart, as they would on a real machine. Its pins, config, socket and log live in
+//! directories unique to the test; all are removed, and the datapath torn down, on drop.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    time::Duration,
+};
+
+use crate::{netns::Topology, wait_for};
+
+/// The `clb` binary: `$CLB_BIN`, else next to the test executable's `deps/` directory.
+pub fn clb_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("CLB_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    let mut dir = exe.parent().expect("exe dir").to_owned();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    let p = dir.join("clb");
+    assert!(
+        p.exists(),
+        "{} not found: build it first (`cargo build -p clb-user`, done by `cargo xtask test`) or set CLB_BIN",
+        p.display()
+    );
+    p
+}
+
+/// Output of one CLI call.
+#[derive(Debug)]
+pub struct CliOut {
+    pub ok: bool,
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl From<Output> for CliOut {
+    fn from(o: Output) -> Self {
+        Self {
+            ok: o.status.success(),
+            code: o.status.code(),
+            stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+        }
+    }
+}
+
+/// A clb daemon in a topology's balancer namespace.
+pub struct Daemon {
+    child: Option<Child>,
+    /// Config file, socket and log.
+    pub dir: PathBuf,
+    /// Pin directory.
+    pub bpffs: PathBuf,
+    pub api: PathBuf,
+    pub config: PathBuf,
+    netns_path: String,
+    ifaces: String,
+    extra: Vec<String>,
+    runs: u32,
+}
+
+impl Daemon {
+    /// Writes `config` (TOML) and starts the daemon on every balancer interface of `topo`.
+    pub fn start(topo: &Topology, config: &str) -> Self {
+        Self::start_with(topo, config, &[])
+    }
+
+    /// [`Daemon::start`] with extra daemon flags.
+    pub fn start_with(topo: &Topology, config: &str, extra: &[&str]) -> Self {
+        let name = crate::netns::unique_name("d");
+        let dir = std::env::temp_dir().join(&name);
+        fs::create_dir_all(&dir).expect("daemon dir");
+        let cfg = dir.join("clb.toml");
+        fs::write(&cfg, config).expect("writing config");
+        let mut d = Daemon {
+            child: None,
+            bpffs: PathBuf::from("/sys/fs/bpf").join(&name),
+            api: dir.join("api.sock"),
+            config: cfg,
+            dir,
+            netns_path: topo.lb.path(),
+            ifaces: topo.iface_list(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            runs: 0,
+        };
+        d.spawn();
+        d
+    }
+
+    /// Starts (or restarts) the daemon process and waits until its API answers.
+    pub fn spawn(&mut self) {
+        assert!(self.child.is_none(), "daemon already running");
+        self.runs += 1;
+        let log =
+            fs::File::create(self.dir.join(format!("daemon-{}.log", self.runs))).expect("log file");
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net={}", self.netns_path))
+            .arg(clb_bin())
+            .arg("--api")
+            .arg(&self.api)
+            .arg("daemon")
+            .arg("--config")
+            .arg(&self.config)
+            .arg("--iface")
+            .arg(&self.ifaces)
+            .arg("--bpffs")
+            .arg(&self.bpffs)
+            .arg("--state-dir")
+            .arg(self.dir.join("state"))
+            .args(&self.extra)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log fd"))
+            .stderr(log);
+        let child = cmd.spawn().expect("spawning the clb daemon");
+        self.child = Some(child);
+        let ready = wait_for(Duration::from_secs(20), || {
+            if let Some(c) = self.child.as_mut()
+                && let Ok(Some(st)) = c.try_wait()
+            {
+                panic!("daemon exited ({st}) during start:\n{}", self.log());
+            }
+            self.clb(&["status"]).ok.then_some(())
+        });
+        if ready.is_none() {
+            panic!("daemon API did not come up within 20 s:\n{}", self.log());
+        }
+    }
+
+    /// The daemon's log (all runs).
+    pub fn log(&self) -> String {
+        let mut out = String::new();
+        for i in 1..=self.runs {
+            if let Ok(s) = fs::read_to_string(self.dir.join(format!("daemon-{i}.log"))) {
+                out.push_str(&format!("--- run {i} ---\n{s}"));
+            }
+        }
+        out
+    }
+
+    /// `kill -9`: the daemon dies without cleaning anything up.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().ok();
+            c.wait().ok();
+        }
+    }
+
+    /// SIGTERM and wait (at most 10 s, then SIGKILL).
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: signalling our own child by pid.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let done = wait_for(Duration::from_secs(10), || c.try_wait().ok().flatten());
+            if done.is_none() {
+                c.kill().ok();
+                c.wait().ok();
+            }
+        }
+    }
+
+    /// Runs `clb --api <socket> <args>`.
+    pub fn clb(&self, args: &[&str]) -> CliOut {
+        Command::new(clb_bin())
+            .arg("--api")
+            .arg(&self.api)
+            .args(args)
+            .output()
+            .expect("running clb")
+            .into()
+    }
+
+    /// Runs the CLI and returns stdout; panics with stderr and the daemon log on failure.
+    pub fn clb_ok(&self, args: &[&str]) -> String {
+        let o = self.clb(args);
+        assert!(o.ok, "clb {args:?} failed: {}\n{}", o.stderr, self.log());
+        o.stdout
+    }
+
+    /// Runs the CLI with `--json` and parses the output.
+    pub fn clb_json<T: serde::de::DeserializeOwned>(&self, args: &[&str]) -> T {
+        let mut a = args.to_vec();
+        a.push("--json");
+        let out = self.clb_ok(&a);
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("clb {a:?}: bad JSON ({e}): {out}"))
+    }
+
+    /// The config file's current text.
+    pub fn config_text(&self) -> String {
+        fs::read_to_string(&self.config).unwrap_or_default()
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("daemon log:\n{}", self.log());
+        }
+        self.stop();
+        if self.bpffs.exists() {
+            let out = Command::new(clb_bin())
+                .arg("teardown")
+                .arg("--bpffs")
+                .arg(&self.bpffs)
+                .output();
+            if let Ok(o) = out
+                && !o.status.success()
+            {
+                eprintln!("warning: teardown: {}", String::from_utf8_lossy(&o.stderr));
+            }
+        }
+        fs::remove_dir_all(&self.dir).ok();
+    }
+}

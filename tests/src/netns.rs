@@ -155,6 +155,21 @@ impl Drop for NetNs {
     }
 }
 
+/// Loads the object with tiny maps and attaches its pass program to `eth0` (native mode) in
+/// the calling thread's namespace. Frames the balancer sends into this veth in native mode
+/// (redirect, XDP_TX) are only delivered if its peer runs an XDP program.
+fn attach_pass() -> anyhow::Result<clb::loader::Loaded> {
+    let mut l = clb::loader::load_small()?;
+    clb::loader::attach(
+        &mut l.ebpf,
+        clb_common::PASS_PROGRAM,
+        "eth0",
+        clb::loader::AttachMode::Native,
+        None,
+    )?;
+    Ok(l)
+}
+
 /// Moves the calling thread into the namespace at `path`.
 pub fn enter(path: &str) -> anyhow::Result<()> {
     let f = File::open(path).with_context(|| format!("opening {path}"))?;
@@ -196,6 +211,9 @@ pub fn fmt_mac(m: [u8; 6]) -> String {
 /// checksum offload off (`tx off`): in native XDP a CHECKSUM_PARTIAL packet's partial state
 /// is lost in the XDP frame.
 pub struct Topology {
+    /// The pass programs on the client's and backends' eth0 (see `peer_namespaces`); first,
+    /// so they are detached before the namespaces go.
+    _peer_programs: Vec<clb::loader::Loaded>,
     pub client: NetNs,
     pub lb: NetNs,
     pub backends: Vec<NetNs>,
@@ -234,6 +252,7 @@ impl Topology {
             bns.push(NetNs::new(&format!("{tag}b{i}"))?);
         }
         let mut topo = Topology {
+            _peer_programs: Vec::new(),
             client,
             lb,
             backends: bns,
@@ -241,6 +260,11 @@ impl Topology {
             extra_clients: (0..extra_clients).map(extra_client_ip).collect(),
         };
         topo.wire().context("building the topology")?;
+        let mut progs = Vec::new();
+        for ns in topo.peer_namespaces() {
+            progs.push(ns.run(attach_pass)?);
+        }
+        topo._peer_programs = progs;
         Ok(topo)
     }
 
