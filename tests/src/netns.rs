@@ -237,7 +237,6 @@ pub fn backend_ip(i: usize) -> Ipv4Addr {
 
 /// The `n`th extra client address (10.2.0.1, 10.2.0.2, ...; up to 65 000).
 pub fn extra_client_ip(n: usize) -> Ipv4Addr {
-    let n = n + 1;
     Ipv4Addr::new(10, 2, (n / 250) as u8, (n % 250) as u8 + 1)
 }
 
