@@ -1,0 +1,549 @@
+//! End-to-end tests of the control plane: live changes under load, daemon crash and restart,
+//! restart from the config file, and refusal of bad input — all through the `clb` CLI against
+//! a daemon in the balancer namespace, with real TCP connections.
+
+use std::{
+    collections::HashMap,
+    net::{Ipv4Addr, SocketAddrV4, TcpStream},
+};
+
+use clb_tests::{
+    daemon::Daemon,
+    netns::{Topology, VIP, backend_ip},
+    servers::{NameServer, ask, ask_once, connect},
+};
+
+const PORT: u16 = 8080;
+
+fn vip() -> SocketAddrV4 {
+    SocketAddrV4::new(VIP, 80)
+}
+
+fn be(i: usize) -> String {
+    format!("{}:{PORT}", backend_ip(i))
+}
+
+fn config(n: usize, extra: &str) -> String {
+    let mut s = format!(
+        "[[listener]]\nname = \"web\"\nvip = \"{}\"\nproto = \"tcp\"\n{extra}\n",
+        vip()
+    );
+    for i in 0..n {
+        s += &format!("[[listener.backend]]\naddr = \"{}\"\n", be(i));
+    }
+    s
+}
+
+struct Env {
+    daemon: Daemon,
+    _servers: Vec<NameServer>,
+    topo: Topology,
+}
+
+fn env(tag: &str, backends: usize, configured: usize, clients: usize, extra: &str) -> Env {
+    let topo = Topology::new(tag, backends, clients).expect("topology");
+    let servers = topo
+        .backends
+        .iter()
+        .enumerate()
+        .map(|(i, ns)| {
+            NameServer::tcp(
+                ns,
+                SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, PORT),
+                &format!("b{i}"),
+            )
+            .unwrap()
+        })
+        .collect();
+    let daemon = Daemon::start(&topo, &config(configured, extra));
+    Env {
+        daemon,
+        _servers: servers,
+        topo,
+    }
+}
+
+/// Opens `per_client` connections from each extra client; returns them with their backend.
+fn open_conns(topo: &Topology, per_client: usize) -> Vec<(Ipv4Addr, TcpStream, String)> {
+    let mut out = Vec::new();
+    for &ip in &topo.extra_clients {
+        for _ in 0..per_client {
+            let mut c = connect(&topo.client, ip, vip()).expect("connect");
+            let who = ask(&mut c).expect("first request");
+            out.push((ip, c, who));
+        }
+    }
+    out
+}
+
+/// Every connection still answers, from the backend it started on.
+fn all_alive(conns: &mut [(Ipv4Addr, TcpStream, String)], when: &str) {
+    for (i, (ip, c, who)) in conns.iter_mut().enumerate() {
+        match ask(c) {
+            Ok(now) => assert_eq!(&now, who, "{when}: connection {i} from {ip} moved"),
+            Err(err) => panic!("{when}: connection {i} from {ip} broke: {err}"),
+        }
+    }
+}
+
+#[test]
+fn live_changes_under_load_break_no_connection() {
+    // Four backend hosts, three configured: the fourth is added live.
+    let e = env("lv", 4, 3, 20, "");
+    let mut conns = open_conns(&e.topo, 10);
+    assert_eq!(conns.len(), 200);
+    all_alive(&mut conns, "before any change");
+    let steps: Vec<(&str, Vec<String>)> = vec![
+        (
+            "add a backend",
+            vec!["backend".into(), "add".into(), "web".into(), be(3)],
+        ),
+        (
+            "change weights",
+            vec![
+                "backend".into(),
+                "set".into(),
+                "web".into(),
+                be(0),
+                "--weight".into(),
+                "30".into(),
+            ],
+        ),
+        (
+            "weight 0 (quiescent)",
+            vec![
+                "backend".into(),
+                "set".into(),
+                "web".into(),
+                be(1),
+                "--weight".into(),
+                "0".into(),
+            ],
+        ),
+        (
+            "persistence 0 -> 600",
+            vec![
+                "listener".into(),
+                "set".into(),
+                "web".into(),
+                "--persist".into(),
+                "600".into(),
+            ],
+        ),
+        (
+            "persistence 600 -> 0",
+            vec![
+                "listener".into(),
+                "set".into(),
+                "web".into(),
+                "--persist".into(),
+                "0".into(),
+            ],
+        ),
+        (
+            "idle timeout 900 -> 600",
+            vec![
+                "listener".into(),
+                "set".into(),
+                "web".into(),
+                "--idle-timeout".into(),
+                "600".into(),
+            ],
+        ),
+        // The added backend got no connection (none was opened since): removing it is safe.
+        (
+            "remove a backend without connections",
+            vec!["backend".into(), "rm".into(), "web".into(), be(3)],
+        ),
+    ];
+    for (what, args) in steps {
+        let a: Vec<&str> = args.iter().map(String::as_str).collect();
+        e.daemon.clb_ok(&a);
+        all_alive(&mut conns, what);
+    }
+    // New connections follow the new settings: b1 is quiescent.
+    for _ in 0..9 {
+        assert_ne!(
+            ask_once(&e.topo.client, e.topo.extra_clients[0], vip()).unwrap(),
+            "b1"
+        );
+    }
+}
+
+#[test]
+fn daemon_crash_and_restart_lose_no_flow_and_no_persisted_client() {
+    let mut e = env("cr", 3, 3, 50, "persist = 600");
+    let mut conns = open_conns(&e.topo, 4);
+    assert_eq!(conns.len(), 200);
+    let mut persisted: HashMap<Ipv4Addr, String> = HashMap::new();
+    for (ip, _, who) in &conns {
+        let prev = persisted.insert(*ip, who.clone());
+        assert!(prev.is_none_or(|p| &p == who), "{ip} not persisted");
+    }
+    let sessions: Vec<serde_json::Value> = e.daemon.clb_json(&["session", "ls"]);
+    assert_eq!(sessions.len(), 50);
+
+    e.daemon.kill9();
+    // The datapath goes on without its daemon: flows and persistence.
+    all_alive(&mut conns, "daemon killed");
+    for ip in e.topo.extra_clients.iter().take(10) {
+        assert_eq!(
+            ask_once(&e.topo.client, *ip, vip()).unwrap(),
+            persisted[ip],
+            "new connection while down"
+        );
+    }
+
+    e.daemon.spawn();
+    all_alive(&mut conns, "daemon restarted");
+    let sessions: Vec<serde_json::Value> = e.daemon.clb_json(&["session", "ls"]);
+    assert_eq!(sessions.len(), 50, "persisted clients after restart");
+    let ip_to_backend: HashMap<String, String> = (0..3).map(|i| (be(i), format!("b{i}"))).collect();
+    for s in &sessions {
+        let ip: Ipv4Addr = s["client"].as_str().unwrap().parse().unwrap();
+        let backend = &ip_to_backend[s["backend"].as_str().unwrap()];
+        assert_eq!(backend, &persisted[&ip], "session of {ip} after restart");
+    }
+    for &ip in &e.topo.extra_clients {
+        assert_eq!(
+            ask_once(&e.topo.client, ip, vip()).unwrap(),
+            persisted[&ip],
+            "new connection after restart"
+        );
+    }
+    assert!(
+        e.daemon.log().contains("reused pinned XDP link"),
+        "{}",
+        e.daemon.log()
+    );
+}
+
+#[test]
+fn restart_from_config_comes_back_identical() {
+    let mut e = env("rs", 3, 2, 0, "");
+    let d = &e.daemon;
+    d.clb_ok(&[
+        "listener",
+        "set",
+        "web",
+        "--persist",
+        "120",
+        "--idle-timeout",
+        "300",
+        "--hc-interval",
+        "10",
+    ]);
+    d.clb_ok(&["backend", "add", "web", &be(2), "--weight", "25"]);
+    d.clb_ok(&["backend", "set", "web", &be(0), "--weight", "0"]);
+    d.clb_ok(&[
+        "listener",
+        "add",
+        "dns",
+        "--vip",
+        "10.0.0.100:53",
+        "--proto",
+        "udp",
+        "--persist",
+        "30",
+    ]);
+    d.clb_ok(&["backend", "add", "dns", &format!("{}:53", backend_ip(1))]);
+    let before: serde_json::Value = d.clb_json(&["listener", "ls"]);
+    let text = d.config_text();
+    assert!(
+        text.contains("persist = 120") && text.contains("name = \"dns\""),
+        "{text}"
+    );
+    e.daemon.stop();
+    assert!(
+        e.daemon.bpffs.join("maps/CLB_CONN_V1").exists(),
+        "pins stay when the daemon stops"
+    );
+    e.daemon.spawn();
+    let after: serde_json::Value = e.daemon.clb_json(&["listener", "ls"]);
+    assert_eq!(before, after);
+    assert_eq!(text, e.daemon.config_text());
+    // And it balances as configured: b0 is quiescent.
+    for _ in 0..6 {
+        assert_ne!(
+            ask_once(&e.topo.client, clb_tests::netns::CLIENT_IP, vip()).unwrap(),
+            "b0"
+        );
+    }
+}
+
+/// Every validation rule: the CLI exits non-zero with a message naming the field and range,
+/// and neither the listener list nor the config file changes.
+#[test]
+fn bad_input_is_refused_and_changes_nothing() {
+    let e = env("bi", 2, 2, 0, "persist = 60");
+    let d = &e.daemon;
+    d.clb_ok(&[
+        "listener",
+        "add",
+        "other",
+        "--vip",
+        "10.0.0.101:80",
+        "--proto",
+        "tcp",
+    ]);
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            vec!["listener", "set", "web", "--persist", "3601"],
+            "persist 3601 is out of range: allowed 0-3600 seconds",
+        ),
+        (
+            vec![
+                "listener",
+                "add",
+                "x",
+                "--vip",
+                "10.0.0.102:80",
+                "--proto",
+                "tcp",
+                "--persist",
+                "5000",
+            ],
+            "persist 5000 is out of range",
+        ),
+        (
+            vec![
+                "listener",
+                "add",
+                "h",
+                "--vip",
+                "10.0.0.102:80",
+                "--proto",
+                "http",
+                "--persist",
+                "10",
+            ],
+            "0 (off) or 30-3600 seconds for http",
+        ),
+        (
+            vec!["listener", "set", "web", "--idle-timeout", "0"],
+            "idle_timeout 0 is out of range: allowed 1-3600 seconds",
+        ),
+        (
+            vec!["listener", "set", "web", "--idle-timeout", "3601"],
+            "idle_timeout 3601 is out of range",
+        ),
+        (
+            vec!["listener", "set", "web", "--hc-interval", "1"],
+            "health_check.interval 1 is out of range: allowed 2-300 seconds",
+        ),
+        (
+            vec!["listener", "set", "web", "--hc-timeout", "61"],
+            "health_check.timeout 61 is out of range: allowed 2-60 seconds",
+        ),
+        (
+            vec!["listener", "set", "web", "--hc-unhealthy", "11"],
+            "health_check.unhealthy_threshold 11 is out of range: allowed 2-10",
+        ),
+        (
+            vec!["listener", "set", "web", "--hc-healthy", "1"],
+            "health_check.healthy_threshold 1 is out of range: allowed 2-10",
+        ),
+        (
+            vec!["listener", "set", "web", "--keepalive-timeout", "5"],
+            "keepalive_timeout does not apply to tcp listeners",
+        ),
+        (
+            vec!["backend", "add", "web", "10.0.12.2:8080", "--weight", "101"],
+            "weight 101 is out of range: allowed 0-100",
+        ),
+        (
+            vec!["backend", "set", "web", &be(0), "--weight", "1000"],
+            "weight 1000 is out of range",
+        ),
+        (
+            vec!["backend", "add", "web", &be(0)],
+            "is already in listener \"web\"",
+        ),
+        (
+            vec!["backend", "add", "web", "10.0.12.2:0"],
+            "a port 1-65535",
+        ),
+        (
+            vec!["backend", "add", "web", "0.0.0.0:80"],
+            "a unicast IPv4 address",
+        ),
+        (
+            vec!["backend", "add", "nope", "10.0.12.2:80"],
+            "no listener named \"nope\"",
+        ),
+        (
+            vec!["backend", "rm", "web", "10.9.9.9:80"],
+            "has no backend 10.9.9.9:80",
+        ),
+        (
+            vec!["backend", "drain", "web", &be(0), "--timeout", "4000"],
+            "timeout 4000 is out of range: allowed 0-3600",
+        ),
+        (
+            vec![
+                "listener",
+                "add",
+                "web",
+                "--vip",
+                "10.0.0.103:80",
+                "--proto",
+                "tcp",
+            ],
+            "listener name \"web\" is already in use",
+        ),
+        (
+            vec![
+                "listener",
+                "add",
+                "dup",
+                "--vip",
+                "10.0.0.100:80",
+                "--proto",
+                "tcp",
+            ],
+            "vip 10.0.0.100:80 (tcp) is already used by listener",
+        ),
+        (
+            vec![
+                "listener",
+                "add",
+                "bad name",
+                "--vip",
+                "10.0.0.104:80",
+                "--proto",
+                "tcp",
+            ],
+            "name bad name is out of range",
+        ),
+        (
+            vec![
+                "listener",
+                "add",
+                "p0",
+                "--vip",
+                "10.0.0.104:0",
+                "--proto",
+                "tcp",
+            ],
+            "vip 10.0.0.104:0 is out of range: allowed a port 1-65535",
+        ),
+        (vec!["listener", "rm", "nope"], "no listener named"),
+        // Malformed arguments never reach the daemon: clap refuses them (exit 2).
+        (
+            vec!["backend", "add", "web", "10.0.0.300:80"],
+            "invalid value",
+        ),
+        (
+            vec!["listener", "set", "web", "--persist", "-1"],
+            "unexpected argument",
+        ),
+        (
+            vec![
+                "listener",
+                "add",
+                "q",
+                "--vip",
+                "10.0.0.105:80",
+                "--proto",
+                "sctp",
+            ],
+            "proto must be tcp, udp or http",
+        ),
+    ]
+    .into_iter()
+    .map(|(a, m)| (a.into_iter().map(String::from).collect(), m))
+    .collect();
+    // Capacity: one backend address may serve at most 4 L4 listeners.
+    let shared = "10.0.12.2:9000";
+    for i in 0..4 {
+        let name = format!("cap{i}");
+        d.clb_ok(&[
+            "listener",
+            "add",
+            &name,
+            "--vip",
+            &format!("10.0.1.{}:80", 100 + i),
+            "--proto",
+            "tcp",
+        ]);
+        d.clb_ok(&["backend", "add", &name, shared]);
+    }
+    d.clb_ok(&[
+        "listener",
+        "add",
+        "cap4",
+        "--vip",
+        "10.0.1.104:80",
+        "--proto",
+        "tcp",
+    ]);
+    let mut cases = cases;
+    cases.push((
+        vec!["backend".into(), "add".into(), "cap4".into(), shared.into()],
+        "capacity exceeded: at most 4 L4 listeners sharing one backend address",
+    ));
+
+    let listed = |d: &Daemon| d.clb_ok(&["listener", "ls", "--json"]);
+    let ls0 = listed(d);
+    let cfg0 = d.config_text();
+    for (args, msg) in &cases {
+        let a: Vec<&str> = args.iter().map(String::as_str).collect();
+        let o = d.clb(&a);
+        assert!(!o.ok, "clb {a:?} was accepted");
+        assert!(
+            o.stderr.contains(msg),
+            "clb {a:?}: expected {msg:?} in {:?}",
+            o.stderr
+        );
+        assert_eq!(listed(d), ls0, "clb {a:?} changed the listeners");
+        assert_eq!(d.config_text(), cfg0, "clb {a:?} changed the config file");
+        println!(
+            "refused as expected: clb {} -> {}",
+            a.join(" "),
+            o.stderr.trim()
+        );
+    }
+
+    // A broken config file: reload refuses it and the running state stays.
+    std::fs::write(&d.config, "[[listener]]\nname = \"web\"\nvip = 10.0.0.1\n").unwrap();
+    let o = d.clb(&["reload"]);
+    assert!(!o.ok && o.stderr.contains("line 3"), "{o:?}");
+    assert_eq!(listed(d), ls0);
+    assert!(ask_once(&e.topo.client, clb_tests::netns::CLIENT_IP, vip()).is_ok());
+}
+
+#[test]
+fn daemon_refuses_a_broken_config_file_with_line_and_reason() {
+    let topo = Topology::new("bc", 1, 0).unwrap();
+    let dir = std::env::temp_dir().join(clb_tests::netns::unique_name("bcfg"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("clb.toml");
+    for (text, msg) in [
+        (
+            "[[listener]]\nname = \"web\"\nvip = \"10.0.0.1:80\"\nproto = \"tcp\"\npersist = \"long\"\n",
+            "line 5",
+        ),
+        (
+            "[[listener]]\nname = \"web\"\nvip = \"10.0.0.1:80\"\nproto = \"tcp\"\npersist = 9000\n",
+            "persist 9000 is out of range",
+        ),
+    ] {
+        std::fs::write(&cfg, text).unwrap();
+        let out = std::process::Command::new("nsenter")
+            .arg(format!("--net={}", topo.lb.path()))
+            .arg(clb_tests::daemon::clb_bin())
+            .arg("--api")
+            .arg(dir.join("api.sock"))
+            .args(["daemon", "--iface", "c0", "--bpffs"])
+            .arg(dir.join("nopins"))
+            .arg("--config")
+            .arg(&cfg)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "daemon started with a broken file");
+        assert!(err.contains(msg), "expected {msg:?} in {err}");
+        assert!(!dir.join("nopins").exists(), "nothing was loaded");
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
