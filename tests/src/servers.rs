@@ -103,12 +103,18 @@ impl NameServer {
         })
     }
 
-    /// Stops accepting and closes every open connection (a crashed backend).
-    pub fn stop(&mut self) {
+    /// Closes the listening socket (new connections are refused) but keeps serving the
+    /// connections already open: a backend whose service port died.
+    pub fn stop_accepting(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
         for t in self.threads.drain(..) {
             t.join().ok();
         }
+    }
+
+    /// Stops accepting and closes every open connection (a crashed backend).
+    pub fn stop(&mut self) {
+        self.stop_accepting();
         for c in self.conns.lock().unwrap().drain(..) {
             c.shutdown(std::net::Shutdown::Both).ok();
         }
