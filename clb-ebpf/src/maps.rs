@@ -1,10 +1,11 @@
 //! Every map of the datapath, one purpose line each. Names and layouts come from `clb-common`
-//! (the `_V1` suffix is the layout version). None is declared pinned here: the daemon pins
-//! them under its bpffs directory by name, the packet tests load them unpinned.
+//! (the `_V1` suffix is the layout version). The maps are BTF-defined (`.maps` section), so
+//! `bpftool map dump` shows keys and values field by field. None is declared pinned here: the
+//! daemon pins them under its bpffs directory by name, the packet tests load them unpinned.
 
 use aya_ebpf::{
-    macros::map,
-    maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
+    btf_maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
+    macros::btf_map,
 };
 use clb_common::{
     BackendAddrInfo, BackendAddrKey, BackendInfo, ConnKey, ConnValue, ListenerInfo, ListenerKey,
@@ -12,57 +13,56 @@ use clb_common::{
     SCHED_SLOTS, SessionKey, SessionValue, TrafficCounters,
 };
 
+const LISTENERS: usize = MAX_LISTENERS as usize;
+const BACKENDS: usize = MAX_BACKENDS as usize;
+
 /// (VIP, port, proto) → listener id; (VIP, 0, 0) says "this address is a VIP".
-#[map]
-pub static CLB_LSN_ADDR_V1: HashMap<ListenerKey, ListenerRef> =
-    HashMap::with_max_entries(MAX_LISTENERS * 2, 0);
+#[btf_map]
+pub static CLB_LSN_ADDR_V1: HashMap<ListenerKey, ListenerRef, { LISTENERS * 2 }> = HashMap::new();
 
 /// Listener id → settings (persistence, idle timeout, VIP, active schedule).
-#[map]
-pub static CLB_LSN_V1: Array<ListenerInfo> = Array::with_max_entries(MAX_LISTENERS, 0);
+#[btf_map]
+pub static CLB_LSN_V1: Array<ListenerInfo, LISTENERS> = Array::new();
 
 /// Backend id → address and flags (present, accepting new connections).
-#[map]
-pub static CLB_BE_V1: Array<BackendInfo> = Array::with_max_entries(MAX_BACKENDS, 0);
+#[btf_map]
+pub static CLB_BE_V1: Array<BackendInfo, BACKENDS> = Array::new();
 
 /// (backend IP, port, proto) → listeners it serves: how the reply path finds the connection.
-#[map]
-pub static CLB_BE_ADDR_V1: HashMap<BackendAddrKey, BackendAddrInfo> =
-    HashMap::with_max_entries(MAX_BACKENDS, 0);
+#[btf_map]
+pub static CLB_BE_ADDR_V1: HashMap<BackendAddrKey, BackendAddrInfo, BACKENDS> = HashMap::new();
 
 /// Connection table: (client, client port, listener, proto) → backend, last seen, state.
-#[map]
-pub static CLB_CONN_V1: LruHashMap<ConnKey, ConnValue> = LruHashMap::with_max_entries(MAX_CONNS, 0);
+#[btf_map]
+pub static CLB_CONN_V1: LruHashMap<ConnKey, ConnValue, { MAX_CONNS as usize }> = LruHashMap::new();
 
 /// Persistence table: (client IP, listener) → backend, last seen.
-#[map]
-pub static CLB_SESS_V1: LruHashMap<SessionKey, SessionValue> =
-    LruHashMap::with_max_entries(MAX_SESSIONS, 0);
+#[btf_map]
+pub static CLB_SESS_V1: LruHashMap<SessionKey, SessionValue, { MAX_SESSIONS as usize }> =
+    LruHashMap::new();
 
 /// Weighted round-robin schedules, two halves per listener (user space writes the inactive
 /// half, then flips `ListenerInfo::sched`): slot → backend id.
-#[map]
-pub static CLB_SCHED_V1: Array<u32> = Array::with_max_entries(MAX_LISTENERS * 2 * SCHED_SLOTS, 0);
+#[btf_map]
+pub static CLB_SCHED_V1: Array<u32, { LISTENERS * 2 * SCHED_SLOTS as usize }> = Array::new();
 
 /// Listener id → round-robin cursor, shared by all CPUs (atomic fetch-and-add) so consecutive
 /// new connections take consecutive slots.
-#[map]
-pub static CLB_RR_V1: Array<u64> = Array::with_max_entries(MAX_LISTENERS, 0);
+#[btf_map]
+pub static CLB_RR_V1: Array<u64, LISTENERS> = Array::new();
 
 /// ifindex → interface, the devmap redirects go through (filled by user space).
-#[map]
-pub static CLB_DEVS_V1: DevMapHash = DevMapHash::with_max_entries(MAX_DEVICES, 0);
+#[btf_map]
+pub static CLB_DEVS_V1: DevMapHash<{ MAX_DEVICES as usize }> = DevMapHash::new();
 
 /// Per-CPU traffic counters per listener id.
-#[map]
-pub static CLB_LSN_STAT_V1: PerCpuArray<TrafficCounters> =
-    PerCpuArray::with_max_entries(MAX_LISTENERS, 0);
+#[btf_map]
+pub static CLB_LSN_STAT_V1: PerCpuArray<TrafficCounters, LISTENERS> = PerCpuArray::new();
 
 /// Per-CPU traffic counters per backend id.
-#[map]
-pub static CLB_BE_STAT_V1: PerCpuArray<TrafficCounters> =
-    PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
+#[btf_map]
+pub static CLB_BE_STAT_V1: PerCpuArray<TrafficCounters, BACKENDS> = PerCpuArray::new();
 
 /// Per-CPU counters: verdicts, events, drops by reason (`clb_common::counter`).
-#[map]
-pub static CLB_COUNT_V1: PerCpuArray<u64> = PerCpuArray::with_max_entries(NUM_COUNTERS, 0);
+#[btf_map]
+pub static CLB_COUNT_V1: PerCpuArray<u64, { NUM_COUNTERS as usize }> = PerCpuArray::new();
