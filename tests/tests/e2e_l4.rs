@@ -43,6 +43,17 @@ struct Env {
 }
 
 fn env(tag: &str, n: usize, extra_clients: usize, cfg: &str, udp: bool) -> Env {
+    env_with(tag, n, extra_clients, cfg, udp, &[])
+}
+
+fn env_with(
+    tag: &str,
+    n: usize,
+    extra_clients: usize,
+    cfg: &str,
+    udp: bool,
+    flags: &[&str],
+) -> Env {
     let topo = Topology::new(tag, n, extra_clients).expect("topology");
     let servers = topo
         .backends
@@ -135,7 +146,14 @@ fn persistence_off_round_robin_and_keepalive_stays() {
 
 #[test]
 fn persistence_sticks_per_client_ip_and_expires() {
-    let e = env("ps", 3, 50, &config("tcp", 80, 3, "persist = 3"), false);
+    let e = env_with(
+        "ps",
+        3,
+        50,
+        &config("tcp", 80, 3, "persist = 3"),
+        false,
+        &["--sweep-interval", "1"],
+    );
     let clients = e.topo.extra_clients.clone();
     let mut first: HashMap<Ipv4Addr, String> = HashMap::new();
     for &ip in &clients {
@@ -155,6 +173,15 @@ fn persistence_sticks_per_client_ip_and_expires() {
     std::thread::sleep(Duration::from_secs(4));
     let sessions: Vec<serde_json::Value> = e.daemon.clb_json(&["session", "ls"]);
     assert!(sessions.is_empty(), "{sessions:?}");
+    // The sweeper (every second here) freed the expired entries.
+    let status: serde_json::Value = e.daemon.clb_json(&["status"]);
+    assert!(
+        status["sweeper"]["sessions_removed_total"]
+            .as_u64()
+            .unwrap()
+            >= 50,
+        "{status}"
+    );
     let moved = clients
         .iter()
         .filter(|ip| ask_once(&e.topo.client, **ip, vip(80)).unwrap() != first[*ip])
