@@ -31,6 +31,9 @@ fn main() -> anyhow::Result<()> {
         root.join("clb-common").display()
     );
     println!("cargo::rerun-if-env-changed=PATH");
+    // CLB_EBPF_DEBUG_LOG=1 builds the object with aya-log output on drops (debugging only).
+    println!("cargo::rerun-if-env-changed=CLB_EBPF_DEBUG_LOG");
+    let debug_log = std::env::var("CLB_EBPF_DEBUG_LOG").is_ok_and(|v| v == "1");
 
     let toolchain = std::fs::read_to_string(&pin_file)
         .with_context(|| format!("reading {}", pin_file.display()))?;
@@ -64,6 +67,11 @@ fn main() -> anyhow::Result<()> {
     cmd.current_dir(root)
         .args(["build", "--package", EBPF_PACKAGE, "--bins", "--release"])
         .args(["--target", TARGET, "-Z", "build-std=core"])
+        .args(if debug_log {
+            &["--features", "debug-log"][..]
+        } else {
+            &[][..]
+        })
         .arg("--target-dir")
         .arg(&target_dir)
         .env("CARGO_ENCODED_RUSTFLAGS", flags)

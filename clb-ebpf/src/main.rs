@@ -42,6 +42,10 @@ pub enum Verdict {
 #[xdp]
 pub fn clb_xdp(ctx: XdpContext) -> u32 {
     let action = process(&ctx);
+    #[cfg(feature = "debug-log")]
+    if action == xdp_action::XDP_DROP || action == xdp_action::XDP_TX {
+        aya_log_ebpf::debug!(&ctx, "clb: verdict {} (1 drop, 3 RST sent)", action);
+    }
     stats::count(match action {
         xdp_action::XDP_PASS => counter::VERDICT_PASS,
         xdp_action::XDP_DROP => counter::VERDICT_DROP,

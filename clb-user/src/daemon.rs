@@ -162,6 +162,16 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
         info!(dir = %opts.bpffs.display(), "bpffs was not mounted; mounted it");
     }
     let mut loaded = loader::load(Some(&opts.bpffs))?;
+    // Objects built with CLB_EBPF_DEBUG_LOG=1 log drops through aya-log; the logger owns the
+    // log map and must live as long as the program.
+    let _logger = match aya_log::EbpfLogger::init(&mut loaded.ebpf) {
+        Ok(logger) => Some(spawn_ebpf_logger(logger)?),
+        Err(aya_log::Error::MapNotFound) => None,
+        Err(e) => {
+            warn!("eBPF logger unavailable: {e}");
+            None
+        }
+    };
     let mut lb = Balancer::restore(loaded.dataplane)?;
     let restored = lb.dataplane_restored_summary();
     lb.apply(cfg.listeners)
@@ -260,6 +270,28 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
     // `loaded.ebpf` drops here: the programs stay loaded through their pinned links.
     drop(loaded.ebpf);
     Ok(())
+}
+
+/// Reads the datapath's debug log records whenever the ring buffer has data.
+fn spawn_ebpf_logger(
+    logger: aya_log::EbpfLogger<&'static dyn log::Log>,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    // SAFETY: the logger owns the ring buffer's fd, which stays open and unchanged until the
+    // logger (moved into the AsyncFd) is dropped.
+    let mut fd = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+    }
+    .map_err(|e| anyhow::anyhow!("watching the eBPF log ring buffer: {e}"))?;
+    info!("datapath debug logging is on (object built with CLB_EBPF_DEBUG_LOG=1)");
+    Ok(tokio::spawn(async move {
+        loop {
+            let Ok(mut guard) = fd.readable_mut().await else {
+                return;
+            };
+            guard.get_inner_mut().flush();
+            guard.clear_ready();
+        }
+    }))
 }
 
 async fn shutdown_signal() {

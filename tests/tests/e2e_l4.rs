@@ -146,19 +146,34 @@ fn persistence_off_round_robin_and_keepalive_stays() {
 
 #[test]
 fn weighted_round_robin_shares_follow_the_weights() {
-    let mut cfg = format!("[[listener]]\nname = \"web\"\nvip = \"{}\"\nproto = \"tcp\"\n", vip(80));
+    let mut cfg = format!(
+        "[[listener]]\nname = \"web\"\nvip = \"{}\"\nproto = \"tcp\"\n",
+        vip(80)
+    );
     for (i, w) in [1, 2, 3].iter().enumerate() {
-        cfg += &format!("[[listener.backend]]\naddr = \"{}:{PORT}\"\nweight = {w}\n", backend_ip(i));
+        cfg += &format!(
+            "[[listener.backend]]\naddr = \"{}:{PORT}\"\nweight = {w}\n",
+            backend_ip(i)
+        );
     }
     let e = env("wr", 3, 0, &cfg, false);
-    let names: Vec<String> = (0..60).map(|_| ask_once(&e.topo.client, CLIENT_IP, vip(80)).unwrap()).collect();
+    let names: Vec<String> = (0..60)
+        .map(|_| ask_once(&e.topo.client, CLIENT_IP, vip(80)).unwrap())
+        .collect();
     let count = |n: &str| names.iter().filter(|x| *x == n).count();
     // Bound: N·w/Σw exactly when N is a multiple of Σw (6) and nothing else opens
     // connections meanwhile (one shared cursor walks the smooth WRR sequence); within one
     // connection per backend for any other N.
-    assert_eq!((count("b0"), count("b1"), count("b2")), (10, 20, 30), "{names:?}");
+    assert_eq!(
+        (count("b0"), count("b1"), count("b2")),
+        (10, 20, 30),
+        "{names:?}"
+    );
     // Smooth: the heaviest backend never gets more than 2 in a row (sequence c b c a c b).
-    assert!(names.windows(3).all(|w| !(w[0] == w[1] && w[1] == w[2])), "{names:?}");
+    assert!(
+        names.windows(3).all(|w| !(w[0] == w[1] && w[1] == w[2])),
+        "{names:?}"
+    );
 }
 
 #[test]
