@@ -372,6 +372,7 @@ pub const fn conn_timeout_ns(state: u8, idle_ns: u64) -> u64 {
 /// Per-CPU traffic counters per listener and per backend.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+#[cfg_attr(feature = "user", derive(serde::Serialize, serde::Deserialize))]
 pub struct TrafficCounters {
     /// Client → backend packets.
     pub fwd_packets: u64,

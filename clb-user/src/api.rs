@@ -110,6 +110,57 @@ pub struct HealthCheckPatch {
     pub status: Option<String>,
 }
 
+impl ListenerPatch {
+    /// Applies the fields that are set.
+    pub fn apply(self, l: &mut ListenerSpec) {
+        if let Some(v) = self.persist {
+            l.persist = v;
+        }
+        if let Some(v) = self.idle_timeout {
+            l.idle_timeout = Some(v);
+        }
+        if let Some(v) = self.keepalive_timeout {
+            l.keepalive_timeout = Some(v);
+        }
+        if let Some(v) = self.cookie_name {
+            l.cookie_name = Some(v);
+        }
+        if let Some(h) = self.health_check {
+            h.apply(&mut l.health_check);
+        }
+    }
+}
+
+impl HealthCheckPatch {
+    /// Applies the fields that are set.
+    pub fn apply(self, h: &mut HealthCheckSpec) {
+        if let Some(v) = self.kind {
+            h.kind = v;
+        }
+        if let Some(v) = self.interval {
+            h.interval = v;
+        }
+        if let Some(v) = self.timeout {
+            h.timeout = v;
+        }
+        if let Some(v) = self.healthy_threshold {
+            h.healthy_threshold = v;
+        }
+        if let Some(v) = self.unhealthy_threshold {
+            h.unhealthy_threshold = v;
+        }
+        if self.port.is_some() {
+            h.port = self.port;
+        }
+        if let Some(v) = self.path {
+            h.path = v;
+        }
+        if let Some(v) = self.status {
+            h.status = v;
+        }
+    }
+}
+
 /// `POST /v1/listeners/{name}/backends` body.
 pub type NewBackend = BackendSpec;
 
@@ -250,6 +301,26 @@ fn parse_addr(s: &str) -> ApiResult<SocketAddrV4> {
     })
 }
 
+/// The listener named `name` in `specs`.
+fn find<'a>(
+    specs: &'a mut [ListenerSpec],
+    name: &str,
+) -> Result<&'a mut ListenerSpec, ConfigError> {
+    specs
+        .iter_mut()
+        .find(|x| x.name == name)
+        .ok_or_else(|| ConfigError::UnknownListener(name.into()))
+}
+
+/// The backend `addr` of listener `l`.
+fn find_backend(l: &mut ListenerSpec, addr: SocketAddrV4) -> Result<&mut BackendSpec, ConfigError> {
+    let listener = l.name.clone();
+    l.backends
+        .iter_mut()
+        .find(|x| x.addr == addr)
+        .ok_or(ConfigError::UnknownBackend { listener, addr })
+}
+
 fn json<T: Serialize>(v: T) -> Response {
     axum::Json(v).into_response()
 }
@@ -361,49 +432,7 @@ async fn patch_listener(
     let p: ListenerPatch = body(&b)?;
     blocking(move || {
         s.change(|specs| {
-            let l = specs
-                .iter_mut()
-                .find(|x| x.name == name)
-                .ok_or_else(|| ConfigError::UnknownListener(name.clone()))?;
-            if let Some(v) = p.persist {
-                l.persist = v;
-            }
-            if let Some(v) = p.idle_timeout {
-                l.idle_timeout = Some(v);
-            }
-            if let Some(v) = p.keepalive_timeout {
-                l.keepalive_timeout = Some(v);
-            }
-            if let Some(v) = p.cookie_name {
-                l.cookie_name = Some(v);
-            }
-            if let Some(h) = p.health_check {
-                let hc = &mut l.health_check;
-                if let Some(v) = h.kind {
-                    hc.kind = v;
-                }
-                if let Some(v) = h.interval {
-                    hc.interval = v;
-                }
-                if let Some(v) = h.timeout {
-                    hc.timeout = v;
-                }
-                if let Some(v) = h.healthy_threshold {
-                    hc.healthy_threshold = v;
-                }
-                if let Some(v) = h.unhealthy_threshold {
-                    hc.unhealthy_threshold = v;
-                }
-                if let Some(v) = h.port {
-                    hc.port = Some(v);
-                }
-                if let Some(v) = h.path {
-                    hc.path = v;
-                }
-                if let Some(v) = h.status {
-                    hc.status = v;
-                }
-            }
+            p.apply(find(specs, &name)?);
             Ok(())
         })
     })
@@ -480,10 +509,7 @@ async fn add_backend(
     let spec: NewBackend = body(&b)?;
     blocking(move || {
         s.change(|specs| {
-            let l = specs
-                .iter_mut()
-                .find(|x| x.name == name)
-                .ok_or_else(|| ConfigError::UnknownListener(name.clone()))?;
+            let l = find(specs, &name)?;
             if l.backends.iter().any(|x| x.addr == spec.addr) {
                 return Err(ConfigError::DuplicateBackend {
                     listener: name.clone(),
@@ -507,19 +533,7 @@ async fn patch_backend(
     let p: BackendPatch = body(&b)?;
     blocking(move || {
         s.change(|specs| {
-            let l = specs
-                .iter_mut()
-                .find(|x| x.name == name)
-                .ok_or_else(|| ConfigError::UnknownListener(name.clone()))?;
-            let be = l
-                .backends
-                .iter_mut()
-                .find(|x| x.addr == addr)
-                .ok_or_else(|| ConfigError::UnknownBackend {
-                    listener: name.clone(),
-                    addr,
-                })?;
-            be.weight = p.weight;
+            find_backend(find(specs, &name)?, addr)?.weight = p.weight;
             Ok(())
         })
     })
@@ -534,18 +548,9 @@ async fn delete_backend(
     let addr = parse_addr(&addr)?;
     blocking(move || {
         s.change(|specs| {
-            let l = specs
-                .iter_mut()
-                .find(|x| x.name == name)
-                .ok_or_else(|| ConfigError::UnknownListener(name.clone()))?;
-            let before = l.backends.len();
+            let l = find(specs, &name)?;
+            find_backend(l, addr)?;
             l.backends.retain(|x| x.addr != addr);
-            if l.backends.len() == before {
-                return Err(ConfigError::UnknownBackend {
-                    listener: name.clone(),
-                    addr,
-                });
-            }
             Ok(())
         })
     })

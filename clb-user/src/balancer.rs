@@ -647,63 +647,94 @@ impl<D: Dataplane> Balancer<D> {
 
     /// What the sweeper needs to know: timeouts per listener id, which backend ids exist.
     pub fn sweep_policy(&self) -> SweepPolicy {
-        let mut p = SweepPolicy::default();
-        for l in self.listeners.values() {
-            if let Some(id) = l.id {
-                p.listeners.insert(
-                    id,
-                    (
-                        u64::from(l.spec.idle_timeout_secs()) * NS_PER_SEC,
-                        u64::from(l.spec.persist) * NS_PER_SEC,
-                    ),
-                );
-                p.backends.extend(l.backends.iter().map(|b| b.id));
-            }
+        let ix = self.id_index();
+        SweepPolicy {
+            listeners: ix
+                .listeners
+                .iter()
+                .map(|(id, (_, idle, persist))| (*id, (*idle, *persist)))
+                .collect(),
+            backends: ix.backends.keys().copied().collect(),
         }
-        p
     }
 
-    /// Live connection entries, optionally of one listener.
-    pub fn conns(&self, listener: Option<&str>) -> Result<Vec<ConnView>, BalancerError> {
-        let ids = self.id_index();
-        let want = self.filter_id(listener)?;
+    /// Calls `f(listener, key, value, backend address, now)` for every live connection entry
+    /// (known listener and backend, not expired) of listener id `want` (or all).
+    fn for_each_live_conn(
+        &self,
+        want: Option<u32>,
+        mut f: impl FnMut(&Listener, &ConnKey, &ConnValue, SocketAddrV4, u64),
+    ) -> Result<(), BalancerError> {
+        let ix = self.id_index();
         let now = monotonic_ns();
-        let mut out = Vec::new();
         self.dp.scan_conns(&mut |keys, vals| {
             for (k, v) in keys.iter().zip(vals) {
                 let lid = u32::from(k.listener);
                 if want.is_some_and(|w| w != lid) {
                     continue;
                 }
-                let Some((l, idle_ns, _)) = ids.listeners.get(&lid) else {
-                    continue;
-                };
-                if is_expired(now, v.last_seen_ns, conn_timeout_ns(v.state, *idle_ns)) {
-                    continue;
+                if let Some((l, idle, _)) = ix.listeners.get(&lid)
+                    && !is_expired(now, v.last_seen_ns, conn_timeout_ns(v.state, *idle))
+                    && let Some(backend) = ix.backends.get(&v.backend)
+                {
+                    f(l, k, v, *backend, now);
                 }
-                let Some(backend) = ids.backends.get(&v.backend) else {
-                    continue;
-                };
-                out.push(ConnView {
-                    listener: l.spec.name.clone(),
-                    proto: l.spec.proto,
-                    client: SocketAddrV4::new(
-                        Ipv4Addr::from(ip_from_be(k.client)),
-                        port_from_be(k.client_port),
-                    ),
-                    vip: l.spec.vip,
-                    backend: *backend,
-                    state: match v.state {
-                        CONN_OPEN => "open",
-                        CONN_FIN => "fin",
-                        CONN_RST => "rst",
-                        _ => "unknown",
-                    }
-                    .into(),
-                    idle_secs: now.saturating_sub(v.last_seen_ns) / NS_PER_SEC,
-                });
             }
             true
+        })?;
+        Ok(())
+    }
+
+    /// Calls `f(listener, key, value, backend address, persist ns, now)` for every live
+    /// persistence entry of listener id `want` (or all).
+    fn for_each_live_session(
+        &self,
+        want: Option<u32>,
+        mut f: impl FnMut(&Listener, &SessionKey, &SessionValue, SocketAddrV4, u64, u64),
+    ) -> Result<(), BalancerError> {
+        let ix = self.id_index();
+        let now = monotonic_ns();
+        self.dp.scan_sessions(&mut |keys, vals| {
+            for (k, v) in keys.iter().zip(vals) {
+                let lid = u32::from(k.listener);
+                if want.is_some_and(|w| w != lid) {
+                    continue;
+                }
+                if let Some((l, _, persist)) = ix.listeners.get(&lid)
+                    && *persist != 0
+                    && !is_expired(now, v.last_seen_ns, *persist)
+                    && let Some(backend) = ix.backends.get(&v.backend)
+                {
+                    f(l, k, v, *backend, *persist, now);
+                }
+            }
+            true
+        })?;
+        Ok(())
+    }
+
+    /// Live connection entries, optionally of one listener.
+    pub fn conns(&self, listener: Option<&str>) -> Result<Vec<ConnView>, BalancerError> {
+        let mut out = Vec::new();
+        self.for_each_live_conn(self.filter_id(listener)?, |l, k, v, backend, now| {
+            out.push(ConnView {
+                listener: l.spec.name.clone(),
+                proto: l.spec.proto,
+                client: SocketAddrV4::new(
+                    Ipv4Addr::from(ip_from_be(k.client)),
+                    port_from_be(k.client_port),
+                ),
+                vip: l.spec.vip,
+                backend,
+                state: match v.state {
+                    CONN_OPEN => "open",
+                    CONN_FIN => "fin",
+                    CONN_RST => "rst",
+                    _ => "unknown",
+                }
+                .into(),
+                idle_secs: now.saturating_sub(v.last_seen_ns) / NS_PER_SEC,
+            });
         })?;
         out.sort_by(|a, b| (&a.listener, a.client).cmp(&(&b.listener, b.client)));
         Ok(out)
@@ -711,66 +742,39 @@ impl<D: Dataplane> Balancer<D> {
 
     /// Live persistence entries, optionally of one listener.
     pub fn sessions(&self, listener: Option<&str>) -> Result<Vec<SessionView>, BalancerError> {
-        let ids = self.id_index();
-        let want = self.filter_id(listener)?;
-        let now = monotonic_ns();
         let mut out = Vec::new();
-        self.dp.scan_sessions(&mut |keys, vals| {
-            for (k, v) in keys.iter().zip(vals) {
-                let lid = u32::from(k.listener);
-                if want.is_some_and(|w| w != lid) {
-                    continue;
-                }
-                let Some((l, _, persist_ns)) = ids.listeners.get(&lid) else {
-                    continue;
-                };
-                if *persist_ns == 0 || is_expired(now, v.last_seen_ns, *persist_ns) {
-                    continue;
-                }
-                let Some(backend) = ids.backends.get(&v.backend) else {
-                    continue;
-                };
+        self.for_each_live_session(
+            self.filter_id(listener)?,
+            |l, k, v, backend, persist, now| {
                 let idle = now.saturating_sub(v.last_seen_ns);
                 out.push(SessionView {
                     listener: l.spec.name.clone(),
                     client: Ipv4Addr::from(ip_from_be(k.client)),
-                    backend: *backend,
+                    backend,
                     idle_secs: idle / NS_PER_SEC,
-                    expires_in_secs: persist_ns.saturating_sub(idle).div_ceil(NS_PER_SEC),
+                    expires_in_secs: persist.saturating_sub(idle).div_ceil(NS_PER_SEC),
                 });
-            }
-            true
-        })?;
+            },
+        )?;
         out.sort_by(|a, b| (&a.listener, a.client).cmp(&(&b.listener, b.client)));
+        Ok(out)
+    }
+
+    /// Live connection entries per backend id (for `backend ls` while draining).
+    pub fn conn_counts(&self) -> Result<HashMap<u32, u64>, BalancerError> {
+        let mut out: HashMap<u32, u64> = HashMap::new();
+        self.for_each_live_conn(None, |_, _, v, _, _| {
+            *out.entry(v.backend).or_default() += 1
+        })?;
         Ok(out)
     }
 
     /// Counters per listener and backend, plus live table entry counts and global counters.
     pub fn stats(&self) -> Result<Stats, BalancerError> {
-        let now = monotonic_ns();
-        let ids = self.id_index();
-        let mut conns_by_backend: HashMap<u32, u64> = HashMap::new();
+        let conns_by_backend = self.conn_counts()?;
         let mut sessions_by_backend: HashMap<u32, u64> = HashMap::new();
-        self.dp.scan_conns(&mut |keys, vals| {
-            for (k, v) in keys.iter().zip(vals) {
-                if let Some((_, idle, _)) = ids.listeners.get(&u32::from(k.listener))
-                    && !is_expired(now, v.last_seen_ns, conn_timeout_ns(v.state, *idle))
-                {
-                    *conns_by_backend.entry(v.backend).or_default() += 1;
-                }
-            }
-            true
-        })?;
-        self.dp.scan_sessions(&mut |keys, vals| {
-            for (k, v) in keys.iter().zip(vals) {
-                if let Some((_, _, p)) = ids.listeners.get(&u32::from(k.listener))
-                    && *p != 0
-                    && !is_expired(now, v.last_seen_ns, *p)
-                {
-                    *sessions_by_backend.entry(v.backend).or_default() += 1;
-                }
-            }
-            true
+        self.for_each_live_session(None, |_, _, v, _, _, _| {
+            *sessions_by_backend.entry(v.backend).or_default() += 1
         })?;
         let mut listeners = Vec::new();
         for l in self.listeners.values() {
@@ -793,7 +797,7 @@ impl<D: Dataplane> Balancer<D> {
                 ls += sessions;
                 backends.push(BackendStats {
                     addr: b.spec.addr,
-                    counters: c.into(),
+                    counters: c,
                     current_conns: conns,
                     persisted_clients: sessions,
                 });
@@ -801,7 +805,7 @@ impl<D: Dataplane> Balancer<D> {
             listeners.push(ListenerStats {
                 name: l.spec.name.clone(),
                 proto: l.spec.proto,
-                counters: counters.into(),
+                counters,
                 current_conns: lc,
                 persisted_clients: ls,
                 backends,
@@ -819,24 +823,6 @@ impl<D: Dataplane> Balancer<D> {
             listeners,
             counters,
         })
-    }
-
-    /// Live connection entries per backend id (for `backend ls` while draining).
-    pub fn conn_counts(&self) -> Result<HashMap<u32, u64>, BalancerError> {
-        let ids = self.id_index();
-        let now = monotonic_ns();
-        let mut out: HashMap<u32, u64> = HashMap::new();
-        self.dp.scan_conns(&mut |keys, vals| {
-            for (k, v) in keys.iter().zip(vals) {
-                if let Some((_, idle, _)) = ids.listeners.get(&u32::from(k.listener))
-                    && !is_expired(now, v.last_seen_ns, conn_timeout_ns(v.state, *idle))
-                {
-                    *out.entry(v.backend).or_default() += 1;
-                }
-            }
-            true
-        })?;
-        Ok(out)
     }
 
     fn filter_id(&self, listener: Option<&str>) -> Result<Option<u32>, BalancerError> {
@@ -1099,7 +1085,7 @@ pub struct SessionView {
 pub struct BackendStats {
     pub addr: SocketAddrV4,
     #[serde(flatten)]
-    pub counters: TrafficCountersView,
+    pub counters: TrafficCounters,
     /// Live entries in the connection table naming this backend.
     pub current_conns: u64,
     /// Live persistence entries naming this backend.
@@ -1112,7 +1098,7 @@ pub struct ListenerStats {
     pub name: String,
     pub proto: Proto,
     #[serde(flatten)]
-    pub counters: TrafficCountersView,
+    pub counters: TrafficCounters,
     pub current_conns: u64,
     pub persisted_clients: u64,
     pub backends: Vec<BackendStats>,
@@ -1124,34 +1110,6 @@ pub struct Stats {
     pub listeners: Vec<ListenerStats>,
     /// Verdicts, events and drops by reason, summed over CPUs.
     pub counters: BTreeMap<String, u64>,
-}
-
-/// [`TrafficCounters`] with serde.
-#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
-pub struct TrafficCountersView {
-    pub fwd_packets: u64,
-    pub fwd_bytes: u64,
-    pub rev_packets: u64,
-    pub rev_bytes: u64,
-    pub new_conns: u64,
-    pub session_hits: u64,
-    pub session_new: u64,
-    pub resets: u64,
-}
-
-impl From<TrafficCounters> for TrafficCountersView {
-    fn from(c: TrafficCounters) -> Self {
-        Self {
-            fwd_packets: c.fwd_packets,
-            fwd_bytes: c.fwd_bytes,
-            rev_packets: c.rev_packets,
-            rev_bytes: c.rev_bytes,
-            new_conns: c.new_conns,
-            session_hits: c.session_hits,
-            session_new: c.session_new,
-            resets: c.resets,
-        }
-    }
 }
 
 #[cfg(test)]

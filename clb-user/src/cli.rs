@@ -419,7 +419,7 @@ async fn listener(c: &Client<'_>, cmd: ListenerCmd) -> Result<(), ClientError> {
             spec.keepalive_timeout = opts.keepalive_timeout;
             spec.cookie_name = opts.cookie_name.clone();
             if let Some(p) = opts.health_patch() {
-                apply_hc(&mut spec.health_check, p);
+                p.apply(&mut spec.health_check);
             }
             c.send(Method::POST, "/v1/listeners", &spec).await
         }
@@ -451,33 +451,6 @@ async fn listener(c: &Client<'_>, cmd: ListenerCmd) -> Result<(), ClientError> {
             }
             Ok(())
         }
-    }
-}
-
-fn apply_hc(h: &mut HealthCheckSpec, p: HealthCheckPatch) {
-    if let Some(v) = p.kind {
-        h.kind = v;
-    }
-    if let Some(v) = p.interval {
-        h.interval = v;
-    }
-    if let Some(v) = p.timeout {
-        h.timeout = v;
-    }
-    if let Some(v) = p.healthy_threshold {
-        h.healthy_threshold = v;
-    }
-    if let Some(v) = p.unhealthy_threshold {
-        h.unhealthy_threshold = v;
-    }
-    if p.port.is_some() {
-        h.port = p.port;
-    }
-    if let Some(v) = p.path {
-        h.path = v;
-    }
-    if let Some(v) = p.status {
-        h.status = v;
     }
 }
 

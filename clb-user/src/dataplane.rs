@@ -108,8 +108,7 @@ pub struct AyaDataplane {
     listeners: Array<MapData, ListenerInfo>,
     backends: Array<MapData, BackendInfo>,
     backend_addr: AyaHashMap<MapData, BackendAddrKey, BackendAddrInfo>,
-    conns: AyaHashMap<MapData, ConnKey, ConnValue>,
-    sessions: AyaHashMap<MapData, SessionKey, SessionValue>,
+    tables: AyaTables,
     sched: Array<MapData, u32>,
     devices: DevMapHash<MapData>,
     listener_stats: PerCpuArray<MapData, TrafficCounters>,
@@ -134,8 +133,10 @@ impl AyaDataplane {
             listeners: take!(ebpf, LISTENER_MAP),
             backends: take!(ebpf, BACKEND_MAP),
             backend_addr: take!(ebpf, BACKEND_ADDR_MAP),
-            conns: take!(ebpf, CONN_MAP),
-            sessions: take!(ebpf, SESSION_MAP),
+            tables: AyaTables {
+                conns: take!(ebpf, CONN_MAP),
+                sessions: take!(ebpf, SESSION_MAP),
+            },
             sched: take!(ebpf, SCHED_MAP),
             devices: take!(ebpf, DEVICE_MAP),
             listener_stats: take!(ebpf, LISTENER_STATS_MAP),
@@ -149,7 +150,10 @@ impl AyaDataplane {
 
     /// Inserts a connection entry directly (tests provision established flows this way).
     pub fn put_conn(&mut self, key: ConnKey, v: ConnValue) -> Result<(), DpError> {
-        self.conns.insert(&key, &v, 0).map_err(map_err(CONN_MAP))
+        self.tables
+            .conns
+            .insert(&key, &v, 0)
+            .map_err(map_err(CONN_MAP))
     }
 
     /// Reads one connection entry.
@@ -159,7 +163,8 @@ impl AyaDataplane {
 
     /// Inserts a persistence entry directly (tests, benchmarks).
     pub fn put_session(&mut self, key: SessionKey, v: SessionValue) -> Result<(), DpError> {
-        self.sessions
+        self.tables
+            .sessions
             .insert(&key, &v, 0)
             .map_err(map_err(SESSION_MAP))
     }
@@ -171,12 +176,12 @@ impl AyaDataplane {
 
     /// The connection map's handle (memory accounting in the benchmarks).
     pub fn conn_map(&self) -> &MapData {
-        IterableMap::map(&self.conns)
+        self.tables.conn_map()
     }
 
     /// The persistence map's handle.
     pub fn session_map(&self) -> &MapData {
-        IterableMap::map(&self.sessions)
+        self.tables.session_map()
     }
 }
 
@@ -208,47 +213,28 @@ fn sum_percpu<T: aya::Pod + Default>(
 
 impl Tables for AyaDataplane {
     fn get_conn(&self, key: &ConnKey) -> Result<Option<ConnValue>, DpError> {
-        get_or_not_found(self.conns.get(key, 0), CONN_MAP)
+        self.tables.get_conn(key)
     }
     fn get_session(&self, key: &SessionKey) -> Result<Option<SessionValue>, DpError> {
-        get_or_not_found(self.sessions.get(key, 0), SESSION_MAP)
+        self.tables.get_session(key)
     }
     fn scan_conns(
         &self,
         f: &mut dyn FnMut(&[ConnKey], &[ConnValue]) -> bool,
     ) -> Result<(), DpError> {
-        batch::for_each_batch(self.conn_map().fd().as_fd(), TABLE_BATCH, f).map_err(|source| {
-            DpError::Io {
-                map: CONN_MAP,
-                source,
-            }
-        })
+        self.tables.scan_conns(f)
     }
-
     fn del_conns(&mut self, keys: &[ConnKey]) -> Result<usize, DpError> {
-        batch::delete(self.conn_map().fd().as_fd(), keys).map_err(|source| DpError::Io {
-            map: CONN_MAP,
-            source,
-        })
+        self.tables.del_conns(keys)
     }
-
     fn scan_sessions(
         &self,
         f: &mut dyn FnMut(&[SessionKey], &[SessionValue]) -> bool,
     ) -> Result<(), DpError> {
-        batch::for_each_batch(self.session_map().fd().as_fd(), TABLE_BATCH, f).map_err(|source| {
-            DpError::Io {
-                map: SESSION_MAP,
-                source,
-            }
-        })
+        self.tables.scan_sessions(f)
     }
-
     fn del_sessions(&mut self, keys: &[SessionKey]) -> Result<usize, DpError> {
-        batch::delete(self.session_map().fd().as_fd(), keys).map_err(|source| DpError::Io {
-            map: SESSION_MAP,
-            source,
-        })
+        self.tables.del_sessions(keys)
     }
 }
 
@@ -501,6 +487,14 @@ pub struct AyaTables {
 }
 
 impl AyaTables {
+    fn conn_map(&self) -> &MapData {
+        IterableMap::map(&self.conns)
+    }
+
+    fn session_map(&self) -> &MapData {
+        IterableMap::map(&self.sessions)
+    }
+
     /// Opens new handles on the tables of `dp`.
     pub fn open(dp: &AyaDataplane) -> Result<Self, DpError> {
         let reopen = |m: &MapData, name: &'static str| -> Result<MapData, DpError> {
@@ -533,19 +527,17 @@ impl Tables for AyaTables {
         &self,
         f: &mut dyn FnMut(&[ConnKey], &[ConnValue]) -> bool,
     ) -> Result<(), DpError> {
-        batch::for_each_batch(IterableMap::map(&self.conns).fd().as_fd(), TABLE_BATCH, f).map_err(
-            |source| DpError::Io {
-                map: CONN_MAP,
-                source,
-            },
-        )
-    }
-    fn del_conns(&mut self, keys: &[ConnKey]) -> Result<usize, DpError> {
-        batch::delete(IterableMap::map(&self.conns).fd().as_fd(), keys).map_err(|source| {
+        batch::for_each_batch(self.conn_map().fd().as_fd(), TABLE_BATCH, f).map_err(|source| {
             DpError::Io {
                 map: CONN_MAP,
                 source,
             }
+        })
+    }
+    fn del_conns(&mut self, keys: &[ConnKey]) -> Result<usize, DpError> {
+        batch::delete(self.conn_map().fd().as_fd(), keys).map_err(|source| DpError::Io {
+            map: CONN_MAP,
+            source,
         })
     }
     fn scan_sessions(
@@ -563,11 +555,9 @@ impl Tables for AyaTables {
         })
     }
     fn del_sessions(&mut self, keys: &[SessionKey]) -> Result<usize, DpError> {
-        batch::delete(IterableMap::map(&self.sessions).fd().as_fd(), keys).map_err(|source| {
-            DpError::Io {
-                map: SESSION_MAP,
-                source,
-            }
+        batch::delete(self.session_map().fd().as_fd(), keys).map_err(|source| DpError::Io {
+            map: SESSION_MAP,
+            source,
         })
     }
 }

@@ -4,7 +4,7 @@
 use std::{fmt::Write as _, sync::Arc};
 
 use axum::{Router, extract::State, http::header, response::IntoResponse, routing::get};
-use clb_common::counter;
+use clb_common::{TrafficCounters, counter};
 
 use crate::{api::StatsResponse, balancer::Health, daemon::Shared};
 
@@ -97,184 +97,113 @@ impl Family<'_> {
 pub fn render(s: &StatsResponse, health: &[(String, String, bool, bool)]) -> String {
     let mut out = String::new();
     let mut f = Family { out: &mut out };
-
-    f.head(
-        "clb_listener_packets_total",
-        "counter",
-        "Packets balanced, by direction (in: client to backend, out: backend to client).",
-    );
-    for l in &s.stats.listeners {
-        f.sample(
-            "clb_listener_packets_total",
-            &[("listener", &l.name), ("direction", "in")],
-            l.counters.fwd_packets,
-        );
-        f.sample(
-            "clb_listener_packets_total",
-            &[("listener", &l.name), ("direction", "out")],
-            l.counters.rev_packets,
-        );
-    }
-    f.head(
-        "clb_listener_bytes_total",
-        "counter",
-        "IP bytes balanced, by direction.",
-    );
-    for l in &s.stats.listeners {
-        f.sample(
-            "clb_listener_bytes_total",
-            &[("listener", &l.name), ("direction", "in")],
-            l.counters.fwd_bytes,
-        );
-        f.sample(
-            "clb_listener_bytes_total",
-            &[("listener", &l.name), ("direction", "out")],
-            l.counters.rev_bytes,
-        );
-    }
-    f.head(
-        "clb_listener_new_connections_total",
-        "counter",
-        "Connection-table entries created (new flows).",
-    );
-    for l in &s.stats.listeners {
-        f.sample(
-            "clb_listener_new_connections_total",
-            &[("listener", &l.name)],
-            l.counters.new_conns,
-        );
-    }
-    f.head(
-        "clb_listener_resets_total",
-        "counter",
-        "TCP RSTs sent for packets of connections the balancer does not know.",
-    );
-    for l in &s.stats.listeners {
-        f.sample(
-            "clb_listener_resets_total",
-            &[("listener", &l.name)],
-            l.counters.resets,
-        );
-    }
-    f.head(
-        "clb_listener_current_connections",
-        "gauge",
-        "Live connection-table entries.",
-    );
-    for l in &s.stats.listeners {
-        f.sample(
-            "clb_listener_current_connections",
-            &[("listener", &l.name)],
-            l.current_conns,
-        );
-    }
-    f.head(
-        "clb_listener_persisted_clients",
-        "gauge",
-        "Live persistence entries.",
-    );
-    for l in &s.stats.listeners {
-        f.sample(
-            "clb_listener_persisted_clients",
-            &[("listener", &l.name)],
-            l.persisted_clients,
-        );
-    }
-
-    f.head(
-        "clb_backend_packets_total",
-        "counter",
-        "Packets to (in) and from (out) a backend.",
-    );
-    for l in &s.stats.listeners {
-        for b in &l.backends {
-            let a = b.addr.to_string();
-            f.sample(
-                "clb_backend_packets_total",
-                &[("listener", &l.name), ("backend", &a), ("direction", "in")],
-                b.counters.fwd_packets,
-            );
-            f.sample(
-                "clb_backend_packets_total",
-                &[("listener", &l.name), ("backend", &a), ("direction", "out")],
-                b.counters.rev_packets,
-            );
+    // Per listener and per backend families share their shape: a name, a type, a help text
+    // and how to read the value from (counters, live connections, live sessions).
+    type Get = fn(&TrafficCounters, u64, u64) -> u64;
+    let directional: [(&str, &str, Get, Get); 2] = [
+        (
+            "packets",
+            "Packets balanced, by direction (in: client to backend, out: backend to client).",
+            |c, _, _| c.fwd_packets,
+            |c, _, _| c.rev_packets,
+        ),
+        (
+            "bytes",
+            "IP bytes balanced, by direction.",
+            |c, _, _| c.fwd_bytes,
+            |c, _, _| c.rev_bytes,
+        ),
+    ];
+    let plain: [(&str, &str, &str, Get); 6] = [
+        (
+            "new_connections_total",
+            "counter",
+            "Connection-table entries created (new flows).",
+            |c, _, _| c.new_conns,
+        ),
+        (
+            "session_hits_total",
+            "counter",
+            "New connections decided by a live persistence entry.",
+            |c, _, _| c.session_hits,
+        ),
+        (
+            "sessions_written_total",
+            "counter",
+            "Persistence entries written (new or rescheduled clients).",
+            |c, _, _| c.session_new,
+        ),
+        (
+            "resets_total",
+            "counter",
+            "TCP RSTs sent for packets of connections the balancer does not know.",
+            |c, _, _| c.resets,
+        ),
+        (
+            "current_connections",
+            "gauge",
+            "Live connection-table entries.",
+            |_, conns, _| conns,
+        ),
+        (
+            "persisted_clients",
+            "gauge",
+            "Live persistence entries.",
+            |_, _, sessions| sessions,
+        ),
+    ];
+    type Row<'a> = (Vec<(&'static str, String)>, &'a TrafficCounters, u64, u64);
+    let listeners: Vec<Row> = s
+        .stats
+        .listeners
+        .iter()
+        .map(|l| {
+            (
+                vec![("listener", l.name.clone())],
+                &l.counters,
+                l.current_conns,
+                l.persisted_clients,
+            )
+        })
+        .collect();
+    let backends: Vec<Row> = s
+        .stats
+        .listeners
+        .iter()
+        .flat_map(|l| {
+            l.backends.iter().map(|b| {
+                (
+                    vec![
+                        ("listener", l.name.clone()),
+                        ("backend", b.addr.to_string()),
+                    ],
+                    &b.counters,
+                    b.current_conns,
+                    b.persisted_clients,
+                )
+            })
+        })
+        .collect();
+    for (scope, rows) in [("listener", &listeners), ("backend", &backends)] {
+        for (what, help, fwd, rev) in &directional {
+            let name = format!("clb_{scope}_{what}_total");
+            f.head(&name, "counter", help);
+            for (labels, c, conns, sess) in rows.iter() {
+                for (dir, get) in [("in", fwd), ("out", rev)] {
+                    let mut l: Vec<(&str, &str)> =
+                        labels.iter().map(|(k, v)| (*k, v.as_str())).collect();
+                    l.push(("direction", dir));
+                    f.sample(&name, &l, get(c, *conns, *sess));
+                }
+            }
         }
-    }
-    f.head(
-        "clb_backend_bytes_total",
-        "counter",
-        "IP bytes to (in) and from (out) a backend.",
-    );
-    for l in &s.stats.listeners {
-        for b in &l.backends {
-            let a = b.addr.to_string();
-            f.sample(
-                "clb_backend_bytes_total",
-                &[("listener", &l.name), ("backend", &a), ("direction", "in")],
-                b.counters.fwd_bytes,
-            );
-            f.sample(
-                "clb_backend_bytes_total",
-                &[("listener", &l.name), ("backend", &a), ("direction", "out")],
-                b.counters.rev_bytes,
-            );
-        }
-    }
-    f.head(
-        "clb_backend_new_connections_total",
-        "counter",
-        "New connections sent to a backend.",
-    );
-    for l in &s.stats.listeners {
-        for b in &l.backends {
-            f.sample(
-                "clb_backend_new_connections_total",
-                &[("listener", &l.name), ("backend", &b.addr.to_string())],
-                b.counters.new_conns,
-            );
-        }
-    }
-    f.head(
-        "clb_backend_session_hits_total",
-        "counter",
-        "New connections sent to a backend by a live persistence entry.",
-    );
-    for l in &s.stats.listeners {
-        for b in &l.backends {
-            f.sample(
-                "clb_backend_session_hits_total",
-                &[("listener", &l.name), ("backend", &b.addr.to_string())],
-                b.counters.session_hits,
-            );
-        }
-    }
-    f.head(
-        "clb_backend_current_connections",
-        "gauge",
-        "Live connection-table entries naming a backend.",
-    );
-    for l in &s.stats.listeners {
-        for b in &l.backends {
-            f.sample(
-                "clb_backend_current_connections",
-                &[("listener", &l.name), ("backend", &b.addr.to_string())],
-                b.current_conns,
-            );
-        }
-    }
-    f.head(
-        "clb_backend_persisted_clients",
-        "gauge",
-        "Live persistence entries naming a backend.",
-    );
-    for l in &s.stats.listeners {
-        for b in &l.backends {
-            f.sample(
-                "clb_backend_persisted_clients",
-                &[("listener", &l.name), ("backend", &b.addr.to_string())],
-                b.persisted_clients,
-            );
+        for (what, kind, help, get) in &plain {
+            let name = format!("clb_{scope}_{what}");
+            f.head(&name, kind, help);
+            for (labels, c, conns, sess) in rows.iter() {
+                let l: Vec<(&str, &str)> = labels.iter().map(|(k, v)| (*k, v.as_str())).collect();
+                f.sample(&name, &l, get(c, *conns, *sess));
+            }
         }
     }
     f.head(
