@@ -30,7 +30,6 @@ fn main() -> anyhow::Result<()> {
         "cargo::rerun-if-changed={}",
         root.join("clb-common").display()
     );
-    println!("cargo::rerun-if-env-changed=PATH");
     // CLB_EBPF_DEBUG_LOG=1 builds the object with aya-log output on drops (debugging only).
     println!("cargo::rerun-if-env-changed=CLB_EBPF_DEBUG_LOG");
     let debug_log = std::env::var("CLB_EBPF_DEBUG_LOG").is_ok_and(|v| v == "1");

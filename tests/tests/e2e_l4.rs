@@ -69,7 +69,7 @@ fn env_with(
             }
         })
         .collect();
-    let daemon = Daemon::start(&topo, cfg);
+    let daemon = Daemon::start_with(&topo, cfg, flags);
     Env {
         daemon,
         servers,

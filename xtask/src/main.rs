@@ -243,13 +243,17 @@ fn cargo_home() -> PathBuf {
         })
 }
 
-/// PATH with `$CARGO_HOME/bin` first (bpf-linker lives there).
+/// PATH with `$CARGO_HOME/bin` (bpf-linker lives there) added in front if it is missing.
+/// An unchanged PATH keeps cargo's build cache valid.
 fn path_env() -> OsString {
-    let mut paths = vec![cargo_home().join("bin")];
-    if let Some(p) = std::env::var_os("PATH") {
-        paths.extend(std::env::split_paths(&p));
+    let bin = cargo_home().join("bin");
+    let current: Vec<PathBuf> = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect())
+        .unwrap_or_default();
+    if current.contains(&bin) {
+        return std::env::join_paths(current).unwrap_or_default();
     }
-    std::env::join_paths(paths).unwrap_or_default()
+    std::env::join_paths(std::iter::once(bin).chain(current)).unwrap_or_default()
 }
 
 /// A cargo command on the pinned toolchain, cleaned of the outer cargo's environment.
