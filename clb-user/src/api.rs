@@ -215,9 +215,9 @@ pub struct StatsResponse {
     pub sweeper: SweeperStatus,
     /// Health transitions since the daemon started: "listener backend to" → count.
     pub health_transitions: Vec<HealthTransitionCount>,
-    /// L7 listeners' counters.
+    /// HTTP listeners' counters.
     #[serde(default)]
-    pub http: serde_json::Value,
+    pub http: Vec<crate::l7::L7ListenerStats>,
     /// Where "current_conns" comes from.
     pub current_conns_source: String,
 }

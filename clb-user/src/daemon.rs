@@ -24,9 +24,10 @@ use crate::{
     config::ConfigFile,
     dataplane::{AyaDataplane, AyaTables},
     health::HealthManager,
+    l7::{self, L7Backend, L7Config, L7Manager},
     loader::{self, AttachMode},
     metrics,
-    model::{ConfigError, ListenerSpec, validate_all},
+    model::{ConfigError, ListenerSpec, Proto, validate_all},
     time::monotonic_ns,
 };
 
@@ -52,8 +53,10 @@ pub struct Shared {
     pub policy: Mutex<SweepPolicy>,
     pub sweeper: Mutex<SweeperStatus>,
     pub health_transitions: Mutex<Vec<HealthTransitionCount>>,
-    /// Bumped after every change; health checks (and the L7 proxy) resync on it.
+    /// Bumped after every change; health checks and the HTTP listeners resync on it.
     pub generation: watch::Sender<u64>,
+    /// The HTTP (L7) listeners.
+    pub l7: tokio::sync::Mutex<L7Manager>,
     started: Instant,
 }
 
@@ -137,6 +140,8 @@ impl Shared {
 
     /// `GET /v1/stats`.
     pub async fn stats_response(&self, stats: Stats) -> StatsResponse {
+        // Awaited first: no std lock guard may live across an await.
+        let http = self.l7.lock().await.stats();
         StatsResponse {
             stats,
             sweeper: self.sweeper.lock().expect("sweeper lock").clone(),
@@ -145,7 +150,7 @@ impl Shared {
                 .lock()
                 .expect("transitions lock")
                 .clone(),
-            http: serde_json::Value::Null,
+            http,
             current_conns_source: "connection table (live entries)".into(),
         }
     }
@@ -204,6 +209,9 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
         restored_backends = restored.1,
         "datapath attached"
     );
+    let key_path = opts.state_dir.join("cookie.key");
+    let cookie_key = l7::load_or_create_key(&key_path)
+        .with_context(|| format!("loading the HTTP cookie key {}", key_path.display()))?;
     let (generation, _) = watch::channel(0u64);
     let policy = lb.sweep_policy();
     let shared = Arc::new(Shared {
@@ -213,6 +221,7 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
         sweeper: Mutex::new(SweeperStatus::default()),
         health_transitions: Mutex::new(Vec::new()),
         generation,
+        l7: tokio::sync::Mutex::new(L7Manager::new(cookie_key)),
         started: Instant::now(),
     });
 
@@ -220,6 +229,7 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
     let sweeper = spawn_sweeper(shared.clone(), tables, stop.clone());
     let drains = tokio::spawn(drain_loop(shared.clone()));
     let health = tokio::spawn(HealthManager::run(shared.clone()));
+    let l7_task = tokio::spawn(l7_loop(shared.clone()));
     if let Some(addr) = opts.metrics {
         let l = tokio::net::TcpListener::bind(addr)
             .await
@@ -265,6 +275,7 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
     reloader.abort();
     drains.abort();
     health.abort();
+    l7_task.abort();
     sweeper.join().ok();
     std::fs::remove_file(&opts.api).ok();
     // `loaded.ebpf` drops here: the programs stay loaded through their pinned links.
@@ -343,6 +354,43 @@ fn spawn_sweeper(
             }
         })
         .expect("spawning the sweeper thread")
+}
+
+/// Keeps the HTTP listeners in line with the configuration and backend states.
+async fn l7_loop(shared: Arc<Shared>) {
+    let mut rx = shared.generation.subscribe();
+    loop {
+        let configs: Vec<L7Config> = {
+            let lb = shared.lb.lock().expect("balancer lock");
+            lb.listeners()
+                .values()
+                .filter(|l| l.spec.proto == Proto::Http)
+                .map(|l| L7Config {
+                    name: l.spec.name.clone(),
+                    vip: l.spec.vip,
+                    persist: l.spec.persist,
+                    keepalive_secs: l.spec.keepalive_secs(),
+                    cookie_name: l.spec.cookie().to_owned(),
+                    backends: l
+                        .backends
+                        .iter()
+                        .zip(l.accepting())
+                        .map(|(b, accepting)| L7Backend {
+                            addr: b.spec.addr,
+                            weight: b.spec.weight,
+                            accepting,
+                        })
+                        .collect(),
+                })
+                .collect()
+        };
+        if let Err(e) = shared.l7.lock().await.sync(configs).await {
+            error!("HTTP listeners: {e:#}");
+        }
+        if rx.changed().await.is_err() {
+            return;
+        }
+    }
 }
 
 /// Cuts the connections of drained backends when their drain deadline passes.

@@ -10,6 +10,7 @@ pub mod config;
 pub mod daemon;
 pub mod dataplane;
 pub mod health;
+pub mod l7;
 pub mod loader;
 pub mod metrics;
 pub mod model;

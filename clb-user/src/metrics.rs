@@ -261,6 +261,68 @@ pub fn render(s: &StatsResponse, health: &[(String, String, bool, bool)]) -> Str
     }
 
     f.head(
+        "clb_http_requests_total",
+        "counter",
+        "HTTP requests proxied, by backend.",
+    );
+    for l in &s.http {
+        for b in &l.backends {
+            f.sample(
+                "clb_http_requests_total",
+                &[("listener", &l.name), ("backend", &b.addr.to_string())],
+                b.requests,
+            );
+        }
+    }
+    f.head(
+        "clb_http_responses_total",
+        "counter",
+        "HTTP responses sent to clients, by status class.",
+    );
+    for l in &s.http {
+        for (class, v) in [
+            ("2xx", l.responses_2xx),
+            ("3xx", l.responses_3xx),
+            ("4xx", l.responses_4xx),
+            ("5xx", l.responses_5xx),
+        ] {
+            f.sample(
+                "clb_http_responses_total",
+                &[("listener", &l.name), ("class", class)],
+                v,
+            );
+        }
+    }
+    type HttpGet = fn(&crate::l7::L7ListenerStats) -> u64;
+    let http: [(&str, &str, HttpGet); 4] = [
+        (
+            "clb_http_connections_total",
+            "Client connections accepted.",
+            |l| l.connections,
+        ),
+        (
+            "clb_http_cookies_set_total",
+            "Responses that set a persistence cookie.",
+            |l| l.cookies_set,
+        ),
+        (
+            "clb_http_cookie_hits_total",
+            "Requests routed by a valid persistence cookie.",
+            |l| l.cookie_hits,
+        ),
+        (
+            "clb_http_upstream_errors_total",
+            "Requests whose backend could not be reached (502).",
+            |l| l.upstream_errors,
+        ),
+    ];
+    for (name, help, get) in http {
+        f.head(name, "counter", help);
+        for l in &s.http {
+            f.sample(name, &[("listener", &l.name)], get(l));
+        }
+    }
+    f.head(
         "clb_sweeper_runs_total",
         "counter",
         "Sweeps of the connection and persistence tables.",

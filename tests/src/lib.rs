@@ -3,6 +3,7 @@
 //! and clients ([`servers`]), the daemon and CLI as processes ([`daemon`]).
 
 pub mod daemon;
+pub mod http;
 pub mod lab;
 pub mod netns;
 pub mod packet;

@@ -1,0 +1,110 @@
+//! Small HTTP backends (hyper) for the L7 tests and the demo. Each answers every request with
+//! a JSON body naming itself and echoing what the proxy sent it:
+//! `{"backend": NAME, "cookie": .., "x_forwarded_for": .., "x_forwarded_proto": ..,
+//! "forwarded": .., "host": .., "connection": ..}`.
+
+use std::{
+    convert::Infallible,
+    net::{SocketAddr, SocketAddrV4},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+};
+
+use http_body_util::{BodyExt as _, Full};
+use hyper::{Request, Response, body::Bytes, service::service_fn};
+use hyper_util::rt::TokioIo;
+
+use crate::netns::NetNs;
+
+/// A running HTTP backend; stops on drop.
+pub struct HttpServer {
+    pub name: String,
+    pub addr: SocketAddrV4,
+    /// Requests answered.
+    pub requests: Arc<AtomicU64>,
+    rt: Option<tokio::runtime::Runtime>,
+}
+
+impl HttpServer {
+    /// Starts a backend named `name` on `addr` inside `ns`.
+    pub fn start(ns: &NetNs, addr: SocketAddrV4, name: &str) -> std::io::Result<Self> {
+        let requests = Arc::new(AtomicU64::new(0));
+        let (n, r) = (name.to_owned(), requests.clone());
+        let rt = ns.run(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
+            let listener = rt.block_on(tokio::net::TcpListener::bind(SocketAddr::V4(addr)))?;
+            rt.spawn(serve(listener, n, r));
+            std::io::Result::Ok(rt)
+        })?;
+        Ok(Self {
+            name: name.into(),
+            addr,
+            requests,
+            rt: Some(rt),
+        })
+    }
+
+    /// Stops the server (closes its listener and connections).
+    pub fn stop(&mut self) {
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+impl Drop for HttpServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+async fn serve(listener: tokio::net::TcpListener, name: String, requests: Arc<AtomicU64>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let (name, requests) = (name.clone(), requests.clone());
+        tokio::spawn(async move {
+            let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
+                let (name, requests) = (name.clone(), requests.clone());
+                async move {
+                    let h = |k: &str| {
+                        req.headers()
+                            .get(k)
+                            .and_then(|v| v.to_str().ok())
+                            .map(str::to_owned)
+                    };
+                    let body = serde_json::json!({
+                        "backend": name,
+                        "path": req.uri().path(),
+                        "cookie": h("cookie"),
+                        "x_forwarded_for": h("x-forwarded-for"),
+                        "x_forwarded_proto": h("x-forwarded-proto"),
+                        "forwarded": h("forwarded"),
+                        "host": h("host"),
+                        "connection": h("connection"),
+                    });
+                    // Read (and discard) the request body so uploads complete.
+                    let _discarded = req.into_body().collect().await;
+                    requests.fetch_add(1, Ordering::Relaxed);
+                    let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
+                    r.headers_mut().insert(
+                        "content-type",
+                        hyper::header::HeaderValue::from_static("application/json"),
+                    );
+                    Ok::<_, Infallible>(r)
+                }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc);
+            if let Err(e) = conn.await {
+                eprintln!("http backend: {e}");
+            }
+        });
+    }
+}
