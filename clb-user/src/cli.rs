@@ -625,7 +625,7 @@ async fn backend(c: &Client<'_>, cmd: BackendCmd) -> Result<(), ClientError> {
 
 fn print_stats(s: &StatsResponse) {
     let mut rows = Vec::new();
-    for l in &s.stats.listeners {
+    for l in s.stats.listeners.iter().filter(|l| l.proto != Proto::Http) {
         let c = &l.counters;
         rows.push(vec![
             format!("{} ({})", l.name, l.proto),
@@ -671,6 +671,50 @@ fn print_stats(s: &StatsResponse) {
         )
     );
     println!("(CONNS and PERSISTED count live entries of the connection and persistence tables)");
+    if !s.http.is_empty() {
+        let mut rows = Vec::new();
+        for l in &s.http {
+            rows.push(vec![
+                format!("{} (http)", l.name),
+                l.connections.to_string(),
+                l.requests.to_string(),
+                format!(
+                    "{}/{}/{}/{}",
+                    l.responses_2xx, l.responses_3xx, l.responses_4xx, l.responses_5xx
+                ),
+                l.cookies_set.to_string(),
+                l.cookie_hits.to_string(),
+                l.upstream_errors.to_string(),
+            ]);
+            for b in &l.backends {
+                let blank = String::new;
+                rows.push(vec![
+                    format!("  -> {}", b.addr),
+                    blank(),
+                    b.requests.to_string(),
+                    blank(),
+                    blank(),
+                    blank(),
+                    blank(),
+                ]);
+            }
+        }
+        print!(
+            "{}",
+            table(
+                &[
+                    "HTTP LISTENER/BACKEND",
+                    "CONNS",
+                    "REQUESTS",
+                    "2xx/3xx/4xx/5xx",
+                    "COOKIES-SET",
+                    "COOKIE-HITS",
+                    "502s"
+                ],
+                &rows
+            )
+        );
+    }
     let nonzero: Vec<String> = s
         .stats
         .counters

@@ -108,3 +108,36 @@ async fn serve(listener: tokio::net::TcpListener, name: String, requests: Arc<At
         });
     }
 }
+
+/// One `GET /` on a new connection from `ns` to `vip`, with an optional `Cookie` header.
+/// Returns the answering backend's name and the `Set-Cookie` value (name=value), if any.
+/// (A plain HTTP/1.1 exchange with `Connection: close`, for the demo; the tests use reqwest.)
+pub fn get_once(
+    ns: &NetNs,
+    vip: SocketAddrV4,
+    cookie: Option<&str>,
+) -> std::io::Result<(String, Option<String>)> {
+    use std::io::{Read as _, Write as _};
+    let mut s = ns.run(|| std::net::TcpStream::connect(vip))?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
+    let cookie = cookie
+        .map(|c| format!("Cookie: {c}\r\n"))
+        .unwrap_or_default();
+    s.write_all(
+        format!("GET / HTTP/1.1\r\nHost: {vip}\r\n{cookie}Connection: close\r\n\r\n").as_bytes(),
+    )?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    let set_cookie = out
+        .lines()
+        .find_map(|l| l.strip_prefix("set-cookie: "))
+        .and_then(|v| v.split(';').next())
+        .map(str::to_owned);
+    let backend = out
+        .split("\"backend\":\"")
+        .nth(1)
+        .and_then(|r| r.split('"').next())
+        .unwrap_or("?")
+        .to_owned();
+    Ok((backend, set_cookie))
+}

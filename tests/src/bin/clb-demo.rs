@@ -1,7 +1,7 @@
 //! `cargo xtask run` without a NIC: a client, the balancer and three backends in network
 //! namespaces; the clb daemon on the balancer's veths in native XDP mode; everything driven
-//! through the `clb` CLI. Shows round robin, then source-IP persistence, then the tables and
-//! counters. Cleans up on exit and on Ctrl-C (`--keep` leaves it running until Ctrl-C).
+//! through the `clb` CLI. Shows round robin, then source-IP persistence, the tables, an HTTP
+//! listener with cookie persistence, and the counters. Cleans up on exit and on Ctrl-C (`--keep` leaves it running until Ctrl-C).
 
 use std::{
     net::{Ipv4Addr, SocketAddrV4},
@@ -11,6 +11,7 @@ use std::{
 
 use clb_tests::{
     daemon::Daemon,
+    http::{HttpServer, get_once},
     netns::{CLIENT_IP, Topology, VIP, backend_ip},
     servers::{NameServer, ask_once},
 };
@@ -116,6 +117,63 @@ fn main() -> anyhow::Result<()> {
     }
     cli(&d, &["session", "ls"]);
     cli(&d, &["conn", "ls"]);
+
+    println!("\n-- HTTP listener with cookie persistence (backends answer on :8081) --");
+    let http: Vec<HttpServer> = topo
+        .backends
+        .iter()
+        .enumerate()
+        .map(|(i, ns)| {
+            HttpServer::start(
+                ns,
+                SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 8081),
+                &format!("backend-{i}"),
+            )
+        })
+        .collect::<Result<_, _>>()?;
+    cli(
+        &d,
+        &[
+            "listener",
+            "add",
+            "shop",
+            "--vip",
+            "10.0.0.100:8081",
+            "--proto",
+            "http",
+            "--persist",
+            "600",
+        ],
+    );
+    for i in 0..3 {
+        cli(
+            &d,
+            &["backend", "add", "shop", &format!("{}:8081", backend_ip(i))],
+        );
+    }
+    let shop = SocketAddrV4::new(VIP, 8081);
+    // The listener starts right after the change; give it a moment.
+    clb_tests::wait_for(Duration::from_secs(5), || {
+        get_once(&topo.client, shop, None).ok()
+    });
+    let mut jar: Option<String> = None;
+    let mut seen = Vec::new();
+    for _ in 0..5 {
+        let (who, set) = get_once(&topo.client, shop, jar.as_deref())?;
+        if set.is_some() {
+            jar = set;
+        }
+        seen.push(who);
+    }
+    println!(
+        "  a browser keeping its cookie, 5 new connections: {}",
+        seen.join(" ")
+    );
+    println!("  its cookie: {}", jar.as_deref().unwrap_or("-"));
+    let fresh: Vec<String> = (0..5)
+        .map(|_| get_once(&topo.client, shop, None).map(|(w, _)| w))
+        .collect::<Result<_, _>>()?;
+    println!("  5 browsers without cookies: {}", fresh.join(" "));
     cli(&d, &["stats"]);
 
     if keep && !stopped() {
@@ -132,6 +190,7 @@ fn main() -> anyhow::Result<()> {
     println!("\n== cleaning up: daemon, datapath, servers, namespaces ==");
     drop(d);
     drop(servers);
+    drop(http);
     drop(topo);
     println!("done");
     Ok(())
