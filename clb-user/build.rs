@@ -14,7 +14,8 @@ use std::{
 use anyhow::{Context as _, anyhow, bail};
 
 const EBPF_PACKAGE: &str = "clb-ebpf";
-const EBPF_BIN: &str = "clb";
+/// The balancer, and the benchmark-only generator/sink object.
+const EBPF_BINS: [&str; 2] = ["clb", "clb-gen"];
 const TARGET: &str = "bpfel-unknown-none";
 
 fn main() -> anyhow::Result<()> {
@@ -86,10 +87,12 @@ fn main() -> anyhow::Result<()> {
     if !status.success() {
         bail!("building the eBPF program failed ({status}); the compiler output is above");
     }
-    let built = target_dir.join(TARGET).join("release").join(EBPF_BIN);
-    let dst = out_dir.join(EBPF_BIN);
-    std::fs::copy(&built, &dst)
-        .with_context(|| format!("copying {} to {}", built.display(), dst.display()))?;
+    for bin in EBPF_BINS {
+        let built = target_dir.join(TARGET).join("release").join(bin);
+        let dst = out_dir.join(bin);
+        std::fs::copy(&built, &dst)
+            .with_context(|| format!("copying {} to {}", built.display(), dst.display()))?;
+    }
     Ok(())
 }
 

@@ -97,9 +97,11 @@ pub const LISTENER_STATS_MAP: &str = "CLB_LSN_STAT_V1";
 pub const BACKEND_STATS_MAP: &str = "CLB_BE_STAT_V1";
 /// Per-CPU `u64` counters indexed by [`counter`].
 pub const COUNTER_MAP: &str = "CLB_COUNT_V1";
+/// Per-CPU next-hop cache ([`NextHop`] per slot).
+pub const NEXTHOP_MAP: &str = "CLB_NH_V1";
 
 /// Every map of the program, for pinning and teardown.
-pub const ALL_MAPS: [&str; 12] = [
+pub const ALL_MAPS: [&str; 13] = [
     LISTENER_ADDR_MAP,
     LISTENER_MAP,
     BACKEND_MAP,
@@ -112,6 +114,7 @@ pub const ALL_MAPS: [&str; 12] = [
     LISTENER_STATS_MAP,
     BACKEND_STATS_MAP,
     COUNTER_MAP,
+    NEXTHOP_MAP,
 ];
 
 /// Name of the load-balancing XDP program.
@@ -366,6 +369,38 @@ pub const fn conn_timeout_ns(state: u8, idle_ns: u64) -> u64 {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Next-hop cache (datapath-internal)
+// ---------------------------------------------------------------------------------------------
+
+/// Slots of the per-CPU next-hop cache (a power of two; direct-mapped by destination).
+pub const NH_SLOTS: u32 = 4096;
+/// How long a cached next hop is used before the FIB is asked again: route and neighbour
+/// changes reach the datapath within this time.
+pub const NH_TTL_NS: u64 = NS_PER_SEC;
+
+/// A cached `bpf_fib_lookup` result for one destination (per CPU, in [`NEXTHOP_MAP`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct NextHop {
+    /// Destination IPv4, network byte order; 0 = empty slot.
+    pub dst: u32,
+    /// Egress ifindex.
+    pub ifindex: u32,
+    /// `CLOCK_MONOTONIC` ns after which the entry is not used.
+    pub expires_ns: u64,
+    pub src_mac: [u8; 6],
+    pub dst_mac: [u8; 6],
+    pub _pad: [u8; 4],
+}
+const _: () = assert!(core::mem::size_of::<NextHop>() == 32);
+
+/// The slot of `dst` (network byte order) in the next-hop cache.
+#[inline(always)]
+pub const fn nh_slot(dst: u32) -> u32 {
+    (dst.wrapping_mul(0x9e37_79b1) >> 20) & (NH_SLOTS - 1)
+}
+
+// ---------------------------------------------------------------------------------------------
 // Counters
 // ---------------------------------------------------------------------------------------------
 
@@ -431,6 +466,8 @@ pub mod counter {
     pub const RST_SENT: u32 = 9;
     /// Reply-path packets of a backend address with no matching connection (passed).
     pub const REPLY_NO_CONN: u32 = 10;
+    /// Forwarded packets whose next hop came from the per-CPU cache (no FIB lookup).
+    pub const NEXTHOP_CACHED: u32 = 11;
     /// First drop reason: IPv4 header length below 20 bytes.
     pub const DROP_BAD_IHL: u32 = 16;
     /// Drop: the frame is shorter than the IPv4 header or total length says.
@@ -461,7 +498,7 @@ pub mod counter {
         "fwd_stack_no_dev",
         "rst_sent",
         "reply_no_conn",
-        "",
+        "nexthop_cached",
         "",
         "",
         "",
@@ -489,6 +526,51 @@ pub mod counter {
         i >= DROP_BAD_IHL && i <= DROP_BAD_VERSION
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Benchmark-only: the traffic generator and drop sink (`clb-gen`, not part of the balancer)
+// ---------------------------------------------------------------------------------------------
+
+/// Map of the generator's settings (one [`GenConfig`]).
+pub const GEN_CONFIG_MAP: &str = "GEN_CFG";
+/// Map of the generator's sequence number.
+pub const GEN_SEQ_MAP: &str = "GEN_SEQ";
+/// Per-CPU packet counter of the sink.
+pub const SINK_COUNT_MAP: &str = "SINK_COUNT";
+/// Sources the sink has seen (source IPv4 → packets).
+pub const SINK_SEEN_MAP: &str = "SINK_SEEN";
+/// Capacity of [`SINK_SEEN_MAP`].
+pub const SINK_SEEN_MAX: u32 = 1 << 17;
+
+/// What the generator writes into every frame: Ethernet/IPv4/UDP (no checksum) or TCP SYN
+/// (valid checksum), source `src_base + n % sources`, source port
+/// `sport_base + (n / sources) % ports`, for the n-th frame.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct GenConfig {
+    pub dst_mac: [u8; 6],
+    pub src_mac: [u8; 6],
+    /// First source address, host byte order.
+    pub src_base: u32,
+    /// Distinct source addresses.
+    pub sources: u32,
+    /// Destination address, network byte order.
+    pub dst: u32,
+    /// Destination port, network byte order.
+    pub dport: u16,
+    /// First source port, host byte order.
+    pub sport_base: u16,
+    /// Distinct source ports per address.
+    pub ports: u32,
+    /// Interface to redirect the frames out of.
+    pub ifindex: u32,
+    /// [`PROTO_UDP`] or [`PROTO_TCP`] (SYN).
+    pub proto: u8,
+    pub _pad: [u8; 3],
+    /// Frame length in bytes (the test run's input frame has this length).
+    pub frame_len: u32,
+}
+const _: () = assert!(core::mem::size_of::<GenConfig>() == 44);
 
 // ---------------------------------------------------------------------------------------------
 // aya::Pod for user space
@@ -520,6 +602,8 @@ mod user {
     unsafe impl aya::Pod for SessionValue {}
     // SAFETY: as above.
     unsafe impl aya::Pod for TrafficCounters {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for GenConfig {}
 }
 
 #[cfg(test)]

@@ -2,32 +2,20 @@
 //! backend, forward.
 
 use aya_ebpf::{bindings::xdp_action, helpers::bpf_ktime_get_ns, programs::XdpContext};
-use clb_common::{ConnKey, LISTENER_F_ACTIVE, ListenerInfo, ListenerKey, counter};
+use clb_common::{ConnKey, LISTENER_F_ACTIVE, ListenerInfo, counter};
 use network_types::ip::Ipv4Hdr;
 
 use crate::{
     backends, conntrack,
-    maps::{CLB_LSN_ADDR_V1, CLB_LSN_V1},
+    maps::CLB_LSN_V1,
     nat::{self, End},
     parse::{Pkt, TCP_RST},
     persist, rst, schedule, stats,
 };
 
-/// Handles a well-formed TCP/UDP packet addressed to a VIP.
+/// Handles a well-formed TCP/UDP packet for listener `id`.
 #[inline(always)]
-pub fn client_packet(ctx: &XdpContext, ip: *mut Ipv4Hdr, p: &Pkt) -> u32 {
-    let lkey = ListenerKey {
-        vip: p.daddr,
-        port: p.dport,
-        proto: p.proto,
-        _pad: 0,
-    };
-    // SAFETY: read-only use of a map value.
-    let Some(lref) = (unsafe { CLB_LSN_ADDR_V1.get(&lkey) }) else {
-        // A VIP, but no listener on this port/protocol: the stack answers (RST, ICMP).
-        return xdp_action::XDP_PASS;
-    };
-    let id = lref.id;
+pub fn client_packet(ctx: &XdpContext, ip: *mut Ipv4Hdr, p: &Pkt, id: u32) -> u32 {
     let Some(lsn) = CLB_LSN_V1.get(id) else {
         return xdp_action::XDP_PASS;
     };
@@ -74,7 +62,7 @@ pub fn client_packet(ctx: &XdpContext, ip: *mut Ipv4Hdr, p: &Pkt) -> u32 {
     if nat::rewrite(ctx, ip, p, End::Dst, be.addr, be.port).is_err() {
         return xdp_action::XDP_ABORTED;
     }
-    nat::forward(ctx, ip, p)
+    nat::forward(ctx, ip, p, now)
 }
 
 enum NewFlowError {

@@ -68,28 +68,45 @@ fn process(ctx: &XdpContext) -> u32 {
     let Some(ip) = parse::ipv4(ctx) else {
         return xdp_action::XDP_PASS;
     };
-    // SAFETY: `parse::ipv4` bounds-checked a full IPv4 header.
-    let daddr = u32::from_ne_bytes(unsafe { (*ip).dst_addr });
-    let marker = ListenerKey {
-        vip: daddr,
-        port: 0,
-        proto: 0,
-        _pad: 0,
-    };
-    // SAFETY: read-only use of a map value.
-    if unsafe { CLB_LSN_ADDR_V1.get(&marker) }.is_some() {
-        match parse::l4_strict(ctx, ip) {
-            Ok(L4::Packet(p)) => forward::client_packet(ctx, ip, &p),
-            Ok(L4::Other) => xdp_action::XDP_PASS,
-            Err(Verdict::Drop(reason)) => {
-                stats::count(reason);
-                xdp_action::XDP_DROP
+    match parse::l4_lenient(ctx, ip) {
+        // Fast path, a well-formed TCP/UDP packet: one lookup says whether it is for a
+        // listener; otherwise it may be a backend's reply (or a VIP port without listener,
+        // which the reply path passes on too).
+        Some(p) => {
+            let key = ListenerKey {
+                vip: p.daddr,
+                port: p.dport,
+                proto: p.proto,
+                _pad: 0,
+            };
+            // SAFETY: read-only use of a map value.
+            match unsafe { CLB_LSN_ADDR_V1.get(&key) } {
+                Some(l) => forward::client_packet(ctx, ip, &p, l.id),
+                None => reply::backend_packet(ctx, ip, &p),
             }
         }
-    } else {
-        match parse::l4_lenient(ctx, ip) {
-            Some(p) => reply::backend_packet(ctx, ip, &p),
-            None => xdp_action::XDP_PASS,
+        // Anything else: if it is addressed to a VIP, say why it is not balanced (malformed
+        // → dropped with a reason; another protocol → passed); otherwise not ours.
+        None => {
+            // SAFETY: `parse::ipv4` bounds-checked a full IPv4 header.
+            let daddr = u32::from_ne_bytes(unsafe { (*ip).dst_addr });
+            let marker = ListenerKey {
+                vip: daddr,
+                port: 0,
+                proto: 0,
+                _pad: 0,
+            };
+            // SAFETY: read-only use of a map value.
+            if unsafe { CLB_LSN_ADDR_V1.get(&marker) }.is_none() {
+                return xdp_action::XDP_PASS;
+            }
+            match parse::l4_strict(ctx, ip) {
+                Ok(L4::Packet(_)) | Ok(L4::Other) => xdp_action::XDP_PASS,
+                Err(Verdict::Drop(reason)) => {
+                    stats::count(reason);
+                    xdp_action::XDP_DROP
+                }
+            }
         }
     }
 }

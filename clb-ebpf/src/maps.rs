@@ -9,8 +9,8 @@ use aya_ebpf::{
 };
 use clb_common::{
     BackendAddrInfo, BackendAddrKey, BackendInfo, ConnKey, ConnValue, ListenerInfo, ListenerKey,
-    ListenerRef, MAX_BACKENDS, MAX_CONNS, MAX_DEVICES, MAX_LISTENERS, MAX_SESSIONS, NUM_COUNTERS,
-    SCHED_SLOTS, SessionKey, SessionValue, TrafficCounters,
+    ListenerRef, MAX_BACKENDS, MAX_CONNS, MAX_DEVICES, MAX_LISTENERS, MAX_SESSIONS, NH_SLOTS,
+    NUM_COUNTERS, NextHop, SCHED_SLOTS, SessionKey, SessionValue, TrafficCounters,
 };
 
 const LISTENERS: usize = MAX_LISTENERS as usize;
@@ -32,14 +32,23 @@ pub static CLB_BE_V1: Array<BackendInfo, BACKENDS> = Array::new();
 #[btf_map]
 pub static CLB_BE_ADDR_V1: HashMap<BackendAddrKey, BackendAddrInfo, BACKENDS> = HashMap::new();
 
+/// `BPF_F_NO_COMMON_LRU`: one LRU list per CPU. Inserting (every new flow) then takes no
+/// lock shared by all CPUs; the price is that eviction picks from the inserting CPU's list.
+const PER_CPU_LRU: usize = 2;
+
 /// Connection table: (client, client port, listener, proto) → backend, last seen, state.
 #[btf_map]
-pub static CLB_CONN_V1: LruHashMap<ConnKey, ConnValue, { MAX_CONNS as usize }> = LruHashMap::new();
+pub static CLB_CONN_V1: LruHashMap<ConnKey, ConnValue, { MAX_CONNS as usize }, PER_CPU_LRU> =
+    LruHashMap::new();
 
 /// Persistence table: (client IP, listener) → backend, last seen.
 #[btf_map]
-pub static CLB_SESS_V1: LruHashMap<SessionKey, SessionValue, { MAX_SESSIONS as usize }> =
-    LruHashMap::new();
+pub static CLB_SESS_V1: LruHashMap<
+    SessionKey,
+    SessionValue,
+    { MAX_SESSIONS as usize },
+    PER_CPU_LRU,
+> = LruHashMap::new();
 
 /// Weighted round-robin schedules, two halves per listener (user space writes the inactive
 /// half, then flips `ListenerInfo::sched`): slot → backend id.
@@ -66,3 +75,8 @@ pub static CLB_BE_STAT_V1: PerCpuArray<TrafficCounters, BACKENDS> = PerCpuArray:
 /// Per-CPU counters: verdicts, events, drops by reason (`clb_common::counter`).
 #[btf_map]
 pub static CLB_COUNT_V1: PerCpuArray<u64, { NUM_COUNTERS as usize }> = PerCpuArray::new();
+
+/// Per-CPU next-hop cache: destination → egress and MACs, for `NH_TTL_NS` (a FIB lookup is
+/// the most expensive step of forwarding an established packet).
+#[btf_map]
+pub static CLB_NH_V1: PerCpuArray<NextHop, { NH_SLOTS as usize }> = PerCpuArray::new();

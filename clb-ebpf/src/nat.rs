@@ -1,4 +1,5 @@
-//! NAT rewrite with incremental checksums, and forwarding: FIB lookup, TTL, MACs, devmap.
+//! NAT rewrite with incremental checksums, and forwarding: next hop (cached FIB lookup), TTL,
+//! MACs, devmap.
 
 use aya_ebpf::{
     EbpfContext as _,
@@ -6,12 +7,12 @@ use aya_ebpf::{
     helpers::bpf_fib_lookup as fib_lookup,
     programs::XdpContext,
 };
-use clb_common::{PROTO_TCP, counter};
+use clb_common::{NH_TTL_NS, NextHop, PROTO_TCP, counter, nh_slot};
 use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
 
 use crate::{
     csum,
-    maps::CLB_DEVS_V1,
+    maps::{CLB_DEVS_V1, CLB_NH_V1},
     parse::{Pkt, ptr_at},
     stats,
 };
@@ -82,14 +83,69 @@ pub fn rewrite(
     Ok(())
 }
 
-/// Sends the (already rewritten) packet on: FIB lookup for the next hop, then TTL decrement,
-/// MAC rewrite and a devmap redirect. When the kernel cannot give a next hop right now
-/// (no neighbour entry yet, no route, TTL expiring, egress not in the devmap), the packet goes
-/// to the stack unchanged but for the NAT, and the stack resolves, forwards or answers it.
+/// Sends the (already rewritten) packet on: the next hop (egress, MACs) from the per-CPU
+/// cache or a FIB lookup, then TTL decrement, MAC rewrite and a devmap redirect. When the
+/// kernel cannot give a next hop right now (no neighbour entry yet, no route, TTL expiring,
+/// egress not in the devmap), the packet goes to the stack unchanged but for the NAT, and the
+/// stack resolves, forwards or answers it.
 #[inline(always)]
-pub fn forward(ctx: &XdpContext, ip: *mut Ipv4Hdr, p: &Pkt) -> u32 {
-    // SAFETY: `ip` is bounds-checked (see `rewrite`); `fib` is a plain C struct for which
-    // all-zero is a valid value; the helper reads and writes only `fib`.
+pub fn forward(ctx: &XdpContext, ip: *mut Ipv4Hdr, p: &Pkt, now: u64) -> u32 {
+    // SAFETY: `ip` is bounds-checked (see `rewrite`).
+    let (dst, ttl) = unsafe { (u32::from_ne_bytes((*ip).dst_addr), (*ip).ttl) };
+    if ttl <= 1 {
+        stats::count(counter::FWD_STACK_TTL);
+        return xdp_action::XDP_PASS;
+    }
+    let slot = nh_slot(dst);
+    let Some(nh) = CLB_NH_V1.get_ptr_mut(slot) else {
+        return xdp_action::XDP_ABORTED;
+    };
+    // SAFETY: this CPU's slot; nothing else writes it while the program runs here.
+    let nh = unsafe { &mut *nh };
+    if nh.dst == dst && nh.expires_ns > now {
+        stats::count(counter::NEXTHOP_CACHED);
+    } else {
+        match fib(ctx, ip, p) {
+            Ok(found) => {
+                *nh = NextHop {
+                    dst,
+                    expires_ns: now + NH_TTL_NS,
+                    ..found
+                };
+            }
+            Err(action) => return action,
+        }
+    }
+    // Choose the egress first: if it is not in the devmap the packet goes to the stack,
+    // which must still see our MAC as destination and the original TTL.
+    let action = match CLB_DEVS_V1.redirect(nh.ifindex, u64::from(xdp_action::XDP_PASS)) {
+        Ok(a) => a,
+        Err(a) => {
+            stats::count(counter::FWD_STACK_NO_DEV);
+            return a;
+        }
+    };
+    // SAFETY: as above; the Ethernet header is re-checked.
+    unsafe {
+        // TTL and protocol share one 16-bit word of the header.
+        let old = u16::from_ne_bytes([ttl, (*ip).proto]);
+        let new = u16::from_ne_bytes([ttl - 1, (*ip).proto]);
+        (*ip).ttl = ttl - 1;
+        (*ip).check = csum::replace2(u16::from_ne_bytes((*ip).check), old, new).to_ne_bytes();
+        let Ok(eth) = ptr_at::<EthHdr>(ctx, 0) else {
+            return xdp_action::XDP_ABORTED;
+        };
+        (*eth).dst_addr = nh.dst_mac;
+        (*eth).src_addr = nh.src_mac;
+    }
+    action
+}
+
+/// The next hop of the packet per the kernel's FIB, or the action when there is none now.
+#[inline(always)]
+fn fib(ctx: &XdpContext, ip: *const Ipv4Hdr, p: &Pkt) -> Result<NextHop, u32> {
+    // SAFETY: `fib` is a plain C struct for which all-zero is valid; the helper reads and
+    // writes only it; `ip` is bounds-checked.
     unsafe {
         let mut fib: bpf_fib_lookup = core::mem::zeroed();
         fib.family = AF_INET;
@@ -111,33 +167,13 @@ pub fn forward(ctx: &XdpContext, ip: *mut Ipv4Hdr, p: &Pkt) -> u32 {
             } else {
                 counter::FWD_STACK_NO_ROUTE
             });
-            return xdp_action::XDP_PASS;
+            return Err(xdp_action::XDP_PASS);
         }
-        let ttl = (*ip).ttl;
-        if ttl <= 1 {
-            stats::count(counter::FWD_STACK_TTL);
-            return xdp_action::XDP_PASS;
-        }
-        // Choose the egress first: if it is not in the devmap the packet goes to the stack,
-        // which must still see our MAC as destination and the original TTL.
-        let action = match CLB_DEVS_V1.redirect(fib.ifindex, u64::from(xdp_action::XDP_PASS)) {
-            Ok(a) => a,
-            Err(a) => {
-                stats::count(counter::FWD_STACK_NO_DEV);
-                return a;
-            }
-        };
-        // TTL and protocol share one 16-bit word of the header.
-        let old = u16::from_ne_bytes([ttl, (*ip).proto]);
-        let new = u16::from_ne_bytes([ttl - 1, (*ip).proto]);
-        (*ip).ttl = ttl - 1;
-        (*ip).check = csum::replace2(u16::from_ne_bytes((*ip).check), old, new).to_ne_bytes();
-
-        let Ok(eth) = ptr_at::<EthHdr>(ctx, 0) else {
-            return xdp_action::XDP_ABORTED;
-        };
-        (*eth).dst_addr = fib.__bindgen_anon_6.__bindgen_anon_2.dmac;
-        (*eth).src_addr = fib.__bindgen_anon_6.__bindgen_anon_2.smac;
-        action
+        Ok(NextHop {
+            ifindex: fib.ifindex,
+            src_mac: fib.__bindgen_anon_6.__bindgen_anon_2.smac,
+            dst_mac: fib.__bindgen_anon_6.__bindgen_anon_2.dmac,
+            ..NextHop::default()
+        })
     }
 }

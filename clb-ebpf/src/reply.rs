@@ -61,7 +61,7 @@ pub fn backend_packet(ctx: &XdpContext, ip: *mut Ipv4Hdr, p: &Pkt) -> u32 {
         if nat::rewrite(ctx, ip, p, End::Src, lsn.vip, lsn.port).is_err() {
             return xdp_action::XDP_ABORTED;
         }
-        return nat::forward(ctx, ip, p);
+        return nat::forward(ctx, ip, p, now);
     }
     stats::count(counter::REPLY_NO_CONN);
     xdp_action::XDP_PASS

@@ -117,3 +117,35 @@ pub fn delete<K: Pod>(fd: BorrowedFd<'_>, keys: &[K]) -> io::Result<usize> {
     }
     Ok(deleted)
 }
+
+const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+
+/// Inserts or replaces `keys[i]` → `values[i]` in the map `fd`, many per syscall (used to
+/// fill tables in benchmarks and tests). Returns how many were written.
+pub fn update<K: Pod, V: Pod>(fd: BorrowedFd<'_>, keys: &[K], values: &[V]) -> io::Result<usize> {
+    assert_eq!(keys.len(), values.len(), "one value per key");
+    let mut done = 0;
+    const CHUNK: usize = 16384;
+    while done < keys.len() {
+        let n = (keys.len() - done).min(CHUNK);
+        let mut attr = BatchAttr {
+            keys: keys[done..].as_ptr() as u64,
+            values: values[done..].as_ptr() as u64,
+            count: n as u32,
+            map_fd: fd.as_raw_fd() as u32,
+            ..Default::default()
+        };
+        sys_bpf(BPF_MAP_UPDATE_BATCH, &mut attr)?;
+        done += attr.count as usize;
+    }
+    Ok(done)
+}
+
+/// The `memlock` the kernel accounts to the map `fd` (bytes), from `/proc/self/fdinfo`.
+pub fn memlock(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    let text = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_raw_fd()))?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("memlock:"))
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| io::Error::other("no memlock line in fdinfo"))
+}

@@ -174,6 +174,26 @@ impl AyaDataplane {
         self.get_session(key)
     }
 
+    /// Writes many connection entries at once (benchmarks, tests).
+    pub fn put_conns(&mut self, keys: &[ConnKey], values: &[ConnValue]) -> Result<usize, DpError> {
+        batch::update(self.conn_map().fd().as_fd(), keys, values).map_err(|source| DpError::Io {
+            map: CONN_MAP,
+            source,
+        })
+    }
+
+    /// Writes many persistence entries at once (benchmarks, tests).
+    pub fn put_sessions(
+        &mut self,
+        keys: &[SessionKey],
+        values: &[SessionValue],
+    ) -> Result<usize, DpError> {
+        batch::update(self.session_map().fd().as_fd(), keys, values).map_err(|source| DpError::Io {
+            map: SESSION_MAP,
+            source,
+        })
+    }
+
     /// The connection map's handle (memory accounting in the benchmarks).
     pub fn conn_map(&self) -> &MapData {
         self.tables.conn_map()

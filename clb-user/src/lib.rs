@@ -19,3 +19,7 @@ pub mod time;
 
 /// The compiled XDP object (`clb-ebpf`), embedded at build time.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/clb"));
+
+/// Benchmark-only XDP object: the live-frames traffic generator (`clb_gen`) and the counting
+/// drop sink (`clb_sink`) of `cargo xtask bench`. Never loaded by the daemon.
+pub static GEN_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/clb-gen"));
