@@ -32,23 +32,19 @@ pub static CLB_BE_V1: Array<BackendInfo, BACKENDS> = Array::new();
 #[btf_map]
 pub static CLB_BE_ADDR_V1: HashMap<BackendAddrKey, BackendAddrInfo, BACKENDS> = HashMap::new();
 
-/// `BPF_F_NO_COMMON_LRU`: one LRU list per CPU. Inserting (every new flow) then takes no
-/// lock shared by all CPUs; the price is that eviction picks from the inserting CPU's list.
-const PER_CPU_LRU: usize = 2;
+// Both tables use one LRU list shared by all CPUs, not `BPF_F_NO_COMMON_LRU`: per-CPU lists
+// split the capacity between CPUs (the CPU of one busy RX queue would evict at
+// max_entries / CPUs), so "1 M entries" would not mean 1 M. Measured with per-CPU lists, new
+// flows at 1 M entries were ~20 % faster and established flows no different.
 
 /// Connection table: (client, client port, listener, proto) → backend, last seen, state.
 #[btf_map]
-pub static CLB_CONN_V1: LruHashMap<ConnKey, ConnValue, { MAX_CONNS as usize }, PER_CPU_LRU> =
-    LruHashMap::new();
+pub static CLB_CONN_V1: LruHashMap<ConnKey, ConnValue, { MAX_CONNS as usize }> = LruHashMap::new();
 
 /// Persistence table: (client IP, listener) → backend, last seen.
 #[btf_map]
-pub static CLB_SESS_V1: LruHashMap<
-    SessionKey,
-    SessionValue,
-    { MAX_SESSIONS as usize },
-    PER_CPU_LRU,
-> = LruHashMap::new();
+pub static CLB_SESS_V1: LruHashMap<SessionKey, SessionValue, { MAX_SESSIONS as usize }> =
+    LruHashMap::new();
 
 /// Weighted round-robin schedules, two halves per listener (user space writes the inactive
 /// half, then flips `ListenerInfo::sched`): slot → backend id.

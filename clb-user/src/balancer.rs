@@ -645,7 +645,7 @@ impl<D: Dataplane> Balancer<D> {
 
     // ---- reads ------------------------------------------------------------------------------
 
-    /// What the sweeper needs to know: timeouts per listener id, which backend ids exist.
+    /// What the sweeper needs to know: timeouts per listener id.
     pub fn sweep_policy(&self) -> SweepPolicy {
         let ix = self.id_index();
         SweepPolicy {
@@ -654,7 +654,6 @@ impl<D: Dataplane> Balancer<D> {
                 .iter()
                 .map(|(id, (_, idle, persist))| (*id, (*idle, *persist)))
                 .collect(),
-            backends: ix.backends.keys().copied().collect(),
         }
     }
 
@@ -948,13 +947,11 @@ fn purge_conns<T: Tables + ?Sized>(
     t.del_conns(&keys)
 }
 
-/// Timeouts and live ids, for the sweeper.
+/// Timeouts per listener id, for the sweeper.
 #[derive(Clone, Debug, Default)]
 pub struct SweepPolicy {
     /// listener id → (idle timeout ns, persistence ns)
     pub listeners: HashMap<u32, (u64, u64)>,
-    /// Backend ids in use.
-    pub backends: HashSet<u32>,
 }
 
 /// What one sweep did.
@@ -967,90 +964,51 @@ pub struct SweepReport {
     pub micros: u64,
 }
 
-/// Entries re-checked and deleted per batch: the only window in which the datapath could
-/// replace a checked entry (a returning client reusing an expired key) before it is deleted.
-const SWEEP_CHUNK: usize = 512;
-
-/// Removes expired entries, and entries of listeners or backends that no longer exist.
-/// Connections: idle timeout, or FIN/RST aging. Sessions: persistence duration (all of a
-/// listener's when its persistence is off).
+/// Removes expired entries. Connections: idle timeout, or FIN/RST aging. Sessions:
+/// persistence duration (all of a listener's when its persistence is off).
 ///
-/// Races with the datapath and the control plane are closed this way: an entry is removed
-/// only if it is dead under the policy read before the scan *and* the one read after it (a
-/// backend added meanwhile is not mistaken for a removed one), and only if, re-read just
-/// before its batch is deleted, it still holds the value the scan saw (an expired key that a
-/// returning client just re-created is left alone).
+/// Entries of listeners or backends that no longer exist are not the sweeper's business: the
+/// control plane purges them when it removes them (and at start for ones removed while the
+/// daemon was down), so a policy snapshot that lags a change can never make the sweeper
+/// delete a live entry of a new listener or backend. The policy is read once per batch, so a
+/// change is seen within one batch.
+///
+/// `pause` is waited after each batch of [`crate::dataplane::TABLE_BATCH`] entries: the
+/// daemon paces its sweeps so they do not compete with the datapath flat out.
+///
+/// Each batch is deleted right after it is read: the only window in which the datapath could
+/// re-create an expired key (a returning client) before the sweeper deletes it is that of one
+/// batch (about a millisecond); the client's next packet then simply creates it again.
 pub fn sweep<T: Tables + ?Sized>(
     t: &mut T,
-    policy: &dyn Fn() -> SweepPolicy,
+    policy: &dyn Fn() -> std::sync::Arc<SweepPolicy>,
     now_ns: u64,
+    pause: std::time::Duration,
 ) -> Result<SweepReport, DpError> {
     let started = Instant::now();
     let mut r = SweepReport::default();
-    let before = policy();
-    let conn_dead =
-        |p: &SweepPolicy, k: &ConnKey, v: &ConnValue| match p.listeners.get(&u32::from(k.listener))
-        {
-            None => true,
-            Some((idle, _)) => {
-                !p.backends.contains(&v.backend)
-                    || is_expired(now_ns, v.last_seen_ns, conn_timeout_ns(v.state, *idle))
+    let (scanned, removed) = t.prune_conns(pause, &mut |ks, vs, dead| {
+        let p = policy();
+        for (k, v) in ks.iter().zip(vs) {
+            if let Some((idle, _)) = p.listeners.get(&u32::from(k.listener))
+                && is_expired(now_ns, v.last_seen_ns, conn_timeout_ns(v.state, *idle))
+            {
+                dead.push(*k);
             }
-        };
-    let session_dead = |p: &SweepPolicy, k: &SessionKey, v: &SessionValue| match p
-        .listeners
-        .get(&u32::from(k.listener))
-    {
-        None => true,
-        Some((_, persist)) => {
-            *persist == 0
-                || !p.backends.contains(&v.backend)
-                || is_expired(now_ns, v.last_seen_ns, *persist)
         }
-    };
-    let mut dead_conns: Vec<(ConnKey, ConnValue)> = Vec::new();
-    t.scan_conns(&mut |ks: &[ConnKey], vs: &[ConnValue]| {
-        r.conns_scanned += ks.len() as u64;
-        dead_conns.extend(
-            ks.iter()
-                .zip(vs)
-                .filter(|(k, v)| conn_dead(&before, k, v))
-                .map(|(k, v)| (*k, *v)),
-        );
-        true
     })?;
-    let mut dead_sessions: Vec<(SessionKey, SessionValue)> = Vec::new();
-    t.scan_sessions(&mut |ks: &[SessionKey], vs: &[SessionValue]| {
-        r.sessions_scanned += ks.len() as u64;
-        dead_sessions.extend(
-            ks.iter()
-                .zip(vs)
-                .filter(|(k, v)| session_dead(&before, k, v))
-                .map(|(k, v)| (*k, *v)),
-        );
-        true
+    (r.conns_scanned, r.conns_removed) = (scanned, removed);
+    let (scanned, removed) = t.prune_sessions(pause, &mut |ks, vs, dead| {
+        let p = policy();
+        for (k, v) in ks.iter().zip(vs) {
+            if let Some((_, persist)) = p.listeners.get(&u32::from(k.listener))
+                && (*persist == 0 || is_expired(now_ns, v.last_seen_ns, *persist))
+            {
+                dead.push(*k);
+            }
+        }
     })?;
-    let after = policy();
-    dead_conns.retain(|(k, v)| conn_dead(&after, k, v));
-    dead_sessions.retain(|(k, v)| session_dead(&after, k, v));
-    for chunk in dead_conns.chunks(SWEEP_CHUNK) {
-        let mut keys = Vec::with_capacity(chunk.len());
-        for (k, v) in chunk {
-            if t.get_conn(k)?.is_some_and(|now| now == *v) {
-                keys.push(*k);
-            }
-        }
-        r.conns_removed += t.del_conns(&keys)? as u64;
-    }
-    for chunk in dead_sessions.chunks(SWEEP_CHUNK) {
-        let mut keys = Vec::with_capacity(chunk.len());
-        for (k, v) in chunk {
-            if t.get_session(k)?.is_some_and(|now| now == *v) {
-                keys.push(*k);
-            }
-        }
-        r.sessions_removed += t.del_sessions(&keys)? as u64;
-    }
+    (r.sessions_scanned, r.sessions_removed) = (scanned, removed);
     r.micros = started.elapsed().as_micros() as u64;
     Ok(r)
 }
@@ -1324,7 +1282,7 @@ mod tests {
     }
 
     #[test]
-    fn sweep_removes_expired_and_orphaned_entries() {
+    fn sweep_removes_expired_entries_only() {
         let mut lb = lb();
         let mut s = spec("web", "10.0.0.100:80", &[("10.1.0.1:80", 10)]);
         s.idle_timeout = Some(10);
@@ -1354,7 +1312,7 @@ mod tests {
             conn(1, 5, CONN_OPEN, bid),  // live
             conn(2, 11, CONN_OPEN, bid), // idle too long
             conn(3, 9, CONN_FIN, bid),   // FIN, under 10 s
-            conn(4, 5, CONN_OPEN, 999),  // backend gone
+            conn(4, 5, CONN_OPEN, 999),  // unknown backend: the control plane's to purge
         ];
         let policy = lb.sweep_policy();
         let dp = lb.dataplane_mut();
@@ -1371,12 +1329,13 @@ mod tests {
                 _pad: 0,
             },
         );
-        let r = sweep(dp, &|| policy.clone(), now).unwrap();
+        let policy = std::sync::Arc::new(policy);
+        let r = sweep(dp, &|| policy.clone(), now, std::time::Duration::ZERO).unwrap();
         assert_eq!(r.conns_scanned, 4);
-        assert_eq!(r.conns_removed, 2);
+        assert_eq!(r.conns_removed, 1);
         assert_eq!(r.sessions_removed, 1);
         let mut left: Vec<u16> = dp.conns.keys().map(|k| k.client_port).collect();
         left.sort_unstable();
-        assert_eq!(left, vec![1, 3]);
+        assert_eq!(left, vec![1, 3, 4]);
     }
 }

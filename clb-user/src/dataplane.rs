@@ -48,6 +48,9 @@ fn map_err(map: &'static str) -> impl FnOnce(MapError) -> DpError {
     move |source| DpError::Map { map, source }
 }
 
+/// Picks, from one batch of a table (keys, values), the keys to delete.
+pub type Decide<'a, K, V> = dyn FnMut(&[K], &[V], &mut Vec<K>) + 'a;
+
 /// Entries read or deleted per batch syscall when walking the connection/session tables.
 pub const TABLE_BATCH: usize = 8192;
 
@@ -65,6 +68,20 @@ pub trait Tables {
         f: &mut dyn FnMut(&[SessionKey], &[SessionValue]) -> bool,
     ) -> Result<(), DpError>;
     fn del_sessions(&mut self, keys: &[SessionKey]) -> Result<usize, DpError>;
+    /// Walks the connection table in batches; `decide` pushes the keys of a batch to delete,
+    /// which are deleted before the next batch is read, then waits `pause` (pacing, so the
+    /// walk does not compete with the datapath flat out). Returns (scanned, deleted).
+    fn prune_conns(
+        &mut self,
+        pause: std::time::Duration,
+        decide: &mut Decide<'_, ConnKey, ConnValue>,
+    ) -> Result<(u64, u64), DpError>;
+    /// [`Tables::prune_conns`] for the persistence table.
+    fn prune_sessions(
+        &mut self,
+        pause: std::time::Duration,
+        decide: &mut Decide<'_, SessionKey, SessionValue>,
+    ) -> Result<(u64, u64), DpError>;
     /// One connection entry.
     fn get_conn(&self, key: &ConnKey) -> Result<Option<ConnValue>, DpError>;
     /// One persistence entry.
@@ -232,6 +249,20 @@ fn sum_percpu<T: aya::Pod + Default>(
 }
 
 impl Tables for AyaDataplane {
+    fn prune_conns(
+        &mut self,
+        pause: std::time::Duration,
+        decide: &mut Decide<'_, ConnKey, ConnValue>,
+    ) -> Result<(u64, u64), DpError> {
+        self.tables.prune_conns(pause, decide)
+    }
+    fn prune_sessions(
+        &mut self,
+        pause: std::time::Duration,
+        decide: &mut Decide<'_, SessionKey, SessionValue>,
+    ) -> Result<(u64, u64), DpError> {
+        self.tables.prune_sessions(pause, decide)
+    }
     fn get_conn(&self, key: &ConnKey) -> Result<Option<ConnValue>, DpError> {
         self.tables.get_conn(key)
     }
@@ -395,6 +426,28 @@ impl MemDataplane {
 }
 
 impl Tables for MemDataplane {
+    fn prune_conns(
+        &mut self,
+        _pause: std::time::Duration,
+        decide: &mut Decide<'_, ConnKey, ConnValue>,
+    ) -> Result<(u64, u64), DpError> {
+        let (k, v): (Vec<ConnKey>, Vec<ConnValue>) =
+            self.conns.iter().map(|(k, v)| (*k, *v)).unzip();
+        let mut dead = Vec::new();
+        decide(&k, &v, &mut dead);
+        Ok((k.len() as u64, self.del_conns(&dead)? as u64))
+    }
+    fn prune_sessions(
+        &mut self,
+        _pause: std::time::Duration,
+        decide: &mut Decide<'_, SessionKey, SessionValue>,
+    ) -> Result<(u64, u64), DpError> {
+        let (k, v): (Vec<SessionKey>, Vec<SessionValue>) =
+            self.sessions.iter().map(|(k, v)| (*k, *v)).unzip();
+        let mut dead = Vec::new();
+        decide(&k, &v, &mut dead);
+        Ok((k.len() as u64, self.del_sessions(&dead)? as u64))
+    }
     fn get_conn(&self, key: &ConnKey) -> Result<Option<ConnValue>, DpError> {
         Ok(self.conns.get(key).copied())
     }
@@ -536,7 +589,56 @@ impl AyaTables {
     }
 }
 
+/// Batch-reads the hash map `fd`, deleting after each batch the keys `decide` picks.
+fn prune<K: aya::Pod + bytemuck::Pod, V: aya::Pod + bytemuck::Pod>(
+    fd: std::os::fd::BorrowedFd<'_>,
+    map: &'static str,
+    pause: std::time::Duration,
+    decide: &mut Decide<'_, K, V>,
+) -> Result<(u64, u64), DpError> {
+    let (mut scanned, mut deleted) = (0u64, 0u64);
+    let mut dead = Vec::new();
+    let mut err = None;
+    batch::for_each_batch(fd, TABLE_BATCH, |ks: &[K], vs: &[V]| {
+        scanned += ks.len() as u64;
+        dead.clear();
+        decide(ks, vs, &mut dead);
+        match batch::delete(fd, &dead) {
+            Ok(n) => {
+                deleted += n as u64;
+                if !pause.is_zero() {
+                    std::thread::sleep(pause);
+                }
+                true
+            }
+            Err(e) => {
+                err = Some(e);
+                false
+            }
+        }
+    })
+    .map_err(|source| DpError::Io { map, source })?;
+    if let Some(source) = err {
+        return Err(DpError::Io { map, source });
+    }
+    Ok((scanned, deleted))
+}
+
 impl Tables for AyaTables {
+    fn prune_conns(
+        &mut self,
+        pause: std::time::Duration,
+        decide: &mut Decide<'_, ConnKey, ConnValue>,
+    ) -> Result<(u64, u64), DpError> {
+        prune(self.conn_map().fd().as_fd(), CONN_MAP, pause, decide)
+    }
+    fn prune_sessions(
+        &mut self,
+        pause: std::time::Duration,
+        decide: &mut Decide<'_, SessionKey, SessionValue>,
+    ) -> Result<(u64, u64), DpError> {
+        prune(self.session_map().fd().as_fd(), SESSION_MAP, pause, decide)
+    }
     fn get_conn(&self, key: &ConnKey) -> Result<Option<ConnValue>, DpError> {
         get_or_not_found(self.conns.get(key, 0), CONN_MAP)
     }

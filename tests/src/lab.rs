@@ -125,9 +125,16 @@ impl PacketLab {
     /// Runs the balancer once on `frame` as if received on `ingress`; returns the verdict and
     /// the frame as the program left it.
     pub fn run_on(&self, ingress: u32, frame: &[u8]) -> (u32, Vec<u8>) {
+        let (v, out, _) = self.run_prog(XDP_PROGRAM, ingress, frame);
+        (v, out)
+    }
+
+    /// Runs program `name` (the balancer or the pass program) once on `frame`; returns the
+    /// verdict, the output frame and the kernel-measured run time in ns.
+    pub fn run_prog(&self, name: &str, ingress: u32, frame: &[u8]) -> (u32, Vec<u8>, u64) {
         let prog: &Xdp = self
             .ebpf
-            .program(XDP_PROGRAM)
+            .program(name)
             .expect("program")
             .try_into()
             .expect("xdp");
@@ -147,7 +154,7 @@ impl PacketLab {
             })
             .expect("BPF_PROG_TEST_RUN");
         out.truncate(r.data_size_out as usize);
-        (r.return_value, out)
+        (r.return_value, out, r.duration.as_nanos() as u64)
     }
 
     /// [`PacketLab::run_on`] on the client-side interface.

@@ -2,6 +2,7 @@
 //! ([`packet`]), the XDP program under `BPF_PROG_TEST_RUN` ([`lab`]), name-answering backends
 //! and clients ([`servers`]), the daemon and CLI as processes ([`daemon`]).
 
+pub mod bench;
 pub mod daemon;
 pub mod http;
 pub mod lab;

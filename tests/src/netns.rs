@@ -155,15 +155,15 @@ impl Drop for NetNs {
     }
 }
 
-/// Loads the object with tiny maps and attaches its pass program to `eth0` (native mode) in
+/// Loads the object with tiny maps and attaches its pass program to `dev` (native mode) in
 /// the calling thread's namespace. Frames the balancer sends into this veth in native mode
 /// (redirect, XDP_TX) are only delivered if its peer runs an XDP program.
-fn attach_pass() -> anyhow::Result<clb::loader::Loaded> {
+pub fn attach_pass(dev: &str) -> anyhow::Result<clb::loader::Loaded> {
     let mut l = clb::loader::load_small()?;
     clb::loader::attach(
         &mut l.ebpf,
         clb_common::PASS_PROGRAM,
-        "eth0",
+        dev,
         clb::loader::AttachMode::Native,
         None,
     )?;
@@ -244,6 +244,21 @@ impl Topology {
     /// Builds the topology with `backends` backend namespaces and `extra_clients` extra
     /// client addresses. `tag` names the namespaces (keep it short).
     pub fn new(tag: &str, backends: usize, extra_clients: usize) -> anyhow::Result<Self> {
+        Self::build(tag, backends, extra_clients, true)
+    }
+
+    /// [`Topology::new`] without the pass programs on the client's and backends' eth0, for
+    /// callers that attach their own (the benchmarks' sinks).
+    pub fn bare(tag: &str, backends: usize, extra_clients: usize) -> anyhow::Result<Self> {
+        Self::build(tag, backends, extra_clients, false)
+    }
+
+    fn build(
+        tag: &str,
+        backends: usize,
+        extra_clients: usize,
+        peer_programs: bool,
+    ) -> anyhow::Result<Self> {
         let client = NetNs::new(&format!("{tag}c"))?;
         let lb = NetNs::new(&format!("{tag}l"))?;
         let mut bns = Vec::new();
@@ -259,11 +274,13 @@ impl Topology {
             extra_clients: (0..extra_clients).map(extra_client_ip).collect(),
         };
         topo.wire().context("building the topology")?;
-        let mut progs = Vec::new();
-        for ns in topo.peer_namespaces() {
-            progs.push(ns.run(attach_pass)?);
+        if peer_programs {
+            let mut progs = Vec::new();
+            for ns in topo.peer_namespaces() {
+                progs.push(ns.run(|| attach_pass("eth0"))?);
+            }
+            topo._peer_programs = progs;
         }
-        topo._peer_programs = progs;
         Ok(topo)
     }
 

@@ -31,7 +31,7 @@ struct Cli {
 enum Cmd {
     /// Install the toolchain, bpf-linker and system packages (idempotent).
     Setup {
-        /// Also install the benchmark peers (nftables, haproxy, nginx stream, wrk).
+        /// Also install the benchmark peers (nftables, haproxy, nginx stream).
         #[arg(long)]
         bench: bool,
     },
@@ -138,7 +138,8 @@ fn main() -> anyhow::Result<()> {
             }
         }
         Cmd::Test { filter } => {
-            setup(&root, false, false)?;
+            // The benchmark's smoke test runs against the peers too.
+            setup(&root, false, true)?;
             let t0 = Instant::now();
             cargo(&root, &["build", "-p", "clb-user", "--bin", "clb"])?;
             let mut args = vec!["test", "--workspace", "--exclude", "clb-ebpf"];
@@ -321,7 +322,7 @@ const BUILD_PACKAGES: &[&str] = &[
 /// Packages the tests and the demo need: ip, ethtool, nsenter, bpftool, promtool.
 const TEST_PACKAGES: &[&str] = &["iproute2", "ethtool", "util-linux", "bpftool", "prometheus"];
 /// Benchmark peers.
-const BENCH_PACKAGES: &[&str] = &["nftables", "haproxy", "nginx", "libnginx-mod-stream", "wrk"];
+const BENCH_PACKAGES: &[&str] = &["nftables", "haproxy", "nginx", "libnginx-mod-stream"];
 /// bpf-linker release used (built against Debian's LLVM 22, matching rustc 1.98's LLVM).
 const BPF_LINKER_VERSION: &str = "0.13.0";
 

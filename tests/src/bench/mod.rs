@@ -1,0 +1,83 @@
+//! `cargo xtask bench`: clb against the kernel's NAT (nftables DNAT + conntrack, standing in for
+//! IPVS, which this kernel lacks), HAProxy and nginx stream, measured side by side in one run.
+//!
+//! Absolute numbers drift by tens of percent between runs on a shared 2-core VM, so every
+//! comparison is a ratio of figures taken in the same run, interleaved where possible, and the
+//! report says what bottleneck each figure hit.
+
+pub mod conns;
+pub mod memory;
+pub mod perpacket;
+pub mod rate;
+pub mod report;
+
+/// Scale of a run.
+#[derive(Clone, Copy, Debug)]
+pub struct Scale {
+    /// Per-packet: A/B rounds, runs per round, and the "large table" size.
+    pub rounds: usize,
+    pub runs_per_round: usize,
+    pub large_table: usize,
+    /// Packet rate: packets per measurement, distinct sources, ports per source (new flows).
+    pub packets: u64,
+    pub sources: u32,
+    pub syn_ports: u32,
+    /// Connections/requests: seconds per peer and client threads.
+    pub conn_secs: f64,
+    pub conn_threads: usize,
+    /// Sweep: entries to sweep.
+    pub sweep_entries: usize,
+}
+
+impl Scale {
+    /// The full run (under 10 minutes).
+    pub const FULL: Scale = Scale {
+        rounds: 31,
+        runs_per_round: 300,
+        large_table: 1 << 20,
+        packets: 4_000_000,
+        sources: 65_536,
+        syn_ports: 16,
+        conn_secs: 5.0,
+        conn_threads: 4,
+        sweep_entries: 1 << 20,
+    };
+    /// `--quick` (under 2 minutes).
+    pub const QUICK: Scale = Scale {
+        rounds: 11,
+        runs_per_round: 150,
+        large_table: 1 << 20,
+        packets: 1_000_000,
+        sources: 65_536,
+        syn_ports: 16,
+        conn_secs: 2.0,
+        conn_threads: 4,
+        sweep_entries: 1 << 20,
+    };
+    /// The smoke test's scale: checks the machinery, says nothing about speed.
+    pub const TINY: Scale = Scale {
+        rounds: 3,
+        runs_per_round: 10,
+        large_table: 1000,
+        packets: 3000,
+        sources: 256,
+        syn_ports: 4,
+        conn_secs: 0.5,
+        conn_threads: 2,
+        sweep_entries: 5000,
+    };
+}
+
+/// Median of `v` (sorts it).
+pub fn median(v: &mut [f64]) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}

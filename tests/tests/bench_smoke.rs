@@ -1,0 +1,65 @@
+//! The benchmark machinery at tiny scale: every figure is produced, clb loses nothing and
+//! moves no client. Asserts no timing (speed belongs to `cargo xtask bench`).
+
+use clb_tests::bench::{Scale, conns, memory, perpacket, rate, report::Report};
+
+fn finite(report: &Report, section: &str) {
+    let rows: Vec<_> = report
+        .rows
+        .iter()
+        .filter(|r| r.section.starts_with(section))
+        .collect();
+    assert!(!rows.is_empty(), "no {section} rows");
+    for r in rows {
+        assert!(r.clb.is_finite() && r.clb >= 0.0, "{}: {}", r.figure, r.clb);
+        for (name, v) in &r.peers {
+            assert!(v.is_finite() && *v >= 0.0, "{} / {name}: {v}", r.figure);
+        }
+    }
+}
+
+#[test]
+fn per_packet_figures_are_produced() {
+    let mut r = Report::default();
+    perpacket::run(&Scale::TINY, &mut r).unwrap();
+    finite(&r, "per-packet");
+    assert_eq!(r.rows.len(), 9);
+}
+
+#[test]
+fn packet_rate_machinery_delivers_everything_and_moves_nobody() {
+    let (udp, syn) = rate::smoke(&Scale::TINY).unwrap();
+    for (what, p) in [("udp", udp), ("syn", syn)] {
+        assert!(p.sent > 0, "{what}: nothing sent");
+        // Sinks may count a few frames of the hosts' own (neighbour discovery): at least all.
+        assert!(
+            p.delivered >= p.sent,
+            "{what}: {} of {} delivered",
+            p.delivered,
+            p.sent
+        );
+        assert_eq!(p.moved, 0, "{what}: clients moved between backends");
+        assert_eq!(
+            p.sources,
+            u64::from(Scale::TINY.sources),
+            "{what}: sources seen"
+        );
+    }
+}
+
+#[test]
+fn connection_figures_are_produced_for_every_peer() {
+    let mut r = Report::default();
+    conns::run(&Scale::TINY, &mut r).unwrap();
+    finite(&r, "connections");
+    assert_eq!(r.rows[0].peers.len(), 3);
+    assert!(r.rows.iter().all(|row| row.clb > 0.0), "clb served nothing");
+}
+
+#[test]
+fn memory_and_sweep_figures_are_produced() {
+    let mut r = Report::default();
+    memory::run(&Scale::TINY, &mut r).unwrap();
+    finite(&r, "memory");
+    finite(&r, "sweeper");
+}
