@@ -537,10 +537,11 @@ pub const GEN_CONFIG_MAP: &str = "GEN_CFG";
 pub const GEN_SEQ_MAP: &str = "GEN_SEQ";
 /// Per-CPU packet counter of the sink.
 pub const SINK_COUNT_MAP: &str = "SINK_COUNT";
-/// Sources the sink has seen (source IPv4 → packets).
-pub const SINK_SEEN_MAP: &str = "SINK_SEEN";
-/// Capacity of [`SINK_SEEN_MAP`].
-pub const SINK_SEEN_MAX: u32 = 1 << 17;
+/// Sources the sink has seen: a per-CPU bitmap indexed by the low 16 bits of the source
+/// address (the generator's sources are consecutive, so up to 65 536 are told apart).
+pub const SINK_SEEN_MAP: &str = "SINK_BITS";
+/// Words of [`SINK_SEEN_MAP`] (65 536 bits).
+pub const SINK_SEEN_WORDS: u32 = 1024;
 
 /// What the generator writes into every frame: Ethernet/IPv4/UDP (no checksum) or TCP SYN
 /// (valid checksum), source `src_base + n % sources`, source port

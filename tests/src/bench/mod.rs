@@ -22,6 +22,8 @@ pub struct Scale {
     pub packets: u64,
     pub sources: u32,
     pub syn_ports: u32,
+    /// Repetitions of each packet-rate measurement (median reported).
+    pub rate_reps: usize,
     /// Connections/requests: seconds per peer and client threads.
     pub conn_secs: f64,
     pub conn_threads: usize,
@@ -38,6 +40,7 @@ impl Scale {
         packets: 4_000_000,
         sources: 65_536,
         syn_ports: 16,
+        rate_reps: 3,
         conn_secs: 5.0,
         conn_threads: 4,
         sweep_entries: 1 << 20,
@@ -50,6 +53,7 @@ impl Scale {
         packets: 1_000_000,
         sources: 65_536,
         syn_ports: 16,
+        rate_reps: 1,
         conn_secs: 2.0,
         conn_threads: 4,
         sweep_entries: 1 << 20,
@@ -62,6 +66,7 @@ impl Scale {
         packets: 3000,
         sources: 256,
         syn_ports: 4,
+        rate_reps: 1,
         conn_secs: 0.5,
         conn_threads: 2,
         sweep_entries: 5000,

@@ -219,7 +219,7 @@ pub fn run(scale: &Scale, report: &mut Report) -> anyhow::Result<()> {
             &format!("established TCP flow ({} entries)", small.0),
             &small.1,
             Some((4.5, "≤ 4.5× XDP_PASS")),
-            "conntrack hit, DNAT, FIB, devmap redirect",
+            "conntrack hit, DNAT, cached next hop, devmap redirect",
         ));
         rows.push(row(
             &format!("new TCP flow, persistence off ({})", small.0),
