@@ -88,13 +88,19 @@ impl Drop for FastServer {
     }
 }
 
-/// A child process killed (by pid) on drop.
+/// A child process stopped on drop: SIGTERM (nginx's master then stops its workers, which a
+/// SIGKILL would orphan), then SIGKILL if it has not exited within 3 s. By pid only.
 struct Proc(Child);
 
 impl Drop for Proc {
     fn drop(&mut self) {
-        self.0.kill().ok();
-        self.0.wait().ok();
+        // SAFETY: signalling our own child by pid.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        let gone = wait_for(Duration::from_secs(3), || self.0.try_wait().ok().flatten());
+        if gone.is_none() {
+            self.0.kill().ok();
+            self.0.wait().ok();
+        }
     }
 }
 
