@@ -224,3 +224,25 @@ impl Drop for Daemon {
         fs::remove_dir_all(&self.dir).ok();
     }
 }
+
+/// A config file with one listener `name` on `vip` (protocol `proto`) over backends
+/// `backend_ip(0..n):port`. `extra` is TOML added to the listener's table: settings, then
+/// optionally a `[listener.health_check]` table.
+pub fn one_listener_config(
+    name: &str,
+    vip: std::net::SocketAddrV4,
+    proto: &str,
+    n: usize,
+    port: u16,
+    extra: &str,
+) -> String {
+    let mut s =
+        format!("[[listener]]\nname = \"{name}\"\nvip = \"{vip}\"\nproto = \"{proto}\"\n{extra}\n");
+    for i in 0..n {
+        s += &format!(
+            "[[listener.backend]]\naddr = \"{}:{port}\"\n",
+            crate::netns::backend_ip(i)
+        );
+    }
+    s
+}

@@ -8,7 +8,7 @@ use std::{
 };
 
 use clb_tests::{
-    daemon::Daemon,
+    daemon::{Daemon, one_listener_config},
     netns::{Topology, VIP, backend_ip},
     servers::{NameServer, ask, ask_once, connect},
 };
@@ -24,14 +24,7 @@ fn be(i: usize) -> String {
 }
 
 fn config(n: usize, extra: &str) -> String {
-    let mut s = format!(
-        "[[listener]]\nname = \"web\"\nvip = \"{}\"\nproto = \"tcp\"\n{extra}\n",
-        vip()
-    );
-    for i in 0..n {
-        s += &format!("[[listener.backend]]\naddr = \"{}\"\n", be(i));
-    }
-    s
+    one_listener_config("web", vip(), "tcp", n, PORT, extra)
 }
 
 struct Env {

@@ -8,7 +8,7 @@ use std::{
 };
 
 use clb_tests::{
-    daemon::Daemon,
+    daemon::{Daemon, one_listener_config},
     netns::{CLIENT_IP, Topology, VIP, backend_ip},
     servers::{NameServer, ask, ask_once, connect, udp_ask, udp_socket},
     wait_for,
@@ -27,13 +27,14 @@ fn be(i: usize) -> String {
 }
 
 fn config(proto: &str, port: u16, n: usize, extra: &str) -> String {
-    let mut s = format!(
-        "[[listener]]\nname = \"web\"\nvip = \"{VIP}:{port}\"\nproto = \"{proto}\"\n{extra}\n{HC}\n"
-    );
-    for i in 0..n {
-        s += &format!("[[listener.backend]]\naddr = \"{}\"\n", be(i));
-    }
-    s
+    one_listener_config(
+        "web",
+        SocketAddrV4::new(VIP, port),
+        proto,
+        n,
+        PORT,
+        &format!("{extra}\n{HC}"),
+    )
 }
 
 fn server(topo: &Topology, i: usize) -> NameServer {

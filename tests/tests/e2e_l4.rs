@@ -9,7 +9,7 @@ use std::{
 };
 
 use clb_tests::{
-    daemon::Daemon,
+    daemon::{Daemon, one_listener_config},
     netns::{CLIENT_IP, Topology, VIP, backend_ip},
     servers::{NameServer, ask, ask_once, connect, udp_ask, udp_socket},
 };
@@ -22,17 +22,7 @@ fn vip(port: u16) -> SocketAddrV4 {
 
 /// A config with one listener `web` on VIP:80 over `n` backends on port 8080.
 fn config(proto: &str, port: u16, n: usize, extra: &str) -> String {
-    let mut s = format!(
-        "[[listener]]\nname = \"web\"\nvip = \"{}\"\nproto = \"{proto}\"\n{extra}\n",
-        vip(port)
-    );
-    for i in 0..n {
-        s += &format!(
-            "[[listener.backend]]\naddr = \"{}:{PORT}\"\n",
-            backend_ip(i)
-        );
-    }
-    s
+    one_listener_config("web", vip(port), proto, n, PORT, extra)
 }
 
 struct Env {

@@ -10,7 +10,7 @@ use std::{
 };
 
 use clb_tests::{
-    daemon::Daemon,
+    daemon::{Daemon, one_listener_config},
     http::HttpServer,
     netns::{CLIENT_IP, NetNs, Topology, VIP, backend_ip},
 };
@@ -26,14 +26,7 @@ fn be(i: usize) -> String {
 }
 
 fn config(n: usize, extra: &str) -> String {
-    let mut s = format!(
-        "[[listener]]\nname = \"shop\"\nvip = \"{}\"\nproto = \"http\"\n{extra}\n",
-        vip()
-    );
-    for i in 0..n {
-        s += &format!("[[listener.backend]]\naddr = \"{}\"\n", be(i));
-    }
-    s
+    one_listener_config("shop", vip(), "http", n, PORT, extra)
 }
 
 struct Env {

@@ -15,19 +15,14 @@ use std::{
 };
 
 use aya::Ebpf;
-use clb::{
-    balancer::Balancer,
-    dataplane::AyaDataplane,
-    loader::{self, AttachMode, Loaded},
-    model::{BackendSpec, CheckKind, HealthCheckSpec, ListenerSpec, Proto},
-};
-use clb_common::XDP_PROGRAM;
+use clb::{balancer::Balancer, dataplane::AyaDataplane, model::Proto};
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
 
 use super::{
-    Scale,
+    Scale, listener,
     report::{Report, Row},
+    start_clb,
 };
 use crate::{
     netns::{NetNs, Topology, VIP, backend_ip},
@@ -152,36 +147,10 @@ fn start_peer(topo: &Topology, peer: Peer) -> anyhow::Result<Running> {
     };
     let running = match peer {
         Peer::Clb => {
-            let ifaces = topo.lb_ifaces.clone();
-            let bs = backends.clone();
-            let (e, lb) = topo.lb.run(move || -> anyhow::Result<_> {
-                let Loaded {
-                    mut ebpf,
-                    dataplane,
-                    ..
-                } = loader::load(None)?;
-                let mut lb = Balancer::restore(dataplane)?;
-                let mut l = ListenerSpec::new("web", vip(), Proto::Tcp);
-                l.persist = 600;
-                l.health_check = HealthCheckSpec {
-                    kind: CheckKind::None,
-                    ..Default::default()
-                };
-                l.backends = bs
-                    .iter()
-                    .map(|a| BackendSpec {
-                        addr: *a,
-                        weight: 10,
-                    })
-                    .collect();
-                lb.apply(vec![l])?;
-                for dev in &ifaces {
-                    let idx =
-                        loader::attach(&mut ebpf, XDP_PROGRAM, dev, AttachMode::Native, None)?;
-                    lb.add_device(idx)?;
-                }
-                Ok((Box::new(ebpf), Box::new(lb)))
-            })?;
+            let (e, lb) = start_clb(
+                topo,
+                vec![listener("web", vip(), Proto::Tcp, 600, &backends)],
+            )?;
             Running::Clb(e, lb)
         }
         Peer::Nft => {

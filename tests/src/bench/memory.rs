@@ -16,16 +16,13 @@ use clb::{
     batch,
     dataplane::{AyaDataplane, AyaTables},
     loader,
-    model::{BackendSpec, CheckKind, HealthCheckSpec, ListenerSpec, Proto},
+    model::Proto,
     time::monotonic_ns,
 };
-use clb_common::{
-    CONN_OPEN, ConnKey, ConnValue, MAX_CONNS, MAX_SESSIONS, NS_PER_SEC, PROTO_TCP, PROTO_UDP,
-    SessionKey, SessionValue, ip_to_be, port_to_be,
-};
+use clb_common::{MAX_CONNS, MAX_SESSIONS, NS_PER_SEC, PROTO_TCP, PROTO_UDP};
 
 use super::{
-    Scale, median,
+    Scale, entries, listener, median,
     rate::{Balancing, Generator, Peer, Sink, setup_balancer},
     report::{Report, Row},
 };
@@ -39,56 +36,6 @@ fn thread_cpu() -> Duration {
     unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut ru) };
     let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
     tv(ru.ru_utime) + tv(ru.ru_stime)
-}
-
-/// `n` expired connection and session entries of listener `lid` on backend `bid`.
-fn expired(
-    n: usize,
-    lid: u16,
-    bid: u32,
-    proto: u8,
-) -> (
-    Vec<ConnKey>,
-    Vec<ConnValue>,
-    Vec<SessionKey>,
-    Vec<SessionValue>,
-) {
-    let old = monotonic_ns().saturating_sub(3600 * NS_PER_SEC);
-    let ck: Vec<ConnKey> = (0..n)
-        .map(|k| ConnKey {
-            client: ip_to_be(Ipv4Addr::from(0xac10_0000u32 + k as u32).octets()),
-            client_port: port_to_be(7),
-            listener: lid,
-            proto,
-            _pad: [0; 3],
-        })
-        .collect();
-    let cv = vec![
-        ConnValue {
-            last_seen_ns: old,
-            backend: bid,
-            state: CONN_OPEN,
-            _pad: [0; 3]
-        };
-        n
-    ];
-    let sk: Vec<SessionKey> = ck
-        .iter()
-        .map(|k| SessionKey {
-            client: k.client,
-            listener: lid,
-            _pad: 0,
-        })
-        .collect();
-    let sv = vec![
-        SessionValue {
-            last_seen_ns: old,
-            backend: bid,
-            _pad: 0
-        };
-        n
-    ];
-    (ck, cv, sk, sv)
 }
 
 fn ids(lb: &Balancer<AyaDataplane>, name: &str) -> (u16, u32) {
@@ -120,25 +67,19 @@ pub fn run(scale: &Scale, report: &mut Report) -> anyhow::Result<()> {
 
     // Sweep on its own.
     let mut lb = Balancer::restore(loaded.dataplane)?;
-    let mut l = ListenerSpec::new(
+    let mut l = listener(
         "web",
         SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 100), 80),
         Proto::Tcp,
+        60,
+        &["10.1.0.2:80".parse()?],
     );
     l.idle_timeout = Some(10);
-    l.persist = 60;
-    l.health_check = HealthCheckSpec {
-        kind: CheckKind::None,
-        ..Default::default()
-    };
-    l.backends = vec![BackendSpec {
-        addr: "10.1.0.2:80".parse()?,
-        weight: 10,
-    }];
     lb.apply(vec![l])?;
     let (lid, bid) = ids(&lb, "web");
     let n = scale.sweep_entries.min(MAX_CONNS as usize);
-    let (ck, cv, sk, sv) = expired(n, lid, bid, PROTO_TCP);
+    let old = monotonic_ns().saturating_sub(3600 * NS_PER_SEC);
+    let (ck, cv, sk, sv) = entries(n, lid, bid, PROTO_TCP, old);
     lb.dataplane_mut().put_conns(&ck, &cv)?;
     lb.dataplane_mut().put_sessions(&sk, &sv)?;
     let mut tables = AyaTables::open(lb.dataplane())?;
@@ -202,7 +143,8 @@ fn dip(scale: &Scale, report: &mut Report) -> anyhow::Result<()> {
     let n = (scale.sweep_entries.min(MAX_CONNS as usize))
         .saturating_sub(scale.sources as usize + 50_000)
         .max(1000);
-    let (ck, cv, _, _) = expired(n, lid, bid, PROTO_UDP);
+    let old = monotonic_ns().saturating_sub(3600 * NS_PER_SEC);
+    let (ck, cv, _, _) = entries(n, lid, bid, PROTO_UDP, old);
     let window = std::thread::scope(|s| -> anyhow::Result<(Instant, Instant, u64)> {
         let gen_thread = s.spawn(|| -> anyhow::Result<()> {
             while !stop.load(Ordering::Relaxed) {

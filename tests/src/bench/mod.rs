@@ -86,3 +86,117 @@ pub fn median(v: &mut [f64]) -> f64 {
         (v[n / 2 - 1] + v[n / 2]) / 2.0
     }
 }
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+use aya::Ebpf;
+use clb::{
+    balancer::Balancer,
+    dataplane::AyaDataplane,
+    loader::{self, AttachMode, Loaded},
+    model::{BackendSpec, CheckKind, HealthCheckSpec, ListenerSpec, Proto},
+};
+use clb_common::{
+    CONN_OPEN, ConnKey, ConnValue, SessionKey, SessionValue, XDP_PROGRAM, ip_to_be, port_to_be,
+};
+
+use crate::netns::Topology;
+
+/// A listener without health checks (the benchmarks' backends are sinks or fixed servers)
+/// over `backends`, weight 10 each.
+pub fn listener(
+    name: &str,
+    vip: SocketAddrV4,
+    proto: Proto,
+    persist: u32,
+    backends: &[SocketAddrV4],
+) -> ListenerSpec {
+    let mut l = ListenerSpec::new(name, vip, proto);
+    l.persist = persist;
+    l.health_check = HealthCheckSpec {
+        kind: CheckKind::None,
+        ..Default::default()
+    };
+    l.backends = backends
+        .iter()
+        .map(|a| BackendSpec {
+            addr: *a,
+            weight: 10,
+        })
+        .collect();
+    l
+}
+
+/// clb in the topology's balancer namespace: loaded, configured with `listeners` through the
+/// control plane, attached natively to every balancer interface. Drop both to stop it.
+pub fn start_clb(
+    topo: &Topology,
+    listeners: Vec<ListenerSpec>,
+) -> anyhow::Result<(Box<Ebpf>, Box<Balancer<AyaDataplane>>)> {
+    let ifaces = topo.lb_ifaces.clone();
+    topo.lb.run(move || {
+        let Loaded {
+            mut ebpf,
+            dataplane,
+            ..
+        } = loader::load(None)?;
+        let mut lb = Balancer::restore(dataplane)?;
+        lb.apply(listeners)?;
+        for dev in &ifaces {
+            let idx = loader::attach(&mut ebpf, XDP_PROGRAM, dev, AttachMode::Native, None)?;
+            lb.add_device(idx)?;
+        }
+        Ok((Box::new(ebpf), Box::new(lb)))
+    })
+}
+
+/// Table entries for `n` distinct clients (172.16.0.0 + i, port 7) of listener `lid` on
+/// backend `bid`, last seen at `last_seen_ns`: connections and sessions.
+pub fn entries(
+    n: usize,
+    lid: u16,
+    bid: u32,
+    proto: u8,
+    last_seen_ns: u64,
+) -> (
+    Vec<ConnKey>,
+    Vec<ConnValue>,
+    Vec<SessionKey>,
+    Vec<SessionValue>,
+) {
+    let ck: Vec<ConnKey> = (0..n)
+        .map(|k| ConnKey {
+            client: ip_to_be(Ipv4Addr::from(0xac10_0000u32 + k as u32).octets()),
+            client_port: port_to_be(7),
+            listener: lid,
+            proto,
+            _pad: [0; 3],
+        })
+        .collect();
+    let cv = vec![
+        ConnValue {
+            last_seen_ns,
+            backend: bid,
+            state: CONN_OPEN,
+            _pad: [0; 3]
+        };
+        n
+    ];
+    let sk = ck
+        .iter()
+        .map(|k| SessionKey {
+            client: k.client,
+            listener: lid,
+            _pad: 0,
+        })
+        .collect();
+    let sv = vec![
+        SessionValue {
+            last_seen_ns,
+            backend: bid,
+            _pad: 0
+        };
+        n
+    ];
+    (ck, cv, sk, sv)
+}

@@ -10,16 +10,13 @@
 use std::net::{Ipv4Addr, SocketAddrV4};
 
 use clb::{
-    model::{BackendSpec, ListenerSpec, Proto},
+    model::{ListenerSpec, Proto},
     time::monotonic_ns,
 };
-use clb_common::{
-    CONN_OPEN, ConnKey, ConnValue, PASS_PROGRAM, PROTO_TCP, SessionKey, SessionValue, XDP_PROGRAM,
-    ip_to_be, port_to_be,
-};
+use clb_common::{PASS_PROGRAM, PROTO_TCP, XDP_PROGRAM};
 
 use super::{
-    Scale, median,
+    Scale, entries, listener, median,
     report::{Report, Row},
 };
 use crate::{
@@ -29,16 +26,9 @@ use crate::{
 
 const VIP: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 100), 80);
 
-fn listener(persist: u32) -> ListenerSpec {
-    let mut l = ListenerSpec::new("web", VIP, Proto::Tcp);
-    l.persist = persist;
-    l.backends = (2..=4)
-        .map(|n| BackendSpec {
-            addr: backend(n, 8080),
-            weight: 10,
-        })
-        .collect();
-    l
+fn web(persist: u32) -> ListenerSpec {
+    let backends: Vec<SocketAddrV4> = (2..=4).map(|n| backend(n, 8080)).collect();
+    listener("web", VIP, Proto::Tcp, persist, &backends)
 }
 
 /// A unique source for the i-th new flow of a figure (`base` keeps figures apart).
@@ -97,44 +87,10 @@ fn measure(
 fn fill(lab: &mut PacketLab, n: usize) -> anyhow::Result<()> {
     let l = &lab.lb.listeners()["web"];
     let (lid, bid) = (l.id.expect("L4") as u16, l.backends[0].id);
-    let now = monotonic_ns();
-    let keys: Vec<ConnKey> = (0..n)
-        .map(|k| ConnKey {
-            client: ip_to_be(Ipv4Addr::from(0xac10_0000u32 + k as u32).octets()),
-            client_port: port_to_be(1),
-            listener: lid,
-            proto: PROTO_TCP,
-            _pad: [0; 3],
-        })
-        .collect();
-    let vals = vec![
-        ConnValue {
-            last_seen_ns: now,
-            backend: bid,
-            state: CONN_OPEN,
-            _pad: [0; 3],
-        };
-        n
-    ];
-    let skeys: Vec<SessionKey> = keys
-        .iter()
-        .map(|k| SessionKey {
-            client: k.client,
-            listener: lid,
-            _pad: 0,
-        })
-        .collect();
-    let svals = vec![
-        SessionValue {
-            last_seen_ns: now,
-            backend: bid,
-            _pad: 0,
-        };
-        n
-    ];
+    let (ck, cv, sk, sv) = entries(n, lid, bid, PROTO_TCP, monotonic_ns());
     let dp = lab.lb.dataplane_mut();
-    dp.put_conns(&keys, &vals)?;
-    dp.put_sessions(&skeys, &svals)?;
+    dp.put_conns(&ck, &cv)?;
+    dp.put_sessions(&sk, &sv)?;
     Ok(())
 }
 
@@ -162,7 +118,7 @@ pub fn run(scale: &Scale, report: &mut Report) -> anyhow::Result<()> {
             } else {
                 label.to_owned()
             };
-            lab.lb.apply(vec![listener(0)])?;
+            lab.lb.apply(vec![web(0)])?;
             fill(lab, size)?;
             // Established: one flow's ACK, again and again.
             let c = SocketAddrV4::new(Ipv4Addr::new(10, 0, 1, 2), 40000);
@@ -186,7 +142,7 @@ pub fn run(scale: &Scale, report: &mut Report) -> anyhow::Result<()> {
                 )
             })?;
             // Persistence on.
-            lab.lb.apply(vec![listener(600)])?;
+            lab.lb.apply(vec![web(600)])?;
             let hit_client = Ipv4Addr::new(10, 4, 0, 1);
             let (v, _) =
                 lab.run(&FrameSpec::tcp(SocketAddrV4::new(hit_client, 1), VIP, SYN).build());

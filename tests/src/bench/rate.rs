@@ -18,17 +18,17 @@ use aya::{
 use clb::{
     balancer::Balancer,
     dataplane::AyaDataplane,
-    loader::{self, AttachMode, Loaded},
-    model::{BackendSpec, HealthCheckSpec, ListenerSpec, Proto},
+    model::{ListenerSpec, Proto},
 };
 use clb_common::{
     GEN_CONFIG_MAP, GEN_SEQ_MAP, GenConfig, PROTO_TCP, PROTO_UDP, SINK_COUNT_MAP, SINK_SEEN_MAP,
-    SINK_SEEN_WORDS, XDP_PROGRAM, ip_to_be, port_to_be,
+    SINK_SEEN_WORDS, ip_to_be, port_to_be,
 };
 
 use super::{
-    Scale, median,
+    Scale, listener, median,
     report::{Report, Row},
+    start_clb,
 };
 use crate::netns::{NetNs, Topology, VIP, backend_ip};
 
@@ -107,45 +107,30 @@ pub(super) enum Balancing {
     Nft,
 }
 
-fn listener(name: &str, port: u16, proto: Proto, persist: u32) -> ListenerSpec {
-    let mut l = ListenerSpec::new(name, SocketAddrV4::new(VIP, port), proto);
-    l.persist = persist;
-    l.health_check = HealthCheckSpec {
-        kind: clb::model::CheckKind::None,
-        ..Default::default()
-    };
-    l.backends = (0..3)
-        .map(|i| BackendSpec {
-            addr: SocketAddrV4::new(backend_ip(i), port),
-            weight: 10,
-        })
+fn spec(name: &str, port: u16, proto: Proto, persist: u32) -> ListenerSpec {
+    let backends: Vec<SocketAddrV4> = (0..3)
+        .map(|i| SocketAddrV4::new(backend_ip(i), port))
         .collect();
-    l
+    listener(
+        name,
+        SocketAddrV4::new(VIP, port),
+        proto,
+        persist,
+        &backends,
+    )
 }
 
 pub(super) fn setup_balancer(topo: &Topology, peer: Peer) -> anyhow::Result<Balancing> {
     match peer {
         Peer::Clb { persist } => {
-            let ifaces = topo.lb_ifaces.clone();
-            let (loaded, lb) = topo.lb.run(move || -> anyhow::Result<_> {
-                let Loaded {
-                    mut ebpf,
-                    dataplane,
-                    ..
-                } = loader::load(None)?;
-                let mut lb = Balancer::restore(dataplane)?;
-                lb.apply(vec![
-                    listener("udp", UDP_PORT, Proto::Udp, persist),
-                    listener("tcp", TCP_PORT, Proto::Tcp, persist),
-                ])?;
-                for dev in &ifaces {
-                    let idx =
-                        loader::attach(&mut ebpf, XDP_PROGRAM, dev, AttachMode::Native, None)?;
-                    lb.add_device(idx)?;
-                }
-                Ok((Box::new(ebpf), Box::new(lb)))
-            })?;
-            Ok(Balancing::Clb(loaded, lb))
+            let (ebpf, lb) = start_clb(
+                topo,
+                vec![
+                    spec("udp", UDP_PORT, Proto::Udp, persist),
+                    spec("tcp", TCP_PORT, Proto::Tcp, persist),
+                ],
+            )?;
+            Ok(Balancing::Clb(ebpf, lb))
         }
         Peer::NftJhash | Peer::NftNumgen => {
             // The generator redirects into the client veth; its peer c0 needs GRO (or an XDP
