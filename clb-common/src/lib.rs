@@ -7,8 +7,12 @@
 //! Map values hold integers only — no `bool`, no enums; user space turns them into enums with
 //! `TryFrom`.
 //!
-//! Map names carry a layout version (`_V1`): a pinned map whose layout changes gets a new name,
-//! so a daemon never misreads an older daemon's pins.
+//! Map names carry a layout version (`_V1`, `_V2`): a pinned map whose layout changes gets a new
+//! name, so a daemon never misreads an older daemon's pins.
+//!
+//! Functions both sides must compute identically live here too: expiry ([`is_expired`]), the
+//! consistent hash of a client ([`flow_hash`], [`client_hash`]) that picks a Maglev slot, and the
+//! prefix mask of persistence ([`prefix_mask_be`]).
 #![no_std]
 
 use bytemuck::{Pod, Zeroable};
@@ -21,20 +25,40 @@ use bytemuck::{Pod, Zeroable};
 pub const MAX_LISTENERS: u32 = 1024;
 /// Backends, over all listeners.
 pub const MAX_BACKENDS: u32 = 65536;
-/// Tracked connections (LRU: under pressure the least recently used entry is evicted).
-pub const MAX_CONNS: u32 = 1 << 20;
-/// Persisted clients (LRU), over all listeners.
-pub const MAX_SESSIONS: u32 = 1 << 20;
-/// Slots of one listener's weighted round-robin schedule (one of two halves, see [`SCHED_MAP`]).
-pub const SCHED_SLOTS: u32 = 1024;
-/// A backend with weight > 0 needs at least one schedule slot.
-pub const MAX_BACKENDS_PER_LISTENER: u32 = SCHED_SLOTS;
+/// Default size of the connection table (verified flows: TCP after the handshake, UDP after a
+/// two-way exchange). LRU; the operator sizes it (`[tables] connections`).
+pub const DEFAULT_CONNS: u32 = 1 << 20;
+/// Default size of the persistence table (clients with a verified flow). LRU.
+pub const DEFAULT_SESSIONS: u32 = 1 << 20;
+/// Default size of the half-open table (unverified flows: TCP before the handshake completes,
+/// UDP before a two-way exchange, adopted mid-stream flows) and of the pending-session table.
+pub const DEFAULT_HALF_OPEN: u32 = 1 << 16;
+/// Smallest table the operator may configure.
+pub const MIN_TABLE: u32 = 1024;
+/// Largest table the operator may configure (the kernel may refuse less).
+pub const MAX_TABLE: u32 = 1 << 26;
+/// Longest weighted round-robin sequence of a listener.
+pub const WRR_SLOTS: u32 = 1024;
+/// A backend with weight > 0 needs at least one round-robin slot.
+pub const MAX_BACKENDS_PER_LISTENER: u32 = WRR_SLOTS;
+/// Default Maglev lookup-table size (a prime).
+pub const DEFAULT_MAGLEV_SIZE: u32 = 65537;
+/// Largest Maglev lookup-table size.
+pub const MAX_MAGLEV_SIZE: u32 = 1_000_003;
+/// Entries of the schedule map's inner-map template (each listener's own inner map is sized to
+/// its schedule: 1 + sequence or table length; see [`SCHED_MAP`]).
+pub const SCHED_TEMPLATE_SLOTS: u32 = 1 + WRR_SLOTS;
+/// `BPF_F_INNER_MAP`: inner maps of the schedule map may differ in size from the template.
+pub const BPF_F_INNER_MAP: u32 = 1 << 12;
 /// Interfaces the program can redirect to.
 pub const MAX_DEVICES: u32 = 256;
 /// Listeners one backend address (IP, port, protocol) may serve at once; see [`BackendAddrInfo`].
 pub const MAX_LISTENERS_PER_BACKEND_ADDR: usize = 4;
+/// Source addresses the datapath refuses on packets to a VIP, besides the fixed martian
+/// ranges: VIPs, backend addresses, the balancer's own addresses.
+pub const MAX_DENIED_SOURCES: u32 = 65536 + 2 * MAX_LISTENERS + 4096;
 /// Number of per-CPU global counters, see [`counter`].
-pub const NUM_COUNTERS: u32 = 32;
+pub const NUM_COUNTERS: u32 = 64;
 
 /// Largest accepted persistence duration, seconds.
 pub const MAX_PERSIST_SECS: u32 = 3600;
@@ -52,8 +76,21 @@ pub const MAX_WEIGHT: u32 = 100;
 pub const DEFAULT_WEIGHT: u32 = 10;
 /// After a FIN is seen a connection entry lives at most this long (IPVS `tcpfin`), seconds.
 pub const FIN_TIMEOUT_SECS: u32 = 120;
-/// After an RST is seen a connection entry lives at most this long (IPVS `close`), seconds.
+/// After an RST is seen a connection entry lives at most this long (IPVS `close`), seconds,
+/// unless later normal packets from both ends show the connection is still alive.
 pub const RST_TIMEOUT_SECS: u32 = 10;
+/// An unverified flow (half-open table) lives at most this long without a packet (IPVS
+/// `synrecv` is 60 s; a handshake takes milliseconds, a retransmitted SYN seconds).
+pub const HALF_OPEN_TIMEOUT_SECS: u32 = 30;
+/// Flood mode: the window over which each CPU counts new unverified flows.
+pub const FLOOD_WINDOW_NS: u64 = 100_000_000;
+/// Flood mode lasts at least this long after the last window over the threshold.
+pub const FLOOD_HOLD_NS: u64 = 5 * NS_PER_SEC;
+/// After flood mode ends, packets of flows that began during it are still resolved by the
+/// stateless hash for this long (their handshakes complete, their replies are NATed).
+pub const FLOOD_GRACE_NS: u64 = 10 * NS_PER_SEC;
+/// Default RSTs the datapath may build per second per CPU (it must not be a reflector).
+pub const DEFAULT_RST_PER_SEC: u32 = 1000;
 
 /// The datapath writes a `last_seen` timestamp at most once per this interval per entry, so a
 /// busy flow does not write shared memory on every packet. Expiry adds the same slack, so an
@@ -64,6 +101,8 @@ pub const REFRESH_NS: u64 = 250_000_000;
 /// Nanoseconds per second.
 pub const NS_PER_SEC: u64 = 1_000_000_000;
 
+/// IP protocol number of ICMP.
+pub const PROTO_ICMP: u8 = 1;
 /// IP protocol number of TCP.
 pub const PROTO_TCP: u8 = 6;
 /// IP protocol number of UDP.
@@ -76,17 +115,23 @@ pub const PROTO_UDP: u8 = 17;
 /// (VIP, port, proto) → listener id; (VIP, 0, 0) marks an address as a VIP.
 pub const LISTENER_ADDR_MAP: &str = "CLB_LSN_ADDR_V1";
 /// listener id → [`ListenerInfo`].
-pub const LISTENER_MAP: &str = "CLB_LSN_V1";
+pub const LISTENER_MAP: &str = "CLB_LSN_V2";
 /// backend id → [`BackendInfo`].
 pub const BACKEND_MAP: &str = "CLB_BE_V1";
 /// (backend IP, port, proto) → [`BackendAddrInfo`]: which listeners a reply may belong to.
 pub const BACKEND_ADDR_MAP: &str = "CLB_BE_ADDR_V1";
-/// [`ConnKey`] → [`ConnValue`], the connection table (LRU).
-pub const CONN_MAP: &str = "CLB_CONN_V1";
-/// [`SessionKey`] → [`SessionValue`], the persistence table (LRU).
-pub const SESSION_MAP: &str = "CLB_SESS_V1";
-/// `listener id * 2 * SCHED_SLOTS + half * SCHED_SLOTS + slot` → backend id.
-pub const SCHED_MAP: &str = "CLB_SCHED_V1";
+/// [`ConnKey`] → [`ConnValue`], the connection table: verified flows (LRU).
+pub const CONN_MAP: &str = "CLB_CONN_V2";
+/// [`ConnKey`] → [`HalfOpenValue`], the half-open table: unverified flows (LRU).
+pub const HALF_OPEN_MAP: &str = "CLB_HALF_V1";
+/// [`SessionKey`] → [`SessionValue`], the persistence table: clients with a verified flow (LRU).
+pub const SESSION_MAP: &str = "CLB_SESS_V2";
+/// [`SessionKey`] → [`SessionValue`], pending persistence: clients seen only in unverified
+/// flows, so parallel SYNs of one new client land on one backend (LRU, half-open sized).
+pub const PENDING_SESSION_MAP: &str = "CLB_PSESS_V1";
+/// listener id → inner array: slot 0 = length `n`, slots `1..=n` = backend ids (a weighted
+/// round-robin sequence or a Maglev lookup table). Replaced whole, atomically.
+pub const SCHED_MAP: &str = "CLB_SCHED_V2";
 /// listener id → round-robin cursor (atomically incremented by every CPU).
 pub const CURSOR_MAP: &str = "CLB_RR_V1";
 /// ifindex → ifindex, the devmap that redirects go through.
@@ -96,18 +141,28 @@ pub const LISTENER_STATS_MAP: &str = "CLB_LSN_STAT_V1";
 /// Per-CPU [`TrafficCounters`] per backend id.
 pub const BACKEND_STATS_MAP: &str = "CLB_BE_STAT_V1";
 /// Per-CPU `u64` counters indexed by [`counter`].
-pub const COUNTER_MAP: &str = "CLB_COUNT_V1";
+pub const COUNTER_MAP: &str = "CLB_COUNT_V2";
 /// Per-CPU next-hop cache ([`NextHop`] per slot).
 pub const NEXTHOP_MAP: &str = "CLB_NH_V1";
+/// Source address (network byte order) → `DENY_*` reason: packets to a VIP from it are dropped.
+pub const DENY_SRC_MAP: &str = "CLB_NOSRC_V1";
+/// The one [`GlobalConfig`], written by user space.
+pub const GLOBAL_MAP: &str = "CLB_GLOBAL_V1";
+/// Shared datapath state ([`SharedState`]): flood mode.
+pub const SHARED_STATE_MAP: &str = "CLB_SHARED_V1";
+/// Per-CPU datapath state ([`CpuState`]): flood window, RST tokens.
+pub const CPU_STATE_MAP: &str = "CLB_CPU_V1";
 
 /// Every map of the program, for pinning and teardown.
-pub const ALL_MAPS: [&str; 13] = [
+pub const ALL_MAPS: [&str; 19] = [
     LISTENER_ADDR_MAP,
     LISTENER_MAP,
     BACKEND_MAP,
     BACKEND_ADDR_MAP,
     CONN_MAP,
+    HALF_OPEN_MAP,
     SESSION_MAP,
+    PENDING_SESSION_MAP,
     SCHED_MAP,
     CURSOR_MAP,
     DEVICE_MAP,
@@ -115,6 +170,10 @@ pub const ALL_MAPS: [&str; 13] = [
     BACKEND_STATS_MAP,
     COUNTER_MAP,
     NEXTHOP_MAP,
+    DENY_SRC_MAP,
+    GLOBAL_MAP,
+    SHARED_STATE_MAP,
+    CPU_STATE_MAP,
 ];
 
 /// Name of the load-balancing XDP program.
@@ -150,13 +209,26 @@ pub const fn port_from_be(v: u16) -> u16 {
     u16::from_be_bytes(v.to_ne_bytes())
 }
 
+/// The network-byte-order mask of an IPv4 prefix of `bits` (0–32) bits.
+#[inline(always)]
+pub const fn prefix_mask_be(bits: u8) -> u32 {
+    let host = if bits == 0 {
+        0
+    } else if bits >= 32 {
+        u32::MAX
+    } else {
+        u32::MAX << (32 - bits)
+    };
+    u32::from_ne_bytes(host.to_be_bytes())
+}
+
 // ---------------------------------------------------------------------------------------------
 // Listener maps
 // ---------------------------------------------------------------------------------------------
 
 /// Key of [`LISTENER_ADDR_MAP`].
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
 pub struct ListenerKey {
     /// VIP, network byte order.
     pub vip: u32,
@@ -179,6 +251,12 @@ const _: () = assert!(core::mem::size_of::<ListenerRef>() == 4);
 
 /// Listener flag: the listener is configured and forwards.
 pub const LISTENER_F_ACTIVE: u32 = 1;
+/// Listener flag: new flows are placed by the Maglev table (a consistent hash of the client),
+/// and mid-stream packets without state go where the hash says instead of being reset.
+pub const LISTENER_F_MAGLEV: u32 = 2;
+/// Listener flag: direct server return (only the destination MAC is rewritten; replies do not
+/// pass the balancer).
+pub const LISTENER_F_DSR: u32 = 4;
 
 /// Value of [`LISTENER_MAP`] (an array indexed by listener id).
 #[repr(C)]
@@ -197,29 +275,11 @@ pub struct ListenerInfo {
     pub _pad: u8,
     /// `LISTENER_F_*` bits.
     pub flags: u32,
-    /// Active schedule: `half << 16 | len`, one word so a reader never sees a half of one
-    /// schedule with the length of the other. `len` 0 = no backend accepts new connections.
-    pub sched: u32,
+    /// Mask applied to a client address before it keys persistence and the hash, network byte
+    /// order (`prefix_mask_be(persist_mask)`; all ones = one entry per address).
+    pub client_mask: u32,
 }
 const _: () = assert!(core::mem::size_of::<ListenerInfo>() == 32);
-
-impl ListenerInfo {
-    /// Packs a schedule half (0 or 1) and length into [`ListenerInfo::sched`].
-    #[inline(always)]
-    pub const fn pack_sched(half: u32, len: u32) -> u32 {
-        (half << 16) | (len & 0xffff)
-    }
-    /// Length of the active schedule.
-    #[inline(always)]
-    pub const fn sched_len(&self) -> u32 {
-        self.sched & 0xffff
-    }
-    /// Active half (0 or 1) of the schedule.
-    #[inline(always)]
-    pub const fn sched_half(&self) -> u32 {
-        (self.sched >> 16) & 1
-    }
-}
 
 // ---------------------------------------------------------------------------------------------
 // Backend maps
@@ -248,7 +308,7 @@ const _: () = assert!(core::mem::size_of::<BackendInfo>() == 12);
 
 /// Key of [`BACKEND_ADDR_MAP`].
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
 pub struct BackendAddrKey {
     /// Backend IPv4, network byte order.
     pub addr: u32,
@@ -281,15 +341,73 @@ impl Default for BackendAddrInfo {
     }
 }
 
+/// Reasons in [`DENY_SRC_MAP`]: why packets to a VIP from this source are dropped.
+pub const DENY_VIP: u32 = 1;
+/// The source is a backend address: a backend's packet to a VIP is never a new client flow.
+pub const DENY_BACKEND: u32 = 2;
+/// The source is one of the balancer's own addresses.
+pub const DENY_LOCAL: u32 = 3;
+
 // ---------------------------------------------------------------------------------------------
-// Connection and persistence tables
+// Global configuration and state
 // ---------------------------------------------------------------------------------------------
 
-/// Key of [`CONN_MAP`]. The client side of a flow plus the listener identify it from both
-/// directions: client → VIP packets give (client, listener by VIP), backend → client replies
-/// give (client, listener by backend address).
+/// The one value of [`GLOBAL_MAP`], written by user space.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct GlobalConfig {
+    /// New unverified flows per CPU per [`FLOOD_WINDOW_NS`] above which flood mode starts
+    /// (0 = never).
+    pub flood_threshold: u32,
+    /// RSTs the datapath may send per second per CPU.
+    pub rst_per_sec: u32,
+    /// Half-open entry lifetime without a packet, ns.
+    pub half_open_timeout_ns: u64,
+}
+const _: () = assert!(core::mem::size_of::<GlobalConfig>() == 16);
+
+/// The one value of [`SHARED_STATE_MAP`], written by the datapath (rarely: at most once per
+/// flood window per CPU while a flood lasts).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct SharedState {
+    /// Flood mode is on until this `CLOCK_MONOTONIC` ns.
+    pub flood_until_ns: u64,
+}
+const _: () = assert!(core::mem::size_of::<SharedState>() == 8);
+
+/// Per-CPU datapath state in [`CPU_STATE_MAP`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct CpuState {
+    /// Start of the current flood-detection window, ns.
+    pub window_start_ns: u64,
+    /// New unverified flows seen in the current window.
+    pub window_new: u64,
+    /// RST token bucket: tokens left (scaled by [`RST_TOKEN_SCALE`]) and last refill time.
+    pub rst_tokens: u64,
+    pub rst_refill_ns: u64,
+}
+const _: () = assert!(core::mem::size_of::<CpuState>() == 32);
+
+/// Scale of [`CpuState::rst_tokens`]: one RST costs this many tokens.
+pub const RST_TOKEN_SCALE: u64 = 1_000_000;
+
+/// Whether flood-mode state says flows may be resolved by the stateless hash at `now`.
+#[inline(always)]
+pub const fn flood_recent(s: &SharedState, now_ns: u64) -> bool {
+    s.flood_until_ns != 0 && now_ns < s.flood_until_ns + FLOOD_GRACE_NS
+}
+
+// ---------------------------------------------------------------------------------------------
+// Connection, half-open and persistence tables
+// ---------------------------------------------------------------------------------------------
+
+/// Key of [`CONN_MAP`] and [`HALF_OPEN_MAP`]. The client side of a flow plus the listener
+/// identify it from both directions: client → VIP packets give (client, listener by VIP),
+/// backend → client replies give (client, listener by backend address).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
 pub struct ConnKey {
     /// Client IPv4, network byte order.
     pub client: u32,
@@ -303,12 +421,20 @@ pub struct ConnKey {
 }
 const _: () = assert!(core::mem::size_of::<ConnKey>() == 12);
 
-/// Connection state: open (SYN seen or established; any UDP flow).
+/// Connection state: open (established TCP; any verified UDP flow).
 pub const CONN_OPEN: u8 = 1;
 /// Connection state: a FIN was seen; the entry lives at most [`FIN_TIMEOUT_SECS`].
 pub const CONN_FIN: u8 = 2;
-/// Connection state: an RST was seen; the entry lives at most [`RST_TIMEOUT_SECS`].
+/// Connection state: an RST was seen; the entry lives at most [`RST_TIMEOUT_SECS`] unless
+/// normal packets from both ends follow ([`CONN_F_SEEN_FWD`], [`CONN_F_SEEN_REV`]).
 pub const CONN_RST: u8 = 3;
+
+/// Connection flag: after an RST, a normal client packet was seen.
+pub const CONN_F_SEEN_FWD: u8 = 1;
+/// Connection flag: after an RST, a normal backend packet was seen.
+pub const CONN_F_SEEN_REV: u8 = 2;
+/// Connection flag: a FIN was seen before the RST (the flow returns to FIN, not OPEN).
+pub const CONN_F_FIN_BEFORE: u8 = 4;
 
 /// Value of [`CONN_MAP`].
 #[repr(C)]
@@ -321,15 +447,50 @@ pub struct ConnValue {
     pub backend: u32,
     /// `CONN_*` state.
     pub state: u8,
-    pub _pad: [u8; 3],
+    /// `CONN_F_*` bits.
+    pub flags: u8,
+    pub _pad: [u8; 2],
 }
 const _: () = assert!(core::mem::size_of::<ConnValue>() == 16);
 
-/// Key of [`SESSION_MAP`].
+/// Half-open kind: a TCP SYN was seen; the client's handshake-completing ACK promotes it.
+pub const HALF_SYN: u8 = 1;
+/// Half-open kind: a new UDP flow; a client packet after a backend reply (NAT) or a second
+/// client packet (DSR) promotes it.
+pub const HALF_UDP: u8 = 2;
+/// Half-open kind: a TCP mid-stream packet without state, forwarded where the hash (or the
+/// client's persistence entry) says; a normal backend reply (NAT) or a second client packet
+/// (DSR) promotes it.
+pub const HALF_ADOPTED: u8 = 3;
+
+/// Half-open flag: a normal backend packet was seen (NAT).
+pub const HALF_F_REPLIED: u8 = 1;
+/// Half-open flag: the backend was picked by the stateless hash (flood mode).
+pub const HALF_F_HASHED: u8 = 2;
+
+/// Value of [`HALF_OPEN_MAP`].
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct HalfOpenValue {
+    /// Last packet, `CLOCK_MONOTONIC` ns.
+    pub last_seen_ns: u64,
+    /// Backend id.
+    pub backend: u32,
+    /// `HALF_*` kind.
+    pub kind: u8,
+    /// `HALF_F_*` bits.
+    pub flags: u8,
+    /// Client packets seen.
+    pub packets: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(core::mem::size_of::<HalfOpenValue>() == 16);
+
+/// Key of [`SESSION_MAP`] and [`PENDING_SESSION_MAP`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
 pub struct SessionKey {
-    /// Client IPv4, network byte order.
+    /// Client IPv4 masked by the listener's persistence mask, network byte order.
     pub client: u32,
     /// Listener id.
     pub listener: u16,
@@ -337,7 +498,7 @@ pub struct SessionKey {
 }
 const _: () = assert!(core::mem::size_of::<SessionKey>() == 8);
 
-/// Value of [`SESSION_MAP`].
+/// Value of [`SESSION_MAP`] and [`PENDING_SESSION_MAP`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct SessionValue {
@@ -369,6 +530,67 @@ pub const fn conn_timeout_ns(state: u8, idle_ns: u64) -> u64 {
 }
 
 // ---------------------------------------------------------------------------------------------
+// The consistent hash (Maglev slot of a client or flow)
+// ---------------------------------------------------------------------------------------------
+
+/// Seed of [`flow_hash`]: every node uses the same, so every node picks the same slot.
+pub const HASH_SEED: u32 = 0x636c_6221; // "clb!"
+
+/// Bob Jenkins' lookup3 final mix (as the kernel's `jhash_3words`), the hash Katran uses for
+/// its Maglev ring: cheap in eBPF (no loop, no table) and well mixed.
+#[inline(always)]
+pub const fn jhash_3words(a: u32, b: u32, c: u32, initval: u32) -> u32 {
+    const GOLDEN: u32 = 0xdead_beef;
+    let mut a = a
+        .wrapping_add(GOLDEN)
+        .wrapping_add(initval)
+        .wrapping_add(12);
+    let mut b = b
+        .wrapping_add(GOLDEN)
+        .wrapping_add(initval)
+        .wrapping_add(12);
+    let mut c = c
+        .wrapping_add(GOLDEN)
+        .wrapping_add(initval)
+        .wrapping_add(12);
+    c ^= b;
+    c = c.wrapping_sub(b.rotate_left(14));
+    a ^= c;
+    a = a.wrapping_sub(c.rotate_left(11));
+    b ^= a;
+    b = b.wrapping_sub(a.rotate_left(25));
+    c ^= b;
+    c = c.wrapping_sub(b.rotate_left(16));
+    a ^= c;
+    a = a.wrapping_sub(c.rotate_left(4));
+    b ^= a;
+    b = b.wrapping_sub(a.rotate_left(14));
+    c ^= b;
+    c = c.wrapping_sub(b.rotate_left(24));
+    c
+}
+
+/// Hash of a flow (5-tuple seen from the client side; addresses and ports network byte order),
+/// for listeners without persistence.
+#[inline(always)]
+pub const fn flow_hash(client: u32, client_port: u16, vip: u32, vip_port: u16, proto: u8) -> u32 {
+    let ports = ((client_port as u32) << 16) | vip_port as u32;
+    jhash_3words(client, vip, ports, HASH_SEED ^ proto as u32)
+}
+
+/// Hash of a (masked) client address, for listeners with persistence: all connections of the
+/// client (or its prefix) hash alike.
+#[inline(always)]
+pub const fn client_hash(masked_client: u32, vip: u32, vip_port: u16, proto: u8) -> u32 {
+    jhash_3words(
+        masked_client,
+        vip,
+        vip_port as u32,
+        HASH_SEED ^ proto as u32,
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
 // Next-hop cache (datapath-internal)
 // ---------------------------------------------------------------------------------------------
 
@@ -390,7 +612,9 @@ pub struct NextHop {
     pub expires_ns: u64,
     pub src_mac: [u8; 6],
     pub dst_mac: [u8; 6],
-    pub _pad: [u8; 4],
+    /// 1 if the destination is on-link (the FIB gave no gateway): DSR needs that.
+    pub onlink: u8,
+    pub _pad: [u8; 3],
 }
 const _: () = assert!(core::mem::size_of::<NextHop>() == 32);
 
@@ -417,13 +641,13 @@ pub struct TrafficCounters {
     pub rev_packets: u64,
     /// Backend → client (reply) bytes.
     pub rev_bytes: u64,
-    /// New connection entries created.
+    /// New flows scheduled (a SYN, a new UDP flow, an adopted mid-stream flow).
     pub new_conns: u64,
-    /// New connections decided by a live persistence entry.
+    /// New flows decided by a live persistence entry.
     pub session_hits: u64,
-    /// Persistence entries written (new or rescheduled client).
+    /// Persistence entries committed (new or rescheduled client with a verified flow).
     pub session_new: u64,
-    /// TCP RSTs sent for packets of unknown connections.
+    /// TCP RSTs sent for packets of connections the balancer does not know.
     pub resets: u64,
 }
 const _: () = assert!(core::mem::size_of::<TrafficCounters>() == 64);
@@ -458,120 +682,123 @@ pub mod counter {
     pub const FWD_STACK_NO_NEIGH: u32 = 5;
     /// A rewritten packet handed to the stack: the FIB lookup did not give a next hop.
     pub const FWD_STACK_NO_ROUTE: u32 = 6;
-    /// A rewritten packet handed to the stack: TTL would expire here (the stack sends ICMP).
+    /// (unused since TTL ≤ 1 packets to a VIP are dropped: see [`DROP_TTL`]).
     pub const FWD_STACK_TTL: u32 = 7;
     /// A rewritten packet handed to the stack: the egress device is not in the devmap.
     pub const FWD_STACK_NO_DEV: u32 = 8;
     /// TCP RSTs built and sent for packets of connections the balancer does not know.
     pub const RST_SENT: u32 = 9;
-    /// Reply-path packets of a backend address with no matching connection (passed).
+    /// Reply-path packets of a backend address with no matching flow (passed).
     pub const REPLY_NO_CONN: u32 = 10;
     /// Forwarded packets whose next hop came from the per-CPU cache (no FIB lookup).
     pub const NEXTHOP_CACHED: u32 = 11;
+    /// Unverified flows written to the half-open table.
+    pub const HALF_OPEN_INSERT: u32 = 12;
+    /// Unverified flows promoted to the connection table (handshake completed, two-way UDP,
+    /// adopted flow answered).
+    pub const HALF_OPEN_PROMOTE: u32 = 13;
+    /// Packets that needed a half-open entry that was gone (evicted or expired) and were
+    /// resolved by the stateless hash instead.
+    pub const HALF_OPEN_MISS_HASHED: u32 = 14;
+    /// New flows placed by the stateless hash because flood mode was on.
+    pub const FLOOD_HASHED: u32 = 15;
+    /// Times a CPU switched flood mode on (it was off).
+    pub const FLOOD_ENTERED: u32 = 16;
+    /// Mid-stream TCP packets without state, adopted (forwarded where the hash or the client's
+    /// persistence entry says, and tracked as unverified).
+    pub const ADOPTED: u32 = 17;
+    /// ICMP errors about a tracked flow NATed to its backend.
+    pub const ICMP_NATED: u32 = 18;
+    /// DSR packets forwarded.
+    pub const DSR_FORWARDED: u32 = 19;
+
     /// First drop reason: IPv4 header length below 20 bytes.
-    pub const DROP_BAD_IHL: u32 = 16;
+    pub const DROP_BAD_IHL: u32 = 32;
     /// Drop: the frame is shorter than the IPv4 header or total length says.
-    pub const DROP_TRUNCATED_IP: u32 = 17;
+    pub const DROP_TRUNCATED_IP: u32 = 33;
     /// Drop: the L4 header is cut off.
-    pub const DROP_TRUNCATED_L4: u32 = 18;
+    pub const DROP_TRUNCATED_L4: u32 = 34;
     /// Drop: an IPv4 fragment addressed to a VIP (L4 ports unavailable).
-    pub const DROP_FRAGMENT: u32 = 19;
+    pub const DROP_FRAGMENT: u32 = 35;
     /// Drop: the listener has no backend accepting new connections.
-    pub const DROP_NO_BACKEND: u32 = 20;
+    pub const DROP_NO_BACKEND: u32 = 36;
     /// Drop: TCP packet without SYN for an unknown connection, and no RST could be built.
-    pub const DROP_NO_CONN: u32 = 21;
-    /// Drop: the connection table insert failed.
-    pub const DROP_CONN_TABLE: u32 = 22;
+    pub const DROP_NO_CONN: u32 = 37;
+    /// Drop: a table insert failed.
+    pub const DROP_CONN_TABLE: u32 = 38;
     /// Drop: IP version field is not 4 in an IPv4 frame to a VIP.
-    pub const DROP_BAD_VERSION: u32 = 23;
+    pub const DROP_BAD_VERSION: u32 = 39;
+    /// Drop: source address is martian (loopback, 0.0.0.0/8, multicast, limited broadcast,
+    /// class E).
+    pub const DROP_SRC_MARTIAN: u32 = 40;
+    /// Drop: source address is a VIP.
+    pub const DROP_SRC_VIP: u32 = 41;
+    /// Drop: source address is a backend (a backend's packet to a VIP is never a client).
+    pub const DROP_SRC_BACKEND: u32 = 42;
+    /// Drop: source address is one of the balancer's own.
+    pub const DROP_SRC_LOCAL: u32 = 43;
+    /// Drop: TTL ≤ 1 on a packet to a VIP (forwarding it would expose the backend in the ICMP
+    /// time-exceeded the next hop sends).
+    pub const DROP_TTL: u32 = 44;
+    /// Drop: an RST would have been sent but the per-CPU RST budget was spent.
+    pub const DROP_RST_RATE: u32 = 45;
+    /// Drop: an RST arrived for a flow the balancer does not know.
+    pub const DROP_STRAY_RST: u32 = 46;
+    /// Drop: a DSR backend cannot be reached at layer 2 (the FIB names a gateway, has no
+    /// neighbour entry yet, or the egress is not in the devmap); the stack would only route the
+    /// packet by its VIP.
+    pub const DROP_DSR_NO_NEXTHOP: u32 = 47;
+    /// Drop: malformed ICMP error to a VIP.
+    pub const DROP_BAD_ICMP: u32 = 48;
 
     /// Names of the counters, for display (index → name); empty for unused indices.
-    pub const NAMES: [&str; super::NUM_COUNTERS as usize] = [
-        "verdict_pass",
-        "verdict_drop",
-        "verdict_tx",
-        "verdict_redirect",
-        "verdict_aborted",
-        "fwd_stack_no_neigh",
-        "fwd_stack_no_route",
-        "fwd_stack_ttl",
-        "fwd_stack_no_dev",
-        "rst_sent",
-        "reply_no_conn",
-        "nexthop_cached",
-        "",
-        "",
-        "",
-        "",
-        "drop_bad_ihl",
-        "drop_truncated_ip",
-        "drop_truncated_l4",
-        "drop_fragment",
-        "drop_no_backend",
-        "drop_no_conn",
-        "drop_conn_table",
-        "drop_bad_version",
-        "",
-        "",
-        "",
-        "",
-        "",
-        "",
-        "",
-        "",
-    ];
+    pub const NAMES: [&str; super::NUM_COUNTERS as usize] = {
+        let mut n = [""; super::NUM_COUNTERS as usize];
+        n[VERDICT_PASS as usize] = "verdict_pass";
+        n[VERDICT_DROP as usize] = "verdict_drop";
+        n[VERDICT_TX as usize] = "verdict_tx";
+        n[VERDICT_REDIRECT as usize] = "verdict_redirect";
+        n[VERDICT_ABORTED as usize] = "verdict_aborted";
+        n[FWD_STACK_NO_NEIGH as usize] = "fwd_stack_no_neigh";
+        n[FWD_STACK_NO_ROUTE as usize] = "fwd_stack_no_route";
+        n[FWD_STACK_TTL as usize] = "fwd_stack_ttl";
+        n[FWD_STACK_NO_DEV as usize] = "fwd_stack_no_dev";
+        n[RST_SENT as usize] = "rst_sent";
+        n[REPLY_NO_CONN as usize] = "reply_no_conn";
+        n[NEXTHOP_CACHED as usize] = "nexthop_cached";
+        n[HALF_OPEN_INSERT as usize] = "half_open_insert";
+        n[HALF_OPEN_PROMOTE as usize] = "half_open_promote";
+        n[HALF_OPEN_MISS_HASHED as usize] = "half_open_miss_hashed";
+        n[FLOOD_HASHED as usize] = "flood_hashed";
+        n[FLOOD_ENTERED as usize] = "flood_entered";
+        n[ADOPTED as usize] = "adopted";
+        n[ICMP_NATED as usize] = "icmp_nated";
+        n[DSR_FORWARDED as usize] = "dsr_forwarded";
+        n[DROP_BAD_IHL as usize] = "drop_bad_ihl";
+        n[DROP_TRUNCATED_IP as usize] = "drop_truncated_ip";
+        n[DROP_TRUNCATED_L4 as usize] = "drop_truncated_l4";
+        n[DROP_FRAGMENT as usize] = "drop_fragment";
+        n[DROP_NO_BACKEND as usize] = "drop_no_backend";
+        n[DROP_NO_CONN as usize] = "drop_no_conn";
+        n[DROP_CONN_TABLE as usize] = "drop_conn_table";
+        n[DROP_BAD_VERSION as usize] = "drop_bad_version";
+        n[DROP_SRC_MARTIAN as usize] = "drop_src_martian";
+        n[DROP_SRC_VIP as usize] = "drop_src_vip";
+        n[DROP_SRC_BACKEND as usize] = "drop_src_backend";
+        n[DROP_SRC_LOCAL as usize] = "drop_src_local";
+        n[DROP_TTL as usize] = "drop_ttl";
+        n[DROP_RST_RATE as usize] = "drop_rst_rate";
+        n[DROP_STRAY_RST as usize] = "drop_stray_rst";
+        n[DROP_DSR_NO_NEXTHOP as usize] = "drop_dsr_no_nexthop";
+        n[DROP_BAD_ICMP as usize] = "drop_bad_icmp";
+        n
+    };
 
     /// Whether counter `i` is a drop reason.
     pub const fn is_drop_reason(i: u32) -> bool {
-        i >= DROP_BAD_IHL && i <= DROP_BAD_VERSION
+        i >= DROP_BAD_IHL && i <= DROP_BAD_ICMP
     }
 }
-
-// ---------------------------------------------------------------------------------------------
-// Benchmark-only: the traffic generator and drop sink (`clb-gen`, not part of the balancer)
-// ---------------------------------------------------------------------------------------------
-
-/// Map of the generator's settings (one [`GenConfig`]).
-pub const GEN_CONFIG_MAP: &str = "GEN_CFG";
-/// Map of the generator's sequence number.
-pub const GEN_SEQ_MAP: &str = "GEN_SEQ";
-/// Per-CPU packet counter of the sink.
-pub const SINK_COUNT_MAP: &str = "SINK_COUNT";
-/// Sources the sink has seen: a per-CPU bitmap indexed by the low 16 bits of the source
-/// address (the generator's sources are consecutive, so up to 65 536 are told apart).
-pub const SINK_SEEN_MAP: &str = "SINK_BITS";
-/// Words of [`SINK_SEEN_MAP`] (65 536 bits).
-pub const SINK_SEEN_WORDS: u32 = 1024;
-
-/// What the generator writes into every frame: Ethernet/IPv4/UDP (no checksum) or TCP SYN
-/// (valid checksum), source `src_base + n % sources`, source port
-/// `sport_base + (n / sources) % ports`, for the n-th frame.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
-pub struct GenConfig {
-    pub dst_mac: [u8; 6],
-    pub src_mac: [u8; 6],
-    /// First source address, host byte order.
-    pub src_base: u32,
-    /// Distinct source addresses.
-    pub sources: u32,
-    /// Destination address, network byte order.
-    pub dst: u32,
-    /// Destination port, network byte order.
-    pub dport: u16,
-    /// First source port, host byte order.
-    pub sport_base: u16,
-    /// Distinct source ports per address.
-    pub ports: u32,
-    /// Interface to redirect the frames out of.
-    pub ifindex: u32,
-    /// [`PROTO_UDP`] or [`PROTO_TCP`] (SYN).
-    pub proto: u8,
-    pub _pad: [u8; 3],
-    /// Frame length in bytes (the test run's input frame has this length).
-    pub frame_len: u32,
-}
-const _: () = assert!(core::mem::size_of::<GenConfig>() == 44);
 
 // ---------------------------------------------------------------------------------------------
 // aya::Pod for user space
@@ -581,30 +808,32 @@ const _: () = assert!(core::mem::size_of::<GenConfig>() == 44);
 mod user {
     use super::*;
 
-    // SAFETY: every type is `#[repr(C)]`, `bytemuck::Pod` (no padding, any bit pattern valid).
-    unsafe impl aya::Pod for ListenerKey {}
-    // SAFETY: as above.
-    unsafe impl aya::Pod for ListenerRef {}
-    // SAFETY: as above.
-    unsafe impl aya::Pod for ListenerInfo {}
-    // SAFETY: as above.
-    unsafe impl aya::Pod for BackendInfo {}
-    // SAFETY: as above.
-    unsafe impl aya::Pod for BackendAddrKey {}
-    // SAFETY: as above.
-    unsafe impl aya::Pod for BackendAddrInfo {}
-    // SAFETY: as above.
-    unsafe impl aya::Pod for ConnKey {}
-    // SAFETY: as above.
-    unsafe impl aya::Pod for ConnValue {}
-    // SAFETY: as above.
-    unsafe impl aya::Pod for SessionKey {}
-    // SAFETY: as above.
-    unsafe impl aya::Pod for SessionValue {}
-    // SAFETY: as above.
-    unsafe impl aya::Pod for TrafficCounters {}
-    // SAFETY: as above.
-    unsafe impl aya::Pod for GenConfig {}
+    macro_rules! pod {
+        ($($t:ty),*) => {
+            $(
+                // SAFETY: every type is `#[repr(C)]`, `bytemuck::Pod` (no padding, any bit
+                // pattern valid).
+                unsafe impl aya::Pod for $t {}
+            )*
+        };
+    }
+    pod!(
+        ListenerKey,
+        ListenerRef,
+        ListenerInfo,
+        BackendInfo,
+        BackendAddrKey,
+        BackendAddrInfo,
+        ConnKey,
+        ConnValue,
+        HalfOpenValue,
+        SessionKey,
+        SessionValue,
+        TrafficCounters,
+        GlobalConfig,
+        SharedState,
+        CpuState
+    );
 }
 
 #[cfg(test)]
@@ -619,6 +848,15 @@ mod tests {
         let p = port_to_be(8080);
         assert_eq!(p.to_ne_bytes(), 8080u16.to_be_bytes());
         assert_eq!(port_from_be(p), 8080);
+    }
+
+    #[test]
+    fn prefix_masks() {
+        let a = ip_to_be([10, 2, 3, 4]);
+        assert_eq!(ip_from_be(a & prefix_mask_be(32)), [10, 2, 3, 4]);
+        assert_eq!(ip_from_be(a & prefix_mask_be(24)), [10, 2, 3, 0]);
+        assert_eq!(ip_from_be(a & prefix_mask_be(12)), [10, 0, 0, 0]);
+        assert_eq!(prefix_mask_be(0), 0);
     }
 
     #[test]
@@ -649,12 +887,34 @@ mod tests {
     }
 
     #[test]
-    fn sched_word_packs_half_and_len() {
-        let l = ListenerInfo {
-            sched: ListenerInfo::pack_sched(1, 777),
-            ..Default::default()
-        };
-        assert_eq!(l.sched_half(), 1);
-        assert_eq!(l.sched_len(), 777);
+    fn client_hash_spreads_evenly() {
+        // 30 000 consecutive client addresses over 3 buckets: each within 3 % of a third.
+        let mut buckets = [0u32; 3];
+        for i in 0..30_000u32 {
+            let c = ip_to_be((0x0a02_0000 + i).to_be_bytes());
+            buckets[(client_hash(c, ip_to_be([10, 0, 0, 100]), port_to_be(80), 6) % 3) as usize] +=
+                1;
+        }
+        for b in buckets {
+            assert!((9_700..=10_300).contains(&b), "{buckets:?}");
+        }
+        assert_ne!(flow_hash(1, 1, 2, 3, 6), flow_hash(1, 2, 2, 3, 6));
+    }
+
+    #[test]
+    fn counter_names_are_unique() {
+        let mut seen = [""; NUM_COUNTERS as usize];
+        for (i, n) in counter::NAMES.iter().enumerate() {
+            if n.is_empty() {
+                continue;
+            }
+            assert!(!seen.contains(n), "{n} twice");
+            seen[i] = n;
+            assert_eq!(
+                counter::is_drop_reason(i as u32),
+                n.starts_with("drop_"),
+                "{n}"
+            );
+        }
     }
 }

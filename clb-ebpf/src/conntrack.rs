@@ -1,24 +1,40 @@
-//! Connection table: a flow stays on its backend for its whole life, persistence or not.
+//! The connection table: verified flows. A flow stays on its backend for its whole life,
+//! persistence or not. Only [`promote`] writes new entries (a completed handshake, a two-way
+//! UDP exchange, an adopted flow its backend answered), so a flood of new sources never
+//! evicts them.
 //!
 //! Expiry is checked on every lookup (an expired entry counts as absent: the kernel never
 //! relies on the user-space sweeper for correctness, only for memory). `last_seen` is written
 //! at most every `REFRESH_NS` per entry; `clb_common::is_expired` adds that much slack.
+//!
+//! RST rule: an RST (from either end, possibly spoofed: it is not checked against the
+//! sequence window) moves the flow to `CONN_RST`, whose timeout is short; normal packets from
+//! both ends afterwards (from the client alone on DSR listeners, whose replies clb never
+//! sees) bring it back, so a blind spoofed RST cannot cut a live connection short.
 
 use clb_common::{
-    CONN_FIN, CONN_OPEN, CONN_RST, ConnKey, ConnValue, ListenerInfo, REFRESH_NS, conn_timeout_ns,
-    is_expired,
+    CONN_F_FIN_BEFORE, CONN_F_SEEN_FWD, CONN_F_SEEN_REV, CONN_FIN, CONN_OPEN, CONN_RST, ConnKey,
+    ConnValue, ListenerInfo, REFRESH_NS, conn_timeout_ns, is_expired,
 };
 
 use crate::{
-    backends,
-    maps::CLB_CONN_V1,
-    parse::{Pkt, TCP_FIN, TCP_RST},
+    maps::CLB_CONN_V2,
+    parse::{Pkt, TCP_FIN},
 };
+
+/// Which end sent a packet.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Dir {
+    /// Client → backend.
+    Fwd,
+    /// Backend → client.
+    Rev,
+}
 
 /// A live connection entry for `key`, or `None` when absent or expired.
 #[inline(always)]
 pub fn live(key: &ConnKey, lsn: &ListenerInfo, now: u64) -> Option<&'static mut ConnValue> {
-    let c = CLB_CONN_V1.get_ptr_mut(key)?;
+    let c = CLB_CONN_V2.get_ptr_mut(key)?;
     // SAFETY: a map value pointer; other CPUs may write `last_seen_ns`/`state` concurrently,
     // which only ever makes an entry look a little older or newer.
     let c = unsafe { &mut *c };
@@ -32,31 +48,48 @@ pub fn live(key: &ConnKey, lsn: &ListenerInfo, now: u64) -> Option<&'static mut 
     Some(c)
 }
 
-/// Looks up the client → VIP packet `p`'s connection. `Some(backend)` to forward on the
-/// established flow; `None` when the packet must be treated as a new flow: no live entry,
-/// the backend was removed, or a SYN reuses the ports of a closed connection.
+/// Follows TCP teardown and the RST rule for a packet in direction `dir`, and refreshes
+/// `last_seen`. `both_ends`: whether recovery from an RST needs normal packets from both ends
+/// (NAT) or the client alone suffices (DSR). Returns whether `last_seen` was written (the
+/// caller piggybacks the session refresh on it).
 #[inline(always)]
-pub fn forward(key: &ConnKey, lsn: &ListenerInfo, p: &Pkt, now: u64) -> Option<(u32, bool)> {
-    let c = live(key, lsn, now)?;
-    if p.is_tcp() && p.is_syn() && c.state != CONN_OPEN {
-        return None;
-    }
-    backends::present(c.backend)?;
-    let refreshed = track(c, p, now);
-    Some((c.backend, refreshed))
-}
-
-/// Follows TCP teardown (FIN, RST seen in either direction) and refreshes `last_seen`.
-/// Returns whether `last_seen` was written (the caller piggybacks the session refresh on it).
-#[inline(always)]
-pub fn track(c: &mut ConnValue, p: &Pkt, now: u64) -> bool {
+pub fn track(c: &mut ConnValue, p: &Pkt, now: u64, dir: Dir, both_ends: bool) -> bool {
     if p.is_tcp() {
-        if p.tcp_flags & TCP_RST != 0 {
+        if p.is_rst() {
             if c.state != CONN_RST {
+                c.flags = if c.state == CONN_FIN {
+                    CONN_F_FIN_BEFORE
+                } else {
+                    0
+                };
                 c.state = CONN_RST;
             }
-        } else if p.tcp_flags & TCP_FIN != 0 && c.state == CONN_OPEN {
-            c.state = CONN_FIN;
+        } else {
+            if c.state == CONN_RST {
+                let seen = c.flags
+                    | match dir {
+                        Dir::Fwd => CONN_F_SEEN_FWD,
+                        Dir::Rev => CONN_F_SEEN_REV,
+                    };
+                let back = if both_ends {
+                    seen & (CONN_F_SEEN_FWD | CONN_F_SEEN_REV) == CONN_F_SEEN_FWD | CONN_F_SEEN_REV
+                } else {
+                    seen & CONN_F_SEEN_FWD != 0
+                };
+                if back {
+                    c.state = if seen & CONN_F_FIN_BEFORE != 0 {
+                        CONN_FIN
+                    } else {
+                        CONN_OPEN
+                    };
+                    c.flags = 0;
+                } else if seen != c.flags {
+                    c.flags = seen;
+                }
+            }
+            if p.tcp_flags & TCP_FIN != 0 && c.state == CONN_OPEN {
+                c.state = CONN_FIN;
+            }
         }
     }
     if now >= c.last_seen_ns + REFRESH_NS {
@@ -66,26 +99,27 @@ pub fn track(c: &mut ConnValue, p: &Pkt, now: u64) -> bool {
     false
 }
 
-/// State a new entry starts in, from the packet that creates it.
+/// Writes the verified entry of a flow on `backend` (replacing any stale one).
 #[inline(always)]
-pub fn initial_state(p: &Pkt) -> u8 {
-    if p.is_tcp() && p.tcp_flags & TCP_RST != 0 {
-        CONN_RST
-    } else if p.is_tcp() && p.tcp_flags & TCP_FIN != 0 {
+pub fn insert(key: &ConnKey, backend: u32, p: &Pkt, now: u64) -> Result<(), ()> {
+    let state = if p.is_tcp() && p.tcp_flags & TCP_FIN != 0 {
         CONN_FIN
     } else {
         CONN_OPEN
-    }
-}
-
-/// Creates the entry for a new flow on `backend`.
-#[inline(always)]
-pub fn insert(key: &ConnKey, backend: u32, p: &Pkt, now: u64) -> Result<(), ()> {
+    };
     let v = ConnValue {
         last_seen_ns: now,
         backend,
-        state: initial_state(p),
-        _pad: [0; 3],
+        state,
+        flags: 0,
+        _pad: [0; 2],
     };
-    CLB_CONN_V1.insert(key, &v, 0).map_err(|_| ())
+    CLB_CONN_V2.insert(key, &v, 0).map_err(|_| ())
+}
+
+/// Removes a stale entry (a SYN reusing the ports of a closed connection starts over).
+#[inline(always)]
+pub fn remove(key: &ConnKey) {
+    // A missing key is fine: another CPU removed it first.
+    let _gone = CLB_CONN_V2.remove(key).is_ok();
 }

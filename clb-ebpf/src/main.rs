@@ -1,9 +1,15 @@
-//! clb datapath: an XDP L4 load balancer with connection tracking and source-IP session
-//! persistence, NAT mode (client address preserved, replies routed back through clb).
+//! clb datapath: an XDP L4 load balancer with flood-proof connection tracking and source-IP
+//! session persistence, NAT or direct server return.
 //!
-//! Per packet: Ethernet/IPv4 → to a VIP? (`forward`: conntrack → persistence → round robin,
-//! DNAT) : from a backend? (`reply`: conntrack, SNAT back to the VIP) : pass. Everything the
-//! balancer does not own goes to the stack untouched.
+//! Per packet: Ethernet/IPv4 → to a listener? (`forward`: verified flow → unverified flow →
+//! new flow, scheduled by round robin, Maglev or the stateless hash in flood mode; DNAT or
+//! DSR) : from a backend? (`reply`: SNAT back to the VIP) : an ICMP error about a flow?
+//! (`icmp`) : pass. Everything the balancer does not own goes to the stack untouched.
+//!
+//! State is split by trust (docs/datapath.md has the state machine): unverified flows (a SYN,
+//! a first UDP datagram, an adopted mid-stream packet) live in the small, churnable half-open
+//! tables; only a completed handshake or a two-way exchange writes the connection and
+//! persistence tables, so a flood of spoofed sources cannot evict real flows.
 #![no_std]
 #![no_main]
 // `core::intrinsics::atomic_xadd` for the round-robin cursor (RUSTC_BOOTSTRAP=1 build).
@@ -16,7 +22,10 @@
 mod backends;
 mod conntrack;
 mod csum;
+mod flood;
 mod forward;
+mod halfopen;
+mod icmp;
 mod maps;
 mod nat;
 mod parse;
@@ -24,10 +33,11 @@ mod persist;
 mod reply;
 mod rst;
 mod schedule;
+mod spoof;
 mod stats;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
-use clb_common::{ListenerKey, counter};
+use clb_common::{ListenerKey, PROTO_ICMP, counter};
 
 use crate::{maps::CLB_LSN_ADDR_V1, parse::L4};
 
@@ -64,6 +74,12 @@ pub fn clb_pass(_ctx: XdpContext) -> u32 {
 }
 
 #[inline(always)]
+fn drop(reason: u32) -> u32 {
+    stats::count(reason);
+    xdp_action::XDP_DROP
+}
+
+#[inline(always)]
 fn process(ctx: &XdpContext) -> u32 {
     let Some(ip) = parse::ipv4(ctx) else {
         return xdp_action::XDP_PASS;
@@ -86,7 +102,8 @@ fn process(ctx: &XdpContext) -> u32 {
             }
         }
         // Anything else: if it is addressed to a VIP, say why it is not balanced (malformed
-        // → dropped with a reason; another protocol → passed); otherwise not ours.
+        // → dropped with a reason; an ICMP error about a flow → to its backend; another
+        // protocol → passed); otherwise not ours.
         None => {
             // SAFETY: `parse::ipv4` bounds-checked a full IPv4 header.
             let daddr = u32::from_ne_bytes(unsafe { (*ip).dst_addr });
@@ -101,11 +118,10 @@ fn process(ctx: &XdpContext) -> u32 {
                 return xdp_action::XDP_PASS;
             }
             match parse::l4_strict(ctx, ip) {
-                Ok(L4::Packet(_)) | Ok(L4::Other) => xdp_action::XDP_PASS,
-                Err(Verdict::Drop(reason)) => {
-                    stats::count(reason);
-                    xdp_action::XDP_DROP
-                }
+                Ok(L4::Packet) => xdp_action::XDP_PASS,
+                Ok(L4::Other(PROTO_ICMP)) => icmp::to_vip(ctx, ip),
+                Ok(L4::Other(_)) => xdp_action::XDP_PASS,
+                Err(Verdict::Drop(reason)) => drop(reason),
             }
         }
     }

@@ -1,28 +1,34 @@
 //! Every map of the datapath, one purpose line each. Names and layouts come from `clb-common`
-//! (the `_V1` suffix is the layout version). The maps are BTF-defined (`.maps` section), so
+//! (the `_V*` suffix is the layout version). The maps are BTF-defined (`.maps` section), so
 //! `bpftool map dump` shows keys and values field by field. None is declared pinned here: the
 //! daemon pins them under its bpffs directory by name, the packet tests load them unpinned.
+//! The sizes of the four flow tables below are defaults: the daemon sets them at load time
+//! from its configuration (`[tables]`).
 
 use aya_ebpf::{
-    btf_maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
+    btf_maps::{Array, ArrayOfMaps, DevMapHash, HashMap, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
 use clb_common::{
-    BackendAddrInfo, BackendAddrKey, BackendInfo, ConnKey, ConnValue, ListenerInfo, ListenerKey,
-    ListenerRef, MAX_BACKENDS, MAX_CONNS, MAX_DEVICES, MAX_LISTENERS, MAX_SESSIONS, NH_SLOTS,
-    NUM_COUNTERS, NextHop, SCHED_SLOTS, SessionKey, SessionValue, TrafficCounters,
+    BPF_F_INNER_MAP, BackendAddrInfo, BackendAddrKey, BackendInfo, ConnKey, ConnValue, CpuState,
+    DEFAULT_CONNS, DEFAULT_HALF_OPEN, DEFAULT_SESSIONS, GlobalConfig, HalfOpenValue, ListenerInfo,
+    ListenerKey, ListenerRef, MAX_BACKENDS, MAX_DENIED_SOURCES, MAX_DEVICES, MAX_LISTENERS,
+    NH_SLOTS, NUM_COUNTERS, NextHop, SCHED_TEMPLATE_SLOTS, SessionKey, SessionValue, SharedState,
+    TrafficCounters,
 };
 
 const LISTENERS: usize = MAX_LISTENERS as usize;
 const BACKENDS: usize = MAX_BACKENDS as usize;
+/// `BPF_F_NO_COMMON_LRU`: one LRU list per CPU.
+const NO_COMMON_LRU: usize = 2;
 
 /// (VIP, port, proto) → listener id; (VIP, 0, 0) says "this address is a VIP".
 #[btf_map]
 pub static CLB_LSN_ADDR_V1: HashMap<ListenerKey, ListenerRef, { LISTENERS * 2 }> = HashMap::new();
 
-/// Listener id → settings (persistence, idle timeout, VIP, active schedule).
+/// Listener id → settings (persistence, idle timeout, VIP, scheduler, forwarding, mask).
 #[btf_map]
-pub static CLB_LSN_V1: Array<ListenerInfo, LISTENERS> = Array::new();
+pub static CLB_LSN_V2: Array<ListenerInfo, LISTENERS> = Array::new();
 
 /// Backend id → address and flags (present, accepting new connections).
 #[btf_map]
@@ -32,24 +38,51 @@ pub static CLB_BE_V1: Array<BackendInfo, BACKENDS> = Array::new();
 #[btf_map]
 pub static CLB_BE_ADDR_V1: HashMap<BackendAddrKey, BackendAddrInfo, BACKENDS> = HashMap::new();
 
-// Both tables use one LRU list shared by all CPUs, not `BPF_F_NO_COMMON_LRU`: per-CPU lists
-// split the capacity between CPUs (the CPU of one busy RX queue would evict at
-// max_entries / CPUs), so "1 M entries" would not mean 1 M. Measured with per-CPU lists, new
-// flows at 1 M entries were ~20 % faster and established flows no different.
+// The verified tables use one LRU list shared by all CPUs, not `BPF_F_NO_COMMON_LRU`: per-CPU
+// lists split the capacity between CPUs (the CPU of one busy RX queue would evict at
+// max_entries / CPUs), so "1 M entries" would not mean 1 M. The half-open tables churn by
+// design and take the faster per-CPU lists (~20 % cheaper inserts, measured).
 
-/// Connection table: (client, client port, listener, proto) → backend, last seen, state.
+/// Connection table, verified flows: (client, client port, listener, proto) → backend, last
+/// seen, state. Only a completed handshake or a two-way UDP exchange writes it, so floods of
+/// new sources cannot evict its entries.
 #[btf_map]
-pub static CLB_CONN_V1: LruHashMap<ConnKey, ConnValue, { MAX_CONNS as usize }> = LruHashMap::new();
-
-/// Persistence table: (client IP, listener) → backend, last seen.
-#[btf_map]
-pub static CLB_SESS_V1: LruHashMap<SessionKey, SessionValue, { MAX_SESSIONS as usize }> =
+pub static CLB_CONN_V2: LruHashMap<ConnKey, ConnValue, { DEFAULT_CONNS as usize }> =
     LruHashMap::new();
 
-/// Weighted round-robin schedules, two halves per listener (user space writes the inactive
-/// half, then flips `ListenerInfo::sched`): slot → backend id.
+/// Half-open table, unverified flows: SYN seen, new UDP flow, adopted mid-stream flow.
 #[btf_map]
-pub static CLB_SCHED_V1: Array<u32, { LISTENERS * 2 * SCHED_SLOTS as usize }> = Array::new();
+pub static CLB_HALF_V1: LruHashMap<
+    ConnKey,
+    HalfOpenValue,
+    { DEFAULT_HALF_OPEN as usize },
+    NO_COMMON_LRU,
+> = LruHashMap::new();
+
+/// Persistence table: (masked client IP, listener) → backend, last seen; clients with at
+/// least one verified flow.
+#[btf_map]
+pub static CLB_SESS_V2: LruHashMap<SessionKey, SessionValue, { DEFAULT_SESSIONS as usize }> =
+    LruHashMap::new();
+
+/// Pending persistence: clients seen only in unverified flows (parallel SYNs of one new
+/// client find the backend the first one chose here).
+#[btf_map]
+pub static CLB_PSESS_V1: LruHashMap<
+    SessionKey,
+    SessionValue,
+    { DEFAULT_HALF_OPEN as usize },
+    NO_COMMON_LRU,
+> = LruHashMap::new();
+
+/// Listener id → its schedule, an inner array replaced whole by user space: slot 0 = length,
+/// then backend ids (a weighted round-robin sequence or a Maglev table). Inner maps may differ
+/// in size (`BPF_F_INNER_MAP`).
+#[btf_map]
+pub static CLB_SCHED_V2: ArrayOfMaps<
+    Array<u32, { SCHED_TEMPLATE_SLOTS as usize }, { BPF_F_INNER_MAP as usize }>,
+    LISTENERS,
+> = ArrayOfMaps::new();
 
 /// Listener id → round-robin cursor, shared by all CPUs (atomic fetch-and-add) so consecutive
 /// new connections take consecutive slots.
@@ -70,9 +103,26 @@ pub static CLB_BE_STAT_V1: PerCpuArray<TrafficCounters, BACKENDS> = PerCpuArray:
 
 /// Per-CPU counters: verdicts, events, drops by reason (`clb_common::counter`).
 #[btf_map]
-pub static CLB_COUNT_V1: PerCpuArray<u64, { NUM_COUNTERS as usize }> = PerCpuArray::new();
+pub static CLB_COUNT_V2: PerCpuArray<u64, { NUM_COUNTERS as usize }> = PerCpuArray::new();
 
 /// Per-CPU next-hop cache: destination → egress and MACs, for `NH_TTL_NS` (a FIB lookup is
 /// the most expensive step of forwarding an established packet).
 #[btf_map]
 pub static CLB_NH_V1: PerCpuArray<NextHop, { NH_SLOTS as usize }> = PerCpuArray::new();
+
+/// Source address → reason: VIPs, backends and the balancer's own addresses never open a
+/// flow to a VIP.
+#[btf_map]
+pub static CLB_NOSRC_V1: HashMap<u32, u32, { MAX_DENIED_SOURCES as usize }> = HashMap::new();
+
+/// Settings user space writes (flood threshold, RST budget, half-open timeout).
+#[btf_map]
+pub static CLB_GLOBAL_V1: Array<GlobalConfig, 1> = Array::new();
+
+/// Flood mode, shared by all CPUs.
+#[btf_map]
+pub static CLB_SHARED_V1: Array<SharedState, 1> = Array::new();
+
+/// Per-CPU flood-detection window and RST token bucket.
+#[btf_map]
+pub static CLB_CPU_V1: PerCpuArray<CpuState, 1> = PerCpuArray::new();

@@ -1,5 +1,5 @@
 //! NAT rewrite with incremental checksums, and forwarding: next hop (cached FIB lookup), TTL,
-//! MACs, devmap.
+//! MACs, devmap. DSR forwarding is the same minus the rewrite.
 
 use aya_ebpf::{
     EbpfContext as _,
@@ -83,44 +83,65 @@ pub fn rewrite(
     Ok(())
 }
 
-/// Sends the (already rewritten) packet on: the next hop (egress, MACs) from the per-CPU
-/// cache or a FIB lookup, then TTL decrement, MAC rewrite and a devmap redirect. When the
-/// kernel cannot give a next hop right now (no neighbour entry yet, no route, TTL expiring,
-/// egress not in the devmap), the packet goes to the stack unchanged but for the NAT, and the
-/// stack resolves, forwards or answers it.
+/// Sends the (already rewritten) packet on towards `nh_dst` (network byte order: the packet's
+/// destination, or with `dsr` the backend, while the packet keeps the VIP as destination):
+/// the next hop (egress, MACs) from the per-CPU cache or a FIB lookup, then TTL decrement, MAC
+/// rewrite and a devmap redirect. When the kernel cannot give a next hop right now (no
+/// neighbour entry yet, no route, egress not in the devmap), the packet goes to the stack
+/// unchanged but for the NAT, and the stack resolves or forwards it — except for DSR, where
+/// the stack would route by the VIP: a DSR packet without a next hop is dropped (and one whose
+/// backend is not on-link too: only L2 reaches it). Callers drop or pass TTL ≤ 1 first.
 #[inline(always)]
-pub fn forward(ctx: &XdpContext, ip: *mut Ipv4Hdr, p: &Pkt, now: u64) -> u32 {
+pub fn forward(
+    ctx: &XdpContext,
+    ip: *mut Ipv4Hdr,
+    p: &Pkt,
+    nh_dst: u32,
+    dsr: bool,
+    now: u64,
+) -> u32 {
     // SAFETY: `ip` is bounds-checked (see `rewrite`).
-    let (dst, ttl) = unsafe { (u32::from_ne_bytes((*ip).dst_addr), (*ip).ttl) };
+    let ttl = unsafe { (*ip).ttl };
     if ttl <= 1 {
-        stats::count(counter::FWD_STACK_TTL);
         return xdp_action::XDP_PASS;
     }
-    let slot = nh_slot(dst);
+    let slot = nh_slot(nh_dst);
     let Some(nh) = CLB_NH_V1.get_ptr_mut(slot) else {
         return xdp_action::XDP_ABORTED;
     };
     // SAFETY: this CPU's slot; nothing else writes it while the program runs here.
     let nh = unsafe { &mut *nh };
-    if nh.dst == dst && nh.expires_ns > now {
+    if nh.dst == nh_dst && nh.expires_ns > now {
         stats::count(counter::NEXTHOP_CACHED);
     } else {
-        match fib(ctx, ip, p) {
+        match fib(ctx, ip, p, nh_dst) {
             Ok(found) => {
                 *nh = NextHop {
-                    dst,
+                    dst: nh_dst,
                     expires_ns: now + NH_TTL_NS,
                     ..found
                 };
             }
+            Err(_) if dsr => {
+                stats::count(counter::DROP_DSR_NO_NEXTHOP);
+                return xdp_action::XDP_DROP;
+            }
             Err(action) => return action,
         }
+    }
+    if dsr && nh.onlink == 0 {
+        stats::count(counter::DROP_DSR_NO_NEXTHOP);
+        return xdp_action::XDP_DROP;
     }
     // Choose the egress first: if it is not in the devmap the packet goes to the stack,
     // which must still see our MAC as destination and the original TTL.
     let action = match CLB_DEVS_V1.redirect(nh.ifindex, u64::from(xdp_action::XDP_PASS)) {
         Ok(a) => a,
         Err(a) => {
+            if dsr {
+                stats::count(counter::DROP_DSR_NO_NEXTHOP);
+                return xdp_action::XDP_DROP;
+            }
             stats::count(counter::FWD_STACK_NO_DEV);
             return a;
         }
@@ -141,9 +162,9 @@ pub fn forward(ctx: &XdpContext, ip: *mut Ipv4Hdr, p: &Pkt, now: u64) -> u32 {
     action
 }
 
-/// The next hop of the packet per the kernel's FIB, or the action when there is none now.
+/// The next hop towards `dst` per the kernel's FIB, or the action when there is none now.
 #[inline(always)]
-fn fib(ctx: &XdpContext, ip: *const Ipv4Hdr, p: &Pkt) -> Result<NextHop, u32> {
+fn fib(ctx: &XdpContext, ip: *const Ipv4Hdr, p: &Pkt, dst: u32) -> Result<NextHop, u32> {
     // SAFETY: `fib` is a plain C struct for which all-zero is valid; the helper reads and
     // writes only it; `ip` is bounds-checked.
     unsafe {
@@ -153,7 +174,7 @@ fn fib(ctx: &XdpContext, ip: *const Ipv4Hdr, p: &Pkt) -> Result<NextHop, u32> {
         fib.__bindgen_anon_1.tot_len = p.ip_len;
         fib.__bindgen_anon_2.tos = (*ip).tos;
         fib.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes((*ip).src_addr);
-        fib.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes((*ip).dst_addr);
+        fib.__bindgen_anon_4.ipv4_dst = dst;
         fib.ifindex = ctx.ingress_ifindex() as u32;
         let rc = fib_lookup(
             ctx.as_ptr(),
@@ -171,6 +192,8 @@ fn fib(ctx: &XdpContext, ip: *const Ipv4Hdr, p: &Pkt) -> Result<NextHop, u32> {
         }
         Ok(NextHop {
             ifindex: fib.ifindex,
+            // The helper replaces the destination with the gateway when there is one.
+            onlink: u8::from(fib.__bindgen_anon_4.ipv4_dst == dst),
             src_mac: fib.__bindgen_anon_6.__bindgen_anon_2.smac,
             dst_mac: fib.__bindgen_anon_6.__bindgen_anon_2.dmac,
             ..NextHop::default()

@@ -67,16 +67,26 @@ impl Pkt {
     /// A connection opener: SYN without ACK.
     #[inline(always)]
     pub fn is_syn(&self) -> bool {
-        self.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+        self.is_tcp() && self.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+    }
+    /// A TCP reset.
+    #[inline(always)]
+    pub fn is_rst(&self) -> bool {
+        self.is_tcp() && self.tcp_flags & TCP_RST != 0
+    }
+    /// A TCP segment with ACK and without SYN or RST: what completes a handshake.
+    #[inline(always)]
+    pub fn is_plain_ack(&self) -> bool {
+        self.is_tcp() && self.tcp_flags & (TCP_SYN | TCP_RST | TCP_ACK) == TCP_ACK
     }
 }
 
 /// Outcome of parsing a packet's L4 header.
 pub enum L4 {
     /// A well-formed TCP or UDP packet.
-    Packet(Pkt),
-    /// Not TCP/UDP (ICMP, ...): not for the balancer.
-    Other,
+    Packet,
+    /// Not TCP/UDP (ICMP, ...), with its IP protocol number.
+    Other(u8),
 }
 
 /// Parses IPv4 + TCP/UDP strictly: the packet goes to a VIP, so anything malformed is dropped
@@ -100,7 +110,7 @@ pub fn l4_strict(ctx: &XdpContext, ip: *const Ipv4Hdr) -> Result<L4, Verdict> {
         return Err(Verdict::Drop(counter::DROP_BAD_IHL));
     }
     if proto != PROTO_TCP && proto != PROTO_UDP {
-        return Ok(L4::Other);
+        return Ok(L4::Other(proto));
     }
     let frame_len = ctx.data_end() - ctx.data();
     if (tot_len as usize) < ihl || IP_OFF + tot_len as usize > frame_len {
@@ -111,7 +121,7 @@ pub fn l4_strict(ctx: &XdpContext, ip: *const Ipv4Hdr) -> Result<L4, Verdict> {
         return Err(Verdict::Drop(counter::DROP_FRAGMENT));
     }
     l4_ports(ctx, ip, ihl, tot_len, proto)
-        .map(L4::Packet)
+        .map(|_| L4::Packet)
         .map_err(|()| Verdict::Drop(counter::DROP_TRUNCATED_L4))
 }
 

@@ -1,13 +1,23 @@
-//! Backend → client packets: find the connection they answer, NAT the source back to the VIP,
-//! forward. Anything else from a backend address passes to the stack untouched.
+//! Backend → client packets (NAT listeners): find the flow they answer, NAT the source back to
+//! the VIP, forward. A normal answer is also what verifies an unverified flow: a UDP flow is
+//! marked answered (its next client packet promotes it), an adopted TCP flow is promoted at
+//! once. A backend's RST verifies nothing: a spoofed mid-stream packet is answered by one.
+//! Anything else from a backend address passes to the stack untouched.
 
 use aya_ebpf::{bindings::xdp_action, helpers::bpf_ktime_get_ns, programs::XdpContext};
-use clb_common::{BackendAddrKey, ConnKey, MAX_LISTENERS_PER_BACKEND_ADDR, NO_LISTENER, counter};
+use clb_common::{
+    BackendAddrKey, HALF_ADOPTED, HALF_F_REPLIED, HALF_UDP, LISTENER_F_DSR,
+    MAX_LISTENERS_PER_BACKEND_ADDR, NO_LISTENER, counter,
+};
 use network_types::ip::Ipv4Hdr;
 
 use crate::{
-    backends, conntrack,
-    maps::{CLB_BE_ADDR_V1, CLB_LSN_V1},
+    backends,
+    conntrack::{self, Dir},
+    flood,
+    forward::{self, Flow},
+    halfopen,
+    maps::{CLB_BE_ADDR_V1, CLB_LSN_V2},
     nat::{self, End},
     parse::Pkt,
     stats,
@@ -26,8 +36,18 @@ pub fn backend_packet(ctx: &XdpContext, ip: *mut Ipv4Hdr, p: &Pkt) -> u32 {
     let Some(info) = (unsafe { CLB_BE_ADDR_V1.get(&bkey) }) else {
         return xdp_action::XDP_PASS;
     };
+    // The stack answers a TTL-expiring packet (to the backend, its source) itself.
+    // SAFETY: `ip` was bounds-checked by the parser.
+    if unsafe { (*ip).ttl } <= 1 {
+        return xdp_action::XDP_PASS;
+    }
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
+    let flow = Flow {
+        client: p.daddr,
+        client_port: p.dport,
+        proto: p.proto,
+    };
     let mut i = 0;
     while i < MAX_LISTENERS_PER_BACKEND_ADDR {
         let id = info.listeners[i];
@@ -35,34 +55,79 @@ pub fn backend_packet(ctx: &XdpContext, ip: *mut Ipv4Hdr, p: &Pkt) -> u32 {
         if id == NO_LISTENER {
             continue;
         }
-        let Some(lsn) = CLB_LSN_V1.get(u32::from(id)) else {
+        let id = u32::from(id);
+        let Some(lsn) = CLB_LSN_V2.get(id) else {
             continue;
         };
-        let key = ConnKey {
-            client: p.daddr,
-            client_port: p.dport,
-            listener: id,
-            proto: p.proto,
-            _pad: [0; 3],
-        };
-        let Some(c) = conntrack::live(&key, lsn, now) else {
-            continue;
-        };
-        // The entry must be this backend's: the same client port may be in use towards
-        // another listener's backend.
-        let Some(be) = backends::present(c.backend) else {
-            continue;
-        };
-        if be.addr != p.saddr || be.port != p.sport {
+        if lsn.flags & LISTENER_F_DSR != 0 {
             continue;
         }
-        conntrack::track(c, p, now);
-        stats::reply(u32::from(id), c.backend, p.ip_len);
-        if nat::rewrite(ctx, ip, p, End::Src, lsn.vip, lsn.port).is_err() {
-            return xdp_action::XDP_ABORTED;
+        let key = flow.key(id);
+        // Whether `b` is this packet's backend (the same client port may be in use towards
+        // another listener's backend).
+        let ours = |b: u32| {
+            backends::present(b).is_some_and(|be| be.addr == p.saddr && be.port == p.sport)
+        };
+        if let Some(c) = conntrack::live(&key, lsn, now)
+            && ours(c.backend)
+        {
+            let b = c.backend;
+            conntrack::track(c, p, now, Dir::Rev, true);
+            return answer(ctx, ip, p, id, b, lsn.vip, lsn.port, now);
         }
-        return nat::forward(ctx, ip, p, now);
+        if let Some(h) = halfopen::live(&key, now)
+            && ours(h.backend)
+        {
+            let b = h.backend;
+            if !p.is_rst() {
+                if h.kind == HALF_UDP {
+                    if h.flags & HALF_F_REPLIED == 0 {
+                        h.flags |= HALF_F_REPLIED;
+                    }
+                } else if h.kind == HALF_ADOPTED && !p.is_syn() {
+                    forward::promote(&key, lsn, id, &flow, b, p, now);
+                }
+            }
+            return answer(ctx, ip, p, id, b, lsn.vip, lsn.port, now);
+        }
+        // A flow placed by the stateless hash whose half-open entry a flood evicted (or
+        // never wrote): recompute, and adopt it if this backend is the one it names.
+        if p.is_tcp()
+            && !p.is_rst()
+            && flood::recent(now)
+            && let Ok(b) = forward::stateless_backend(lsn, id, &flow, now)
+            && ours(b)
+        {
+            stats::count(counter::HALF_OPEN_MISS_HASHED);
+            if !p.is_syn() {
+                forward::promote(&key, lsn, id, &flow, b, p, now);
+            }
+            return answer(ctx, ip, p, id, b, lsn.vip, lsn.port, now);
+        }
     }
     stats::count(counter::REPLY_NO_CONN);
     xdp_action::XDP_PASS
+}
+
+/// SNATs a reply of `backend` on listener `id` back to the VIP and forwards it.
+#[inline(always)]
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one packet's context, passed down once"
+)]
+fn answer(
+    ctx: &XdpContext,
+    ip: *mut Ipv4Hdr,
+    p: &Pkt,
+    id: u32,
+    backend: u32,
+    vip: u32,
+    vip_port: u16,
+    now: u64,
+) -> u32 {
+    stats::reply(id, backend, p.ip_len);
+    if nat::rewrite(ctx, ip, p, End::Src, vip, vip_port).is_err() {
+        return xdp_action::XDP_ABORTED;
+    }
+    nat::forward(ctx, ip, p, p.daddr, false, now)
 }

@@ -1,40 +1,26 @@
 //! Builds a TCP RST in place for a packet of a connection the balancer does not know, and
 //! sends it back out the interface it came in on (`XDP_TX`), so the client learns at once that
-//! the connection is gone instead of retransmitting into a black hole.
+//! the connection is gone instead of retransmitting into a black hole. The caller keeps the
+//! per-CPU RST budget (`flood::take_rst`), so clb cannot be used as a reflector.
 //!
 //! RFC 9293 §3.10.7.1: if the offending segment has ACK set, the reset is `<SEQ=SEG.ACK><RST>`;
 //! otherwise `<SEQ=0><ACK=SEG.SEQ+SEG.LEN><RST,ACK>`.
 
-use aya_ebpf::{bindings::xdp_action, helpers::bpf_xdp_adjust_tail, programs::XdpContext};
-use clb_common::{PROTO_TCP, counter};
+use aya_ebpf::{helpers::bpf_xdp_adjust_tail, programs::XdpContext};
+use clb_common::PROTO_TCP;
 use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr};
 
 use crate::{
     csum,
     parse::{IP_OFF, Pkt, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, ptr_at},
-    stats,
 };
 
 const RST_FRAME_LEN: usize = IP_OFF + Ipv4Hdr::LEN + TcpHdr::LEN;
 
-/// Turns the TCP packet `p` into a RST to its sender; returns the action.
-/// Packets carrying RST themselves, or with IPv4 options, are dropped instead (counted).
+/// Turns the TCP packet `p` into an RST to its sender, to be sent with `XDP_TX`. Fails (the
+/// caller drops the packet) for packets carrying RST themselves or with IPv4 options.
 #[inline(always)]
-pub fn reply(ctx: &XdpContext, p: &Pkt) -> u32 {
-    match build(ctx, p) {
-        Ok(()) => {
-            stats::count(counter::RST_SENT);
-            xdp_action::XDP_TX
-        }
-        Err(()) => {
-            stats::count(counter::DROP_NO_CONN);
-            xdp_action::XDP_DROP
-        }
-    }
-}
-
-#[inline(always)]
-fn build(ctx: &XdpContext, p: &Pkt) -> Result<(), ()> {
+pub fn build(ctx: &XdpContext, p: &Pkt) -> Result<(), ()> {
     if p.tcp_flags & TCP_RST != 0 || p.l4_off != IP_OFF + Ipv4Hdr::LEN {
         return Err(());
     }

@@ -1,27 +1,55 @@
-//! Weighted round robin. User space computes each listener's smooth-WRR sequence and writes it
-//! into `CLB_SCHED_V1`; the kernel only indexes it with a cursor shared by all CPUs.
+//! Picking a backend for a new flow from the listener's schedule, an inner array user space
+//! computes and replaces whole: slot 0 holds the length `n`, slots `1..=n` backend ids.
+//!
+//! - Weighted round robin (the default, the cloud service's "polling"): `n` is the smooth-WRR
+//!   sequence; a cursor shared by all CPUs indexes it, so consecutive new connections take
+//!   consecutive slots.
+//! - Maglev, and any listener in flood mode: a hash of the client (masked, with persistence)
+//!   or of the 5-tuple (without) indexes it, so the choice is a pure function of the packet
+//!   and the configuration: every node, and the ACK of a SYN whose state was lost, agree.
 
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
-use clb_common::{ListenerInfo, SCHED_SLOTS, counter};
+use clb_common::counter;
 
 use crate::{
     backends,
-    maps::{CLB_RR_V1, CLB_SCHED_V1},
+    maps::{CLB_RR_V1, CLB_SCHED_V2},
 };
 
-/// Slots tried past the cursor when a slot names a backend that stopped accepting (the
+/// Slots tried past the first when a slot names a backend that stopped accepting (the
 /// schedule is rewritten right after such a change; this only covers the moment between).
 const PROBES: u32 = 4;
 
-/// The next backend of listener `id` in round-robin order, or the drop reason.
+/// The backend at position `pos` (probing onwards) of listener `id`'s schedule.
 #[inline(always)]
-pub fn pick(id: u32, lsn: &ListenerInfo) -> Result<u32, u32> {
-    let len = lsn.sched_len();
-    if len == 0 || len > SCHED_SLOTS {
+fn at(id: u32, pos: u64) -> Result<u32, u32> {
+    let Some(&len) = CLB_SCHED_V2.get_value(id, &0) else {
+        return Err(counter::DROP_NO_BACKEND);
+    };
+    if len == 0 {
         return Err(counter::DROP_NO_BACKEND);
     }
-    let base = id * 2 * SCHED_SLOTS + lsn.sched_half() * SCHED_SLOTS;
+    let mut i = 0;
+    while i < PROBES {
+        // `checked_rem`: `len` is known non-zero, but a plain `%` still leaves a panic path
+        // the verifier rejects.
+        let Some(slot) = pos.wrapping_add(u64::from(i)).checked_rem(u64::from(len)) else {
+            break;
+        };
+        if let Some(&b) = CLB_SCHED_V2.get_value(id, &(slot as u32 + 1))
+            && backends::accepting(b)
+        {
+            return Ok(b);
+        }
+        i += 1;
+    }
+    Err(counter::DROP_NO_BACKEND)
+}
+
+/// The next backend of listener `id` in round-robin order, or the drop reason.
+#[inline(always)]
+pub fn round_robin(id: u32) -> Result<u32, u32> {
     let cursor = match CLB_RR_V1.get_ptr_mut(id) {
         // SAFETY: an 8-byte aligned map value that lives as long as the map; every CPU
         // touches it only through this atomic add. `AtomicU64::fetch_add` is not offered on
@@ -32,23 +60,11 @@ pub fn pick(id: u32, lsn: &ListenerInfo) -> Result<u32, u32> {
         Some(p) => unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::SeqCst }>(p, 1) },
         None => return Err(counter::DROP_NO_BACKEND),
     };
-    let mut i = 0;
-    while i < PROBES {
-        // `checked_rem`: `len` is known non-zero, but a plain `%` still leaves a panic path
-        // the verifier rejects.
-        let Some(slot) = cursor
-            .wrapping_add(u64::from(i))
-            .checked_rem(u64::from(len))
-        else {
-            break;
-        };
-        let slot = slot as u32;
-        if let Some(&b) = CLB_SCHED_V1.get(base + slot)
-            && backends::accepting(b)
-        {
-            return Ok(b);
-        }
-        i += 1;
-    }
-    Err(counter::DROP_NO_BACKEND)
+    at(id, cursor)
+}
+
+/// The backend the hash `h` names in listener `id`'s schedule.
+#[inline(always)]
+pub fn hashed(id: u32, h: u32) -> Result<u32, u32> {
+    at(id, u64::from(h))
 }

@@ -3,12 +3,12 @@
 
 use clb_common::TrafficCounters;
 
-use crate::maps::{CLB_BE_STAT_V1, CLB_COUNT_V1, CLB_LSN_STAT_V1};
+use crate::maps::{CLB_BE_STAT_V1, CLB_COUNT_V2, CLB_LSN_STAT_V1};
 
 /// Adds one to global counter `idx`.
 #[inline(always)]
 pub fn count(idx: u32) {
-    if let Some(v) = CLB_COUNT_V1.get_ptr_mut(idx) {
+    if let Some(v) = CLB_COUNT_V2.get_ptr_mut(idx) {
         // SAFETY: per-CPU slot, no other writer while this program runs on this CPU.
         unsafe { *v += 1 };
     }

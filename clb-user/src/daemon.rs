@@ -1,33 +1,37 @@
-//! `clb daemon`: loads the datapath onto the interfaces (reusing pinned maps and links, so a
-//! restart or crash loses no flow and no persisted client), applies the config file, serves
-//! the API, sweeps the tables, runs health checks, exports metrics.
+//! `clb daemon`: the wiring. Takes the locks (one daemon per datapath), loads the datapath onto
+//! the interfaces (reusing pinned maps and links, so a restart or crash loses no flow and no
+//! persisted client), hands it to the controller (which reconciles the pins with the config
+//! file), and runs the supervised loops around it: API, sweeper, drains, health checks, HTTP
+//! listeners, metrics, BGP, and a watchdog that notices a datapath torn down underneath.
+//!
+//! Nothing imports this module but `main`.
 
 use std::{
-    net::SocketAddr,
-    os::unix::fs::PermissionsExt as _,
+    net::{Ipv4Addr, SocketAddr},
     path::PathBuf,
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicBool, Ordering},
-    },
+    sync::Arc,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, bail};
-use clb_common::XDP_PROGRAM;
-use tokio::{net::UnixListener, signal::unix::SignalKind, sync::watch};
+use clb_common::{LISTENER_ADDR_MAP, XDP_PROGRAM};
+use tokio::signal::unix::SignalKind;
 use tracing::{error, info, warn};
 
 use crate::{
-    api::{self, ApiError, HealthTransitionCount, StatsResponse, Status, SweeperStatus},
-    balancer::{Balancer, Health, Stats, SweepPolicy, sweep},
-    config::ConfigFile,
-    dataplane::{AyaDataplane, AyaTables},
-    health::HealthManager,
-    l7::{self, L7Backend, L7Config, L7Manager},
-    loader::{self, AttachMode},
-    metrics,
-    model::{ConfigError, ListenerSpec, Proto, validate_all},
+    api::{self, server::Api},
+    bgp::Speaker,
+    control::{
+        ControlOptions, Controller,
+        file::{ConfigFile, ConfigFileError},
+        status::DaemonInfo,
+    },
+    datapath::{
+        loader::{self, AttachMode, TableSizes},
+        lock,
+        sweep::sweep,
+    },
+    health, l7, metrics, supervise,
     time::monotonic_ns,
 };
 
@@ -35,124 +39,129 @@ use crate::{
 #[derive(Clone, Debug)]
 pub struct DaemonOptions {
     pub config: PathBuf,
+    pub init_config: bool,
     pub ifaces: Vec<String>,
     pub xdp_mode: AttachMode,
     pub bpffs: PathBuf,
     pub api: PathBuf,
     pub metrics: Option<SocketAddr>,
+    pub console: Option<SocketAddr>,
+    pub console_token_file: Option<PathBuf>,
     pub sweep_interval: Duration,
-    /// State kept across restarts (the HTTP cookie key).
+    /// State kept across restarts (the HTTP cookie key, the console token, BIRD's files).
     pub state_dir: PathBuf,
+    pub bird: PathBuf,
 }
 
-/// State shared by the API handlers and the background loops.
-pub struct Shared {
-    pub lb: Mutex<Balancer<AyaDataplane>>,
-    pub opts: DaemonOptions,
-    /// What the sweeper needs, refreshed after every change (under the balancer lock).
-    pub policy: Mutex<Arc<SweepPolicy>>,
-    pub sweeper: Mutex<SweeperStatus>,
-    pub health_transitions: Mutex<Vec<HealthTransitionCount>>,
-    /// Bumped after every change; health checks and the HTTP listeners resync on it.
-    pub generation: watch::Sender<u64>,
-    /// The HTTP (L7) listeners.
-    pub l7: tokio::sync::Mutex<L7Manager>,
-    started: Instant,
+/// Pause after each batch the sweeper walks (8192 entries, a few ms of work): keeps a big
+/// sweep from competing with the datapath flat out, at ~0.25 s per million entries.
+pub const SWEEP_PAUSE: Duration = Duration::from_millis(2);
+
+/// Whether the pins under `bpffs` hold a configured datapath (at least one listener address).
+fn pins_hold_listeners(bpffs: &std::path::Path) -> bool {
+    let pin = bpffs.join("maps").join(LISTENER_ADDR_MAP);
+    let Ok(m) = aya::maps::MapData::from_pin(&pin) else {
+        return false;
+    };
+    let Ok(h) = aya::maps::HashMap::<_, clb_common::ListenerKey, clb_common::ListenerRef>::try_from(
+        aya::maps::Map::HashMap(m),
+    ) else {
+        return false;
+    };
+    h.keys().next().is_some()
 }
 
-impl Shared {
-    /// Applies a change to the configuration: `f` edits a copy of the listener specs; the
-    /// result is validated as a whole, staged to the config file, applied to the datapath, and
-    /// only then renamed into place. Any refusal changes nothing.
-    pub fn change(
-        &self,
-        f: impl FnOnce(&mut Vec<ListenerSpec>) -> Result<(), ConfigError>,
-    ) -> Result<(), ApiError> {
-        let mut lb = self.lb.lock().expect("balancer lock");
-        let mut specs = lb.specs();
-        f(&mut specs)?;
-        validate_all(&specs)?;
-        let staged = ConfigFile {
-            listeners: specs.clone(),
+/// Reads the config file, or refuses to start (before anything is created, loaded or
+/// changed: a pinned datapath keeps serving as it is). `None`: the file does not exist and
+/// `--init-config` asks for an empty one, to be created once the locks are held.
+fn read_config(opts: &DaemonOptions) -> anyhow::Result<Option<ConfigFile>> {
+    match ConfigFile::load(&opts.config) {
+        Ok(c) => Ok(Some(c)),
+        Err(ConfigFileError::Missing { .. }) if opts.init_config => Ok(None),
+        Err(e) => Err(anyhow::Error::new(e).context(
+            "refusing to start (nothing was loaded or changed; a pinned datapath keeps serving)",
+        )),
+    }
+}
+
+/// Creates the empty config file `--init-config` asked for — unless the pins already hold a
+/// configured datapath, which an empty configuration would take down.
+fn init_config(opts: &DaemonOptions) -> anyhow::Result<ConfigFile> {
+    let path = &opts.config;
+    if pins_hold_listeners(&opts.bpffs) {
+        bail!(
+            "refusing to start: {} does not exist, and the datapath pinned at {} holds listeners; starting with an empty configuration would take them down (check --config)",
+            path.display(),
+            opts.bpffs.display()
+        );
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    ConfigFile::default()
+        .save(path)
+        .context("creating the config file")?;
+    info!(config = %path.display(), "created an empty config file (--init-config)");
+    Ok(ConfigFile::default())
+}
+
+/// The IPv4 addresses of this network namespace's interfaces.
+fn local_addrs() -> Vec<Ipv4Addr> {
+    let mut out = Vec::new();
+    let mut ifap: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs allocates a list we walk read-only and free once.
+    unsafe {
+        if libc::getifaddrs(&mut ifap) != 0 {
+            return out;
         }
-        .stage(&self.opts.config)?;
-        lb.apply(specs)?;
-        staged.commit()?;
-        *self.policy.lock().expect("policy lock") = Arc::new(lb.sweep_policy());
-        drop(lb);
-        self.bump();
-        Ok(())
-    }
-
-    /// After a runtime change (drain, health): refresh what the loops see.
-    pub fn changed(&self) {
-        let lb = self.lb.lock().expect("balancer lock");
-        *self.policy.lock().expect("policy lock") = Arc::new(lb.sweep_policy());
-        drop(lb);
-        self.bump();
-    }
-
-    fn bump(&self) {
-        self.generation.send_modify(|g| *g += 1);
-    }
-
-    /// Re-reads the config file and applies it. On failure the running state stays as it is.
-    pub fn reload(&self) -> anyhow::Result<()> {
-        let cfg = ConfigFile::load(&self.opts.config)?;
-        let mut lb = self.lb.lock().expect("balancer lock");
-        lb.apply(cfg.listeners)?;
-        *self.policy.lock().expect("policy lock") = Arc::new(lb.sweep_policy());
-        drop(lb);
-        self.bump();
-        info!(config = %self.opts.config.display(), "configuration reloaded");
-        Ok(())
-    }
-
-    /// `GET /v1/status`.
-    pub fn status(&self) -> Status {
-        Status {
-            version: env!("CARGO_PKG_VERSION").into(),
-            ifaces: self.opts.ifaces.clone(),
-            xdp_mode: format!("{:?}", self.opts.xdp_mode).to_lowercase(),
-            bpffs: self.opts.bpffs.display().to_string(),
-            config: self.opts.config.display().to_string(),
-            uptime_secs: self.started.elapsed().as_secs(),
-            sweeper: self.sweeper.lock().expect("sweeper lock").clone(),
+        let mut p = ifap;
+        while !p.is_null() {
+            let a = (*p).ifa_addr;
+            if !a.is_null() && i32::from((*a).sa_family) == libc::AF_INET {
+                let sin = a as *const libc::sockaddr_in;
+                let ip = Ipv4Addr::from(u32::from_be((*sin).sin_addr.s_addr));
+                if !ip.is_loopback() {
+                    out.push(ip);
+                }
+            }
+            p = (*p).ifa_next;
         }
+        libc::freeifaddrs(ifap);
     }
+    out.sort_unstable();
+    out.dedup();
+    out
+}
 
-    /// Records a health transition (for stats and metrics).
-    pub fn record_transition(&self, listener: &str, backend: std::net::SocketAddrV4, to: Health) {
-        let mut t = self.health_transitions.lock().expect("transitions lock");
-        match t
-            .iter_mut()
-            .find(|x| x.listener == listener && x.backend == backend && x.to == to)
-        {
-            Some(x) => x.count += 1,
-            None => t.push(HealthTransitionCount {
-                listener: listener.into(),
-                backend,
-                to,
-                count: 1,
-            }),
-        }
-    }
+fn cpus() -> u32 {
+    // SAFETY: plain sysconf query.
+    let n = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_CONF) };
+    u32::try_from(n).unwrap_or(1).max(1)
+}
 
-    /// `GET /v1/stats`.
-    pub async fn stats_response(&self, stats: Stats) -> StatsResponse {
-        // Awaited first: no std lock guard may live across an await.
-        let http = self.l7.lock().await.stats();
-        StatsResponse {
-            stats,
-            sweeper: self.sweeper.lock().expect("sweeper lock").clone(),
-            health_transitions: self
-                .health_transitions
-                .lock()
-                .expect("transitions lock")
-                .clone(),
-            http,
-            current_conns_source: "connection table (live entries)".into(),
+/// Tells systemd (`Type=notify`) the daemon's state, if it runs under it.
+fn sd_notify(state: &str) {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let path = PathBuf::from(path);
+    let sock = match std::os::unix::net::UnixDatagram::unbound() {
+        Ok(s) => s,
+        Err(e) => {
+            warn!("sd_notify: {e}");
+            return;
         }
+    };
+    let bytes = path.as_os_str().as_encoded_bytes();
+    let r = if let Some(name) = bytes.strip_prefix(b"@") {
+        use std::os::linux::net::SocketAddrExt as _;
+        std::os::unix::net::SocketAddr::from_abstract_name(name)
+            .and_then(|a| sock.send_to_addr(state.as_bytes(), &a))
+    } else {
+        sock.send_to(state.as_bytes(), &path)
+    };
+    if let Err(e) = r {
+        warn!("sd_notify {state:?}: {e}");
     }
 }
 
@@ -161,12 +170,23 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
     if opts.ifaces.is_empty() {
         bail!("--iface needs at least one interface");
     }
-    // A broken config file is refused before anything is loaded.
-    let cfg = ConfigFile::load(&opts.config).context("refusing to start")?;
+    let cfg = read_config(&opts)?;
     if loader::ensure_bpffs(&opts.bpffs)? {
         info!(dir = %opts.bpffs.display(), "bpffs was not mounted; mounted it");
     }
-    let mut loaded = loader::load(Some(&opts.bpffs))?;
+    // One daemon per datapath: taken before anything is loaded or changed.
+    let _locks = lock::acquire(&opts.bpffs, &opts.api, &opts.ifaces)
+        .context("refusing to start (another daemon serves this datapath)")?;
+    let cfg = match cfg {
+        Some(c) => c,
+        None => init_config(&opts)?,
+    };
+    let sizes = TableSizes {
+        connections: cfg.tables.connections,
+        half_open: cfg.tables.half_open,
+        sessions: cfg.tables.sessions,
+    };
+    let mut loaded = loader::load(Some(&opts.bpffs), &sizes)?;
     // Objects built with CLB_EBPF_DEBUG_LOG=1 log drops through aya-log; the logger owns the
     // log map and must live as long as the program.
     let _logger = match aya_log::EbpfLogger::init(&mut loaded.ebpf) {
@@ -177,21 +197,43 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
             None
         }
     };
-    let mut lb = Balancer::restore(loaded.dataplane)?;
-    let restored = lb.dataplane_restored_summary();
-    lb.apply(cfg.listeners)
-        .context("applying the configuration")?;
-    lb.release_unclaimed()?;
+    let reader = Arc::new(loaded.dataplane.reader()?);
+    let loader::Loaded {
+        mut ebpf,
+        dataplane,
+        mut resized,
+        ..
+    } = loaded;
+    let bgp_spec = cfg.bgp.clone();
+    let ctl = Controller::start(
+        Box::new(dataplane),
+        reader,
+        cfg,
+        ControlOptions {
+            config_path: opts.config.clone(),
+            local_addrs: local_addrs(),
+            cpus: cpus(),
+            info: DaemonInfo {
+                ifaces: opts.ifaces.clone(),
+                xdp_mode: format!("{:?}", opts.xdp_mode).to_lowercase(),
+                bpffs: opts.bpffs.clone(),
+                config: opts.config.clone(),
+                started: Instant::now(),
+            },
+        },
+    )
+    .context("applying the configuration to the datapath")?;
     for iface in &opts.ifaces {
         let ifindex = loader::attach(
-            &mut loaded.ebpf,
+            &mut ebpf,
             XDP_PROGRAM,
             iface,
             opts.xdp_mode,
             Some(&opts.bpffs),
         )?;
-        lb.add_device(ifindex)?;
+        ctl.add_device(ifindex)?;
     }
+    loader::copy_resized(&mut resized, true)?;
     match std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward") {
         Ok(v) if v.trim() == "0" => warn!(
             "net.ipv4.ip_forward is 0: packets the datapath hands to the kernel (no neighbour \
@@ -199,88 +241,185 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
         ),
         _ => {}
     }
-    let tables = AyaTables::open(lb.dataplane())?;
     info!(
         ifaces = ?opts.ifaces,
         mode = ?opts.xdp_mode,
         bpffs = %opts.bpffs.display(),
-        listeners = lb.listeners().len(),
-        restored_listeners = restored.0,
-        restored_backends = restored.1,
+        listeners = ctl.snapshot().listeners.len(),
         "datapath attached"
     );
+
     let key_path = opts.state_dir.join("cookie.key");
     let cookie_key = l7::load_or_create_key(&key_path)
         .with_context(|| format!("loading the HTTP cookie key {}", key_path.display()))?;
-    let (generation, _) = watch::channel(0u64);
-    let policy = lb.sweep_policy();
-    let shared = Arc::new(Shared {
-        lb: Mutex::new(lb),
-        opts: opts.clone(),
-        policy: Mutex::new(Arc::new(policy)),
-        sweeper: Mutex::new(SweeperStatus::default()),
-        health_transitions: Mutex::new(Vec::new()),
-        generation,
-        l7: tokio::sync::Mutex::new(L7Manager::new(cookie_key)),
-        started: Instant::now(),
-    });
+    let proxies = Arc::new(l7::Proxies::new(cookie_key));
+    let speaker = match bgp_spec {
+        Some(spec) => Some(Arc::new(Speaker::new(spec, &opts.state_dir, &opts.bird)?)),
+        None => None,
+    };
+    let api = Api {
+        ctl: ctl.clone(),
+        l7: proxies.clone(),
+        bgp: speaker.clone(),
+    };
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let sweeper = spawn_sweeper(shared.clone(), tables, stop.clone());
-    let drains = tokio::spawn(drain_loop(shared.clone()));
-    let health = tokio::spawn(HealthManager::run(shared.clone()));
-    let l7_task = tokio::spawn(l7_loop(shared.clone()));
-    if let Some(addr) = opts.metrics {
-        let l = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("binding the metrics address {addr}"))?;
-        info!(%addr, "serving Prometheus metrics at /metrics");
-        tokio::spawn(metrics::serve(l, shared.clone()));
+    let mut loops = Vec::new();
+    {
+        let (c, every) = (ctl.clone(), opts.sweep_interval);
+        loops.push(supervise::spawn(ctl.clone(), "sweeper", move || {
+            sweeper(c.clone(), every)
+        }));
+        let c = ctl.clone();
+        loops.push(supervise::spawn(ctl.clone(), "drains", move || {
+            drains(c.clone())
+        }));
+        let c = ctl.clone();
+        loops.push(supervise::spawn(ctl.clone(), "health", move || {
+            let c = c.clone();
+            async move {
+                health::run(c).await;
+                Ok(())
+            }
+        }));
+        let (c, p) = (ctl.clone(), proxies.clone());
+        loops.push(supervise::spawn(ctl.clone(), "http-listeners", move || {
+            let (c, p) = (c.clone(), p.clone());
+            async move {
+                l7::run(c, p).await;
+                Ok(())
+            }
+        }));
+        let (c, dir) = (ctl.clone(), opts.bpffs.clone());
+        loops.push(supervise::spawn(ctl.clone(), "watchdog", move || {
+            watchdog(c.clone(), dir.clone())
+        }));
+        if let Some(addr) = opts.metrics {
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding the metrics address {addr}"))?;
+            info!(%addr, "serving Prometheus metrics at /metrics");
+            let l = Arc::new(std::sync::Mutex::new(Some(l)));
+            let a = api.clone();
+            loops.push(supervise::spawn(ctl.clone(), "metrics", move || {
+                let (l, a) = (l.clone(), a.clone());
+                async move {
+                    let taken = crate::control::lock(&l).take();
+                    let listener = match taken {
+                        Some(l) => l,
+                        None => tokio::net::TcpListener::bind(addr).await?,
+                    };
+                    Ok(metrics::serve(listener, a).await?)
+                }
+            }));
+        }
+        if let Some(s) = &speaker {
+            let (c, s) = (ctl.clone(), s.clone());
+            loops.push(supervise::spawn(ctl.clone(), "bgp", move || {
+                s.clone().run(c.clone())
+            }));
+        }
     }
 
-    if let Some(dir) = opts.api.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
-    match std::fs::remove_file(&opts.api) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e).with_context(|| format!("removing stale {}", opts.api.display())),
-    }
-    let listener =
-        UnixListener::bind(&opts.api).with_context(|| format!("binding {}", opts.api.display()))?;
-    std::fs::set_permissions(&opts.api, std::fs::Permissions::from_mode(0o600))?;
+    let listener = api::bind(&opts.api)?;
     info!(api = %opts.api.display(), "API listening");
+    sd_notify("READY=1");
 
     let mut hup = tokio::signal::unix::signal(SignalKind::hangup())?;
     let reloader = {
-        let shared = shared.clone();
+        let ctl = ctl.clone();
         tokio::spawn(async move {
             while hup.recv().await.is_some() {
-                let s = shared.clone();
-                match tokio::task::spawn_blocking(move || s.reload()).await {
+                let c = ctl.clone();
+                match tokio::task::spawn_blocking(move || c.reload()).await {
                     Ok(Ok(())) => {}
-                    Ok(Err(e)) => error!("reload failed, keeping the running state: {e:#}"),
+                    Ok(Err(e)) => error!("reload failed, keeping the running state: {e}"),
                     Err(e) => error!("reload task failed: {e}"),
                 }
             }
         })
     };
-    axum::serve(listener, api::router(shared.clone()))
+    axum::serve(listener, api::server::router(api))
         .with_graceful_shutdown(shutdown_signal())
         .await
         .context("serving the API")?;
 
     info!("stopping; the datapath, its maps and links stay in place");
-    stop.store(true, Ordering::Relaxed);
+    sd_notify("STOPPING=1");
+    // Withdraw the VIPs first: peers move new flows elsewhere while this node still forwards.
+    if let Some(s) = &speaker {
+        s.shutdown().await;
+    }
     reloader.abort();
-    drains.abort();
-    health.abort();
-    l7_task.abort();
-    sweeper.join().ok();
+    for l in loops {
+        l.abort();
+    }
+    proxies.stop_all();
     std::fs::remove_file(&opts.api).ok();
-    // `loaded.ebpf` drops here: the programs stay loaded through their pinned links.
-    drop(loaded.ebpf);
+    // `ebpf` drops here: the programs stay loaded through their pinned links.
+    drop(ebpf);
     Ok(())
+}
+
+/// Sweeps the tables every `every`, on a blocking thread (a walk of a million entries takes
+/// about a second), and publishes the report.
+async fn sweeper(ctl: Arc<Controller>, every: Duration) -> anyhow::Result<()> {
+    loop {
+        let t0 = Instant::now();
+        let c = ctl.clone();
+        let r = tokio::task::spawn_blocking(move || {
+            sweep(
+                c.reader(),
+                &|| c.snapshot().policy.clone(),
+                monotonic_ns(),
+                SWEEP_PAUSE,
+            )
+        })
+        .await??;
+        let removed =
+            r.conns_removed + r.half_open_removed + r.sessions_removed + r.pending_removed;
+        if removed > 0 {
+            info!(
+                conns_removed = r.conns_removed,
+                half_open_removed = r.half_open_removed,
+                sessions_removed = r.sessions_removed,
+                pending_removed = r.pending_removed,
+                micros = r.micros,
+                "swept expired entries"
+            );
+        }
+        ctl.record_sweep(r);
+        tokio::time::sleep(every.saturating_sub(t0.elapsed())).await;
+    }
+}
+
+/// Cuts the connections of drained backends when their drain deadline passes.
+async fn drains(ctl: Arc<Controller>) -> anyhow::Result<()> {
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tick.tick().await;
+        let c = ctl.clone();
+        let n = tokio::task::spawn_blocking(move || c.finish_drains(Instant::now())).await??;
+        if n > 0 {
+            info!(
+                conns_removed = n,
+                "drain deadline reached, connections removed"
+            );
+        }
+    }
+}
+
+/// Notices a datapath torn down under the daemon (`clb teardown --force`).
+async fn watchdog(ctl: Arc<Controller>, bpffs: PathBuf) -> anyhow::Result<()> {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        if ctl.detached().is_none() && !loader::attached(&bpffs) {
+            ctl.set_detached(format!(
+                "its pins under {} were removed (clb teardown)",
+                bpffs.display()
+            ));
+        }
+    }
 }
 
 /// Reads the datapath's debug log records whenever the ring buffer has data.
@@ -306,116 +445,17 @@ fn spawn_ebpf_logger(
 }
 
 async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(SignalKind::terminate()).expect("SIGTERM handler");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
-}
-
-/// Pause after each batch the sweeper walks (8192 entries, a few ms of work): keeps a big
-/// sweep from competing with the datapath flat out, at ~0.25 s per million entries.
-pub const SWEEP_PAUSE: Duration = Duration::from_millis(2);
-
-/// The sweeper runs on its own thread with its own map handles, so a long sweep never holds
-/// the control plane's lock.
-fn spawn_sweeper(
-    shared: Arc<Shared>,
-    mut tables: AyaTables,
-    stop: Arc<AtomicBool>,
-) -> std::thread::JoinHandle<()> {
-    std::thread::Builder::new()
-        .name("clb-sweeper".into())
-        .spawn(move || {
-            let interval = shared.opts.sweep_interval;
-            while !stop.load(Ordering::Relaxed) {
-                let t0 = Instant::now();
-                let policy = || shared.policy.lock().expect("policy lock").clone();
-                match sweep(&mut tables, &policy, monotonic_ns(), SWEEP_PAUSE) {
-                    Ok(r) => {
-                        if r.conns_removed + r.sessions_removed > 0 {
-                            info!(
-                                conns_removed = r.conns_removed,
-                                sessions_removed = r.sessions_removed,
-                                conns_scanned = r.conns_scanned,
-                                sessions_scanned = r.sessions_scanned,
-                                micros = r.micros,
-                                "swept expired entries"
-                            );
-                        }
-                        let mut s = shared.sweeper.lock().expect("sweeper lock");
-                        s.runs += 1;
-                        s.conns_removed_total += r.conns_removed;
-                        s.sessions_removed_total += r.sessions_removed;
-                        s.last = r;
-                    }
-                    Err(e) => error!("sweep failed: {e}"),
-                }
-                // Sleep in small steps so a stop is seen quickly.
-                while t0.elapsed() < interval && !stop.load(Ordering::Relaxed) {
-                    std::thread::sleep(Duration::from_millis(100));
-                }
+    let term = tokio::signal::unix::signal(SignalKind::terminate());
+    match term {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
             }
-        })
-        .expect("spawning the sweeper thread")
-}
-
-/// Keeps the HTTP listeners in line with the configuration and backend states.
-async fn l7_loop(shared: Arc<Shared>) {
-    let mut rx = shared.generation.subscribe();
-    loop {
-        let configs: Vec<L7Config> = {
-            let lb = shared.lb.lock().expect("balancer lock");
-            lb.listeners()
-                .values()
-                .filter(|l| l.spec.proto == Proto::Http)
-                .map(|l| L7Config {
-                    name: l.spec.name.clone(),
-                    vip: l.spec.vip,
-                    persist: l.spec.persist,
-                    keepalive_secs: l.spec.keepalive_secs(),
-                    cookie_name: l.spec.cookie().to_owned(),
-                    backends: l
-                        .backends
-                        .iter()
-                        .zip(l.accepting())
-                        .map(|(b, accepting)| L7Backend {
-                            addr: b.spec.addr,
-                            weight: b.spec.weight,
-                            accepting,
-                        })
-                        .collect(),
-                })
-                .collect()
-        };
-        if let Err(e) = shared.l7.lock().await.sync(configs).await {
-            error!("HTTP listeners: {e:#}");
         }
-        if rx.changed().await.is_err() {
-            return;
-        }
-    }
-}
-
-/// Cuts the connections of drained backends when their drain deadline passes.
-async fn drain_loop(shared: Arc<Shared>) {
-    let mut tick = tokio::time::interval(Duration::from_millis(500));
-    loop {
-        tick.tick().await;
-        let s = shared.clone();
-        let res = tokio::task::spawn_blocking(move || {
-            let mut lb = s.lb.lock().expect("balancer lock");
-            lb.finish_drains(Instant::now())
-        })
-        .await;
-        match res {
-            Ok(Ok(0)) => {}
-            Ok(Ok(n)) => info!(
-                conns_removed = n,
-                "drain deadline reached, connections removed"
-            ),
-            Ok(Err(e)) => error!("finishing drains: {e}"),
-            Err(e) => error!("drain task: {e}"),
+        Err(e) => {
+            warn!("no SIGTERM handler ({e}); stopping on Ctrl-C only");
+            tokio::signal::ctrl_c().await.ok();
         }
     }
 }

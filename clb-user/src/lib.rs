@@ -1,25 +1,37 @@
-//! clb user space: the control plane (model, balancer, sweeper), the aya loader, the daemon
-//! with its API, the CLI, health checks, metrics and the L7 HTTP listener.
+//! clb user space. The tree is the architecture; dependencies point one way:
+//!
+//! ```text
+//! main ─ daemon (wiring; imported by nothing)
+//!          │
+//!   api  cli  health  metrics  l7  bgp  supervise      the edges
+//!          │
+//!       control      the owner: model, config file, transactions, snapshots
+//!          │
+//!       balancer     ids, projection to clb-common layouts, ordered diff + rollback
+//!          │
+//!   sched   datapath aya maps (writer, reader), loader, locks, sweeper, batches
+//!          │
+//!      clb-common    the types kernel and user space agree on
+//! ```
 
 pub mod api;
 pub mod balancer;
-pub mod batch;
+pub mod bgp;
 pub mod cli;
-pub mod client;
-pub mod config;
+pub mod control;
 pub mod daemon;
-pub mod dataplane;
+pub mod datapath;
 pub mod health;
 pub mod l7;
-pub mod loader;
 pub mod metrics;
-pub mod model;
 pub mod sched;
+pub mod supervise;
 pub mod time;
 
 /// The compiled XDP object (`clb-ebpf`), embedded at build time.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/clb"));
 
-/// Benchmark-only XDP object: the live-frames traffic generator (`clb_gen`) and the counting
-/// drop sink (`clb_sink`) of `cargo xtask bench`. Never loaded by the daemon.
-pub static GEN_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/clb-gen"));
+/// The version and the commit the binary was built from.
+pub const fn version() -> &'static str {
+    concat!(env!("CARGO_PKG_VERSION"), " (", env!("CLB_COMMIT"), ")")
+}

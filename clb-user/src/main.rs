@@ -4,8 +4,8 @@ use std::{process::ExitCode, time::Duration};
 
 use clap::Parser as _;
 use clb::{
-    cli::{Cli, Command, run_client, teardown},
-    client::ClientError,
+    api::client::ClientError,
+    cli::{self, Cli, Command},
     daemon::{self, DaemonOptions},
 };
 
@@ -21,13 +21,17 @@ fn main() -> ExitCode {
                 .init();
             let opts = DaemonOptions {
                 config: args.config,
+                init_config: args.init_config,
                 ifaces: args.iface,
                 xdp_mode: args.xdp_mode,
                 bpffs: args.bpffs,
                 api: cli.api,
                 metrics: args.metrics,
+                console: args.console,
+                console_token_file: args.console_token_file,
                 sweep_interval: Duration::from_secs(args.sweep_interval),
                 state_dir: args.state_dir,
+                bird: args.bird,
             };
             let Some(rt) = runtime(tokio::runtime::Builder::new_multi_thread()) else {
                 return ExitCode::FAILURE;
@@ -41,18 +45,17 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Teardown { bpffs } => match teardown(&bpffs) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("error: {e:#}");
-                ExitCode::FAILURE
-            }
-        },
+        Command::Teardown { bpffs, force } => report(cli::teardown(&bpffs, force)),
+        Command::Completions { shell } => {
+            cli::completions(shell);
+            ExitCode::SUCCESS
+        }
+        Command::Man => report(cli::man()),
         _ => {
             let Some(rt) = runtime(tokio::runtime::Builder::new_current_thread()) else {
                 return ExitCode::FAILURE;
             };
-            match rt.block_on(run_client(cli)) {
+            match rt.block_on(cli::run_client(cli)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(ClientError::Refused { status, message }) => {
                     eprintln!("error: {message} (HTTP {status})");
@@ -63,6 +66,16 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+    }
+}
+
+fn report(r: anyhow::Result<()>) -> ExitCode {
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
         }
     }
 }

@@ -1,367 +1,496 @@
-//! Prometheus text exposition (format 0.0.4) of the daemon's counters, served on an opt-in
-//! TCP address at `/metrics`.
+//! Prometheus metrics at `/metrics` on an opt-in TCP address, encoded by `prometheus-client`
+//! from a collector that reads, at scrape time, the controller's snapshot, the sweeper's
+//! latest counts and the datapath's per-CPU counters — never the flow tables, never the
+//! writer's lock, so a scrape costs the same with a million entries as with none.
+//!
+//! Prometheus asks for OpenMetrics (`Accept: application/openmetrics-text`) and gets it as
+//! encoded; any other client (curl, promtool) gets the classic text format 0.0.4, which
+//! differs only in naming counter families by their `_total` sample name and having no
+//! `# EOF`.
 
-use std::{fmt::Write as _, sync::Arc};
+use std::borrow::Cow;
 
-use axum::{Router, extract::State, http::header, response::IntoResponse, routing::get};
+use axum::{
+    Router,
+    extract::State,
+    http::{HeaderMap, StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::get,
+};
 use clb_common::{TrafficCounters, counter};
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, NoLabelSet},
+    metrics::MetricType,
+    registry::Registry,
+};
 
-use crate::{api::StatsResponse, balancer::Health, daemon::Shared};
+use crate::{
+    api::server::{Api, ApiResult, blocking, stats_view},
+    api::types::StatsResponse,
+    control::state::Health,
+};
 
-/// Serves `/metrics` until the daemon stops.
-pub async fn serve(l: tokio::net::TcpListener, shared: Arc<Shared>) {
+/// Serves `/metrics` on `l` until the daemon stops.
+pub async fn serve(l: tokio::net::TcpListener, api: Api) -> std::io::Result<()> {
     let app = Router::new()
         .route("/metrics", get(handler))
-        .with_state(shared);
-    if let Err(e) = axum::serve(l, app).await {
-        tracing::error!("metrics server stopped: {e}");
+        .with_state(api);
+    axum::serve(l, app).await
+}
+
+async fn handler(State(api): State<Api>, headers: HeaderMap) -> Response {
+    let openmetrics = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("application/openmetrics-text"));
+    let a = api.clone();
+    match blocking(move || scrape(&a)).await {
+        Ok(text) if openmetrics => (
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            text,
+        )
+            .into_response(),
+        Ok(text) => (
+            [(
+                header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
+            to_prometheus_text(&text),
+        )
+            .into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.1).into_response(),
     }
 }
 
-async fn handler(State(s): State<Arc<Shared>>) -> impl IntoResponse {
-    let sh = s.clone();
-    let res = tokio::task::spawn_blocking(move || {
-        let lb = sh.lb.lock().expect("balancer lock");
-        let stats = lb.stats()?;
-        let health: Vec<(String, String, bool, bool)> = lb
-            .listeners()
-            .values()
-            .flat_map(|l| {
-                let acc = l.accepting();
-                l.backends
-                    .iter()
-                    .zip(acc)
-                    .map(|(b, a)| {
-                        (
-                            l.spec.name.clone(),
-                            b.spec.addr.to_string(),
-                            b.health == Health::Healthy,
-                            a,
-                        )
-                    })
-                    .collect::<Vec<_>>()
-            })
-            .collect();
-        Ok::<_, crate::balancer::BalancerError>((stats, health))
-    })
-    .await;
-    match res {
-        Ok(Ok((stats, health))) => {
-            let full = s.stats_response(stats).await;
-            (
-                [(
-                    header::CONTENT_TYPE,
-                    "text/plain; version=0.0.4; charset=utf-8",
-                )],
-                render(&full, &health),
-            )
-                .into_response()
-        }
-        Ok(Err(e)) => {
-            (axum::http::StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response()
-        }
-        Err(e) => (axum::http::StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
-    }
-}
-
-/// Escapes a label value.
-fn esc(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
-}
-
-struct Family<'a> {
-    out: &'a mut String,
-}
-
-impl Family<'_> {
-    fn head(&mut self, name: &str, kind: &str, help: &str) {
-        writeln!(self.out, "# HELP {name} {help}").ok();
-        writeln!(self.out, "# TYPE {name} {kind}").ok();
-    }
-    fn sample(&mut self, name: &str, labels: &[(&str, &str)], v: u64) {
-        let l: Vec<String> = labels
-            .iter()
-            .map(|(k, v)| format!("{k}=\"{}\"", esc(v)))
-            .collect();
-        if l.is_empty() {
-            writeln!(self.out, "{name} {v}").ok();
-        } else {
-            writeln!(self.out, "{name}{{{}}} {v}", l.join(",")).ok();
-        }
-    }
-}
-
-/// The exposition text. `health`: (listener, backend, healthy, accepting).
-pub fn render(s: &StatsResponse, health: &[(String, String, bool, bool)]) -> String {
-    let mut out = String::new();
-    let mut f = Family { out: &mut out };
-    // Per listener and per backend families share their shape: a name, a type, a help text
-    // and how to read the value from (counters, live connections, live sessions).
-    type Get = fn(&TrafficCounters, u64, u64) -> u64;
-    let directional: [(&str, &str, Get, Get); 2] = [
-        (
-            "packets",
-            "Packets balanced, by direction (in: client to backend, out: backend to client).",
-            |c, _, _| c.fwd_packets,
-            |c, _, _| c.rev_packets,
-        ),
-        (
-            "bytes",
-            "IP bytes balanced, by direction.",
-            |c, _, _| c.fwd_bytes,
-            |c, _, _| c.rev_bytes,
-        ),
-    ];
-    let plain: [(&str, &str, &str, Get); 6] = [
-        (
-            "new_connections_total",
-            "counter",
-            "Connection-table entries created (new flows).",
-            |c, _, _| c.new_conns,
-        ),
-        (
-            "session_hits_total",
-            "counter",
-            "New connections decided by a live persistence entry.",
-            |c, _, _| c.session_hits,
-        ),
-        (
-            "sessions_written_total",
-            "counter",
-            "Persistence entries written (new or rescheduled clients).",
-            |c, _, _| c.session_new,
-        ),
-        (
-            "resets_total",
-            "counter",
-            "TCP RSTs sent for packets of connections the balancer does not know.",
-            |c, _, _| c.resets,
-        ),
-        (
-            "current_connections",
-            "gauge",
-            "Live connection-table entries.",
-            |_, conns, _| conns,
-        ),
-        (
-            "persisted_clients",
-            "gauge",
-            "Live persistence entries.",
-            |_, _, sessions| sessions,
-        ),
-    ];
-    type Row<'a> = (Vec<(&'static str, String)>, &'a TrafficCounters, u64, u64);
-    let listeners: Vec<Row> = s
-        .stats
-        .listeners
-        .iter()
-        .map(|l| {
-            (
-                vec![("listener", l.name.clone())],
-                &l.counters,
-                l.current_conns,
-                l.persisted_clients,
-            )
-        })
-        .collect();
-    let backends: Vec<Row> = s
-        .stats
+/// The OpenMetrics text of everything clb measures.
+pub fn scrape(api: &Api) -> ApiResult<String> {
+    let stats = stats_view(api)?;
+    let snap = api.ctl.snapshot();
+    let health: Vec<(String, String, bool, bool)> = snap
         .listeners
         .iter()
         .flat_map(|l| {
             l.backends.iter().map(|b| {
                 (
-                    vec![
-                        ("listener", l.name.clone()),
-                        ("backend", b.addr.to_string()),
-                    ],
-                    &b.counters,
-                    b.current_conns,
-                    b.persisted_clients,
+                    l.spec.name.clone(),
+                    b.spec.addr.to_string(),
+                    b.health == Health::Healthy,
+                    b.accepting,
                 )
             })
         })
         .collect();
-    for (scope, rows) in [("listener", &listeners), ("backend", &backends)] {
-        for (what, help, fwd, rev) in &directional {
-            let name = format!("clb_{scope}_{what}_total");
-            f.head(&name, "counter", help);
-            for (labels, c, conns, sess) in rows.iter() {
-                for (dir, get) in [("in", fwd), ("out", rev)] {
-                    let mut l: Vec<(&str, &str)> =
-                        labels.iter().map(|(k, v)| (*k, v.as_str())).collect();
-                    l.push(("direction", dir));
-                    f.sample(&name, &l, get(c, *conns, *sess));
-                }
-            }
-        }
-        for (what, kind, help, get) in &plain {
-            let name = format!("clb_{scope}_{what}");
-            f.head(&name, kind, help);
-            for (labels, c, conns, sess) in rows.iter() {
-                let l: Vec<(&str, &str)> = labels.iter().map(|(k, v)| (*k, v.as_str())).collect();
-                f.sample(&name, &l, get(c, *conns, *sess));
-            }
-        }
-    }
-    f.head(
-        "clb_backend_up",
-        "gauge",
-        "1 if the backend passes its health checks.",
-    );
-    for (l, b, up, _) in health {
-        f.sample(
-            "clb_backend_up",
-            &[("listener", l), ("backend", b)],
-            u64::from(*up),
-        );
-    }
-    f.head("clb_backend_accepting", "gauge", "1 if the backend takes new connections (weight > 0, not draining, healthy or all unhealthy).");
-    for (l, b, _, acc) in health {
-        f.sample(
-            "clb_backend_accepting",
-            &[("listener", l), ("backend", b)],
-            u64::from(*acc),
-        );
-    }
+    let tables = api.ctl.reader().table_info().unwrap_or_default();
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(Scrape {
+        stats,
+        health,
+        tables,
+    }));
+    let mut out = String::new();
+    prometheus_client::encoding::text::encode(&mut out, &registry).map_err(|e| {
+        crate::api::server::ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+    })?;
+    Ok(out)
+}
 
-    f.head(
-        "clb_datapath_verdicts_total",
-        "counter",
-        "XDP verdicts of the balancer program.",
-    );
-    for (name, v) in &s.stats.counters {
-        if let Some(verdict) = name.strip_prefix("verdict_") {
-            f.sample("clb_datapath_verdicts_total", &[("verdict", verdict)], *v);
-        }
-    }
-    f.head(
-        "clb_datapath_drops_total",
-        "counter",
-        "Packets dropped by the datapath, by reason.",
-    );
-    for (i, name) in counter::NAMES.iter().enumerate() {
-        if counter::is_drop_reason(i as u32)
-            && let Some(reason) = name.strip_prefix("drop_")
+/// OpenMetrics text → Prometheus text 0.0.4: counter families are named by their `_total`
+/// samples, and the `# EOF` marker goes.
+pub fn to_prometheus_text(om: &str) -> String {
+    let mut counters = std::collections::HashSet::new();
+    for l in om.lines() {
+        if let Some(rest) = l.strip_prefix("# TYPE ")
+            && let Some(name) = rest.strip_suffix(" counter")
         {
-            f.sample(
-                "clb_datapath_drops_total",
-                &[("reason", reason)],
-                s.stats.counters.get(*name).copied().unwrap_or(0),
-            );
+            counters.insert(name.to_owned());
         }
     }
-    f.head("clb_datapath_events_total", "counter", "Datapath events: packets handed to the kernel stack and why, RSTs sent, replies without a connection.");
-    for (name, v) in &s.stats.counters {
-        if !name.starts_with("verdict_") && !name.starts_with("drop_") {
-            f.sample("clb_datapath_events_total", &[("event", name)], *v);
+    let mut out = String::with_capacity(om.len());
+    for l in om.lines() {
+        if l == "# EOF" || l.starts_with("# UNIT ") {
+            continue;
         }
-    }
-
-    f.head(
-        "clb_http_requests_total",
-        "counter",
-        "HTTP requests proxied, by backend.",
-    );
-    for l in &s.http {
-        for b in &l.backends {
-            f.sample(
-                "clb_http_requests_total",
-                &[("listener", &l.name), ("backend", &b.addr.to_string())],
-                b.requests,
-            );
-        }
-    }
-    f.head(
-        "clb_http_responses_total",
-        "counter",
-        "HTTP responses sent to clients, by status class.",
-    );
-    for l in &s.http {
-        for (class, v) in [
-            ("2xx", l.responses_2xx),
-            ("3xx", l.responses_3xx),
-            ("4xx", l.responses_4xx),
-            ("5xx", l.responses_5xx),
-        ] {
-            f.sample(
-                "clb_http_responses_total",
-                &[("listener", &l.name), ("class", class)],
-                v,
-            );
-        }
-    }
-    type HttpGet = fn(&crate::l7::L7ListenerStats) -> u64;
-    let http: [(&str, &str, HttpGet); 4] = [
-        (
-            "clb_http_connections_total",
-            "Client connections accepted.",
-            |l| l.connections,
-        ),
-        (
-            "clb_http_cookies_set_total",
-            "Responses that set a persistence cookie.",
-            |l| l.cookies_set,
-        ),
-        (
-            "clb_http_cookie_hits_total",
-            "Requests routed by a valid persistence cookie.",
-            |l| l.cookie_hits,
-        ),
-        (
-            "clb_http_upstream_errors_total",
-            "Requests whose backend could not be reached (502).",
-            |l| l.upstream_errors,
-        ),
-    ];
-    for (name, help, get) in http {
-        f.head(name, "counter", help);
-        for l in &s.http {
-            f.sample(name, &[("listener", &l.name)], get(l));
-        }
-    }
-    f.head(
-        "clb_sweeper_runs_total",
-        "counter",
-        "Sweeps of the connection and persistence tables.",
-    );
-    f.sample("clb_sweeper_runs_total", &[], s.sweeper.runs);
-    f.head(
-        "clb_sweeper_removed_total",
-        "counter",
-        "Expired entries removed by the sweeper.",
-    );
-    f.sample(
-        "clb_sweeper_removed_total",
-        &[("table", "connections")],
-        s.sweeper.conns_removed_total,
-    );
-    f.sample(
-        "clb_sweeper_removed_total",
-        &[("table", "sessions")],
-        s.sweeper.sessions_removed_total,
-    );
-    f.head(
-        "clb_health_transitions_total",
-        "counter",
-        "Backend health changes.",
-    );
-    for t in &s.health_transitions {
-        let to = match t.to {
-            Health::Healthy => "healthy",
-            Health::Unhealthy => "unhealthy",
-        };
-        f.sample(
-            "clb_health_transitions_total",
-            &[
-                ("listener", &t.listener),
-                ("backend", &t.backend.to_string()),
-                ("to", to),
-            ],
-            t.count,
-        );
+        let renamed = ["# TYPE ", "# HELP "].iter().find_map(|p| {
+            let rest = l.strip_prefix(p)?;
+            let (name, tail) = rest.split_once(' ')?;
+            counters
+                .contains(name)
+                .then(|| format!("{p}{name}_total {tail}"))
+        });
+        out.push_str(renamed.as_deref().unwrap_or(l));
+        out.push('\n');
     }
     out
+}
+
+/// One scrape's data, encoded on `encode`.
+#[derive(Debug)]
+struct Scrape {
+    stats: StatsResponse,
+    /// (listener, backend, healthy, accepting)
+    health: Vec<(String, String, bool, bool)>,
+    tables: [crate::datapath::TableInfo; 4],
+}
+
+type Labels = Vec<(&'static str, Cow<'static, str>)>;
+
+fn family(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    kind: MetricType,
+    samples: impl IntoIterator<Item = (Labels, u64)>,
+) -> Result<(), std::fmt::Error> {
+    let mut m = enc.encode_descriptor(name, help, None, kind)?;
+    for (labels, v) in samples {
+        let mut f = m.encode_family(&labels)?;
+        match kind {
+            MetricType::Counter => f.encode_counter::<NoLabelSet, _, u64>(&v, None)?,
+            _ => f.encode_gauge(&(v as i64))?,
+        }
+    }
+    Ok(())
+}
+
+fn s(v: &str) -> Cow<'static, str> {
+    Cow::Owned(v.to_owned())
+}
+
+impl Collector for Scrape {
+    fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let st = &self.stats;
+        type Get = fn(&TrafficCounters) -> u64;
+        // (scope labels, counters, live counts) per listener, then per backend.
+        let listeners: Vec<(Labels, &TrafficCounters, &crate::datapath::sweep::Live)> = st
+            .listeners
+            .iter()
+            .map(|l| (vec![("listener", s(&l.name))], &l.counters, &l.live))
+            .collect();
+        let backends: Vec<(Labels, &TrafficCounters, &crate::datapath::sweep::Live)> = st
+            .listeners
+            .iter()
+            .flat_map(|l| {
+                l.backends.iter().map(|b| {
+                    (
+                        vec![
+                            ("listener", s(&l.name)),
+                            ("backend", s(&b.addr.to_string())),
+                        ],
+                        &b.counters,
+                        &b.live,
+                    )
+                })
+            })
+            .collect();
+        let directional: [(&str, &str, Get, Get); 2] = [
+            (
+                "packets",
+                "Packets balanced, by direction (in: client to backend, out: backend to client).",
+                |c| c.fwd_packets,
+                |c| c.rev_packets,
+            ),
+            (
+                "bytes",
+                "IP bytes balanced, by direction.",
+                |c| c.fwd_bytes,
+                |c| c.rev_bytes,
+            ),
+        ];
+        let plain: [(&str, &str, Get); 4] = [
+            (
+                "new_connections",
+                "New flows scheduled (SYNs, new UDP flows, adopted mid-stream flows).",
+                |c| c.new_conns,
+            ),
+            (
+                "session_hits",
+                "New flows decided by a live persistence entry.",
+                |c| c.session_hits,
+            ),
+            (
+                "sessions_written",
+                "Persistence entries committed (new or rescheduled clients with a verified flow).",
+                |c| c.session_new,
+            ),
+            (
+                "resets",
+                "TCP RSTs sent for packets of connections the balancer does not know.",
+                |c| c.resets,
+            ),
+        ];
+        type Live = fn(&crate::datapath::sweep::Live) -> u64;
+        let gauges: [(&str, &str, Live); 3] = [
+            (
+                "current_connections",
+                "Live connection-table entries (verified flows) at the last sweep.",
+                |l| l.conns,
+            ),
+            (
+                "half_open_connections",
+                "Live half-open entries (unverified flows) at the last sweep.",
+                |l| l.half_open,
+            ),
+            (
+                "persisted_clients",
+                "Live persistence entries at the last sweep.",
+                |l| l.sessions,
+            ),
+        ];
+        for (scope, rows) in [("listener", &listeners), ("backend", &backends)] {
+            for (what, help, fwd, rev) in &directional {
+                family(
+                    &mut enc,
+                    &format!("clb_{scope}_{what}"),
+                    help,
+                    MetricType::Counter,
+                    rows.iter().flat_map(|(labels, c, _)| {
+                        [("in", fwd), ("out", rev)].map(|(dir, get)| {
+                            let mut l = labels.clone();
+                            l.push(("direction", Cow::Borrowed(dir)));
+                            (l, get(c))
+                        })
+                    }),
+                )?;
+            }
+            for (what, help, get) in &plain {
+                family(
+                    &mut enc,
+                    &format!("clb_{scope}_{what}"),
+                    help,
+                    MetricType::Counter,
+                    rows.iter().map(|(labels, c, _)| (labels.clone(), get(c))),
+                )?;
+            }
+            for (what, help, get) in &gauges {
+                family(
+                    &mut enc,
+                    &format!("clb_{scope}_{what}"),
+                    help,
+                    MetricType::Gauge,
+                    rows.iter()
+                        .map(|(labels, _, live)| (labels.clone(), get(live))),
+                )?;
+            }
+        }
+        let hl = |l: &str, b: &str| vec![("listener", s(l)), ("backend", s(b))];
+        family(
+            &mut enc,
+            "clb_backend_up",
+            "1 if the backend passes its health checks.",
+            MetricType::Gauge,
+            self.health
+                .iter()
+                .map(|(l, b, up, _)| (hl(l, b), u64::from(*up))),
+        )?;
+        family(
+            &mut enc,
+            "clb_backend_accepting",
+            "1 if the backend takes new connections (weight > 0, not draining, healthy or all unhealthy).",
+            MetricType::Gauge,
+            self.health
+                .iter()
+                .map(|(l, b, _, a)| (hl(l, b), u64::from(*a))),
+        )?;
+        family(
+            &mut enc,
+            "clb_datapath_verdicts",
+            "XDP verdicts of the balancer program.",
+            MetricType::Counter,
+            st.counters.iter().filter_map(|(name, v)| {
+                let verdict = name.strip_prefix("verdict_")?;
+                Some((vec![("verdict", s(verdict))], *v))
+            }),
+        )?;
+        family(
+            &mut enc,
+            "clb_datapath_drops",
+            "Packets dropped by the datapath, by reason.",
+            MetricType::Counter,
+            counter::NAMES.iter().enumerate().filter_map(|(i, name)| {
+                let reason = name.strip_prefix("drop_")?;
+                counter::is_drop_reason(i as u32).then(|| {
+                    (
+                        vec![("reason", s(reason))],
+                        st.counters.get(*name).copied().unwrap_or(0),
+                    )
+                })
+            }),
+        )?;
+        family(
+            &mut enc,
+            "clb_datapath_events",
+            "Datapath events: packets handed to the kernel stack and why, RSTs sent, half-open promotions, flood-mode work.",
+            MetricType::Counter,
+            st.counters
+                .iter()
+                .filter(|(name, _)| !name.starts_with("verdict_") && !name.starts_with("drop_"))
+                .map(|(name, v)| (vec![("event", s(name))], *v)),
+        )?;
+        family(
+            &mut enc,
+            "clb_flood_mode",
+            "1 while flood mode is on (new TCP flows placed by the stateless hash).",
+            MetricType::Gauge,
+            [(vec![], u64::from(st.flood.active))],
+        )?;
+        family(
+            &mut enc,
+            "clb_flood_mode_entered",
+            "Times a CPU switched flood mode on.",
+            MetricType::Counter,
+            [(vec![], st.flood.entered)],
+        )?;
+        let names = ["connections", "half_open", "sessions", "pending_sessions"];
+        family(
+            &mut enc,
+            "clb_table_capacity",
+            "Entries a flow table holds.",
+            MetricType::Gauge,
+            names
+                .iter()
+                .zip(&self.tables)
+                .map(|(n, t)| (vec![("table", Cow::Borrowed(*n))], u64::from(t.capacity))),
+        )?;
+        family(
+            &mut enc,
+            "clb_table_memory_bytes",
+            "Kernel memory charged to a flow table.",
+            MetricType::Gauge,
+            names
+                .iter()
+                .zip(&self.tables)
+                .map(|(n, t)| (vec![("table", Cow::Borrowed(*n))], t.memory_bytes)),
+        )?;
+        family(
+            &mut enc,
+            "clb_http_requests",
+            "HTTP requests proxied, by backend.",
+            MetricType::Counter,
+            st.http.iter().flat_map(|l| {
+                l.backends
+                    .iter()
+                    .map(|b| (hl(&l.name, &b.addr.to_string()), b.requests))
+            }),
+        )?;
+        family(
+            &mut enc,
+            "clb_http_responses",
+            "HTTP responses sent to clients, by status class.",
+            MetricType::Counter,
+            st.http.iter().flat_map(|l| {
+                [
+                    ("2xx", l.responses_2xx),
+                    ("3xx", l.responses_3xx),
+                    ("4xx", l.responses_4xx),
+                    ("5xx", l.responses_5xx),
+                ]
+                .map(|(class, v)| {
+                    (
+                        vec![("listener", s(&l.name)), ("class", Cow::Borrowed(class))],
+                        v,
+                    )
+                })
+            }),
+        )?;
+        type HttpGet = fn(&crate::l7::L7ListenerStats) -> u64;
+        let http: [(&str, &str, HttpGet); 6] = [
+            (
+                "clb_http_connections",
+                "Client connections accepted.",
+                |l| l.connections,
+            ),
+            (
+                "clb_http_cookies_set",
+                "Responses that set a persistence cookie.",
+                |l| l.cookies_set,
+            ),
+            (
+                "clb_http_cookie_hits",
+                "Requests routed by a valid persistence cookie.",
+                |l| l.cookie_hits,
+            ),
+            (
+                "clb_http_upstream_errors",
+                "Requests whose backend could not be reached or did not answer in time (502/504).",
+                |l| l.upstream_errors,
+            ),
+            (
+                "clb_http_client_errors",
+                "Requests refused for the client's framing or headers (400, 413, 431).",
+                |l| l.client_errors,
+            ),
+            (
+                "clb_http_refused_connections",
+                "Client connections refused at the connection cap (503).",
+                |l| l.refused_connections,
+            ),
+        ];
+        for (name, help, get) in http {
+            family(
+                &mut enc,
+                name,
+                help,
+                MetricType::Counter,
+                st.http
+                    .iter()
+                    .map(|l| (vec![("listener", s(&l.name))], get(l))),
+            )?;
+        }
+        family(
+            &mut enc,
+            "clb_sweeper_runs",
+            "Sweeps of the flow tables.",
+            MetricType::Counter,
+            [(vec![], st.sweeper.runs)],
+        )?;
+        family(
+            &mut enc,
+            "clb_sweeper_removed",
+            "Expired entries removed by the sweeper.",
+            MetricType::Counter,
+            [
+                ("connections", st.sweeper.conns_removed_total),
+                ("half_open", st.sweeper.half_open_removed_total),
+                ("sessions", st.sweeper.sessions_removed_total),
+                ("pending_sessions", st.sweeper.pending_removed_total),
+            ]
+            .map(|(t, v)| (vec![("table", Cow::Borrowed(t))], v)),
+        )?;
+        family(
+            &mut enc,
+            "clb_health_transitions",
+            "Backend health changes.",
+            MetricType::Counter,
+            st.health_transitions.iter().map(|t| {
+                let mut l = hl(&t.listener, &t.backend.to_string());
+                l.push((
+                    "to",
+                    Cow::Borrowed(match t.to {
+                        Health::Healthy => "healthy",
+                        Health::Unhealthy => "unhealthy",
+                    }),
+                ));
+                (l, t.count)
+            }),
+        )?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn openmetrics_becomes_classic_text() {
+        let om = "# HELP a_b A b.\n# TYPE a_b counter\na_b_total{x=\"1\"} 3\n# HELP g G.\n# TYPE g gauge\ng 1\n# EOF\n";
+        assert_eq!(
+            to_prometheus_text(om),
+            "# HELP a_b_total A b.\n# TYPE a_b_total counter\na_b_total{x=\"1\"} 3\n# HELP g G.\n# TYPE g gauge\ng 1\n"
+        );
+    }
 }

@@ -1,6 +1,6 @@
 //! Packet-level tests: the real XDP program run through `BPF_PROG_TEST_RUN` on hand-built
-//! frames, provisioned through the same control-plane code the daemon uses
-//! ([`clb::balancer::Balancer`] over [`clb::dataplane::AyaDataplane`]).
+//! frames, provisioned through the same control plane the daemon runs
+//! ([`clb::control::Controller`] over the real maps).
 //!
 //! The program runs inside a private namespace whose routes and permanent neighbours make the
 //! datapath's FIB lookup succeed: `l0` (10.0.1.1/24) faces clients (10.0.1.2 and 10.2.0.0/16
@@ -8,11 +8,36 @@
 //! [`backend_mac`]. A forwarded packet therefore comes out as `XDP_REDIRECT` with the
 //! next hop's MAC, ready to compare byte for byte.
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    os::fd::AsFd as _,
+    path::PathBuf,
+    sync::Arc,
+    time::Instant,
+};
 
-use aya::programs::{TestRun as _, TestRunOptions, Xdp};
-use clb::{balancer::Balancer, dataplane::AyaDataplane, loader};
-use clb_common::XDP_PROGRAM;
+use aya::{
+    maps::{HashMap as AyaHashMap, Map, MapData},
+    programs::{TestRun as _, TestRunOptions, Xdp},
+};
+use clb::{
+    control::{
+        ControlOptions, Controller,
+        file::ConfigFile,
+        model::{ListenerSpec, TablesSpec},
+        status::DaemonInfo,
+    },
+    datapath::{
+        Reader as _, SessionTable,
+        aya::{AyaReader, AyaTables},
+        loader::{self, TableSizes},
+    },
+    time::monotonic_ns,
+};
+use clb_common::{
+    ConnKey, ConnValue, HalfOpenValue, NS_PER_SEC, SessionKey, SessionValue, TrafficCounters,
+    XDP_PROGRAM,
+};
 
 use crate::{
     netns::{NetNs, fmt_mac},
@@ -51,7 +76,9 @@ pub fn backend(n: u8, port: u16) -> SocketAddrV4 {
 /// The loaded program and the control plane over its maps, inside the lab namespace.
 pub struct PacketLab {
     pub ebpf: aya::Ebpf,
-    pub lb: Balancer<AyaDataplane>,
+    pub ctl: Arc<Controller>,
+    reader: Arc<AyaReader>,
+    config: PathBuf,
     /// ifindex of `l0` (client side) and its MAC.
     pub client_if: u32,
     pub client_if_mac: [u8; 6],
@@ -100,25 +127,105 @@ fn setup(ns: &NetNs) -> anyhow::Result<()> {
 /// Runs `f` with a fresh lab (namespace, program, control plane); everything is removed
 /// afterwards, also when `f` panics.
 pub fn with_lab<R: Send>(f: impl FnOnce(&mut PacketLab) -> R + Send) -> R {
+    with_lab_tables(TablesSpec::default(), f)
+}
+
+/// [`with_lab`] with the flow tables sized by `tables`.
+pub fn with_lab_tables<R: Send>(
+    tables: TablesSpec,
+    f: impl FnOnce(&mut PacketLab) -> R + Send,
+) -> R {
     let ns = NetNs::new("pk").expect("lab namespace");
     setup(&ns).expect("lab setup");
     let (client_if, client_if_mac) = (ns.ifindex("l0").unwrap(), ns.mac("l0").unwrap());
     let (backend_if, backend_if_mac) = (ns.ifindex("l2").unwrap(), ns.mac("l2").unwrap());
-    ns.run(move || {
-        let loaded = loader::load(None).expect("loading the XDP program");
-        let mut lb = Balancer::restore(loaded.dataplane).expect("control plane");
-        lb.add_device(client_if).unwrap();
-        lb.add_device(backend_if).unwrap();
+    let dir = std::env::temp_dir().join(crate::netns::unique_name("lab"));
+    std::fs::create_dir_all(&dir).expect("lab dir");
+    let config = dir.join("clb.toml");
+    let r = ns.run(move || {
+        // One CPU: per-CPU state (counters, the flood window, the RST budget) is then the
+        // whole state, and fixtures can count on it.
+        pin_to_cpu0();
+        let sizes = TableSizes {
+            connections: tables.connections,
+            half_open: tables.half_open,
+            sessions: tables.sessions,
+        };
+        let loaded = loader::load(None, &sizes).expect("loading the XDP program");
+        let reader = Arc::new(loaded.dataplane.reader().expect("reader"));
+        let cfg = ConfigFile {
+            tables,
+            ..ConfigFile::default()
+        };
+        cfg.save(&config).expect("lab config");
+        let ctl = Controller::start(
+            Box::new(loaded.dataplane),
+            reader.clone(),
+            cfg,
+            ControlOptions {
+                config_path: config.clone(),
+                local_addrs: vec![Ipv4Addr::new(10, 0, 1, 1), Ipv4Addr::new(10, 1, 0, 1)],
+                cpus: 2,
+                info: DaemonInfo {
+                    ifaces: vec!["l0".into(), "l2".into()],
+                    xdp_mode: "test".into(),
+                    bpffs: PathBuf::new(),
+                    config: config.clone(),
+                    started: Instant::now(),
+                },
+            },
+        )
+        .expect("control plane");
+        ctl.add_device(client_if).unwrap();
+        ctl.add_device(backend_if).unwrap();
         let mut lab = PacketLab {
             ebpf: loaded.ebpf,
-            lb,
+            ctl,
+            reader,
+            config,
             client_if,
             client_if_mac,
             backend_if,
             backend_if_mac,
         };
         f(&mut lab)
-    })
+    });
+    std::fs::remove_dir_all(&dir).ok();
+    r
+}
+
+fn pin_to_cpu0() {
+    // SAFETY: a zeroed cpu_set_t is valid; CPU_SET/sched_setaffinity only touch it and this
+    // thread's affinity.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(0, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            panic!(
+                "pinning the lab thread: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+}
+
+fn reopen<K: aya::Pod, V: aya::Pod>(m: &MapData) -> AyaHashMap<MapData, K, V> {
+    let id = m.info().expect("map info").id();
+    let m = MapData::from_id(id).expect("map by id");
+    AyaHashMap::try_from(Map::LruHashMap(m)).expect("hash map")
+}
+
+/// A timestamp `secs` seconds ago on the datapath's clock. Fixtures backdate entries by
+/// at most 30 s, so this never needs a machine up for long (the suite runs minutes after
+/// boot at the earliest: the build alone takes that).
+pub fn ago(secs: u64) -> u64 {
+    let now = monotonic_ns();
+    assert!(
+        now > (secs + 1) * NS_PER_SEC,
+        "backdating by {secs} s needs the machine up longer than that (up {} s)",
+        now / NS_PER_SEC
+    );
+    now - secs * NS_PER_SEC
 }
 
 impl PacketLab {
@@ -187,13 +294,158 @@ impl PacketLab {
 
     /// The global counter named `name` (see `clb_common::counter::NAMES`).
     pub fn counter(&self, name: &str) -> u64 {
-        use clb::dataplane::Dataplane as _;
-        let raw = self.lb.dataplane().counters().expect("counters");
+        let raw = self.reader.counters().expect("counters");
         let i = clb_common::counter::NAMES
             .iter()
             .position(|n| *n == name)
             .unwrap_or_else(|| panic!("no counter {name}"));
         raw[i]
+    }
+
+    /// The datapath reader (tables, counters).
+    pub fn reader(&self) -> &AyaReader {
+        &self.reader
+    }
+
+    /// Every global counter, by index.
+    pub fn counters(&self) -> [u64; clb_common::NUM_COUNTERS as usize] {
+        self.reader.counters().expect("counters")
+    }
+
+    /// Makes `listeners` the configuration, through the control plane's transaction.
+    pub fn apply(&self, listeners: Vec<ListenerSpec>) {
+        self.ctl
+            .change(|c| {
+                c.listeners = listeners;
+                Ok(())
+            })
+            .expect("applying the configuration");
+    }
+
+    /// The config file the lab's controller writes.
+    pub fn config_path(&self) -> &std::path::Path {
+        &self.config
+    }
+
+    /// The datapath id of listener `name`.
+    pub fn listener_id(&self, name: &str) -> u16 {
+        self.ctl
+            .snapshot()
+            .listener(name)
+            .and_then(|l| l.id)
+            .unwrap_or_else(|| panic!("no L4 listener {name}")) as u16
+    }
+
+    /// The datapath id of backend `addr` of listener `name`.
+    pub fn backend_id(&self, name: &str, addr: SocketAddrV4) -> u32 {
+        self.ctl
+            .snapshot()
+            .listener(name)
+            .and_then(|l| l.backend(addr))
+            .and_then(|b| b.id)
+            .unwrap_or_else(|| panic!("no backend {addr} in {name}"))
+    }
+
+    /// Listener `name`'s traffic counters.
+    pub fn listener_counters(&self, name: &str) -> TrafficCounters {
+        self.reader
+            .listener_stats(u32::from(self.listener_id(name)))
+            .expect("listener stats")
+    }
+
+    fn tables(&self) -> &AyaTables {
+        self.reader.aya_tables()
+    }
+
+    /// The connection-table entry of `key`.
+    pub fn conn(&self, key: &ConnKey) -> Option<ConnValue> {
+        reopen::<ConnKey, ConnValue>(self.tables().conn_map())
+            .get(key, 0)
+            .ok()
+    }
+
+    /// Writes a connection-table entry.
+    pub fn put_conn(&self, key: ConnKey, v: ConnValue) {
+        reopen::<ConnKey, ConnValue>(self.tables().conn_map())
+            .insert(&key, &v, 0)
+            .expect("conn insert");
+    }
+
+    /// The half-open entry of `key`.
+    pub fn half_open(&self, key: &ConnKey) -> Option<HalfOpenValue> {
+        reopen::<ConnKey, HalfOpenValue>(self.tables().half_open_map())
+            .get(key, 0)
+            .ok()
+    }
+
+    /// Writes a half-open entry.
+    pub fn put_half_open(&self, key: ConnKey, v: HalfOpenValue) {
+        reopen::<ConnKey, HalfOpenValue>(self.tables().half_open_map())
+            .insert(&key, &v, 0)
+            .expect("half-open insert");
+    }
+
+    /// The (verified or pending) persistence entry of `key`.
+    pub fn session(&self, table: SessionTable, key: &SessionKey) -> Option<SessionValue> {
+        reopen::<SessionKey, SessionValue>(self.tables().session_map_data(table))
+            .get(key, 0)
+            .ok()
+    }
+
+    /// Writes a persistence entry.
+    pub fn put_session(&self, table: SessionTable, key: SessionKey, v: SessionValue) {
+        reopen::<SessionKey, SessionValue>(self.tables().session_map_data(table))
+            .insert(&key, &v, 0)
+            .expect("session insert");
+    }
+
+    /// Writes many connection entries at once (benchmarks).
+    pub fn fill_conns(&self, keys: &[ConnKey], vals: &[ConnValue]) -> std::io::Result<usize> {
+        clb::datapath::batch::update(self.tables().conn_map().fd().as_fd(), keys, vals)
+    }
+
+    /// Writes many half-open entries at once (benchmarks).
+    pub fn fill_half_open(
+        &self,
+        keys: &[ConnKey],
+        vals: &[HalfOpenValue],
+    ) -> std::io::Result<usize> {
+        clb::datapath::batch::update(self.tables().half_open_map().fd().as_fd(), keys, vals)
+    }
+
+    /// Writes many persistence entries at once (benchmarks).
+    pub fn fill_sessions(
+        &self,
+        table: SessionTable,
+        keys: &[SessionKey],
+        vals: &[SessionValue],
+    ) -> std::io::Result<usize> {
+        clb::datapath::batch::update(
+            self.tables().session_map_data(table).fd().as_fd(),
+            keys,
+            vals,
+        )
+    }
+
+    /// Entries in `table`.
+    pub fn count_sessions(&self, table: SessionTable) -> usize {
+        reopen::<SessionKey, SessionValue>(self.tables().session_map_data(table))
+            .keys()
+            .count()
+    }
+
+    /// Entries in the connection table.
+    pub fn count_conns(&self) -> usize {
+        reopen::<ConnKey, ConnValue>(self.tables().conn_map())
+            .keys()
+            .count()
+    }
+
+    /// Entries in the half-open table.
+    pub fn count_half_open(&self) -> usize {
+        reopen::<ConnKey, HalfOpenValue>(self.tables().half_open_map())
+            .keys()
+            .count()
     }
 }
 

@@ -4,6 +4,7 @@
 
 pub mod bench;
 pub mod daemon;
+pub mod flood;
 pub mod http;
 pub mod lab;
 pub mod netns;
@@ -11,6 +12,9 @@ pub mod packet;
 pub mod servers;
 
 use std::time::{Duration, Instant};
+
+/// The test traffic generator and sink (`tests/gen`), built by `build.rs`.
+pub static GEN_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/clb-gen"));
 
 /// Polls `f` every 50 ms until it returns `Some`, for at most `timeout`.
 pub fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {

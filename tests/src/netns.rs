@@ -158,13 +158,13 @@ impl Drop for NetNs {
 /// Loads the object with tiny maps and attaches its pass program to `dev` (native mode) in
 /// the calling thread's namespace. Frames the balancer sends into this veth in native mode
 /// (redirect, XDP_TX) are only delivered if its peer runs an XDP program.
-pub fn attach_pass(dev: &str) -> anyhow::Result<clb::loader::Loaded> {
-    let mut l = clb::loader::load_small()?;
-    clb::loader::attach(
+pub fn attach_pass(dev: &str) -> anyhow::Result<clb::datapath::loader::Loaded> {
+    let mut l = clb::datapath::loader::load_small()?;
+    clb::datapath::loader::attach(
         &mut l.ebpf,
         clb_common::PASS_PROGRAM,
         dev,
-        clb::loader::AttachMode::Native,
+        clb::datapath::loader::AttachMode::Native,
         None,
     )?;
     Ok(l)
@@ -213,7 +213,7 @@ pub fn fmt_mac(m: [u8; 6]) -> String {
 pub struct Topology {
     /// The pass programs on the client's and backends' eth0 (see `peer_namespaces`); first,
     /// so they are detached before the namespaces go.
-    _peer_programs: Vec<clb::loader::Loaded>,
+    _peer_programs: Vec<clb::datapath::loader::Loaded>,
     pub client: NetNs,
     pub lb: NetNs,
     pub backends: Vec<NetNs>,

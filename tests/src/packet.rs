@@ -172,6 +172,33 @@ fn build(s: &FrameSpec) -> Vec<u8> {
     f
 }
 
+/// An ICMP error frame from `router` to `to` of `kind`/`code` (and next-hop MTU `mtu` for
+/// fragmentation needed), quoting the first `quote` bytes of the IPv4 packet in `quoted` (a
+/// frame built by [`FrameSpec::build`]; its Ethernet header is skipped).
+pub fn icmp_error(
+    router: Ipv4Addr,
+    to: Ipv4Addr,
+    kind: u8,
+    code: u8,
+    mtu: u16,
+    quoted: &[u8],
+    quote: usize,
+) -> Vec<u8> {
+    let inner = &quoted[ETH_LEN..];
+    let inner = &inner[..quote.min(inner.len())];
+    let mut icmp = vec![kind, code, 0, 0, 0, 0];
+    icmp.extend_from_slice(&mtu.to_be_bytes());
+    icmp.extend_from_slice(inner);
+    let c = checksum(&icmp);
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    let spec = FrameSpec {
+        proto: 1,
+        payload: icmp,
+        ..FrameSpec::tcp(SocketAddrV4::new(router, 0), SocketAddrV4::new(to, 0), 0)
+    };
+    spec.build()
+}
+
 /// The fields of a parsed frame.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Parsed {
@@ -252,6 +279,19 @@ pub fn verify_checksums(f: &[u8]) -> Result<(), String> {
         }
         17 if l4[6..8] != [0, 0] && fold(sum16(l4, pseudo(src, dst, 17, l4.len()))) != 0xffff => {
             return Err("UDP checksum is wrong".into());
+        }
+        1 => {
+            if fold(sum16(l4, 0)) != 0xffff {
+                return Err("ICMP checksum is wrong".into());
+            }
+            // An error quoting an IPv4 header: the quoted header's checksum too.
+            if matches!(l4[0], 3 | 11 | 12) && l4.len() >= 28 {
+                let q = &l4[8..];
+                let qihl = usize::from(q[0] & 0x0f) * 4;
+                if q.len() >= qihl && fold(sum16(&q[..qihl], 0)) != 0xffff {
+                    return Err("quoted IPv4 header checksum is wrong".into());
+                }
+            }
         }
         _ => {}
     }

@@ -248,7 +248,7 @@ fn restart_from_config_comes_back_identical() {
     );
     e.daemon.stop();
     assert!(
-        e.daemon.bpffs.join("maps/CLB_CONN_V1").exists(),
+        e.daemon.bpffs.join("maps/CLB_CONN_V2").exists(),
         "pins stay when the daemon stops"
     );
     e.daemon.spawn();

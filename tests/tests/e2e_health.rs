@@ -188,7 +188,8 @@ fn all_backends_down_still_get_traffic_and_the_state_says_so() {
 fn drained_backend_keeps_its_connections_until_the_timeout() {
     let topo = Topology::new("dr", 2, 0).unwrap();
     let servers: Vec<NameServer> = (0..2).map(|i| server(&topo, i)).collect();
-    let d = Daemon::start(&topo, &config("tcp", 80, 2, ""));
+    // Sweeps every second: `backend ls` counts live connections from the sweeper's walk.
+    let d = Daemon::start_with(&topo, &config("tcp", 80, 2, ""), &["--sweep-interval", "1"]);
     // 20 connections: 10 on each backend.
     let mut conns: Vec<(TcpStream, String)> = (0..20)
         .map(|_| {
@@ -207,10 +208,21 @@ fn drained_backend_keeps_its_connections_until_the_timeout() {
         }
     });
     assert_eq!(on_b0.len(), 10);
-    d.clb_ok(&["backend", "drain", "web", &be(0), "--timeout", "4"]);
+    d.clb_ok(&["backend", "drain", "web", &be(0), "--timeout", "8"]);
     let view = backend_view(&d, &be(0));
     assert_eq!(view["draining"], true);
-    assert_eq!(view["conns"], 10);
+    // Live counts come from the sweeper's walk (every 5 s): poll, bounded.
+    let conns = wait_for(Duration::from_secs(12), || {
+        let n = backend_view(&d, &be(0))["live"]["conns"]
+            .as_u64()
+            .unwrap_or(0);
+        (n == 10).then_some(n)
+    });
+    assert_eq!(
+        conns,
+        Some(10),
+        "backend ls counts the drained backend's 10 connections"
+    );
     assert!(
         d.clb_ok(&["backend", "ls", "web"])
             .contains("draining, cut in")
@@ -229,13 +241,25 @@ fn drained_backend_keeps_its_connections_until_the_timeout() {
             "drained backend's connections keep working"
         );
     }
-    std::thread::sleep(Duration::from_secs(5));
-    let conns_now: Vec<serde_json::Value> = d.clb_json(&["conn", "ls"]);
+    // The drain loop cuts them once the 8 s are up: poll, bounded.
+    let cut = wait_for(Duration::from_secs(14), || {
+        let conns_now: Vec<serde_json::Value> = d.clb_json(&["conn", "ls"]);
+        conns_now
+            .iter()
+            .all(|c| c["backend"] != be(0).as_str())
+            .then_some(())
+    });
     assert!(
-        conns_now.iter().all(|c| c["backend"] != be(0).as_str()),
-        "drained connections still in the table: {conns_now:?}"
+        cut.is_some(),
+        "drained connections still in the table 14 s after the drain"
     );
-    assert_eq!(backend_view(&d, &be(0))["conns"], 0);
+    let gone = wait_for(Duration::from_secs(12), || {
+        (backend_view(&d, &be(0))["live"]["conns"].as_u64() == Some(0)).then_some(())
+    });
+    assert!(
+        gone.is_some(),
+        "no live connection of the drained backend is counted"
+    );
     for c in &mut on_b0 {
         assert!(
             ask(c).is_err(),

@@ -12,6 +12,7 @@ use clb_tests::{
     daemon::{Daemon, one_listener_config},
     netns::{CLIENT_IP, Topology, VIP, backend_ip},
     servers::{NameServer, ask, ask_once, connect, udp_ask, udp_socket},
+    wait_for,
 };
 
 const PORT: u16 = 8080;
@@ -195,14 +196,14 @@ fn persistence_sticks_per_client_ip_and_expires() {
     std::thread::sleep(Duration::from_secs(4));
     let sessions: Vec<serde_json::Value> = e.daemon.clb_json(&["session", "ls"]);
     assert!(sessions.is_empty(), "{sessions:?}");
-    // The sweeper (every second here) freed the expired entries.
-    let status: serde_json::Value = e.daemon.clb_json(&["status"]);
+    // The sweeper (every second here) frees the expired entries: poll, bounded.
+    let freed = wait_for(Duration::from_secs(10), || {
+        let status: serde_json::Value = e.daemon.clb_json(&["status"]);
+        (status["sweeper"]["sessions_removed_total"].as_u64()? >= 50).then_some(())
+    });
     assert!(
-        status["sweeper"]["sessions_removed_total"]
-            .as_u64()
-            .unwrap()
-            >= 50,
-        "{status}"
+        freed.is_some(),
+        "the sweeper did not free the 50 expired entries within 10 s"
     );
     let moved = clients
         .iter()

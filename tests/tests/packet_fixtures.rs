@@ -1,20 +1,27 @@
 //! Packet-level tests of the XDP datapath through `BPF_PROG_TEST_RUN`, provisioned through
-//! the daemon's own control-plane code. Each table row: input frame, expected verdict,
-//! expected output frame (checksums recomputed from scratch and compared).
+//! the daemon's own control plane. Each table row: input frame, expected verdict, expected
+//! output frame (checksums recomputed from scratch and compared).
 
-use std::{net::SocketAddrV4, time::Duration};
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    time::Duration,
+};
 
 use clb::{
-    model::{BackendSpec, ListenerSpec, Proto},
-    time::monotonic_ns,
+    control::model::{BackendSpec, Forward, Kind, ListenerSpec, Proto, Sched, TablesSpec},
+    datapath::SessionTable,
+    sched::{Member, maglev},
 };
-use clb_common::{CONN_FIN, ConnKey, ConnValue, NS_PER_SEC, PROTO_TCP, ip_to_be, port_to_be};
+use clb_common::{
+    CONN_FIN, CONN_OPEN, CONN_RST, ConnKey, ConnValue, HALF_ADOPTED, HALF_SYN, HALF_UDP, PROTO_TCP,
+    PROTO_UDP, SessionKey, client_hash, ip_to_be, port_to_be, prefix_mask_be,
+};
 use clb_tests::{
     lab::{
-        Fixture, PacketLab, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX, backend, backend_mac,
-        with_lab,
+        Fixture, PacketLab, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX, ago, backend, backend_mac,
+        with_lab, with_lab_tables,
     },
-    packet::{ACK, CLIENT_MAC, FIN, FrameSpec, PSH, RST, SYN, parse},
+    packet::{ACK, CLIENT_MAC, FIN, FrameSpec, LB_MAC, PSH, RST, SYN, icmp_error, parse},
 };
 
 const VIP: &str = "10.0.0.100:80";
@@ -26,6 +33,13 @@ fn sa(s: &str) -> SocketAddrV4 {
 
 fn client(port: u16) -> SocketAddrV4 {
     SocketAddrV4::new("10.0.1.2".parse().unwrap(), port)
+}
+
+fn l4(l: &mut ListenerSpec) -> &mut clb::control::model::L4Spec {
+    match &mut l.kind {
+        Kind::L4(k) => k,
+        Kind::Http(_) => unreachable!("an L4 listener"),
+    }
 }
 
 fn web(persist: u32) -> ListenerSpec {
@@ -51,10 +65,19 @@ fn dns() -> ListenerSpec {
     l
 }
 
-/// `spec` as the balancer must forward it to backend `10.1.0.n:port`.
+/// `spec` as the balancer must forward it to backend `10.1.0.n:port` (NAT).
 fn to_backend(lab: &PacketLab, spec: &FrameSpec, n: u8, port: u16) -> Vec<u8> {
     let mut s = spec.clone();
     s.dst = backend(n, port);
+    s.ttl -= 1;
+    s.src_mac = lab.backend_if_mac;
+    s.dst_mac = backend_mac(n);
+    s.build()
+}
+
+/// `spec` as the balancer must forward it to backend `10.1.0.n` with DSR: MACs and TTL only.
+fn dsr_to(lab: &PacketLab, spec: &FrameSpec, n: u8) -> Vec<u8> {
+    let mut s = spec.clone();
     s.ttl -= 1;
     s.src_mac = lab.backend_if_mac;
     s.dst_mac = backend_mac(n);
@@ -66,33 +89,68 @@ fn backend_of(frame: &[u8]) -> u8 {
     parse(frame).unwrap().dst.ip().octets()[3]
 }
 
+/// The backend a DSR frame goes to (by its destination MAC).
+fn dsr_backend_of(frame: &[u8]) -> u8 {
+    frame[5]
+}
+
 fn conn_key(lab: &PacketLab, listener: &str, client: SocketAddrV4, proto: u8) -> ConnKey {
     ConnKey {
         client: ip_to_be(client.ip().octets()),
         client_port: port_to_be(client.port()),
-        listener: lab.lb.listeners()[listener].id.unwrap() as u16,
+        listener: lab.listener_id(listener),
         proto,
         _pad: [0; 3],
     }
 }
 
-fn backdate_conn(lab: &mut PacketLab, key: &ConnKey, secs: u64) {
-    let dp = lab.lb.dataplane_mut();
-    let v = dp.conn(key).unwrap().expect("connection entry");
-    dp.put_conn(
+fn session_key(lab: &PacketLab, listener: &str, client: Ipv4Addr) -> SessionKey {
+    SessionKey {
+        client: ip_to_be(client.octets()),
+        listener: lab.listener_id(listener),
+        _pad: 0,
+    }
+}
+
+fn backdate_conn(lab: &PacketLab, key: &ConnKey, secs: u64) {
+    let v = lab.conn(key).expect("connection entry");
+    lab.put_conn(
         *key,
         ConnValue {
-            last_seen_ns: monotonic_ns() - secs * NS_PER_SEC,
+            last_seen_ns: ago(secs),
             ..v
         },
-    )
-    .unwrap();
+    );
+}
+
+/// The reply of backend `n` (port) to `client` for the flow `f`, as the backend sends it.
+fn reply_from(lab: &PacketLab, n: u8, port: u16, to: SocketAddrV4, flags: u8) -> FrameSpec {
+    let mut r = FrameSpec::tcp(backend(n, port), to, flags);
+    r.src_mac = backend_mac(n);
+    r.dst_mac = lab.backend_if_mac;
+    r
+}
+
+/// Opens a verified TCP connection of `c` (SYN, then the handshake-completing ACK); returns
+/// its backend.
+fn handshake(lab: &PacketLab, c: SocketAddrV4) -> u8 {
+    let (v, out) = lab.run(&FrameSpec::tcp(c, sa(VIP), SYN).build());
+    assert_eq!(v, XDP_REDIRECT, "SYN forwarded");
+    let n = backend_of(&out);
+    let (v, out) = lab.run(&FrameSpec::tcp(c, sa(VIP), ACK).build());
+    assert_eq!(v, XDP_REDIRECT, "handshake ACK forwarded");
+    assert_eq!(
+        backend_of(&out),
+        n,
+        "the handshake stays where its SYN went"
+    );
+    n
 }
 
 #[test]
-fn new_flows_are_rewritten_round_robin_and_stay_on_their_backend() {
+fn a_syn_writes_only_the_half_open_table_and_its_ack_promotes_it() {
     with_lab(|lab| {
-        lab.lb.apply(vec![web(0)]).unwrap();
+        lab.apply(vec![web(0)]);
         // Three new connections of one client go to the three backends in turn.
         let syns: Vec<FrameSpec> = (0..3)
             .map(|i| FrameSpec::tcp(client(40000 + i), sa(VIP), SYN))
@@ -111,36 +169,57 @@ fn new_flows_are_rewritten_round_robin_and_stay_on_their_backend() {
             })
             .collect();
         lab.check(&rows);
-        // Later packets of each flow stay on its backend, whatever the round robin says.
+        assert_eq!(lab.count_conns(), 0, "a SYN writes no connection entry");
+        assert_eq!(lab.count_half_open(), 3);
+        let key = conn_key(lab, "web", client(40000), PROTO_TCP);
+        assert_eq!(lab.half_open(&key).unwrap().kind, HALF_SYN);
+        // A retransmitted SYN stays on its backend, whatever the round robin says.
+        lab.check(&[Fixture::rewritten(
+            "retransmitted SYN: same backend",
+            syns[1].build(),
+            XDP_REDIRECT,
+            to_backend(lab, &syns[1], 3, 8080),
+        )]);
+        // The handshake-completing ACK promotes; later packets stay on the backend.
         let mut rows = Vec::new();
         for (i, n) in order.iter().enumerate().rev() {
-            let s = FrameSpec::tcp(client(40000 + i as u16), sa(VIP), ACK | PSH)
+            let ack = FrameSpec::tcp(client(40000 + i as u16), sa(VIP), ACK);
+            rows.push(Fixture::rewritten(
+                "handshake ACK: promoted, same backend",
+                ack.build(),
+                XDP_REDIRECT,
+                to_backend(lab, &ack, *n, 8080),
+            ));
+            let data = FrameSpec::tcp(client(40000 + i as u16), sa(VIP), ACK | PSH)
                 .payload(b"GET / HTTP/1.1\r\n\r\n");
             rows.push(Fixture::rewritten(
                 "established flow: same backend",
-                s.build(),
+                data.build(),
                 XDP_REDIRECT,
-                to_backend(lab, &s, *n, 8080),
+                to_backend(lab, &data, *n, 8080),
             ));
         }
         lab.check(&rows);
-        let st = lab.lb.stats().unwrap();
-        assert_eq!(st.listeners[0].counters.new_conns, 3);
-        assert_eq!(st.listeners[0].counters.fwd_packets, 6);
+        assert_eq!(lab.count_conns(), 3);
+        assert_eq!(
+            lab.count_half_open(),
+            0,
+            "promoted entries leave the half-open table"
+        );
+        assert_eq!(lab.conn(&key).unwrap().state, CONN_OPEN);
+        assert_eq!(lab.counter("half_open_promote"), 3);
+        let c = lab.listener_counters("web");
+        assert_eq!(c.new_conns, 3);
+        assert_eq!(c.fwd_packets, 10);
     });
 }
 
 #[test]
 fn reply_path_rewrites_source_back_to_the_vip() {
     with_lab(|lab| {
-        lab.lb.apply(vec![web(0)]).unwrap();
-        let syn = FrameSpec::tcp(client(41000), sa(VIP), SYN).build();
-        let (v, out) = lab.run(&syn);
-        assert_eq!(v, XDP_REDIRECT);
-        let n = backend_of(&out);
-        let mut reply = FrameSpec::tcp(backend(n, 8080), client(41000), SYN | ACK);
-        reply.src_mac = backend_mac(n);
-        reply.dst_mac = lab.backend_if_mac;
+        lab.apply(vec![web(0)]);
+        let n = handshake(lab, client(41000));
+        let reply = reply_from(lab, n, 8080, client(41000), ACK | PSH).payload(b"200 OK");
         let mut expected = reply.clone();
         expected.src = sa(VIP);
         expected.ttl -= 1;
@@ -155,9 +234,9 @@ fn reply_path_rewrites_source_back_to_the_vip() {
                 expected.build(),
             )
             .on(backend_if),
-            // A backend packet to a client port with no connection is not ours: pass.
+            // A backend packet to a client port with no flow is not ours: pass.
             Fixture::unchanged(
-                "backend packet without a connection passes",
+                "backend packet without a flow passes",
                 {
                     let mut r = reply.clone();
                     r.dst = client(41001);
@@ -172,22 +251,44 @@ fn reply_path_rewrites_source_back_to_the_vip() {
 }
 
 #[test]
-fn persistence_keeps_new_flows_of_a_client_on_one_backend_until_it_expires() {
+fn parallel_syns_of_a_new_client_share_a_backend_and_persistence_commits_on_the_handshake() {
     with_lab(|lab| {
-        lab.lb.apply(vec![web(1)]).unwrap();
-        let (v, first) = lab.run(&FrameSpec::tcp(client(42000), sa(VIP), SYN).build());
-        assert_eq!(v, XDP_REDIRECT);
-        let n = backend_of(&first);
-        // Other clients advance the round robin in between.
-        for p in 0..2u8 {
+        lab.apply(vec![web(1)]);
+        // Six SYNs at once, before any handshake completes (a browser): one backend.
+        let mut backends = Vec::new();
+        for port in 42000..42006 {
+            let (v, out) = lab.run(&FrameSpec::tcp(client(port), sa(VIP), SYN).build());
+            assert_eq!(v, XDP_REDIRECT);
+            backends.push(backend_of(&out));
+            // Other clients advance the round robin in between.
             let other = FrameSpec::tcp(
-                SocketAddrV4::new([10, 2, 0, 9 + p].into(), 50000),
+                SocketAddrV4::new([10, 2, 0, 9 + (port % 2) as u8].into(), port),
                 sa(VIP),
                 SYN,
             );
             assert_eq!(lab.run(&other.build()).0, XDP_REDIRECT);
         }
-        for port in 42001..42004 {
+        let n = backends[0];
+        assert!(backends.iter().all(|b| *b == n), "{backends:?}");
+        let skey = session_key(lab, "web", *client(0).ip());
+        assert!(lab.session(SessionTable::Pending, &skey).is_some());
+        assert!(
+            lab.session(SessionTable::Verified, &skey).is_none(),
+            "no verified entry before a handshake completes"
+        );
+        // The first completed handshake commits the client.
+        let ack = FrameSpec::tcp(client(42000), sa(VIP), ACK);
+        lab.check(&[Fixture::rewritten(
+            "handshake ACK",
+            ack.build(),
+            XDP_REDIRECT,
+            to_backend(lab, &ack, n, 8080),
+        )]);
+        assert_eq!(
+            lab.session(SessionTable::Verified, &skey).unwrap().backend,
+            lab.backend_id("web", backend(n, 8080))
+        );
+        for port in 42010..42013 {
             let s = FrameSpec::tcp(client(port), sa(VIP), SYN);
             lab.check(&[Fixture::rewritten(
                 "new flow of a persisted client: its backend",
@@ -196,22 +297,14 @@ fn persistence_keeps_new_flows_of_a_client_on_one_backend_until_it_expires() {
                 to_backend(lab, &s, n, 8080),
             )]);
         }
-        let before = lab.lb.stats().unwrap().listeners[0].counters;
-        assert_eq!(before.session_hits, 3);
-        assert_eq!(lab.lb.sessions(None).unwrap().len(), 3);
-        // persist = 1 s: after 1.5 s of silence (1 s + the 0.25 s refresh slack) the
-        // entry is expired and the client's next connection is scheduled afresh.
+        let before = lab.listener_counters("web");
+        assert_eq!(before.session_new, 1);
+        // persist = 1 s: after 1.5 s of silence (1 s + the 0.25 s refresh slack) the entry is
+        // expired and the client's next connection is scheduled afresh.
         std::thread::sleep(Duration::from_millis(1500));
-        assert!(
-            lab.lb.sessions(None).unwrap().is_empty(),
-            "expired entries are not listed"
-        );
-        assert_eq!(
-            lab.run(&FrameSpec::tcp(client(42010), sa(VIP), SYN).build())
-                .0,
-            XDP_REDIRECT
-        );
-        let after = lab.lb.stats().unwrap().listeners[0].counters;
+        let c = client(42020);
+        handshake(lab, c);
+        let after = lab.listener_counters("web");
         assert_eq!(
             after.session_hits, before.session_hits,
             "no hit on an expired entry"
@@ -225,19 +318,17 @@ fn persistence_keeps_new_flows_of_a_client_on_one_backend_until_it_expires() {
 }
 
 #[test]
-fn quiescent_backend_gets_no_new_clients_but_keeps_its_flows() {
+fn a_quiescent_backend_gets_no_new_clients_but_keeps_its_flows() {
     with_lab(|lab| {
-        lab.lb.apply(vec![web(600)]).unwrap();
-        let est = FrameSpec::tcp(client(43000), sa(VIP), SYN);
-        let (_, out) = lab.run(&est.build());
-        let n = backend_of(&out);
-        let mut cfg = vec![web(600)];
-        for b in &mut cfg[0].backends {
+        lab.apply(vec![web(600)]);
+        let n = handshake(lab, client(43000));
+        let mut cfg = web(600);
+        for b in &mut cfg.backends {
             if b.addr == backend(n, 8080) {
                 b.weight = 0;
             }
         }
-        lab.lb.apply(cfg).unwrap();
+        lab.apply(vec![cfg]);
         // The persisted client's new connection is rescheduled elsewhere.
         for port in 43001..43006 {
             let (v, out) = lab.run(&FrameSpec::tcp(client(port), sa(VIP), SYN).build());
@@ -259,18 +350,49 @@ fn quiescent_backend_gets_no_new_clients_but_keeps_its_flows() {
     });
 }
 
+/// The RST the datapath builds in answer to `ack` (an ACK segment).
+fn expected_rst(ack: &FrameSpec, c: SocketAddrV4) -> Vec<u8> {
+    let mut rst = FrameSpec::tcp(sa(VIP), c, RST);
+    rst.src_mac = LB_MAC;
+    rst.dst_mac = CLIENT_MAC;
+    rst.seq = ack.ack; // RFC 9293: <SEQ=SEG.ACK><CTL=RST>
+    rst.ack = 0;
+    rst.frag = 0x4000;
+    let mut f = rst.build();
+    // The RST is built in place: IP id 0, window 0.
+    f[18] = 0;
+    f[19] = 0;
+    let ip_ck = clb_tests::packet::checksum(&{
+        let mut h = f[14..34].to_vec();
+        h[10] = 0;
+        h[11] = 0;
+        h
+    });
+    f[24..26].copy_from_slice(&ip_ck.to_be_bytes());
+    f[48] = 0;
+    f[49] = 0;
+    f[50] = 0;
+    f[51] = 0;
+    let mut pseudo = Vec::new();
+    pseudo.extend_from_slice(&f[26..34]);
+    pseudo.extend_from_slice(&[0, 6, 0, 20]);
+    pseudo.extend_from_slice(&f[34..54]);
+    let tcp_ck = clb_tests::packet::checksum(&pseudo);
+    f[50..52].copy_from_slice(&tcp_ck.to_be_bytes());
+    f
+}
+
 #[test]
-fn idle_timeout_and_fin_aging_expire_connections() {
+fn idle_timeout_and_closing_states_expire_connections() {
     with_lab(|lab| {
         let mut l = web(0);
-        l.idle_timeout = Some(900);
-        lab.lb.apply(vec![l]).unwrap();
+        l4(&mut l).idle_timeout = Some(20);
+        lab.apply(vec![l]);
         let c = client(44000);
-        let (_, out) = lab.run(&FrameSpec::tcp(c, sa(VIP), SYN).build());
-        let n = backend_of(&out);
+        let n = handshake(lab, c);
         let key = conn_key(lab, "web", c, PROTO_TCP);
-        // Idle 899 s: still established.
-        backdate_conn(lab, &key, 899);
+        // Idle 19 s: still established.
+        backdate_conn(lab, &key, 19);
         let ack = FrameSpec::tcp(c, sa(VIP), ACK);
         lab.check(&[Fixture::rewritten(
             "idle below the timeout: forwarded",
@@ -278,50 +400,19 @@ fn idle_timeout_and_fin_aging_expire_connections() {
             XDP_REDIRECT,
             to_backend(lab, &ack, n, 8080),
         )]);
-        // Idle 902 s (> 900 + slack): the entry counts as absent, the client gets a RST.
-        backdate_conn(lab, &key, 902);
-        let mut rst = FrameSpec::tcp(sa(VIP), c, RST);
-        rst.src_mac = clb_tests::packet::LB_MAC;
-        rst.dst_mac = CLIENT_MAC;
-        rst.seq = ack.ack; // RFC 9293: <SEQ=SEG.ACK><CTL=RST>
-        rst.ack = 0;
-        rst.frag = 0x4000;
-        let expected_rst = {
-            let mut f = rst.build();
-            // The RST is built in place: IP id 0, window 0.
-            f[18] = 0;
-            f[19] = 0;
-            let ip_ck = clb_tests::packet::checksum(&{
-                let mut h = f[14..34].to_vec();
-                h[10] = 0;
-                h[11] = 0;
-                h
-            });
-            f[24..26].copy_from_slice(&ip_ck.to_be_bytes());
-            f[48] = 0;
-            f[49] = 0;
-            f[50] = 0;
-            f[51] = 0;
-            let mut pseudo = Vec::new();
-            pseudo.extend_from_slice(&f[26..34]);
-            pseudo.extend_from_slice(&[0, 6, 0, 20]);
-            pseudo.extend_from_slice(&f[34..54]);
-            let tcp_ck = clb_tests::packet::checksum(&pseudo);
-            f[50..52].copy_from_slice(&tcp_ck.to_be_bytes());
-            f
-        };
+        // Idle 22 s (> 20 + slack): the entry counts as absent, the client gets a RST.
+        backdate_conn(lab, &key, 22);
         lab.check(&[Fixture::rewritten(
             "idle past the timeout: no connection, RST back to the client",
             ack.build(),
             XDP_TX,
-            expected_rst,
+            expected_rst(&ack, c),
         )]);
         assert_eq!(lab.counter("rst_sent"), 1);
 
-        // FIN aging: after a FIN the entry lives at most 120 s, not the 900 s idle timeout.
+        // FIN: the entry moves to the FIN state (which caps its life at 120 s).
         let c2 = client(44001);
-        let (_, out) = lab.run(&FrameSpec::tcp(c2, sa(VIP), SYN).build());
-        let n2 = backend_of(&out);
+        let n2 = handshake(lab, c2);
         let fin = FrameSpec::tcp(c2, sa(VIP), FIN | ACK);
         lab.check(&[Fixture::rewritten(
             "FIN: forwarded",
@@ -330,78 +421,279 @@ fn idle_timeout_and_fin_aging_expire_connections() {
             to_backend(lab, &fin, n2, 8080),
         )]);
         let key2 = conn_key(lab, "web", c2, PROTO_TCP);
-        assert_eq!(
-            lab.lb.dataplane().conn(&key2).unwrap().unwrap().state,
-            CONN_FIN
-        );
-        backdate_conn(lab, &key2, 100);
-        let last_ack = FrameSpec::tcp(c2, sa(VIP), ACK);
-        lab.check(&[Fixture::rewritten(
-            "FIN seen 100 s ago: forwarded",
-            last_ack.build(),
-            XDP_REDIRECT,
-            to_backend(lab, &last_ack, n2, 8080),
-        )]);
-        backdate_conn(lab, &key2, 121);
-        let (v, _) = lab.run(&last_ack.build());
-        assert_eq!(v, XDP_TX, "FIN seen 121 s ago: the entry is gone, RST");
+        assert_eq!(lab.conn(&key2).unwrap().state, CONN_FIN);
+        // A SYN reusing the ports of a closed connection starts a new flow.
+        let (v, _) = lab.run(&FrameSpec::tcp(c2, sa(VIP), SYN).build());
+        assert_eq!(v, XDP_REDIRECT);
+        assert!(lab.conn(&key2).is_none(), "the closed entry is gone");
+        assert_eq!(lab.half_open(&key2).unwrap().kind, HALF_SYN);
     });
 }
 
 #[test]
-fn mid_stream_packet_of_a_persisted_client_goes_to_its_backend() {
+fn a_blind_rst_shortens_nothing_once_both_ends_keep_talking() {
     with_lab(|lab| {
-        lab.lb.apply(vec![web(600)]).unwrap();
-        let (_, out) = lab.run(&FrameSpec::tcp(client(45000), sa(VIP), SYN).build());
-        let n = backend_of(&out);
-        // A flow the connection table never saw (e.g. evicted): not scheduled as new, but
-        // sent where the client is persisted, and given an entry.
+        let mut l = web(0);
+        l4(&mut l).idle_timeout = Some(3600);
+        lab.apply(vec![l]);
+        let c = client(44100);
+        let n = handshake(lab, c);
+        let key = conn_key(lab, "web", c, PROTO_TCP);
+        // A spoofed RST "from the client" (random sequence number, forwarded: clb does not
+        // check sequence windows): the flow moves to the short RST timeout...
+        let mut rst = FrameSpec::tcp(c, sa(VIP), RST);
+        rst.seq = 0xdead_beef;
+        lab.check(&[Fixture::rewritten(
+            "RST: forwarded",
+            rst.build(),
+            XDP_REDIRECT,
+            to_backend(lab, &rst, n, 8080),
+        )]);
+        assert_eq!(lab.conn(&key).unwrap().state, CONN_RST);
+        // ... a normal client packet alone does not bring it back (it could be spoofed too) ...
+        let data = FrameSpec::tcp(c, sa(VIP), ACK | PSH).payload(b"more");
+        assert_eq!(lab.run(&data.build()).0, XDP_REDIRECT);
+        assert_eq!(lab.conn(&key).unwrap().state, CONN_RST);
+        // ... but normal packets from both ends do.
+        let reply = reply_from(lab, n, 8080, c, ACK | PSH).payload(b"ok");
+        assert_eq!(lab.run_on(lab.backend_if, &reply.build()).0, XDP_REDIRECT);
+        assert_eq!(
+            lab.conn(&key).unwrap().state,
+            CONN_OPEN,
+            "both ends talk: open again"
+        );
+        // An RST that is the real end (no more traffic): the entry ages out after 10 s.
+        assert_eq!(lab.run(&rst.build()).0, XDP_REDIRECT);
+        backdate_conn(lab, &key, 11);
+        let (v, _) = lab.run(&data.build());
+        assert_eq!(v, XDP_TX, "an RST 11 s ago with silence since: gone, RST");
+        // The same from the backend's side.
+        let c2 = client(44101);
+        let n2 = handshake(lab, c2);
+        let key2 = conn_key(lab, "web", c2, PROTO_TCP);
+        let brst = reply_from(lab, n2, 8080, c2, RST);
+        assert_eq!(lab.run_on(lab.backend_if, &brst.build()).0, XDP_REDIRECT);
+        assert_eq!(lab.conn(&key2).unwrap().state, CONN_RST);
+        assert_eq!(lab.run(&data_of(c2).build()).0, XDP_REDIRECT);
+        let r2 = reply_from(lab, n2, 8080, c2, ACK);
+        assert_eq!(lab.run_on(lab.backend_if, &r2.build()).0, XDP_REDIRECT);
+        assert_eq!(lab.conn(&key2).unwrap().state, CONN_OPEN);
+    });
+}
+
+fn data_of(c: SocketAddrV4) -> FrameSpec {
+    FrameSpec::tcp(c, sa(VIP), ACK | PSH).payload(b"data")
+}
+
+#[test]
+fn mid_stream_packets_without_state_are_adopted_or_reset() {
+    with_lab(|lab| {
+        lab.apply(vec![web(600)]);
+        let n = handshake(lab, client(45000));
+        // A flow the tables never saw, of a persisted client: sent where the client is
+        // persisted, adopted as unverified, promoted when the backend answers normally.
         let mid = FrameSpec::tcp(client(45999), sa(VIP), ACK).payload(b"data");
         lab.check(&[Fixture::rewritten(
-            "mid-stream, persisted client",
+            "mid-stream, persisted client: adopted",
             mid.build(),
             XDP_REDIRECT,
             to_backend(lab, &mid, n, 8080),
         )]);
         let key = conn_key(lab, "web", client(45999), PROTO_TCP);
-        assert!(lab.lb.dataplane().conn(&key).unwrap().is_some());
-        // A stray RST of an unknown flow of an unpersisted client is dropped, not answered.
-        let rst = FrameSpec::tcp(
-            SocketAddrV4::new("10.2.0.7".parse().unwrap(), 1),
-            sa(VIP),
-            RST,
+        assert_eq!(lab.half_open(&key).unwrap().kind, HALF_ADOPTED);
+        assert!(lab.conn(&key).is_none());
+        // A backend RST (it does not know the flow either) verifies nothing.
+        let brst = reply_from(lab, n, 8080, client(45999), RST);
+        assert_eq!(lab.run_on(lab.backend_if, &brst.build()).0, XDP_REDIRECT);
+        assert!(lab.conn(&key).is_none(), "a backend RST promotes nothing");
+        let answer = reply_from(lab, n, 8080, client(45999), ACK).payload(b"ok");
+        assert_eq!(lab.run_on(lab.backend_if, &answer.build()).0, XDP_REDIRECT);
+        assert_eq!(
+            lab.conn(&key).unwrap().state,
+            CONN_OPEN,
+            "answered: verified"
         );
-        lab.check(&[Fixture::unchanged(
-            "stray RST: dropped",
-            rst.build(),
-            XDP_DROP,
-        )]);
+        assert_eq!(lab.counter("adopted"), 1);
+
+        // Without persistence (round robin), a mid-stream packet of an unknown flow gets a
+        // RST; a stray RST is dropped, not answered.
+        lab.apply(vec![web(0)]);
+        let c = SocketAddrV4::new("10.2.0.7".parse().unwrap(), 1);
+        let ack = FrameSpec::tcp(c, sa(VIP), ACK);
+        lab.check(&[
+            Fixture::rewritten("unknown flow, round robin: RST", ack.build(), XDP_TX, {
+                let mut f = expected_rst(&ack, c);
+                f[0..6].copy_from_slice(&CLIENT_MAC);
+                f
+            }),
+            Fixture::unchanged(
+                "stray RST: dropped",
+                FrameSpec::tcp(c, sa(VIP), RST).build(),
+                XDP_DROP,
+            ),
+        ]);
+        assert_eq!(lab.counter("drop_stray_rst"), 1);
     });
 }
 
 #[test]
-fn udp_flows_and_udp_persistence() {
+fn rsts_are_rate_limited() {
+    let tables = TablesSpec {
+        rst_per_sec: 3,
+        ..TablesSpec::default()
+    };
+    with_lab_tables(tables, |lab| {
+        lab.apply(vec![web(0)]);
+        let mut sent = 0;
+        for p in 0..20u16 {
+            let ack = FrameSpec::tcp(
+                SocketAddrV4::new([10, 2, 1, 1].into(), 1000 + p),
+                sa(VIP),
+                ACK,
+            );
+            let (v, _) = lab.run(&ack.build());
+            if v == XDP_TX {
+                sent += 1;
+            } else {
+                assert_eq!(v, XDP_DROP);
+            }
+        }
+        // The bucket holds one second's worth (3) plus what refills during the loop.
+        assert!((3..=4).contains(&sent), "{sent} RSTs sent");
+        assert_eq!(lab.counter("drop_rst_rate"), 20 - sent);
+    });
+}
+
+#[test]
+fn every_spoof_rule_drops_before_any_state_is_written() {
+    with_lab(|lab| {
+        let mut l = web(600);
+        l.backends.push(BackendSpec {
+            addr: backend(7, 8080),
+            weight: 10,
+        });
+        let mut echo = ListenerSpec::new("echo", sa("10.0.0.100:7"), Proto::Udp);
+        echo.backends = vec![
+            BackendSpec {
+                addr: backend(5, 7),
+                weight: 10,
+            },
+            BackendSpec {
+                addr: backend(6, 7),
+                weight: 10,
+            },
+        ];
+        lab.apply(vec![l, echo]);
+        let syn = |src: &str| {
+            FrameSpec::tcp(SocketAddrV4::new(src.parse().unwrap(), 5555), sa(VIP), SYN).build()
+        };
+        let rows = vec![
+            Fixture::unchanged("source 127.0.0.1 (loopback)", syn("127.0.0.1"), XDP_DROP),
+            Fixture::unchanged("source 0.0.0.0", syn("0.0.0.0"), XDP_DROP),
+            Fixture::unchanged("source 0.1.2.3 (this network)", syn("0.1.2.3"), XDP_DROP),
+            Fixture::unchanged("source 224.0.0.1 (multicast)", syn("224.0.0.1"), XDP_DROP),
+            Fixture::unchanged("source 240.0.0.1 (reserved)", syn("240.0.0.1"), XDP_DROP),
+            Fixture::unchanged(
+                "source 255.255.255.255 (broadcast)",
+                syn("255.255.255.255"),
+                XDP_DROP,
+            ),
+            Fixture::unchanged("source: the VIP itself", syn("10.0.0.100"), XDP_DROP),
+            Fixture::unchanged(
+                "source: a backend (to a VIP: a loop)",
+                syn("10.1.0.7"),
+                XDP_DROP,
+            ),
+            Fixture::unchanged(
+                "source: the balancer's own address",
+                syn("10.0.1.1"),
+                XDP_DROP,
+            ),
+            // The one-datagram loop: VIP:7 → VIP:7 (UDP echo).
+            Fixture::unchanged(
+                "UDP from VIP:7 to VIP:7",
+                FrameSpec::udp(sa("10.0.0.100:7"), sa("10.0.0.100:7"), b"loop").build(),
+                XDP_DROP,
+            ),
+            // A backend's echo reply sent to the VIP (as if it were a client).
+            Fixture::unchanged(
+                "UDP from a backend to VIP:7",
+                FrameSpec::udp(backend(5, 7), sa("10.0.0.100:7"), b"loop").build(),
+                XDP_DROP,
+            ),
+        ];
+        lab.check(&rows);
+        assert_eq!(lab.counter("drop_src_martian"), 6);
+        assert_eq!(lab.counter("drop_src_vip"), 2);
+        assert_eq!(lab.counter("drop_src_backend"), 2);
+        assert_eq!(lab.counter("drop_src_local"), 1);
+        assert_eq!(lab.count_half_open(), 0, "no state");
+        assert_eq!(lab.count_sessions(SessionTable::Pending), 0, "no state");
+        assert_eq!(lab.listener_counters("web").new_conns, 0);
+    });
+}
+
+#[test]
+fn ttl_expiring_packets_to_a_vip_are_dropped_not_forwarded() {
+    with_lab(|lab| {
+        lab.apply(vec![web(0)]);
+        let mut one = FrameSpec::tcp(client(47000), sa(VIP), SYN);
+        one.ttl = 1;
+        let mut zero = one.clone();
+        zero.ttl = 0;
+        let mut two = FrameSpec::tcp(client(47001), sa(VIP), SYN);
+        two.ttl = 2;
+        lab.check(&[
+            Fixture::unchanged(
+                "TTL 1 to a VIP: dropped (no time-exceeded naming a backend)",
+                one.build(),
+                XDP_DROP,
+            ),
+            Fixture::unchanged("TTL 0 to a VIP: dropped", zero.build(), XDP_DROP),
+            Fixture::rewritten(
+                "TTL 2: forwarded with TTL 1",
+                two.build(),
+                XDP_REDIRECT,
+                to_backend(lab, &two, 2, 8080),
+            ),
+        ]);
+        assert_eq!(lab.counter("drop_ttl"), 2);
+        assert_eq!(lab.count_half_open(), 1, "only the TTL-2 SYN made state");
+    });
+}
+
+#[test]
+fn udp_flows_are_verified_by_a_two_way_exchange() {
     with_lab(|lab| {
         let mut d = dns();
-        lab.lb.apply(vec![d.clone()]).unwrap();
+        lab.apply(vec![d.clone()]);
         let a = FrameSpec::udp(client(5000), sa(UDP_VIP), b"query-a");
         let (v, out) = lab.run(&a.build());
         assert_eq!(v, XDP_REDIRECT);
         let n = backend_of(&out);
-        lab.check(&[
-            Fixture::rewritten(
-                "UDP: same socket, same backend",
-                a.build(),
-                XDP_REDIRECT,
-                to_backend(lab, &a, n, 5353),
-            ),
-            Fixture::rewritten(
-                "UDP: same socket, same backend",
-                a.build(),
-                XDP_REDIRECT,
-                to_backend(lab, &a, n, 5353),
-            ),
-        ]);
+        let key = conn_key(lab, "dns", client(5000), PROTO_UDP);
+        assert_eq!(lab.half_open(&key).unwrap().kind, HALF_UDP);
+        lab.check(&[Fixture::rewritten(
+            "UDP: same socket, same backend (unverified)",
+            a.build(),
+            XDP_REDIRECT,
+            to_backend(lab, &a, n, 5353),
+        )]);
+        assert!(
+            lab.conn(&key).is_none(),
+            "client packets alone verify nothing"
+        );
+        let mut answer = FrameSpec::udp(backend(n, 5353), client(5000), b"answer");
+        answer.src_mac = backend_mac(n);
+        answer.dst_mac = lab.backend_if_mac;
+        assert_eq!(lab.run_on(lab.backend_if, &answer.build()).0, XDP_REDIRECT);
+        lab.check(&[Fixture::rewritten(
+            "UDP: a client packet after the backend answered: verified",
+            a.build(),
+            XDP_REDIRECT,
+            to_backend(lab, &a, n, 5353),
+        )]);
+        assert_eq!(lab.conn(&key).unwrap().state, CONN_OPEN);
         let b = FrameSpec::udp(client(5001), sa(UDP_VIP), b"query-b");
         let (_, out) = lab.run(&b.build());
         assert_ne!(
@@ -415,7 +707,7 @@ fn udp_flows_and_udp_persistence() {
         assert_eq!(&out[40..42], &[0, 0], "a UDP checksum of 0 stays 0");
 
         d.persist = 60;
-        lab.lb.apply(vec![d]).unwrap();
+        lab.apply(vec![d]);
         let (_, out) = lab.run(&FrameSpec::udp(client(6000), sa(UDP_VIP), b"q").build());
         let p = backend_of(&out);
         for port in 6001..6005 {
@@ -431,9 +723,282 @@ fn udp_flows_and_udp_persistence() {
 }
 
 #[test]
+fn a_flood_of_new_sources_evicts_no_verified_state() {
+    // The smallest tables: 1024 half-open entries.
+    let tables = TablesSpec {
+        half_open: 1024,
+        connections: 65536,
+        sessions: 65536,
+        ..TablesSpec::default()
+    };
+    with_lab_tables(tables, |lab| {
+        lab.apply(vec![web(600)]);
+        let real: Vec<(SocketAddrV4, u8)> = (0..20u16)
+            .map(|i| {
+                let c = SocketAddrV4::new([10, 2, 0, 1 + i as u8].into(), 30000 + i);
+                (c, handshake(lab, c))
+            })
+            .collect();
+        // 20 000 SYNs from distinct spoofed sources: 20× the half-open table.
+        for i in 0..20_000u32 {
+            let src = Ipv4Addr::from(0x6440_0000 + i); // 100.64.0.0/10
+            let (v, _) = lab.run(
+                &FrameSpec::tcp(
+                    SocketAddrV4::new(src, 1024 + (i % 60000) as u16),
+                    sa(VIP),
+                    SYN,
+                )
+                .build(),
+            );
+            assert_eq!(v, XDP_REDIRECT);
+        }
+        assert!(lab.counter("flood_entered") >= 1, "the flood was noticed");
+        for (c, n) in &real {
+            let key = conn_key(lab, "web", *c, PROTO_TCP);
+            assert!(lab.conn(&key).is_some(), "connection of {c} survived");
+            let skey = session_key(lab, "web", *c.ip());
+            assert!(
+                lab.session(SessionTable::Verified, &skey).is_some(),
+                "persisted {c} survived"
+            );
+            let data = data_of(*c);
+            lab.check(&[Fixture::rewritten(
+                "a real connection after the flood: same backend",
+                data.build(),
+                XDP_REDIRECT,
+                to_backend(lab, &data, *n, 8080),
+            )]);
+        }
+        assert_eq!(lab.count_conns(), 20);
+        assert_eq!(lab.count_sessions(SessionTable::Verified), 20);
+    });
+}
+
+#[test]
+fn in_flood_mode_syns_write_nothing_and_their_handshakes_still_complete() {
+    let tables = TablesSpec {
+        flood_threshold: Some(1),
+        ..TablesSpec::default()
+    };
+    with_lab_tables(tables, |lab| {
+        lab.apply(vec![web(0)]);
+        // Threshold 1 per CPU per window: the second new flow turns flood mode on.
+        for p in 0..3u16 {
+            lab.run(
+                &FrameSpec::tcp(
+                    SocketAddrV4::new([10, 2, 3, 3].into(), 100 + p),
+                    sa(VIP),
+                    SYN,
+                )
+                .build(),
+            );
+        }
+        assert_eq!(lab.counter("flood_entered"), 1);
+        let half_before = lab.count_half_open();
+        let c = client(48000);
+        let syn = FrameSpec::tcp(c, sa(VIP), SYN);
+        let (v, out) = lab.run(&syn.build());
+        assert_eq!(v, XDP_REDIRECT);
+        let n = backend_of(&out);
+        assert_eq!(
+            lab.count_half_open(),
+            half_before,
+            "a SYN in flood mode writes nothing"
+        );
+        assert!(lab.counter("flood_hashed") >= 1);
+        // Its ACK finds no state: the stateless hash names the same backend.
+        for _ in 0..3 {
+            let ack = FrameSpec::tcp(c, sa(VIP), ACK);
+            lab.check(&[Fixture::rewritten(
+                "handshake ACK in flood mode: same backend as its SYN",
+                ack.build(),
+                XDP_REDIRECT,
+                to_backend(lab, &ack, n, 8080),
+            )]);
+        }
+        let key = conn_key(lab, "web", c, PROTO_TCP);
+        assert!(lab.conn(&key).is_none());
+        // The backend's normal answer verifies the flow.
+        let answer = reply_from(lab, n, 8080, c, ACK | PSH).payload(b"hi");
+        assert_eq!(lab.run_on(lab.backend_if, &answer.build()).0, XDP_REDIRECT);
+        assert_eq!(lab.conn(&key).unwrap().state, CONN_OPEN);
+    });
+}
+
+#[test]
+fn icmp_fragmentation_needed_about_a_flow_reaches_its_backend() {
+    with_lab(|lab| {
+        lab.apply(vec![web(0)]);
+        let c = client(49000);
+        let n = handshake(lab, c);
+        // The backend's reply as clb sent it on (SNATed, TTL-1), quoted by a router that
+        // cannot forward it: "fragmentation needed, MTU 1400", to the VIP.
+        let mut sent = FrameSpec::tcp(sa(VIP), c, ACK | PSH).payload(&[7u8; 64]);
+        sent.ttl = 63;
+        let router = Ipv4Addr::new(10, 2, 0, 254);
+        let input = icmp_error(
+            router,
+            *sa(VIP).ip(),
+            3,
+            4,
+            1400,
+            &sent.build(),
+            20 + 20 + 64,
+        );
+        // What the backend must get: the quote of its own packet, to its own address.
+        let mut own = sent.clone();
+        own.src = backend(n, 8080);
+        let mut expected = icmp_error(
+            router,
+            *backend(n, 8080).ip(),
+            3,
+            4,
+            1400,
+            &own.build(),
+            20 + 20 + 64,
+        );
+        expected[0..6].copy_from_slice(&backend_mac(n));
+        expected[6..12].copy_from_slice(&lab.backend_if_mac);
+        expected[22] -= 1; // TTL
+        let ck = clb_tests::packet::checksum(&{
+            let mut h = expected[14..34].to_vec();
+            h[10] = 0;
+            h[11] = 0;
+            h
+        });
+        expected[24..26].copy_from_slice(&ck.to_be_bytes());
+        lab.check(&[Fixture::rewritten(
+            "ICMP frag-needed about a flow: NATed (outer and quoted headers) to its backend",
+            input,
+            XDP_REDIRECT,
+            expected,
+        )]);
+        assert_eq!(lab.counter("icmp_nated"), 1);
+        // About a flow clb does not track: passed to the stack untouched.
+        let mut other = sent.clone();
+        other.dst = client(49999);
+        let stray = icmp_error(router, *sa(VIP).ip(), 3, 4, 1400, &other.build(), 28);
+        lab.check(&[Fixture::unchanged(
+            "ICMP about an unknown flow passes",
+            stray,
+            XDP_PASS,
+        )]);
+    });
+}
+
+#[test]
+fn dsr_rewrites_only_the_macs_and_its_flows_verify_on_the_client_side() {
+    with_lab(|lab| {
+        let mut l = ListenerSpec::new("dsr", sa(VIP), Proto::Tcp);
+        l4(&mut l).forward = Forward::Dsr;
+        l.backends = (2..=3)
+            .map(|n| BackendSpec {
+                addr: backend(n, 80),
+                weight: 10,
+            })
+            .collect();
+        lab.apply(vec![l]);
+        let c = client(50000);
+        let syn = FrameSpec::tcp(c, sa(VIP), SYN);
+        let (v, out) = lab.run(&syn.build());
+        assert_eq!(v, XDP_REDIRECT);
+        let n = dsr_backend_of(&out);
+        assert_eq!(
+            out,
+            dsr_to(lab, &syn, n),
+            "only MACs and TTL change; the VIP stays"
+        );
+        let ack = FrameSpec::tcp(c, sa(VIP), ACK);
+        let data = data_of(c);
+        lab.check(&[
+            Fixture::rewritten(
+                "DSR: handshake ACK",
+                ack.build(),
+                XDP_REDIRECT,
+                dsr_to(lab, &ack, n),
+            ),
+            Fixture::rewritten(
+                "DSR: data",
+                data.build(),
+                XDP_REDIRECT,
+                dsr_to(lab, &data, n),
+            ),
+        ]);
+        let key = conn_key(lab, "dsr", c, PROTO_TCP);
+        assert_eq!(lab.conn(&key).unwrap().state, CONN_OPEN);
+        // A client FIN closes it (no replies are ever seen).
+        let fin = FrameSpec::tcp(c, sa(VIP), FIN | ACK);
+        assert_eq!(lab.run(&fin.build()).0, XDP_REDIRECT);
+        assert_eq!(lab.conn(&key).unwrap().state, CONN_FIN);
+        assert_eq!(lab.listener_counters("dsr").rev_packets, 0);
+        assert!(lab.counter("dsr_forwarded") >= 4);
+    });
+}
+
+#[test]
+fn maglev_picks_the_backend_user_space_predicts_and_adopts_unknown_flows() {
+    with_lab(|lab| {
+        let mut l = web(600);
+        l4(&mut l).sched = Sched::Maglev;
+        l4(&mut l).persist_mask = Some(24);
+        lab.apply(vec![l]);
+        let members: Vec<Member> = (2..=4u8)
+            .map(|n| Member {
+                id: lab.backend_id("web", backend(n, 8080)),
+                addr: backend(n, 8080),
+                weight: 10,
+            })
+            .collect();
+        let table = maglev::table(&members, clb_common::DEFAULT_MAGLEV_SIZE);
+        let predict = |ip: Ipv4Addr| -> u8 {
+            let h = client_hash(
+                ip_to_be(ip.octets()) & prefix_mask_be(24),
+                ip_to_be([10, 0, 0, 100]),
+                port_to_be(80),
+                PROTO_TCP,
+            );
+            let id = table[(h as usize) % table.len()];
+            members
+                .iter()
+                .find(|m| m.id == id)
+                .unwrap()
+                .addr
+                .ip()
+                .octets()[3]
+        };
+        let mut seen = std::collections::HashSet::new();
+        for i in 0..30u8 {
+            let ip = Ipv4Addr::new(10, 2, i, 1);
+            let (v, out) =
+                lab.run(&FrameSpec::tcp(SocketAddrV4::new(ip, 40000), sa(VIP), SYN).build());
+            assert_eq!(v, XDP_REDIRECT);
+            assert_eq!(backend_of(&out), predict(ip), "client {ip}");
+            seen.insert(backend_of(&out));
+            // Another address of the same /24 shares the choice (--persist-mask 24).
+            let same = Ipv4Addr::new(10, 2, i, 200);
+            let (_, out2) =
+                lab.run(&FrameSpec::tcp(SocketAddrV4::new(same, 40001), sa(VIP), SYN).build());
+            assert_eq!(backend_of(&out2), backend_of(&out), "prefix of {ip}");
+        }
+        assert_eq!(seen.len(), 3, "all backends used");
+        // A mid-stream packet of a flow this node never saw goes where the hash says (another
+        // node began it), not a RST.
+        let ip = Ipv4Addr::new(10, 2, 77, 9);
+        let mid = FrameSpec::tcp(SocketAddrV4::new(ip, 41000), sa(VIP), ACK).payload(b"x");
+        let n = predict(ip);
+        lab.check(&[Fixture::rewritten(
+            "maglev: unknown mid-stream flow goes to the hashed backend",
+            mid.build(),
+            XDP_REDIRECT,
+            to_backend(lab, &mid, n, 8080),
+        )]);
+    });
+}
+
+#[test]
 fn foreign_traffic_passes_untouched() {
     with_lab(|lab| {
-        lab.lb.apply(vec![web(0)]).unwrap();
+        lab.apply(vec![web(0)]);
         let mut icmp = FrameSpec::tcp(client(1), sa(VIP), 0);
         icmp.proto = 1;
         icmp.payload = vec![8, 0, 0xf7, 0xff, 0, 0, 0, 0];
@@ -456,7 +1021,7 @@ fn foreign_traffic_passes_untouched() {
                 FrameSpec::udp(client(1), sa(VIP), b"x").build(),
                 XDP_PASS,
             ),
-            Fixture::unchanged("ICMP to the VIP passes", icmp.build(), XDP_PASS),
+            Fixture::unchanged("ICMP echo to the VIP passes", icmp.build(), XDP_PASS),
             Fixture::unchanged("ARP passes", arp, XDP_PASS),
             Fixture::unchanged(
                 "IPv4 frame too short for an IPv4 header passes",
@@ -468,14 +1033,14 @@ fn foreign_traffic_passes_untouched() {
                 XDP_PASS,
             ),
         ]);
-        assert_eq!(lab.lb.stats().unwrap().listeners[0].counters.fwd_packets, 0);
+        assert_eq!(lab.listener_counters("web").fwd_packets, 0);
     });
 }
 
 #[test]
 fn malformed_vip_packets_are_dropped_with_a_reason_and_ip_options_are_forwarded() {
     with_lab(|lab| {
-        lab.lb.apply(vec![web(0)]).unwrap();
+        lab.apply(vec![web(0)]);
         let syn = FrameSpec::tcp(client(46000), sa(VIP), SYN);
         let mut frag = syn.clone();
         frag.frag = 0x2000; // more fragments
@@ -508,7 +1073,7 @@ fn malformed_vip_packets_are_dropped_with_a_reason_and_ip_options_are_forwarded(
         assert_eq!(lab.counter("drop_bad_version"), 1);
         assert_eq!(lab.counter("verdict_drop"), 7);
         assert_eq!(
-            lab.lb.stats().unwrap().listeners[0].counters.new_conns,
+            lab.listener_counters("web").new_conns,
             0,
             "nothing scheduled"
         );

@@ -86,6 +86,8 @@ fn main() -> anyhow::Result<()> {
                 "--workspace",
                 "--exclude",
                 "clb-ebpf",
+                "--exclude",
+                "clb-gen",
                 "--bins",
                 "--tests",
             ];
@@ -142,7 +144,14 @@ fn main() -> anyhow::Result<()> {
             setup(&root, false, true)?;
             let t0 = Instant::now();
             cargo(&root, &["build", "-p", "clb-user", "--bin", "clb"])?;
-            let mut args = vec!["test", "--workspace", "--exclude", "clb-ebpf"];
+            let mut args = vec![
+                "test",
+                "--workspace",
+                "--exclude",
+                "clb-ebpf",
+                "--exclude",
+                "clb-gen",
+            ];
             if let Some(f) = filter.as_deref() {
                 args.push(f);
             }
@@ -185,6 +194,8 @@ fn main() -> anyhow::Result<()> {
                     "--workspace",
                     "--exclude",
                     "clb-ebpf",
+                    "--exclude",
+                    "clb-gen",
                     "--all-targets",
                     "--",
                     "-D",
@@ -201,6 +212,8 @@ fn main() -> anyhow::Result<()> {
                     "clippy",
                     "-p",
                     "clb-ebpf",
+                    "-p",
+                    "clb-gen",
                     "--target",
                     "bpfel-unknown-none",
                     "-Z",

@@ -88,7 +88,7 @@ impl CookieKey {
     }
 }
 
-/// Loads the key from `path`, creating it (32 random bytes from the kernel, mode 0600,
+/// Loads the key from `path`, creating it (32 random bytes from the kernel's CSPRNG, mode 0600,
 /// written to a temp file and renamed) if it does not exist.
 pub fn load_or_create_key(path: &Path) -> anyhow::Result<CookieKey> {
     match std::fs::read(path) {
@@ -106,8 +106,7 @@ pub fn load_or_create_key(path: &Path) -> anyhow::Result<CookieKey> {
         Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
     }
     let mut k = [0u8; 32];
-    let mut rnd = std::fs::File::open("/dev/urandom").context("opening /dev/urandom")?;
-    std::io::Read::read_exact(&mut rnd, &mut k).context("reading /dev/urandom")?;
+    getrandom::fill(&mut k).map_err(|e| anyhow::anyhow!("getting 32 random bytes: {e}"))?;
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let tmp = dir.join(format!(".cookie-key.tmp.{}", std::process::id()));

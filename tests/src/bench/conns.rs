@@ -14,8 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aya::Ebpf;
-use clb::{balancer::Balancer, dataplane::AyaDataplane, model::Proto};
+use clb::control::model::Proto;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
 
@@ -124,7 +123,7 @@ impl Peer {
     reason = "held for their Drop: the balancer lives as long as the run"
 )]
 enum Running {
-    Clb(Box<Ebpf>, Box<Balancer<AyaDataplane>>),
+    Clb(super::InProcess),
     Process(Proc, std::path::PathBuf),
     Nothing,
 }
@@ -146,13 +145,10 @@ fn start_peer(topo: &Topology, peer: Peer) -> anyhow::Result<Running> {
         Ok(Proc(c))
     };
     let running = match peer {
-        Peer::Clb => {
-            let (e, lb) = start_clb(
-                topo,
-                vec![listener("web", vip(), Proto::Tcp, 600, &backends)],
-            )?;
-            Running::Clb(e, lb)
-        }
+        Peer::Clb => Running::Clb(start_clb(
+            topo,
+            vec![listener("web", vip(), Proto::Tcp, 600, &backends)],
+        )?),
         Peer::Nft => {
             let rules = format!(
                 "table ip clbbench {{\n chain pre {{\n  type nat hook prerouting priority dstnat; policy accept;\n  ip daddr {VIP} tcp dport 80 dnat to jhash ip saddr mod 3 map {{ 0 : {}, 1 : {}, 2 : {} }} : {BACKEND_PORT}\n }}\n}}\n",

@@ -12,21 +12,18 @@ use std::{
 };
 
 use clb::{
-    balancer::{Balancer, sweep},
-    batch,
-    dataplane::{AyaDataplane, AyaTables},
-    loader,
-    model::Proto,
+    control::model::{Kind, Proto, TablesSpec},
+    datapath::{Reader as _, SessionTable, sweep::sweep},
     time::monotonic_ns,
 };
-use clb_common::{MAX_CONNS, MAX_SESSIONS, NS_PER_SEC, PROTO_TCP, PROTO_UDP};
+use clb_common::{DEFAULT_CONNS, DEFAULT_SESSIONS, NS_PER_SEC, PROTO_TCP, PROTO_UDP};
 
 use super::{
     Scale, entries, listener, median,
     rate::{Balancing, Generator, Peer, Sink, setup_balancer},
     report::{Report, Row},
 };
-use crate::netns::Topology;
+use crate::{lab::with_lab_tables, netns::Topology};
 
 /// CPU time (user + system) of the calling thread.
 fn thread_cpu() -> Duration {
@@ -38,85 +35,88 @@ fn thread_cpu() -> Duration {
     tv(ru.ru_utime) + tv(ru.ru_stime)
 }
 
-fn ids(lb: &Balancer<AyaDataplane>, name: &str) -> (u16, u32) {
-    let l = &lb.listeners()[name];
-    (l.id.expect("L4") as u16, l.backends[0].id)
-}
-
 /// Runs the memory and sweep figures and adds them to `report`.
 pub fn run(scale: &Scale, report: &mut Report) -> anyhow::Result<()> {
-    let loaded = loader::load(None)?;
-    let conn_memlock = batch::memlock(loaded.dataplane.conn_map().fd().as_fd())?;
-    let sess_memlock = batch::memlock(loaded.dataplane.session_map().fd().as_fd())?;
-    let conn_bytes = conn_memlock as f64 / f64::from(MAX_CONNS);
-    let sess_bytes = sess_memlock as f64 / f64::from(MAX_SESSIONS);
-    report.push(Row {
-        section: "memory".into(),
-        figure: "map memory per connection entry".into(),
-        unit: "B".into(),
-        clb: conn_bytes,
-        peers: vec![("per session entry".into(), sess_bytes)],
-        ratio: None,
-        // The map's fixed header (a few hundred bytes) is part of memlock: compare per entry
-        // at the precision shown.
-        target: Some(("≤ 96 B".into(), (conn_bytes * 100.0).round() <= 9600.0)),
-        note: format!(
-            "memlock ÷ max_entries: {conn_memlock} B / {MAX_CONNS} (sessions {sess_memlock} B / {MAX_SESSIONS}); 12 B key + 16 B value + kernel element header + bucket"
-        ),
-    });
+    let rows = with_lab_tables(TablesSpec::default(), |lab| -> anyhow::Result<Vec<Row>> {
+        let mut rows = Vec::new();
+        let [conns, _, sessions, _] = lab.reader().table_info()?;
+        let conn_bytes = conns.memory_bytes as f64 / f64::from(conns.capacity);
+        let sess_bytes = sessions.memory_bytes as f64 / f64::from(sessions.capacity);
+        rows.push(Row {
+            section: "memory".into(),
+            figure: "map memory per connection entry".into(),
+            unit: "B".into(),
+            clb: conn_bytes,
+            peers: vec![("per session entry".into(), sess_bytes)],
+            ratio: None,
+            // The map's fixed header (a few hundred bytes) is part of memlock: compare per
+            // entry at the precision shown.
+            target: Some(("≤ 96 B".into(), (conn_bytes * 100.0).round() <= 9600.0)),
+            note: format!(
+                "memlock ÷ max_entries: {} B / {} (sessions {} B / {}); 12 B key + 16 B value + kernel element header + bucket",
+                conns.memory_bytes, conns.capacity, sessions.memory_bytes, sessions.capacity
+            ),
+        });
 
-    // Sweep on its own.
-    let mut lb = Balancer::restore(loaded.dataplane)?;
-    let mut l = listener(
-        "web",
-        SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 100), 80),
-        Proto::Tcp,
-        60,
-        &["10.1.0.2:80".parse()?],
-    );
-    l.idle_timeout = Some(10);
-    lb.apply(vec![l])?;
-    let (lid, bid) = ids(&lb, "web");
-    let n = scale.sweep_entries.min(MAX_CONNS as usize);
-    let old = monotonic_ns().saturating_sub(3600 * NS_PER_SEC);
-    let (ck, cv, sk, sv) = entries(n, lid, bid, PROTO_TCP, old);
-    lb.dataplane_mut().put_conns(&ck, &cv)?;
-    lb.dataplane_mut().put_sessions(&sk, &sv)?;
-    let mut tables = AyaTables::open(lb.dataplane())?;
-    let policy = std::sync::Arc::new(lb.sweep_policy());
-    let (c0, t0) = (thread_cpu(), Instant::now());
-    let r = sweep(
-        &mut tables,
-        &|| policy.clone(),
-        monotonic_ns(),
-        Duration::ZERO,
-    )?;
-    let (wall, cpu) = (t0.elapsed(), thread_cpu() - c0);
-    anyhow::ensure!(
-        r.conns_removed as usize == n,
-        "swept {} of {n} connections",
-        r.conns_removed
-    );
-    let entries = (r.conns_removed + r.sessions_removed) as f64;
-    let per_million = cpu.as_secs_f64() * 1e6 / entries;
-    report.push(Row {
-        section: "sweeper".into(),
-        figure: "CPU to sweep 1 M expired entries".into(),
-        unit: "s CPU".into(),
-        clb: per_million,
-        peers: vec![("wall per 1 M".into(), wall.as_secs_f64() * 1e6 / entries)],
-        ratio: None,
-        target: Some(("≤ 1 s of one core".into(), per_million <= 1.0)),
-        note: format!(
-            "one unpaced sweep of {n} connections + {n} sessions (batch read 8192, batch delete): {:.2} s CPU, {:.2} s wall, removed {} + {}",
-            cpu.as_secs_f64(),
-            wall.as_secs_f64(),
-            r.conns_removed,
-            r.sessions_removed
-        ),
-    });
-    drop(tables);
-    drop(lb);
+        // Sweep on its own.
+        let mut l = listener(
+            "web",
+            SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 100), 80),
+            Proto::Tcp,
+            60,
+            &["10.1.0.2:80".parse()?],
+        );
+        if let Kind::L4(k) = &mut l.kind {
+            k.idle_timeout = Some(10);
+        }
+        lab.apply(vec![l]);
+        let (lid, bid) = (
+            lab.listener_id("web"),
+            lab.backend_id("web", "10.1.0.2:80".parse()?),
+        );
+        let n = scale
+            .sweep_entries
+            .min(DEFAULT_CONNS.min(DEFAULT_SESSIONS) as usize);
+        let old = monotonic_ns().saturating_sub(100 * NS_PER_SEC);
+        let (ck, cv, sk, sv) = entries(n, lid, bid, PROTO_TCP, old);
+        lab.fill_conns(&ck, &cv)?;
+        lab.fill_sessions(SessionTable::Verified, &sk, &sv)?;
+        let (c0, t0) = (thread_cpu(), Instant::now());
+        let r = sweep(
+            lab.reader(),
+            &|| lab.ctl.snapshot().policy.clone(),
+            monotonic_ns(),
+            Duration::ZERO,
+        )?;
+        let (wall, cpu) = (t0.elapsed(), thread_cpu() - c0);
+        anyhow::ensure!(
+            r.conns_removed as usize == n,
+            "swept {} of {n} connections",
+            r.conns_removed
+        );
+        let entries = (r.conns_removed + r.sessions_removed) as f64;
+        let per_million = cpu.as_secs_f64() * 1e6 / entries;
+        rows.push(Row {
+            section: "sweeper".into(),
+            figure: "CPU to sweep 1 M expired entries".into(),
+            unit: "s CPU".into(),
+            clb: per_million,
+            peers: vec![("wall per 1 M".into(), wall.as_secs_f64() * 1e6 / entries)],
+            ratio: None,
+            target: Some(("≤ 1 s of one core".into(), per_million <= 1.0)),
+            note: format!(
+                "one unpaced sweep of {n} connections + {n} sessions (batch read 8192, batch delete): {:.2} s CPU, {:.2} s wall, removed {} + {}",
+                cpu.as_secs_f64(),
+                wall.as_secs_f64(),
+                r.conns_removed,
+                r.sessions_removed
+            ),
+        });
+        Ok(rows)
+    })?;
+    for r in rows {
+        report.push(r);
+    }
     dip(scale, report)
 }
 
@@ -129,8 +129,8 @@ fn dip(scale: &Scale, report: &mut Report) -> anyhow::Result<()> {
         .iter()
         .map(Sink::attach)
         .collect::<Result<_, _>>()?;
-    let mut balancing = setup_balancer(&topo, Peer::Clb { persist: 0 })?;
-    let Balancing::Clb(_, lb) = &mut balancing else {
+    let balancing = setup_balancer(&topo, Peer::Clb { persist: 0 })?;
+    let Balancing::Clb(clb) = &balancing else {
         anyhow::bail!("clb expected");
     };
     let mut g = Generator::new(&topo, PROTO_UDP, scale.sources, 1)?;
@@ -139,11 +139,20 @@ fn dip(scale: &Scale, report: &mut Report) -> anyhow::Result<()> {
     let burst = (scale.packets / 20).max(1000);
     let samples: Mutex<Vec<(Instant, Instant, f64)>> = Mutex::new(Vec::new());
     let stop = AtomicBool::new(false);
-    let (lid, bid) = ids(lb, "udp");
-    let n = (scale.sweep_entries.min(MAX_CONNS as usize))
+    let snap = clb.ctl.snapshot();
+    let udp = snap
+        .listener("udp")
+        .ok_or_else(|| anyhow::anyhow!("no udp listener"))?;
+    let (lid, bid) = (
+        udp.id.ok_or_else(|| anyhow::anyhow!("no id"))? as u16,
+        udp.backends[0].id.ok_or_else(|| anyhow::anyhow!("no id"))?,
+    );
+    let n = (scale.sweep_entries.min(DEFAULT_CONNS as usize))
         .saturating_sub(scale.sources as usize + 50_000)
         .max(1000);
-    let old = monotonic_ns().saturating_sub(3600 * NS_PER_SEC);
+    // Expired: older than the UDP idle timeout (300 s) — or as old as the clock allows on a
+    // machine up for less (the figure then sweeps what it can; the report says how many).
+    let old = monotonic_ns().saturating_sub(400 * NS_PER_SEC);
     let (ck, cv, _, _) = entries(n, lid, bid, PROTO_UDP, old);
     let window = std::thread::scope(|s| -> anyhow::Result<(Instant, Instant, u64)> {
         let gen_thread = s.spawn(|| -> anyhow::Result<()> {
@@ -159,14 +168,12 @@ fn dip(scale: &Scale, report: &mut Report) -> anyhow::Result<()> {
             Ok(())
         });
         std::thread::sleep(Duration::from_millis(500));
-        lb.dataplane_mut().put_conns(&ck, &cv)?;
+        clb::datapath::batch::update(clb.reader.aya_tables().conn_map().fd().as_fd(), &ck, &cv)?;
         std::thread::sleep(Duration::from_secs(1));
-        let mut tables = AyaTables::open(lb.dataplane())?;
-        let policy = std::sync::Arc::new(lb.sweep_policy());
         let from = Instant::now();
         let r = sweep(
-            &mut tables,
-            &|| policy.clone(),
+            clb.reader.as_ref(),
+            &|| clb.ctl.snapshot().policy.clone(),
             monotonic_ns(),
             clb::daemon::SWEEP_PAUSE,
         )?;

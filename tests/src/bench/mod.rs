@@ -89,12 +89,20 @@ pub fn median(v: &mut [f64]) -> f64 {
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 
+use std::{path::PathBuf, sync::Arc, time::Instant};
+
 use aya::Ebpf;
 use clb::{
-    balancer::Balancer,
-    dataplane::AyaDataplane,
-    loader::{self, AttachMode, Loaded},
-    model::{BackendSpec, CheckKind, HealthCheckSpec, ListenerSpec, Proto},
+    control::{
+        ControlOptions, Controller,
+        file::ConfigFile,
+        model::{BackendSpec, CheckKind, HealthCheckSpec, ListenerSpec, Proto, TablesSpec},
+        status::DaemonInfo,
+    },
+    datapath::{
+        aya::AyaReader,
+        loader::{self, AttachMode, Loaded, TableSizes},
+    },
 };
 use clb_common::{
     CONN_OPEN, ConnKey, ConnValue, SessionKey, SessionValue, XDP_PROGRAM, ip_to_be, port_to_be,
@@ -113,10 +121,7 @@ pub fn listener(
 ) -> ListenerSpec {
     let mut l = ListenerSpec::new(name, vip, proto);
     l.persist = persist;
-    l.health_check = HealthCheckSpec {
-        kind: CheckKind::None,
-        ..Default::default()
-    };
+    l.health_check = HealthCheckSpec::of(CheckKind::None);
     l.backends = backends
         .iter()
         .map(|a| BackendSpec {
@@ -127,27 +132,85 @@ pub fn listener(
     l
 }
 
-/// clb in the topology's balancer namespace: loaded, configured with `listeners` through the
-/// control plane, attached natively to every balancer interface. Drop both to stop it.
-pub fn start_clb(
+/// clb running in-process (no API): the loaded program, the controller, and a reader.
+pub struct InProcess {
+    pub ebpf: Box<Ebpf>,
+    pub ctl: Arc<Controller>,
+    pub reader: Arc<AyaReader>,
+    /// Holds the controller's config file.
+    pub dir: PathBuf,
+}
+
+impl Drop for InProcess {
+    fn drop(&mut self) {
+        std::fs::remove_dir_all(&self.dir).ok();
+    }
+}
+
+/// clb in the topology's balancer namespace: loaded with `tables`, configured with
+/// `listeners` through the control plane, attached natively to every balancer interface.
+/// Drop it to stop it.
+pub fn start_clb_with(
     topo: &Topology,
+    tables: TablesSpec,
     listeners: Vec<ListenerSpec>,
-) -> anyhow::Result<(Box<Ebpf>, Box<Balancer<AyaDataplane>>)> {
+) -> anyhow::Result<InProcess> {
     let ifaces = topo.lb_ifaces.clone();
+    let dir = std::env::temp_dir().join(crate::netns::unique_name("inproc"));
+    std::fs::create_dir_all(&dir)?;
+    let config = dir.join("clb.toml");
     topo.lb.run(move || {
+        let sizes = TableSizes {
+            connections: tables.connections,
+            half_open: tables.half_open,
+            sessions: tables.sessions,
+        };
         let Loaded {
             mut ebpf,
             dataplane,
             ..
-        } = loader::load(None)?;
-        let mut lb = Balancer::restore(dataplane)?;
-        lb.apply(listeners)?;
+        } = loader::load(None, &sizes)?;
+        let reader = Arc::new(dataplane.reader()?);
+        let cfg = ConfigFile {
+            tables,
+            bgp: None,
+            listeners,
+        };
+        cfg.save(&config)?;
+        let ctl = Controller::start(
+            Box::new(dataplane),
+            reader.clone(),
+            cfg,
+            ControlOptions {
+                config_path: config.clone(),
+                local_addrs: Vec::new(),
+                cpus: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
+                info: DaemonInfo {
+                    ifaces: ifaces.clone(),
+                    xdp_mode: "native".into(),
+                    bpffs: PathBuf::new(),
+                    config: config.clone(),
+                    started: Instant::now(),
+                },
+            },
+        )
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
         for dev in &ifaces {
             let idx = loader::attach(&mut ebpf, XDP_PROGRAM, dev, AttachMode::Native, None)?;
-            lb.add_device(idx)?;
+            ctl.add_device(idx)?;
         }
-        Ok((Box::new(ebpf), Box::new(lb)))
+        Ok(InProcess {
+            ebpf: Box::new(ebpf),
+            ctl,
+            reader,
+            dir: config.parent().map(PathBuf::from).unwrap_or_default(),
+        })
     })
+}
+
+/// [`start_clb_with`] the default tables.
+pub fn start_clb(topo: &Topology, listeners: Vec<ListenerSpec>) -> anyhow::Result<InProcess> {
+    start_clb_with(topo, TablesSpec::default(), listeners)
 }
 
 /// Table entries for `n` distinct clients (172.16.0.0 + i, port 7) of listener `lid` on
@@ -178,7 +241,8 @@ pub fn entries(
             last_seen_ns,
             backend: bid,
             state: CONN_OPEN,
-            _pad: [0; 3]
+            flags: 0,
+            _pad: [0; 2]
         };
         n
     ];

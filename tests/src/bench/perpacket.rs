@@ -10,17 +10,20 @@
 use std::net::{Ipv4Addr, SocketAddrV4};
 
 use clb::{
-    model::{ListenerSpec, Proto},
+    control::model::{Kind, ListenerSpec, Proto, Sched, TablesSpec},
+    datapath::SessionTable,
     time::monotonic_ns,
 };
-use clb_common::{PASS_PROGRAM, PROTO_TCP, XDP_PROGRAM};
+use clb_common::{
+    ConnKey, HALF_SYN, HalfOpenValue, PASS_PROGRAM, PROTO_TCP, XDP_PROGRAM, ip_to_be, port_to_be,
+};
 
 use super::{
     Scale, entries, listener, median,
     report::{Report, Row},
 };
 use crate::{
-    lab::{PacketLab, XDP_PASS, XDP_REDIRECT, backend, with_lab},
+    lab::{PacketLab, XDP_PASS, XDP_REDIRECT, backend, with_lab_tables},
     packet::{ACK, FrameSpec, SYN, parse},
 };
 
@@ -29,6 +32,14 @@ const VIP: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 100), 80);
 fn web(persist: u32) -> ListenerSpec {
     let backends: Vec<SocketAddrV4> = (2..=4).map(|n| backend(n, 8080)).collect();
     listener("web", VIP, Proto::Tcp, persist, &backends)
+}
+
+fn maglev(persist: u32) -> ListenerSpec {
+    let mut l = web(persist);
+    if let Kind::L4(k) = &mut l.kind {
+        k.sched = Sched::Maglev;
+    }
+    l
 }
 
 /// A unique source for the i-th new flow of a figure (`base` keeps figures apart).
@@ -83,14 +94,45 @@ fn measure(
     })
 }
 
-/// Fills the tables to `n` live entries each (beyond what the figures themselves create).
-fn fill(lab: &mut PacketLab, n: usize) -> anyhow::Result<()> {
-    let l = &lab.lb.listeners()["web"];
-    let (lid, bid) = (l.id.expect("L4") as u16, l.backends[0].id);
+/// Fills the verified tables to `n` live entries each (beyond what the figures create).
+fn fill(lab: &PacketLab, n: usize) -> anyhow::Result<()> {
+    let lid = lab.listener_id("web");
+    let bid = lab.backend_id("web", backend(2, 8080));
     let (ck, cv, sk, sv) = entries(n, lid, bid, PROTO_TCP, monotonic_ns());
-    let dp = lab.lb.dataplane_mut();
-    dp.put_conns(&ck, &cv)?;
-    dp.put_sessions(&sk, &sv)?;
+    lab.fill_conns(&ck, &cv)?;
+    lab.fill_sessions(SessionTable::Verified, &sk, &sv)?;
+    Ok(())
+}
+
+/// Half-open entries for the flows `source(base, 0..n)`, as their SYNs would have left them.
+fn half_open_for(lab: &PacketLab, base: u8, n: usize) -> anyhow::Result<()> {
+    let lid = lab.listener_id("web");
+    let bid = lab.backend_id("web", backend(2, 8080));
+    let now = monotonic_ns();
+    let keys: Vec<ConnKey> = (0..n)
+        .map(|i| {
+            let s = source(base, i);
+            ConnKey {
+                client: ip_to_be(s.ip().octets()),
+                client_port: port_to_be(s.port()),
+                listener: lid,
+                proto: PROTO_TCP,
+                _pad: [0; 3],
+            }
+        })
+        .collect();
+    let vals = vec![
+        HalfOpenValue {
+            last_seen_ns: now,
+            backend: bid,
+            kind: HALF_SYN,
+            flags: 0,
+            packets: 1,
+            _pad: 0,
+        };
+        n
+    ];
+    lab.fill_half_open(&keys, &vals)?;
     Ok(())
 }
 
@@ -107,58 +149,102 @@ fn row(figure: &str, t: &Timing, target: Option<(f64, &str)>, note: &str) -> Row
     }
 }
 
+/// The figures measured at one table size.
+struct AtSize {
+    label: String,
+    established: Timing,
+    reply: Timing,
+    syn: Timing,
+    syn_pending: Timing,
+    syn_hit: Timing,
+    handshake_ack: Timing,
+}
+
 /// Runs every per-packet figure and adds them to `report`.
 pub fn run(scale: &Scale, report: &mut Report) -> anyhow::Result<()> {
-    let rows = with_lab(|lab| -> anyhow::Result<Vec<Row>> {
+    // Tables large enough for the "large" figure, and no flood mode: the figures measure the
+    // ordinary paths (flood mode gets its own).
+    let tables = TablesSpec {
+        connections: (scale.large_table as u32).max(1 << 16).next_power_of_two(),
+        sessions: (scale.large_table as u32).max(1 << 16).next_power_of_two(),
+        half_open: 1 << 17,
+        flood_threshold: Some(0),
+        ..TablesSpec::default()
+    };
+    let rows = with_lab_tables(tables, |lab| -> anyhow::Result<Vec<Row>> {
         let mut rows = Vec::new();
-        let mut by_size = Vec::new();
-        for (size, label) in [(1000usize, "1k"), (scale.large_table, "large")] {
-            let label = if label == "large" {
-                format!("{}k", size / 1000)
-            } else {
-                label.to_owned()
-            };
-            lab.lb.apply(vec![web(0)])?;
+        let mut by_size: Vec<AtSize> = Vec::new();
+        let runs = scale.rounds * scale.runs_per_round;
+        for (round, size) in [1000usize, scale.large_table].into_iter().enumerate() {
+            let label = format!("{}k", size / 1000);
+            let base = 20 + 10 * round as u8;
+            lab.apply(vec![web(0)]);
             fill(lab, size)?;
-            // Established: one flow's ACK, again and again.
+            // Established: one verified flow's data, again and again.
             let c = SocketAddrV4::new(Ipv4Addr::new(10, 0, 1, 2), 40000);
             let (v, out) = lab.run(&FrameSpec::tcp(c, VIP, SYN).build());
             anyhow::ensure!(v == XDP_REDIRECT, "SYN not forwarded");
+            let (v, _) = lab.run(&FrameSpec::tcp(c, VIP, ACK).build());
+            anyhow::ensure!(v == XDP_REDIRECT, "ACK not forwarded");
             let be = parse(&out).map_err(anyhow::Error::msg)?.dst;
             let ack = FrameSpec::tcp(c, VIP, ACK)
                 .payload(b"GET / HTTP/1.1\r\n\r\n")
                 .build();
-            let est = measure(lab, scale, XDP_REDIRECT, |_| (lab.client_if, ack.clone()))?;
+            let established = measure(lab, scale, XDP_REDIRECT, |_| (lab.client_if, ack.clone()))?;
             let mut reply = FrameSpec::tcp(be, c, ACK).payload(b"HTTP/1.1 200 OK\r\n\r\n");
             reply.dst_mac = lab.backend_if_mac;
             let reply = reply.build();
-            let rep = measure(lab, scale, XDP_REDIRECT, |_| {
+            let reply = measure(lab, scale, XDP_REDIRECT, |_| {
                 (lab.backend_if, reply.clone())
             })?;
-            let newf = measure(lab, scale, XDP_REDIRECT, |i| {
+            let syn = measure(lab, scale, XDP_REDIRECT, |i| {
                 (
                     lab.client_if,
-                    FrameSpec::tcp(source(10, i), VIP, SYN).build(),
+                    FrameSpec::tcp(source(base, i), VIP, SYN).build(),
+                )
+            })?;
+            half_open_for(lab, base + 1, runs)?;
+            let handshake_ack = measure(lab, scale, XDP_REDIRECT, |i| {
+                (
+                    lab.client_if,
+                    FrameSpec::tcp(source(base + 1, i), VIP, ACK).build(),
                 )
             })?;
             // Persistence on.
-            lab.lb.apply(vec![web(600)])?;
+            lab.apply(vec![web(600)]);
             let hit_client = Ipv4Addr::new(10, 4, 0, 1);
             let (v, _) =
                 lab.run(&FrameSpec::tcp(SocketAddrV4::new(hit_client, 1), VIP, SYN).build());
             anyhow::ensure!(v == XDP_REDIRECT, "SYN not forwarded");
-            let hit = measure(lab, scale, XDP_REDIRECT, |i| {
+            let syn_hit = measure(lab, scale, XDP_REDIRECT, |i| {
                 let src = SocketAddrV4::new(hit_client, 2 + (i % 60_000) as u16);
                 (lab.client_if, FrameSpec::tcp(src, VIP, SYN).build())
             })?;
-            let write = measure(lab, scale, XDP_REDIRECT, |i| {
+            let syn_pending = measure(lab, scale, XDP_REDIRECT, |i| {
                 (
                     lab.client_if,
-                    FrameSpec::tcp(source(11, i), VIP, SYN).build(),
+                    FrameSpec::tcp(source(base + 2, i), VIP, SYN).build(),
                 )
             })?;
-            by_size.push((label, est, rep, newf, hit, write));
+            by_size.push(AtSize {
+                label,
+                established,
+                reply,
+                syn,
+                syn_pending,
+                syn_hit,
+                handshake_ack,
+            });
         }
+        // Schedulers and flood mode, persistence off, small tables.
+        lab.apply(vec![maglev(0)]);
+        let syn_maglev = measure(lab, scale, XDP_REDIRECT, |i| {
+            (
+                lab.client_if,
+                FrameSpec::tcp(source(60, i), VIP, SYN).build(),
+            )
+        })?;
+        lab.apply(vec![web(0)]);
         let nonvip = measure(lab, scale, XDP_PASS, |_| {
             (
                 lab.client_if,
@@ -170,34 +256,47 @@ pub fn run(scale: &Scale, report: &mut Report) -> anyhow::Result<()> {
                 .build(),
             )
         })?;
-        let (small, large) = (&by_size[0], &by_size[1]);
+        let small = &by_size[0];
+        let large = &by_size[1];
         rows.push(row(
-            &format!("established TCP flow ({} entries)", small.0),
-            &small.1,
+            &format!("established TCP flow ({} entries)", small.label),
+            &small.established,
             Some((4.5, "≤ 4.5× XDP_PASS")),
-            "conntrack hit, DNAT, cached next hop, devmap redirect",
+            "connection-table hit, DNAT, cached next hop, devmap redirect",
         ));
         rows.push(row(
-            &format!("new TCP flow, persistence off ({})", small.0),
-            &small.3,
-            None,
-            "schedule + conn insert",
-        ));
-        rows.push(row(
-            &format!("new flow hitting a persistence entry ({})", small.0),
-            &small.4,
-            None,
-            "session hit + conn insert",
-        ));
-        rows.push(row(
-            &format!("new flow writing a persistence entry ({})", small.0),
-            &small.5,
+            &format!("SYN, persistence off ({})", small.label),
+            &small.syn,
             Some((6.0, "≤ 6× XDP_PASS")),
-            "schedule + session insert + conn insert",
+            "round robin + half-open insert (no connection entry)",
         ));
         rows.push(row(
-            &format!("reply-path packet ({})", small.0),
-            &small.2,
+            &format!("SYN of a new client, persistence on ({})", small.label),
+            &small.syn_pending,
+            Some((6.0, "≤ 6× XDP_PASS")),
+            "round robin + half-open insert + pending-persistence insert",
+        ));
+        rows.push(row(
+            &format!("SYN of a persisted client ({})", small.label),
+            &small.syn_hit,
+            None,
+            "persistence hit + half-open insert",
+        ));
+        rows.push(row(
+            &format!("handshake-completing ACK ({})", small.label),
+            &small.handshake_ack,
+            None,
+            "half-open hit, promotion: connection insert + half-open delete",
+        ));
+        rows.push(row(
+            &format!("SYN, Maglev scheduler ({})", small.label),
+            &syn_maglev,
+            None,
+            "hash + Maglev table lookup + half-open insert",
+        ));
+        rows.push(row(
+            &format!("reply-path packet ({})", small.label),
+            &small.reply,
             None,
             "reverse lookup, SNAT to VIP",
         ));
@@ -207,27 +306,24 @@ pub fn run(scale: &Scale, report: &mut Report) -> anyhow::Result<()> {
             None,
             "two lookups, XDP_PASS",
         ));
-        for (i, what) in [
-            (1usize, "established TCP flow"),
-            (3, "new TCP flow, persistence off"),
-            (5, "new flow writing a persistence entry"),
-        ] {
-            let pick = |s: &(String, Timing, Timing, Timing, Timing, Timing)| match i {
-                1 => s.1.path_ns,
-                3 => s.3.path_ns,
-                _ => s.5.path_ns,
-            };
+        type Pick = fn(&AtSize) -> f64;
+        let compare: [(&str, Pick); 3] = [
+            ("established TCP flow", |s| s.established.path_ns),
+            ("SYN, persistence off", |s| s.syn.path_ns),
+            ("handshake-completing ACK", |s| s.handshake_ack.path_ns),
+        ];
+        for (what, pick) in compare {
             let (a, b) = (pick(small), pick(large));
             let r = b / a;
             rows.push(Row {
                 section: "per-packet (BPF_PROG_TEST_RUN)".into(),
-                figure: format!("{what}: {} vs {} entries", large.0, small.0),
+                figure: format!("{what}: {} vs {} entries", large.label, small.label),
                 unit: "ns".into(),
                 clb: b,
-                peers: vec![(format!("{} entries", small.0), a)],
-                ratio: Some((format!("{} entries", small.0), r)),
+                peers: vec![(format!("{} entries", small.label), a)],
+                ratio: Some((format!("{} entries", small.label), r)),
                 target: Some(("within 1.2×".into(), r <= 1.2)),
-                note: "same figure with the tables pre-filled".into(),
+                note: "same figure with the verified tables pre-filled".into(),
             });
         }
         Ok(rows)

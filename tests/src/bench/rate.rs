@@ -15,20 +15,17 @@ use aya::{
     maps::{Array, PerCpuArray},
     programs::{TestRun as _, TestRunAttrs, TestRunOptions, Xdp},
 };
-use clb::{
-    balancer::Balancer,
-    dataplane::AyaDataplane,
-    model::{ListenerSpec, Proto},
-};
-use clb_common::{
+use clb::control::model::{ListenerSpec, Proto, TablesSpec};
+use clb_common::{ip_to_be, port_to_be};
+use clb_gen::{
     GEN_CONFIG_MAP, GEN_SEQ_MAP, GenConfig, PROTO_TCP, PROTO_UDP, SINK_COUNT_MAP, SINK_SEEN_MAP,
-    SINK_SEEN_WORDS, ip_to_be, port_to_be,
+    SINK_SEEN_WORDS,
 };
 
 use super::{
-    Scale, listener, median,
+    InProcess, Scale, listener, median,
     report::{Report, Row},
-    start_clb,
+    start_clb_with,
 };
 use crate::netns::{NetNs, Topology, VIP, backend_ip};
 
@@ -36,7 +33,7 @@ const UDP_PORT: u16 = 53;
 const TCP_PORT: u16 = 80;
 
 fn load_gen() -> anyhow::Result<Ebpf> {
-    let mut e = EbpfLoader::new().load(clb::GEN_OBJECT)?;
+    let mut e = EbpfLoader::new().load(crate::GEN_OBJECT)?;
     for p in ["clb_gen", "clb_sink"] {
         let prog: &mut Xdp = e.program_mut(p).expect("program").try_into()?;
         prog.load()?;
@@ -99,11 +96,8 @@ impl Peer {
 /// The balancer side of a run; dropping it leaves the namespace as it was (the program and
 /// its maps are held only so they live as long as the run).
 pub(super) enum Balancing {
-    /// The program (held so it stays loaded) and the control plane over its maps.
-    Clb(
-        #[expect(dead_code, reason = "held for its Drop")] Box<Ebpf>,
-        Box<Balancer<AyaDataplane>>,
-    ),
+    /// clb in-process (held so it stays loaded and attached).
+    Clb(InProcess),
     Nft,
 }
 
@@ -123,14 +117,22 @@ fn spec(name: &str, port: u16, proto: Proto, persist: u32) -> ListenerSpec {
 pub(super) fn setup_balancer(topo: &Topology, peer: Peer) -> anyhow::Result<Balancing> {
     match peer {
         Peer::Clb { persist } => {
-            let (ebpf, lb) = start_clb(
+            // Room for every generated flow in the half-open table (the sinks never answer, so
+            // the flows stay unverified), and flood mode off: this measures forwarding rates.
+            let tables = TablesSpec {
+                half_open: 1 << 21,
+                flood_threshold: Some(0),
+                ..TablesSpec::default()
+            };
+            let clb = start_clb_with(
                 topo,
+                tables,
                 vec![
                     spec("udp", UDP_PORT, Proto::Udp, persist),
                     spec("tcp", TCP_PORT, Proto::Tcp, persist),
                 ],
             )?;
-            Ok(Balancing::Clb(ebpf, lb))
+            Ok(Balancing::Clb(clb))
         }
         Peer::NftJhash | Peer::NftNumgen => {
             // The generator redirects into the client veth; its peer c0 needs GRO (or an XDP
@@ -186,7 +188,8 @@ impl Generator {
             ports,
             ifindex: topo.client.ifindex("eth0")?,
             proto,
-            _pad: [0; 3],
+            tcp_flags: 0,
+            _pad: [0; 2],
             frame_len: frame_len as u32,
         };
         let mut g = Self {

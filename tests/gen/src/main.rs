@@ -13,7 +13,7 @@ use aya_ebpf::{
     maps::{Array, PerCpuArray},
     programs::XdpContext,
 };
-use clb_common::{GenConfig, PROTO_TCP, SINK_SEEN_WORDS};
+use clb_gen::{GenConfig, PROTO_TCP, SINK_SEEN_WORDS};
 
 #[map]
 static GEN_CFG: Array<GenConfig> = Array::with_max_entries(1, 0);
@@ -97,11 +97,15 @@ pub fn clb_gen(ctx: XdpContext) -> u32 {
             *(l4.add(4) as *mut u32) = (n as u32).to_be(); // seq
             *(l4.add(8) as *mut u32) = 0;
             *l4.add(12) = 5 << 4;
-            *l4.add(13) = 0x02; // SYN
+            *l4.add(13) = if cfg.tcp_flags == 0 {
+                0x02
+            } else {
+                cfg.tcp_flags
+            };
             *(l4.add(14) as *mut u16) = 64240u16.to_be();
             *(l4.add(16) as *mut u16) = 0;
             *(l4.add(18) as *mut u16) = 0;
-            // Checksum over the pseudo-header and the 20-byte header (SYNs carry no data).
+            // Checksum over the pseudo-header and the 20-byte header (no payload).
             let mut s: u32 = (src & 0xffff)
                 + (src >> 16)
                 + (cfg.dst & 0xffff)

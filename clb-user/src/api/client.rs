@@ -9,7 +9,7 @@ use hyper_util::rt::TokioIo;
 use serde::{Serialize, de::DeserializeOwned};
 use tokio::net::UnixStream;
 
-use crate::api::ErrorBody;
+use super::types::ErrorBody;
 
 /// A refused or failed API call.
 #[derive(Debug, thiserror::Error)]
@@ -103,16 +103,16 @@ impl<'a> Client<'a> {
     }
 }
 
-/// Percent-encodes a path segment (names are restricted, but addresses carry ':').
+/// Percent-encodes a path segment or query value (names are restricted, but addresses carry
+/// ':' and '/').
 pub fn seg(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b':' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
+    const SET: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+        .remove(b'-')
+        .remove(b'_')
+        .remove(b'.')
+        .remove(b'~')
+        .remove(b':');
+    percent_encoding::utf8_percent_encode(s, SET).to_string()
 }
 
 /// Whether a refusal is a "not found".

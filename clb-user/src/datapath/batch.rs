@@ -44,9 +44,9 @@ fn sys_bpf(cmd: libc::c_long, attr: &mut BatchAttr) -> io::Result<()> {
     }
 }
 
-/// Calls `f` with successive batches of (key, value) pairs of the hash map `fd`, until the map
-/// is exhausted or `f` returns `false`. Entries added or removed meanwhile may or may not be
-/// seen (hash-map iteration semantics).
+/// Calls `f` with successive batches of (key, value) pairs of the map `fd`, until the map is
+/// exhausted or `f` returns `false`. Entries added or removed meanwhile may or may not be seen
+/// (hash-map iteration semantics).
 pub fn for_each_batch<K: Pod, V: Pod>(
     fd: BorrowedFd<'_>,
     batch_size: usize,
@@ -54,7 +54,44 @@ pub fn for_each_batch<K: Pod, V: Pod>(
 ) -> io::Result<()> {
     let mut keys = vec![K::zeroed(); batch_size];
     let mut values = vec![V::zeroed(); batch_size];
-    // Hash-map batch tokens are bucket indices (u32).
+    lookup_batches(
+        fd,
+        bytemuck::cast_slice_mut(&mut keys),
+        bytemuck::cast_slice_mut(&mut values),
+        batch_size,
+        |kb, vb, n| f(&view::<K>(kb)[..n], &view::<V>(vb)[..n]),
+    )
+}
+
+/// Reinterprets a byte buffer filled by the kernel as `T`s (the buffer came from a `Vec<T>`,
+/// so it is aligned).
+fn view<T: Pod>(b: &[u8]) -> &[T] {
+    bytemuck::cast_slice(b)
+}
+
+/// [`for_each_batch`] with untyped keys and values of `key_size` / `value_size` bytes.
+pub fn for_each_batch_raw(
+    fd: BorrowedFd<'_>,
+    key_size: usize,
+    value_size: usize,
+    batch_size: usize,
+    mut f: impl FnMut(&[u8], &[u8]) -> bool,
+) -> io::Result<()> {
+    let mut keys = vec![0u8; key_size * batch_size];
+    let mut values = vec![0u8; value_size * batch_size];
+    lookup_batches(fd, &mut keys, &mut values, batch_size, |kb, vb, n| {
+        f(&kb[..n * key_size], &vb[..n * value_size])
+    })
+}
+
+fn lookup_batches(
+    fd: BorrowedFd<'_>,
+    keys: &mut [u8],
+    values: &mut [u8],
+    batch_size: usize,
+    mut f: impl FnMut(&[u8], &[u8], usize) -> bool,
+) -> io::Result<()> {
+    // Hash and array batch tokens are bucket / slot indices (u32).
     let mut token_in: u32 = 0;
     let mut token_out: u32 = 0;
     let mut first = true;
@@ -79,7 +116,7 @@ pub fn for_each_batch<K: Pod, V: Pod>(
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => true,
             Err(e) => return Err(e),
         };
-        if n > 0 && !f(&keys[..n], &values[..n]) {
+        if n > 0 && !f(keys, values, n) {
             return Ok(());
         }
         if done {
@@ -121,16 +158,35 @@ pub fn delete<K: Pod>(fd: BorrowedFd<'_>, keys: &[K]) -> io::Result<usize> {
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
 
 /// Inserts or replaces `keys[i]` → `values[i]` in the map `fd`, many per syscall (used to
-/// fill tables in benchmarks and tests). Returns how many were written.
+/// fill tables in benchmarks and tests, and to copy resized tables). Returns how many were
+/// written.
 pub fn update<K: Pod, V: Pod>(fd: BorrowedFd<'_>, keys: &[K], values: &[V]) -> io::Result<usize> {
     assert_eq!(keys.len(), values.len(), "one value per key");
+    update_raw(
+        fd,
+        bytemuck::cast_slice(keys),
+        bytemuck::cast_slice(values),
+        std::mem::size_of::<K>(),
+        std::mem::size_of::<V>(),
+    )
+}
+
+/// [`update`] with untyped keys and values of `key_size` / `value_size` bytes.
+pub fn update_raw(
+    fd: BorrowedFd<'_>,
+    keys: &[u8],
+    values: &[u8],
+    key_size: usize,
+    value_size: usize,
+) -> io::Result<usize> {
+    let count = keys.len() / key_size.max(1);
     let mut done = 0;
     const CHUNK: usize = 16384;
-    while done < keys.len() {
-        let n = (keys.len() - done).min(CHUNK);
+    while done < count {
+        let n = (count - done).min(CHUNK);
         let mut attr = BatchAttr {
-            keys: keys[done..].as_ptr() as u64,
-            values: values[done..].as_ptr() as u64,
+            keys: keys[done * key_size..].as_ptr() as u64,
+            values: values[done * value_size..].as_ptr() as u64,
             count: n as u32,
             map_fd: fd.as_raw_fd() as u32,
             ..Default::default()

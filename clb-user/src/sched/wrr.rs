@@ -5,11 +5,31 @@
 //! window of consecutive slots each backend's share stays within about one slot of
 //! `window * w / Σw`, so consecutive new connections spread evenly.
 
+use super::{Member, Scheduler};
+
 /// One schedule entry: backend id and weight (> 0).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Weighted {
     pub id: u32,
     pub weight: u32,
+}
+
+/// The smooth weighted round-robin scheduler, with sequences of at most `max_len` slots.
+pub struct Wrr {
+    pub max_len: usize,
+}
+
+impl Scheduler for Wrr {
+    fn schedule(&self, members: &[Member]) -> Vec<u32> {
+        let w: Vec<Weighted> = members
+            .iter()
+            .map(|m| Weighted {
+                id: m.id,
+                weight: m.weight,
+            })
+            .collect();
+        smooth_wrr(&w, self.max_len)
+    }
 }
 
 /// The schedule for `backends` (weights > 0), at most `max_len` slots long.

@@ -3,14 +3,10 @@
 //! `timeout` per check, and `healthy_threshold` / `unhealthy_threshold` consecutive results to
 //! change state. A change reprograms the listener (the backend leaves or rejoins the schedule;
 //! its persisted clients are rescheduled on their next connection; its established flows are
-//! left alone) and is logged. Checks never hold the control-plane lock while they wait.
+//! left alone) and is logged. Checks read the controller's snapshot and report transitions
+//! through it; they never hold a lock while they wait.
 
-use std::{
-    collections::HashMap,
-    net::SocketAddrV4,
-    sync::Arc,
-    time::{Duration, SystemTime, UNIX_EPOCH},
-};
+use std::{collections::HashMap, net::SocketAddrV4, sync::Arc, time::Duration};
 
 use http_body_util::Empty;
 use hyper::body::Bytes;
@@ -18,50 +14,56 @@ use hyper_util::rt::TokioIo;
 use tokio::{net::TcpStream, task::JoinHandle};
 use tracing::{info, warn};
 
-use crate::{
-    balancer::Health,
-    daemon::Shared,
+use crate::control::{
+    Controller,
     model::{CheckKind, HealthCheckSpec},
+    state::Health,
 };
 
 type Key = (String, SocketAddrV4);
 
-/// Keeps one check task per backend in line with the configuration.
-pub struct HealthManager;
-
-impl HealthManager {
-    /// Runs until the daemon stops: resyncs the check tasks after every change.
-    pub async fn run(shared: Arc<Shared>) {
-        let mut rx = shared.generation.subscribe();
-        let mut tasks: HashMap<Key, (HealthCheckSpec, JoinHandle<()>)> = HashMap::new();
-        loop {
-            sync(&shared, &mut tasks);
-            if rx.changed().await.is_err() {
-                break;
-            }
+/// Runs until the daemon stops: keeps one check task per checked backend, in line with the
+/// configuration after every change.
+pub async fn run(ctl: Arc<Controller>) {
+    let mut rx = ctl.subscribe();
+    let mut tasks = Tasks(HashMap::new());
+    loop {
+        sync(&ctl, &mut tasks.0).await;
+        if rx.changed().await.is_err() {
+            break;
         }
-        for (_, (_, t)) in tasks {
+    }
+}
+
+/// The check tasks, aborted when the manager ends (or is restarted by its supervisor).
+struct Tasks(HashMap<Key, (HealthCheckSpec, JoinHandle<()>)>);
+
+impl Drop for Tasks {
+    fn drop(&mut self) {
+        for (_, (_, t)) in self.0.drain() {
             t.abort();
         }
     }
 }
 
-fn sync(shared: &Arc<Shared>, tasks: &mut HashMap<Key, (HealthCheckSpec, JoinHandle<()>)>) {
-    let specs = shared.lb.lock().expect("balancer lock").specs();
+async fn sync(ctl: &Arc<Controller>, tasks: &mut HashMap<Key, (HealthCheckSpec, JoinHandle<()>)>) {
+    let snap = ctl.snapshot();
     let mut wanted: HashMap<Key, HealthCheckSpec> = HashMap::new();
     let mut unchecked: Vec<Key> = Vec::new();
-    for l in &specs {
+    for l in &snap.listeners {
         for b in &l.backends {
-            let key = (l.name.clone(), b.addr);
-            if l.health_check.kind == CheckKind::None {
-                unchecked.push(key);
+            let key = (l.spec.name.clone(), b.spec.addr);
+            if l.spec.health_check.kind == CheckKind::None {
+                if b.health != Health::Healthy {
+                    unchecked.push(key);
+                }
             } else {
-                wanted.insert(key, l.health_check.clone());
+                wanted.insert(key, l.spec.health_check.clone());
             }
         }
     }
     tasks.retain(|k, (spec, t)| {
-        let keep = wanted.get(k) == Some(spec);
+        let keep = wanted.get(k) == Some(spec) && !t.is_finished();
         if !keep {
             t.abort();
         }
@@ -71,71 +73,41 @@ fn sync(shared: &Arc<Shared>, tasks: &mut HashMap<Key, (HealthCheckSpec, JoinHan
         if tasks.contains_key(&k) {
             continue;
         }
-        let t = tokio::spawn(check_loop(shared.clone(), k.0.clone(), k.1, spec.clone()));
+        let t = tokio::spawn(check_loop(ctl.clone(), k.0.clone(), k.1, spec.clone()));
         tasks.insert(k, (spec, t));
     }
     // Checks turned off: the backend counts as healthy.
     for (listener, addr) in unchecked {
         set(
-            shared,
+            ctl,
             &listener,
             addr,
             Health::Healthy,
             "health checks disabled",
-        );
+        )
+        .await;
     }
 }
 
-fn set(shared: &Shared, listener: &str, addr: SocketAddrV4, h: Health, why: &str) {
-    let changed = shared
-        .lb
-        .lock()
-        .expect("balancer lock")
-        .set_health(listener, addr, h);
+async fn set(ctl: &Arc<Controller>, listener: &str, addr: SocketAddrV4, h: Health, why: &str) {
+    let (c, l) = (ctl.clone(), listener.to_owned());
+    let changed = tokio::task::spawn_blocking(move || c.set_health(&l, addr, h)).await;
     match changed {
-        Ok(true) => {
-            match h {
-                Health::Healthy => {
-                    info!(listener, backend = %addr, reason = why, "backend is healthy")
-                }
-                Health::Unhealthy => {
-                    warn!(listener, backend = %addr, reason = why, "backend is unhealthy")
-                }
+        Ok(Ok(true)) => match h {
+            Health::Healthy => info!(listener, backend = %addr, reason = why, "backend is healthy"),
+            Health::Unhealthy => {
+                warn!(listener, backend = %addr, reason = why, "backend is unhealthy")
             }
-            shared.record_transition(listener, addr, h);
-            shared.changed();
-        }
-        Ok(false) => {}
+        },
+        Ok(Ok(false)) => {}
         // The backend or listener went away meanwhile: the next sync stops this task.
-        Err(e) => warn!(listener, backend = %addr, "health update skipped: {e}"),
-    }
-}
-
-/// A small xorshift generator for jitter (no need for cryptographic randomness).
-struct Jitter(u64);
-
-impl Jitter {
-    fn new(seed: &str) -> Self {
-        let t = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_nanos() as u64;
-        let h = seed.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-            (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
-        });
-        Self((t ^ h) | 1)
-    }
-    /// Uniform in [0, 1).
-    fn next(&mut self) -> f64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        (self.0 >> 11) as f64 / (1u64 << 53) as f64
+        Ok(Err(e)) => warn!(listener, backend = %addr, "health update skipped: {e}"),
+        Err(e) => warn!(listener, backend = %addr, "health update task failed: {e}"),
     }
 }
 
 async fn check_loop(
-    shared: Arc<Shared>,
+    ctl: Arc<Controller>,
     listener: String,
     addr: SocketAddrV4,
     spec: HealthCheckSpec,
@@ -143,8 +115,8 @@ async fn check_loop(
     let target = SocketAddrV4::new(*addr.ip(), spec.port.unwrap_or(addr.port()));
     let interval = Duration::from_secs(u64::from(spec.interval));
     let timeout = Duration::from_secs(u64::from(spec.timeout));
-    let mut jitter = Jitter::new(&format!("{listener}{addr}"));
-    tokio::time::sleep(interval.mul_f64(jitter.next())).await;
+    // First check at a random point of the first interval, then every interval ± 10 %.
+    tokio::time::sleep(interval.mul_f64(fastrand::f64())).await;
     let (mut oks, mut fails) = (0u32, 0u32);
     loop {
         let result = check(&spec, target, timeout).await;
@@ -158,25 +130,22 @@ async fn check_loop(
                 oks = 0;
             }
         }
-        let current = shared
-            .lb
-            .lock()
-            .expect("balancer lock")
-            .listeners()
-            .get(&listener)
+        let current = ctl
+            .snapshot()
+            .listener(&listener)
             .and_then(|l| l.backend(addr).map(|b| b.health));
         match (current, &result) {
             (Some(Health::Healthy), Err(e)) if fails >= spec.unhealthy_threshold => {
                 let why = format!("{fails} consecutive failed checks, last: {e}");
-                set(&shared, &listener, addr, Health::Unhealthy, &why);
+                set(&ctl, &listener, addr, Health::Unhealthy, &why).await;
             }
             (Some(Health::Unhealthy), Ok(())) if oks >= spec.healthy_threshold => {
                 let why = format!("{oks} consecutive successful checks");
-                set(&shared, &listener, addr, Health::Healthy, &why);
+                set(&ctl, &listener, addr, Health::Healthy, &why).await;
             }
             _ => {}
         }
-        tokio::time::sleep(interval.mul_f64(0.9 + 0.2 * jitter.next())).await;
+        tokio::time::sleep(interval.mul_f64(0.9 + 0.2 * fastrand::f64())).await;
     }
 }
 

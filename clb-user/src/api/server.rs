@@ -1,0 +1,856 @@
+//! The daemon's local API: JSON over HTTP/1.1 on a Unix socket (documented in `docs/api.md`).
+//!
+//! Reads are answered from the controller's latest snapshot, the sweeper's latest counts and
+//! the datapath reader — never waiting for a change in progress. Every change is one
+//! controller transaction: validated as a whole new configuration before anything is touched;
+//! a refused request answers 4xx with a message naming the field and allowed range and changes
+//! neither the maps nor the config file.
+
+use std::{
+    collections::{BTreeMap, HashSet},
+    net::{Ipv4Addr, SocketAddrV4},
+    sync::Arc,
+    time::{Duration, Instant, SystemTime},
+};
+
+use axum::{
+    Router,
+    body::Bytes,
+    extract::{Path, Query, State},
+    http::StatusCode,
+    response::{IntoResponse, Response},
+    routing::{get, post},
+};
+use clb_common::{
+    CONN_FIN, CONN_OPEN, CONN_RST, HALF_ADOPTED, HALF_SYN, NS_PER_SEC, conn_timeout_ns, counter,
+    ip_from_be, is_expired, port_from_be,
+};
+use serde::{Deserialize, de::DeserializeOwned};
+
+use super::types::{
+    BackendPatch, BackendStats, BackendView, ConnView, DEFAULT_DRAIN_SECS, DrainRequest, ErrorBody,
+    FloodStatus, HealthTransitionCount, ListenerStats, ListenerView, Page, SessionView,
+    StatsResponse, Status, SweeperStatus, TableStatus,
+};
+use crate::{
+    control::{
+        ChangeError, Controller,
+        file::ConfigFileError,
+        model::{BackendSpec, ConfigError, ListenerSpec},
+        patch,
+        state::Snapshot,
+    },
+    datapath::{DpError, SessionTable, sweep::Live},
+    time::monotonic_ns,
+};
+
+/// What the API serves from.
+#[derive(Clone)]
+pub struct Api {
+    pub ctl: Arc<Controller>,
+    pub l7: Arc<crate::l7::Proxies>,
+    pub bgp: Option<Arc<crate::bgp::Speaker>>,
+}
+
+/// An error with its HTTP status.
+#[derive(Debug)]
+pub struct ApiError(pub StatusCode, pub String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, axum::Json(ErrorBody { error: self.1 })).into_response()
+    }
+}
+
+impl From<ConfigError> for ApiError {
+    fn from(c: ConfigError) -> Self {
+        let status = match &c {
+            ConfigError::UnknownListener(_) | ConfigError::UnknownBackend { .. } => {
+                StatusCode::NOT_FOUND
+            }
+            ConfigError::DuplicateListener(_)
+            | ConfigError::DuplicateVip { .. }
+            | ConfigError::DuplicateBackend { .. } => StatusCode::CONFLICT,
+            _ => StatusCode::BAD_REQUEST,
+        };
+        ApiError(status, c.to_string())
+    }
+}
+
+impl From<ChangeError> for ApiError {
+    fn from(e: ChangeError) -> Self {
+        match e {
+            ChangeError::Refused(c) => c.into(),
+            // A config file that cannot be used (on reload) is the caller's input.
+            ChangeError::BadFile(f @ ConfigFileError::Missing { .. }) => {
+                ApiError(StatusCode::BAD_REQUEST, f.to_string())
+            }
+            ChangeError::BadFile(
+                f @ (ConfigFileError::Parse { .. } | ConfigFileError::Invalid { .. }),
+            ) => ApiError(StatusCode::BAD_REQUEST, f.to_string()),
+            ChangeError::Detached(_) => ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+            e => ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        }
+    }
+}
+
+impl From<DpError> for ApiError {
+    fn from(e: DpError) -> Self {
+        ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+    }
+}
+
+pub type ApiResult<T> = Result<T, ApiError>;
+
+/// JSON body parsing with a 400 and serde's message (field, line, column) on failure.
+pub fn body<T: DeserializeOwned>(b: &Bytes) -> ApiResult<T> {
+    serde_json::from_slice(b).map_err(|e| {
+        ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("invalid request body: {e}"),
+        )
+    })
+}
+
+fn parse_addr(s: &str) -> ApiResult<SocketAddrV4> {
+    s.parse().map_err(|_| {
+        ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("backend {s:?} is not an IPv4 address and port (IP:PORT)"),
+        )
+    })
+}
+
+fn json<T: serde::Serialize>(v: T) -> Response {
+    axum::Json(v).into_response()
+}
+
+/// Runs blocking control-plane work off the async threads.
+pub async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> ApiResult<T> + Send + 'static,
+) -> ApiResult<T> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| {
+        ApiError(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("task failed: {e}"),
+        )
+    })?
+}
+
+/// The API's routes.
+pub fn router(api: Api) -> Router {
+    Router::new()
+        .route("/v1/status", get(status))
+        .route("/v1/listeners", get(list_listeners).post(add_listener))
+        .route(
+            "/v1/listeners/{name}",
+            get(get_listener)
+                .patch(patch_listener)
+                .delete(delete_listener),
+        )
+        .route(
+            "/v1/listeners/{name}/backends",
+            get(list_backends).post(add_backend),
+        )
+        .route(
+            "/v1/listeners/{name}/backends/{addr}",
+            axum::routing::patch(patch_backend).delete(delete_backend),
+        )
+        .route(
+            "/v1/listeners/{name}/backends/{addr}/drain",
+            post(drain_backend),
+        )
+        .route("/v1/sessions", get(sessions))
+        .route("/v1/conns", get(conns))
+        .route("/v1/stats", get(stats))
+        .route("/v1/reload", post(reload))
+        .route("/v1/bgp", get(bgp_status))
+        .route("/v1/bgp/withdraw", post(bgp_withdraw))
+        .route("/v1/bgp/announce", post(bgp_announce))
+        .with_state(api)
+}
+
+// ---- the operations, shared with the console ------------------------------------------------
+
+/// Adds a listener (an HTTP listener's address must be free to bind).
+pub async fn op_add_listener(api: &Api, spec: ListenerSpec) -> ApiResult<()> {
+    if spec.http().is_some() {
+        crate::l7::check_bindable(spec.vip)
+            .await
+            .map_err(|e| ApiError(StatusCode::CONFLICT, e))?;
+    }
+    let ctl = api.ctl.clone();
+    blocking(move || {
+        Ok(ctl.change(|c| {
+            if c.listeners.iter().any(|x| x.name == spec.name) {
+                return Err(ConfigError::DuplicateListener(spec.name.clone()));
+            }
+            c.listeners.push(spec);
+            Ok(())
+        })?)
+    })
+    .await
+}
+
+/// Applies a JSON merge patch to a listener.
+pub async fn op_patch_listener(api: &Api, name: String, p: serde_json::Value) -> ApiResult<()> {
+    let ctl = api.ctl.clone();
+    blocking(move || {
+        Ok(ctl.change(|c| {
+            let l = find(&mut c.listeners, &name)?;
+            *l = patch::apply(l, &p)?;
+            Ok(())
+        })?)
+    })
+    .await
+}
+
+pub async fn op_delete_listener(api: &Api, name: String) -> ApiResult<()> {
+    let ctl = api.ctl.clone();
+    blocking(move || {
+        Ok(ctl.change(|c| {
+            let before = c.listeners.len();
+            c.listeners.retain(|x| x.name != name);
+            if c.listeners.len() == before {
+                return Err(ConfigError::UnknownListener(name.clone()));
+            }
+            Ok(())
+        })?)
+    })
+    .await
+}
+
+pub async fn op_add_backend(api: &Api, name: String, spec: BackendSpec) -> ApiResult<()> {
+    let ctl = api.ctl.clone();
+    blocking(move || {
+        Ok(ctl.change(|c| {
+            let l = find(&mut c.listeners, &name)?;
+            if l.backends.iter().any(|x| x.addr == spec.addr) {
+                return Err(ConfigError::DuplicateBackend {
+                    listener: name.clone(),
+                    addr: spec.addr,
+                });
+            }
+            l.backends.push(spec);
+            Ok(())
+        })?)
+    })
+    .await
+}
+
+pub async fn op_set_weight(
+    api: &Api,
+    name: String,
+    addr: SocketAddrV4,
+    weight: u32,
+) -> ApiResult<()> {
+    let ctl = api.ctl.clone();
+    blocking(move || {
+        Ok(ctl.change(|c| {
+            find_backend(find(&mut c.listeners, &name)?, addr)?.weight = weight;
+            Ok(())
+        })?)
+    })
+    .await
+}
+
+pub async fn op_delete_backend(api: &Api, name: String, addr: SocketAddrV4) -> ApiResult<()> {
+    let ctl = api.ctl.clone();
+    blocking(move || {
+        Ok(ctl.change(|c| {
+            let l = find(&mut c.listeners, &name)?;
+            find_backend(l, addr)?;
+            l.backends.retain(|x| x.addr != addr);
+            Ok(())
+        })?)
+    })
+    .await
+}
+
+pub async fn op_drain(
+    api: &Api,
+    name: String,
+    addr: SocketAddrV4,
+    req: DrainRequest,
+) -> ApiResult<()> {
+    let secs = req.timeout.unwrap_or(DEFAULT_DRAIN_SECS);
+    if secs > 3600 {
+        return Err(ConfigError::Range {
+            field: "timeout",
+            value: secs.to_string(),
+            allowed: "0-3600 seconds",
+        }
+        .into());
+    }
+    let deadline = (!req.now).then(|| Instant::now() + Duration::from_secs(u64::from(secs)));
+    let ctl = api.ctl.clone();
+    blocking(move || Ok(ctl.drain(&name, addr, deadline)?)).await
+}
+
+/// The listener named `name` in `specs`.
+fn find<'a>(
+    specs: &'a mut [ListenerSpec],
+    name: &str,
+) -> Result<&'a mut ListenerSpec, ConfigError> {
+    specs
+        .iter_mut()
+        .find(|x| x.name == name)
+        .ok_or_else(|| ConfigError::UnknownListener(name.into()))
+}
+
+/// The backend `addr` of listener `l`.
+fn find_backend(l: &mut ListenerSpec, addr: SocketAddrV4) -> Result<&mut BackendSpec, ConfigError> {
+    let listener = l.name.clone();
+    l.backends
+        .iter_mut()
+        .find(|x| x.addr == addr)
+        .ok_or(ConfigError::UnknownBackend { listener, addr })
+}
+
+/// The listeners as the API shows them.
+pub fn listener_views(api: &Api, snap: &Snapshot) -> Vec<ListenerView> {
+    snap.listeners
+        .iter()
+        .map(|l| {
+            let serving = l.spec.http().map(|_| api.l7.serving(&l.spec.name));
+            ListenerView::of(l, serving)
+        })
+        .collect()
+}
+
+/// Live counts of backend id `id` at the last sweep.
+fn live_of(api: &Api) -> impl Fn(u32) -> Live + '_ {
+    let s = api.ctl.sweep_status();
+    move |id| s.last.by_backend.get(&id).cloned().unwrap_or_default()
+}
+
+/// The backends of listener `name`.
+pub fn backend_views(api: &Api, name: &str) -> ApiResult<Vec<BackendView>> {
+    let snap = api.ctl.snapshot();
+    let l = snap
+        .listener(name)
+        .ok_or_else(|| ConfigError::UnknownListener(name.into()))?;
+    Ok(BackendView::of(l, &live_of(api)))
+}
+
+/// The daemon's status.
+pub fn status_view(api: &Api) -> ApiResult<Status> {
+    let ctl = &api.ctl;
+    let info = ctl.info();
+    let sweep = ctl.sweep_status();
+    let totals = sweep.last.totals();
+    let tables = ctl.reader().table_info()?;
+    let names = ["connections", "half_open", "sessions", "pending_sessions"];
+    let live = [
+        totals.conns,
+        totals.half_open,
+        totals.sessions,
+        totals.pending,
+    ];
+    Ok(Status {
+        version: crate::version().into(),
+        ifaces: info.ifaces.clone(),
+        xdp_mode: info.xdp_mode.clone(),
+        bpffs: info.bpffs.display().to_string(),
+        config: info.config.display().to_string(),
+        uptime_secs: info.started.elapsed().as_secs(),
+        datapath: match ctl.detached() {
+            Some(why) => format!("detached: {why}"),
+            None => "attached".into(),
+        },
+        tables: names
+            .iter()
+            .zip(tables)
+            .zip(live)
+            .map(|((n, info), live)| TableStatus {
+                name: (*n).into(),
+                info,
+                live,
+            })
+            .collect(),
+        flood: flood_view(api)?,
+        loops: ctl.loops().all(),
+        sweeper: sweeper_view(api),
+        bgp: None,
+    })
+}
+
+fn flood_view(api: &Api) -> ApiResult<FloodStatus> {
+    let s = api.ctl.reader().shared_state()?;
+    let counters = api.ctl.reader().counters()?;
+    let now = monotonic_ns();
+    Ok(FloodStatus {
+        active: now < s.flood_until_ns,
+        remaining_secs: s.flood_until_ns.saturating_sub(now).div_ceil(NS_PER_SEC),
+        entered: counters[counter::FLOOD_ENTERED as usize],
+    })
+}
+
+fn sweeper_view(api: &Api) -> SweeperStatus {
+    let s = api.ctl.sweep_status();
+    SweeperStatus {
+        runs: s.runs,
+        conns_removed_total: s.conns_removed_total,
+        half_open_removed_total: s.half_open_removed_total,
+        sessions_removed_total: s.sessions_removed_total,
+        pending_removed_total: s.pending_removed_total,
+        last_secs_ago: s.at.map(|t| {
+            SystemTime::now()
+                .duration_since(t)
+                .unwrap_or(Duration::ZERO)
+                .as_secs()
+        }),
+        last_micros: s.last.micros,
+    }
+}
+
+/// Counters per listener and backend, live counts, verdicts and drops.
+pub fn stats_view(api: &Api) -> ApiResult<StatsResponse> {
+    let ctl = &api.ctl;
+    let snap = ctl.snapshot();
+    let sweep = ctl.sweep_status();
+    let r = ctl.reader();
+    let mut listeners = Vec::new();
+    for l in &snap.listeners {
+        let counters = match l.id {
+            Some(id) => r.listener_stats(id)?,
+            None => Default::default(),
+        };
+        let mut backends = Vec::new();
+        for b in &l.backends {
+            backends.push(BackendStats {
+                addr: b.spec.addr,
+                counters: match b.id {
+                    Some(id) => r.backend_stats(id)?,
+                    None => Default::default(),
+                },
+                live: b
+                    .id
+                    .and_then(|id| sweep.last.by_backend.get(&id).cloned())
+                    .unwrap_or_default(),
+            });
+        }
+        listeners.push(ListenerStats {
+            name: l.spec.name.clone(),
+            proto: l.spec.proto(),
+            counters,
+            live: l
+                .id
+                .and_then(|id| sweep.last.by_listener.get(&id).cloned())
+                .unwrap_or_default(),
+            backends,
+        });
+    }
+    let raw = r.counters()?;
+    let mut counters = BTreeMap::new();
+    for (i, name) in counter::NAMES.iter().enumerate() {
+        if !name.is_empty() {
+            counters.insert((*name).to_string(), raw[i]);
+        }
+    }
+    Ok(StatsResponse {
+        listeners,
+        counters,
+        sweeper: sweeper_view(api),
+        flood: flood_view(api)?,
+        health_transitions: snap
+            .transitions
+            .iter()
+            .map(|((l, b, to), n)| HealthTransitionCount {
+                listener: l.clone(),
+                backend: *b,
+                to: *to,
+                count: *n,
+            })
+            .collect(),
+        http: api.l7.stats(),
+    })
+}
+
+/// Filter and page of a table listing.
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct ListQuery {
+    pub listener: Option<String>,
+    /// Client address, or a prefix `a.b.c.d/n`.
+    pub client: Option<String>,
+    /// Backend address and port.
+    pub backend: Option<String>,
+    pub offset: Option<u64>,
+    pub limit: Option<u64>,
+}
+
+/// Which clients a query selects.
+struct ClientFilter {
+    net: u32,
+    mask: u32,
+}
+
+impl ClientFilter {
+    fn parse(s: &str) -> ApiResult<Self> {
+        let bad = || {
+            ApiError(
+                StatusCode::BAD_REQUEST,
+                format!("client {s:?} is not an IPv4 address or prefix (a.b.c.d or a.b.c.d/n)"),
+            )
+        };
+        let (addr, bits) = match s.split_once('/') {
+            Some((a, b)) => (a, b.parse::<u8>().map_err(|_| bad())?),
+            None => (s, 32),
+        };
+        if bits > 32 {
+            return Err(bad());
+        }
+        let ip: Ipv4Addr = addr.parse().map_err(|_| bad())?;
+        let mask = if bits == 0 {
+            0
+        } else {
+            u32::MAX << (32 - bits)
+        };
+        Ok(Self {
+            net: u32::from(ip) & mask,
+            mask,
+        })
+    }
+    fn matches(&self, ip: Ipv4Addr) -> bool {
+        u32::from(ip) & self.mask == self.net
+    }
+}
+
+struct Select {
+    listener: Option<u32>,
+    client: Option<ClientFilter>,
+    backend: Option<SocketAddrV4>,
+    offset: u64,
+    limit: u64,
+}
+
+impl Select {
+    fn new(snap: &Snapshot, q: &ListQuery) -> ApiResult<Self> {
+        let listener = match &q.listener {
+            None => None,
+            Some(n) => Some(
+                snap.listener(n)
+                    .ok_or_else(|| ConfigError::UnknownListener(n.clone()))?
+                    // An HTTP listener has no table entries: an id no entry carries.
+                    .id
+                    .unwrap_or(u32::MAX),
+            ),
+        };
+        Ok(Self {
+            listener,
+            client: q.client.as_deref().map(ClientFilter::parse).transpose()?,
+            backend: q.backend.as_deref().map(parse_addr).transpose()?,
+            offset: q.offset.unwrap_or(0),
+            limit: q.limit.unwrap_or(u64::MAX),
+        })
+    }
+}
+
+/// Collects a page of items: counts every match, keeps those in the window.
+struct Pager<T> {
+    seen: u64,
+    offset: u64,
+    limit: u64,
+    items: Vec<T>,
+}
+
+impl<T> Pager<T> {
+    fn new(s: &Select) -> Self {
+        Self {
+            seen: 0,
+            offset: s.offset,
+            limit: s.limit,
+            items: Vec::new(),
+        }
+    }
+    fn push(&mut self, make: impl FnOnce() -> T) {
+        if self.seen >= self.offset && (self.items.len() as u64) < self.limit {
+            self.items.push(make());
+        }
+        self.seen += 1;
+    }
+    fn page(self) -> Page<T> {
+        Page {
+            total: self.seen,
+            offset: self.offset,
+            items: self.items,
+        }
+    }
+}
+
+fn v4(addr: u32, port: u16) -> SocketAddrV4 {
+    SocketAddrV4::new(Ipv4Addr::from(ip_from_be(addr)), port_from_be(port))
+}
+
+/// Live flows (verified, then unverified), filtered and paged.
+pub fn list_conns(api: &Api, q: &ListQuery) -> ApiResult<Page<ConnView>> {
+    let snap = api.ctl.snapshot();
+    let sel = Select::new(&snap, q)?;
+    let now = monotonic_ns();
+    let mut pager = Pager::new(&sel);
+    let backend_of = |id: u32| snap.backend_by_id.get(&id).map(|(_, a)| *a);
+    let keep = |lid: u32, client: SocketAddrV4, backend: SocketAddrV4| {
+        sel.listener.is_none_or(|w| w == lid)
+            && sel.client.as_ref().is_none_or(|c| c.matches(*client.ip()))
+            && sel.backend.is_none_or(|b| b == backend)
+    };
+    let r = api.ctl.reader();
+    r.scan_conns(&mut |ks, vs| {
+        for (k, v) in ks.iter().zip(vs) {
+            let lid = u32::from(k.listener);
+            let (Some(l), Some(backend)) = (snap.listener_by_id(lid), backend_of(v.backend)) else {
+                continue;
+            };
+            let idle = u64::from(l.spec.idle_timeout_secs()) * NS_PER_SEC;
+            if is_expired(now, v.last_seen_ns, conn_timeout_ns(v.state, idle)) {
+                continue;
+            }
+            let client = v4(k.client, k.client_port);
+            if keep(lid, client, backend) {
+                pager.push(|| ConnView {
+                    listener: l.spec.name.clone(),
+                    proto: l.spec.proto(),
+                    client,
+                    vip: l.spec.vip,
+                    backend,
+                    state: match v.state {
+                        CONN_OPEN => "open",
+                        CONN_FIN => "fin",
+                        CONN_RST => "rst",
+                        _ => "unknown",
+                    }
+                    .into(),
+                    idle_secs: now.saturating_sub(v.last_seen_ns) / NS_PER_SEC,
+                });
+            }
+        }
+        true
+    })?;
+    r.scan_half_open(&mut |ks, vs| {
+        for (k, v) in ks.iter().zip(vs) {
+            let lid = u32::from(k.listener);
+            let (Some(l), Some(backend)) = (snap.listener_by_id(lid), backend_of(v.backend)) else {
+                continue;
+            };
+            if is_expired(now, v.last_seen_ns, snap.policy.half_open_ns) {
+                continue;
+            }
+            let client = v4(k.client, k.client_port);
+            if keep(lid, client, backend) {
+                pager.push(|| ConnView {
+                    listener: l.spec.name.clone(),
+                    proto: l.spec.proto(),
+                    client,
+                    vip: l.spec.vip,
+                    backend,
+                    state: match v.kind {
+                        HALF_SYN => "syn",
+                        HALF_ADOPTED => "adopted",
+                        _ => "udp",
+                    }
+                    .into(),
+                    idle_secs: now.saturating_sub(v.last_seen_ns) / NS_PER_SEC,
+                });
+            }
+        }
+        true
+    })?;
+    Ok(pager.page())
+}
+
+/// Live persistence entries (verified, then pending), filtered and paged.
+pub fn list_sessions(api: &Api, q: &ListQuery) -> ApiResult<Page<SessionView>> {
+    let snap = api.ctl.snapshot();
+    let sel = Select::new(&snap, q)?;
+    let now = monotonic_ns();
+    let mut pager = Pager::new(&sel);
+    let mut seen_verified: HashSet<(u16, u32)> = HashSet::new();
+    for table in [SessionTable::Verified, SessionTable::Pending] {
+        api.ctl.reader().scan_sessions(table, &mut |ks, vs| {
+            for (k, v) in ks.iter().zip(vs) {
+                let lid = u32::from(k.listener);
+                let (Some(l), Some((_, backend))) =
+                    (snap.listener_by_id(lid), snap.backend_by_id.get(&v.backend))
+                else {
+                    continue;
+                };
+                let persist = u64::from(l.spec.persist) * NS_PER_SEC;
+                if persist == 0 || is_expired(now, v.last_seen_ns, persist) {
+                    continue;
+                }
+                // A client with a verified entry is listed once, as verified.
+                if table == SessionTable::Pending && seen_verified.contains(&(k.listener, k.client))
+                {
+                    continue;
+                }
+                if table == SessionTable::Verified {
+                    seen_verified.insert((k.listener, k.client));
+                }
+                let client = Ipv4Addr::from(ip_from_be(k.client));
+                if sel.listener.is_some_and(|w| w != lid)
+                    || sel.client.as_ref().is_some_and(|c| !c.matches(client))
+                    || sel.backend.is_some_and(|b| b != *backend)
+                {
+                    continue;
+                }
+                let idle = now.saturating_sub(v.last_seen_ns);
+                pager.push(|| SessionView {
+                    listener: l.spec.name.clone(),
+                    client,
+                    prefix: l.spec.l4().and_then(|k| k.persist_mask).unwrap_or(32),
+                    backend: *backend,
+                    idle_secs: idle / NS_PER_SEC,
+                    expires_in_secs: persist.saturating_sub(idle).div_ceil(NS_PER_SEC),
+                    pending: table == SessionTable::Pending,
+                });
+            }
+            true
+        })?;
+    }
+    Ok(pager.page())
+}
+
+// ---- handlers -------------------------------------------------------------------------------
+
+async fn status(State(api): State<Api>) -> ApiResult<Response> {
+    let a = api.clone();
+    let mut s = blocking(move || status_view(&a)).await?;
+    if let Some(b) = &api.bgp {
+        s.bgp = Some(b.status_live().await);
+    }
+    Ok(json(s))
+}
+
+fn speaker(api: &Api) -> ApiResult<&Arc<crate::bgp::Speaker>> {
+    api.bgp.as_ref().ok_or_else(|| {
+        ApiError(
+            StatusCode::NOT_FOUND,
+            "BGP is not configured (add a [bgp] table to the config file and restart the daemon)"
+                .into(),
+        )
+    })
+}
+
+async fn bgp_status(State(api): State<Api>) -> ApiResult<Response> {
+    Ok(json(speaker(&api)?.status_live().await))
+}
+
+async fn bgp_maintenance(api: &Api, on: bool) -> ApiResult<Response> {
+    speaker(api)?
+        .set_maintenance(&api.ctl, on)
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")))?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn bgp_withdraw(State(api): State<Api>) -> ApiResult<Response> {
+    bgp_maintenance(&api, true).await
+}
+
+async fn bgp_announce(State(api): State<Api>) -> ApiResult<Response> {
+    bgp_maintenance(&api, false).await
+}
+
+async fn list_listeners(State(api): State<Api>) -> Response {
+    json(listener_views(&api, &api.ctl.snapshot()))
+}
+
+async fn get_listener(State(api): State<Api>, Path(name): Path<String>) -> ApiResult<Response> {
+    let snap = api.ctl.snapshot();
+    let l = snap
+        .listener(&name)
+        .ok_or_else(|| ConfigError::UnknownListener(name.clone()))?;
+    let serving = l.spec.http().map(|_| api.l7.serving(&name));
+    Ok(json(ListenerView::of(l, serving)))
+}
+
+async fn add_listener(State(api): State<Api>, b: Bytes) -> ApiResult<Response> {
+    let spec: ListenerSpec = body(&b)?;
+    op_add_listener(&api, spec).await?;
+    Ok(StatusCode::CREATED.into_response())
+}
+
+async fn patch_listener(
+    State(api): State<Api>,
+    Path(name): Path<String>,
+    b: Bytes,
+) -> ApiResult<Response> {
+    let p: serde_json::Value = body(&b)?;
+    op_patch_listener(&api, name, p).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn delete_listener(State(api): State<Api>, Path(name): Path<String>) -> ApiResult<Response> {
+    op_delete_listener(&api, name).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn list_backends(State(api): State<Api>, Path(name): Path<String>) -> ApiResult<Response> {
+    Ok(json(backend_views(&api, &name)?))
+}
+
+async fn add_backend(
+    State(api): State<Api>,
+    Path(name): Path<String>,
+    b: Bytes,
+) -> ApiResult<Response> {
+    let spec: BackendSpec = body(&b)?;
+    op_add_backend(&api, name, spec).await?;
+    Ok(StatusCode::CREATED.into_response())
+}
+
+async fn patch_backend(
+    State(api): State<Api>,
+    Path((name, addr)): Path<(String, String)>,
+    b: Bytes,
+) -> ApiResult<Response> {
+    let addr = parse_addr(&addr)?;
+    let p: BackendPatch = body(&b)?;
+    op_set_weight(&api, name, addr, p.weight).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn delete_backend(
+    State(api): State<Api>,
+    Path((name, addr)): Path<(String, String)>,
+) -> ApiResult<Response> {
+    let addr = parse_addr(&addr)?;
+    op_delete_backend(&api, name, addr).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn drain_backend(
+    State(api): State<Api>,
+    Path((name, addr)): Path<(String, String)>,
+    b: Bytes,
+) -> ApiResult<Response> {
+    let addr = parse_addr(&addr)?;
+    let req: DrainRequest = if b.is_empty() {
+        DrainRequest::default()
+    } else {
+        body(&b)?
+    };
+    op_drain(&api, name, addr, req).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn sessions(State(api): State<Api>, Query(q): Query<ListQuery>) -> ApiResult<Response> {
+    let a = api.clone();
+    Ok(json(blocking(move || list_sessions(&a, &q)).await?))
+}
+
+async fn conns(State(api): State<Api>, Query(q): Query<ListQuery>) -> ApiResult<Response> {
+    let a = api.clone();
+    Ok(json(blocking(move || list_conns(&a, &q)).await?))
+}
+
+async fn stats(State(api): State<Api>) -> ApiResult<Response> {
+    let a = api.clone();
+    Ok(json(blocking(move || stats_view(&a)).await?))
+}
+
+async fn reload(State(api): State<Api>) -> ApiResult<Response> {
+    let ctl = api.ctl.clone();
+    blocking(move || Ok(ctl.reload()?)).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}

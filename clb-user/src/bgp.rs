@@ -1,0 +1,343 @@
+//! VIP announcement over BGP, through BIRD 2 (not a home-made speaker).
+//!
+//! With `[bgp]` in the config, the daemon runs its own BIRD (`bird -f`, a supervised child,
+//! with its configuration, log and control socket under `<state-dir>/bird/`): one BGP session
+//! per `[[bgp.peer]]`, BFD on them unless turned off, and a static protocol whose routes are
+//! the VIPs this node announces, exported to the peers with this node as next hop.
+//!
+//! A VIP is announced while the datapath is attached and one of its listeners has a backend
+//! that takes new connections (weight > 0, healthy, not draining); otherwise it is withdrawn —
+//! also on `clb bgp withdraw` (maintenance) and when the daemon stops (before anything else
+//! shuts down). The announced set is written to an include file and BIRD is told to
+//! `configure`: a soft reconfiguration that keeps the sessions up. A node that dies without a
+//! word is dropped by its peers when BFD misses `bfd_multiplier` packets
+//! (`bfd_interval_ms × bfd_multiplier`, 300 ms by default), or after the BGP hold time without
+//! BFD.
+
+use std::{
+    collections::BTreeSet,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    process::Stdio,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail};
+use serde::{Deserialize, Serialize};
+use tokio::process::{Child, Command};
+use tracing::{info, warn};
+
+use crate::control::{Controller, lock, model::BgpSpec, state::Health};
+
+/// One BGP session as BIRD reports it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerStatus {
+    pub address: Ipv4Addr,
+    pub remote_as: u32,
+    /// BIRD's protocol state and info, e.g. "up Established" or "start Connect".
+    pub state: String,
+    /// BFD session state, when BFD is on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bfd: Option<String>,
+}
+
+/// `GET /v1/bgp`, and part of `clb status`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BgpStatus {
+    pub local_as: u32,
+    pub router_id: Ipv4Addr,
+    /// VIPs withdrawn by command.
+    pub maintenance: bool,
+    /// The VIPs announced now.
+    pub announced: Vec<Ipv4Addr>,
+    pub peers: Vec<PeerStatus>,
+    /// How long peers keep this node's routes after it goes silent, at most.
+    pub withdrawal_bound_ms: u64,
+    /// Whether BIRD is running.
+    pub bird_running: bool,
+}
+
+/// The daemon's BGP side.
+pub struct Speaker {
+    spec: BgpSpec,
+    dir: PathBuf,
+    bird: PathBuf,
+    birdc: PathBuf,
+    maintenance: AtomicBool,
+    announced: Mutex<BTreeSet<Ipv4Addr>>,
+    child: tokio::sync::Mutex<Option<Child>>,
+    /// Serializes writes of the include file and `configure` calls.
+    configuring: tokio::sync::Mutex<()>,
+}
+
+impl Speaker {
+    /// Prepares BIRD's files under `state_dir/bird` (nothing runs yet: see [`Speaker::run`]).
+    pub fn new(spec: BgpSpec, state_dir: &Path, bird: &Path) -> anyhow::Result<Self> {
+        let dir = state_dir.join("bird");
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let birdc = match bird.file_name().and_then(|n| n.to_str()) {
+            Some("bird") => bird.with_file_name("birdc"),
+            _ => PathBuf::from("birdc"),
+        };
+        let s = Self {
+            spec,
+            dir,
+            bird: bird.to_owned(),
+            birdc,
+            maintenance: AtomicBool::new(false),
+            announced: Mutex::new(BTreeSet::new()),
+            child: tokio::sync::Mutex::new(None),
+            configuring: tokio::sync::Mutex::new(()),
+        };
+        std::fs::write(s.vips_path(), "").context("writing BIRD's VIP include file")?;
+        std::fs::write(s.conf_path(), s.config()).context("writing BIRD's configuration")?;
+        Ok(s)
+    }
+
+    fn conf_path(&self) -> PathBuf {
+        self.dir.join("bird.conf")
+    }
+    fn vips_path(&self) -> PathBuf {
+        self.dir.join("vips.conf")
+    }
+    fn socket(&self) -> PathBuf {
+        self.dir.join("bird.ctl")
+    }
+
+    /// BIRD's configuration for the spec.
+    pub fn config(&self) -> String {
+        let b = &self.spec;
+        let mut c = format!(
+            "# Written by the clb daemon; changes are overwritten at its next start.\n\
+             router id {};\n\
+             log \"{}\" all;\n\
+             protocol device {{ scan time 10; }}\n\
+             protocol static clb_vips {{\n  ipv4;\n  include \"{}\";\n}}\n",
+            b.router_id,
+            self.dir.join("bird.log").display(),
+            self.vips_path().display()
+        );
+        if b.bfd {
+            c += &format!(
+                "protocol bfd {{\n  interface \"*\" {{ interval {} ms; multiplier {}; }};\n}}\n",
+                b.bfd_interval_ms, b.bfd_multiplier
+            );
+        }
+        for (i, p) in b.peers.iter().enumerate() {
+            c += &format!(
+                "protocol bgp peer{i} {{\n  local as {};\n  neighbor {} as {};\n  hold time {};\n  connect retry time 1;\n  error wait time 1, 10;\n{}  ipv4 {{ import none; export where proto = \"clb_vips\"; next hop self; }};\n}}\n",
+                b.local_as,
+                p.address,
+                p.remote_as,
+                b.hold_time,
+                if b.bfd { "  bfd on;\n" } else { "" },
+            );
+        }
+        c
+    }
+
+    /// Runs BIRD and keeps the announcements in line with the controller until the daemon
+    /// stops; restarts BIRD if it dies.
+    pub async fn run(self: Arc<Self>, ctl: Arc<Controller>) -> anyhow::Result<()> {
+        self.ensure_bird().await?;
+        let mut rx = ctl.subscribe();
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                r = rx.changed() => if r.is_err() { return Ok(()) },
+                _ = tick.tick() => {}
+            }
+            self.ensure_bird().await?;
+            self.apply(self.wanted(&ctl)).await?;
+        }
+    }
+
+    /// The VIPs this node should announce now.
+    pub fn wanted(&self, ctl: &Controller) -> BTreeSet<Ipv4Addr> {
+        if self.maintenance.load(Ordering::Relaxed) || ctl.detached().is_some() {
+            return BTreeSet::new();
+        }
+        ctl.snapshot()
+            .listeners
+            .iter()
+            .filter(|l| {
+                l.backends
+                    .iter()
+                    .any(|b| b.spec.weight > 0 && b.drain.is_none() && b.health == Health::Healthy)
+            })
+            .map(|l| *l.spec.vip.ip())
+            .collect()
+    }
+
+    /// Makes BIRD announce exactly `vips`.
+    async fn apply(&self, vips: BTreeSet<Ipv4Addr>) -> anyhow::Result<()> {
+        let _one = self.configuring.lock().await;
+        if *lock(&self.announced) == vips {
+            return Ok(());
+        }
+        let text: String = vips
+            .iter()
+            .map(|v| format!("route {v}/32 via \"lo\";\n"))
+            .collect();
+        let tmp = self.dir.join(".vips.conf.tmp");
+        std::fs::write(&tmp, text)?;
+        std::fs::rename(&tmp, self.vips_path())?;
+        let out = self.birdc(&["configure"]).await?;
+        if !out.contains("Reconfigured") && !out.contains("Reconfiguration in progress") {
+            bail!("birdc configure: {}", out.trim());
+        }
+        info!(announced = ?vips, "BGP announcements updated");
+        *lock(&self.announced) = vips;
+        Ok(())
+    }
+
+    async fn ensure_bird(&self) -> anyhow::Result<()> {
+        let mut child = self.child.lock().await;
+        if let Some(c) = child.as_mut() {
+            match c.try_wait() {
+                Ok(None) => return Ok(()),
+                Ok(Some(st)) => warn!("BIRD exited ({st}); starting it again"),
+                Err(e) => warn!("BIRD: {e}; starting it again"),
+            }
+        }
+        std::fs::remove_file(self.socket()).ok();
+        // Whatever was announced is gone with the old process.
+        lock(&self.announced).clear();
+        std::fs::write(self.vips_path(), "")?;
+        let c = Command::new(&self.bird)
+            .arg("-f")
+            .arg("-c")
+            .arg(self.conf_path())
+            .arg("-s")
+            .arg(self.socket())
+            .arg("-P")
+            .arg(self.dir.join("bird.pid"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting BIRD ({})", self.bird.display()))?;
+        info!(pid = c.id(), conf = %self.conf_path().display(), "BIRD started");
+        *child = Some(c);
+        drop(child);
+        // Wait (bounded) for its control socket.
+        for _ in 0..50 {
+            if self.socket().exists() {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        bail!(
+            "BIRD did not open its control socket within 5 s (see {})",
+            self.dir.join("bird.log").display()
+        )
+    }
+
+    async fn birdc(&self, args: &[&str]) -> anyhow::Result<String> {
+        let out = tokio::time::timeout(
+            Duration::from_secs(5),
+            Command::new(&self.birdc)
+                .arg("-s")
+                .arg(self.socket())
+                .args(args)
+                .stdin(Stdio::null())
+                .output(),
+        )
+        .await
+        .context("birdc did not answer within 5 s")?
+        .with_context(|| format!("running {}", self.birdc.display()))?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Maintenance: withdraw (`true`) or announce again (`false`).
+    pub async fn set_maintenance(&self, ctl: &Controller, on: bool) -> anyhow::Result<()> {
+        self.maintenance.store(on, Ordering::Relaxed);
+        info!(maintenance = on, "BGP maintenance");
+        self.apply(self.wanted(ctl)).await
+    }
+
+    /// Withdraws everything and stops BIRD (daemon shutdown): peers drop this node at once.
+    pub async fn shutdown(&self) {
+        self.maintenance.store(true, Ordering::Relaxed);
+        if let Err(e) = self.apply(BTreeSet::new()).await {
+            warn!("withdrawing VIPs at shutdown: {e:#}");
+        }
+        let mut child = self.child.lock().await;
+        if let Some(mut c) = child.take() {
+            if let Some(pid) = c.id() {
+                // SAFETY: signalling our own child by pid.
+                unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+            }
+            if tokio::time::timeout(Duration::from_secs(3), c.wait())
+                .await
+                .is_err()
+            {
+                c.kill().await.ok();
+            }
+        }
+    }
+
+    /// Sessions and announcements, from BIRD.
+    pub async fn status_live(&self) -> BgpStatus {
+        let protocols = self.birdc(&["show", "protocols"]).await.unwrap_or_default();
+        let bfd = if self.spec.bfd {
+            self.birdc(&["show", "bfd", "sessions"])
+                .await
+                .unwrap_or_default()
+        } else {
+            String::new()
+        };
+        let mut s = self.status();
+        for (i, p) in s.peers.iter_mut().enumerate() {
+            let name = format!("peer{i}");
+            if let Some(line) = protocols
+                .lines()
+                .find(|l| l.split_whitespace().next() == Some(name.as_str()))
+            {
+                let t: Vec<&str> = line.split_whitespace().collect();
+                let state = t.get(3).copied().unwrap_or("?");
+                let info = t.get(5..).map(|x| x.join(" ")).unwrap_or_default();
+                p.state = format!("{state} {info}").trim().to_owned();
+            }
+            if self.spec.bfd {
+                let addr = p.address.to_string();
+                p.bfd = Some(
+                    bfd.lines()
+                        .find(|l| l.split_whitespace().next() == Some(addr.as_str()))
+                        .and_then(|l| l.split_whitespace().nth(2))
+                        .unwrap_or("none")
+                        .to_owned(),
+                );
+            }
+        }
+        s
+    }
+
+    /// What is known without asking BIRD.
+    pub fn status(&self) -> BgpStatus {
+        BgpStatus {
+            local_as: self.spec.local_as,
+            router_id: self.spec.router_id,
+            maintenance: self.maintenance.load(Ordering::Relaxed),
+            announced: lock(&self.announced).iter().copied().collect(),
+            peers: self
+                .spec
+                .peers
+                .iter()
+                .map(|p| PeerStatus {
+                    address: p.address,
+                    remote_as: p.remote_as,
+                    state: "unknown".into(),
+                    bfd: None,
+                })
+                .collect(),
+            withdrawal_bound_ms: self.spec.withdrawal_bound_ms(),
+            bird_running: self.child.try_lock().map(|c| c.is_some()).unwrap_or(true),
+        }
+    }
+}

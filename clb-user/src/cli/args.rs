@@ -1,0 +1,354 @@
+//! The command line's definition (clap). Also the source of the man page and the shell
+//! completions (`clb man`, `clb completions SHELL`).
+
+use std::{
+    net::{SocketAddr, SocketAddrV4},
+    path::PathBuf,
+};
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::{
+    control::model::{CheckKind, Forward, Proto, Sched},
+    datapath::loader::{AttachMode, DEFAULT_BPFFS},
+};
+
+/// Default API socket.
+pub const DEFAULT_API: &str = "/run/clb/api.sock";
+
+/// clb — an XDP L4 load balancer with source-IP session persistence, and an L7 HTTP listener
+/// with cookie persistence.
+#[derive(Parser, Debug)]
+#[command(name = "clb", version = crate::version(), about, long_about = None)]
+pub struct Cli {
+    /// The daemon's API socket.
+    #[arg(long, global = true, env = "CLB_API", default_value = DEFAULT_API)]
+    pub api: PathBuf,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the balancer: load the XDP program onto the interfaces, apply the config, serve the API.
+    Daemon(Box<DaemonArgs>),
+    /// Detach the datapath and remove every pin (stops the balancing; established flows break).
+    Teardown {
+        /// The daemon's pin directory.
+        #[arg(long, default_value = DEFAULT_BPFFS)]
+        bpffs: PathBuf,
+        /// Tear down even though a daemon is running on these pins (it then reports the
+        /// datapath detached and refuses changes).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Re-read the config file (the running state stays if it is invalid).
+    Reload,
+    /// Daemon status: datapath, tables, flood mode, background loops, BGP.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Listeners: a VIP:port, protocol, persistence and timeouts.
+    #[command(subcommand)]
+    Listener(ListenerCmd),
+    /// Backends of a listener.
+    #[command(subcommand)]
+    Backend(BackendCmd),
+    /// Persisted clients.
+    #[command(subcommand)]
+    Session(TableCmd),
+    /// Tracked flows.
+    #[command(subcommand)]
+    Conn(TableCmd),
+    /// Counters per listener and backend, drops by reason.
+    Stats {
+        #[arg(long)]
+        json: bool,
+    },
+    /// VIP announcement over BGP: withdraw this node's VIPs (maintenance) or announce them again.
+    #[command(subcommand)]
+    Bgp(BgpCmd),
+    /// Print a shell completion script.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff).
+    Man,
+}
+
+#[derive(Args, Debug)]
+pub struct DaemonArgs {
+    /// Config file (TOML). It must exist (it may be empty) unless --init-config is given.
+    #[arg(long, default_value = "/etc/clb/clb.toml")]
+    pub config: PathBuf,
+    /// Create the config file, empty, if it does not exist (refused when the pin directory
+    /// already holds a configured datapath: a mistyped path must not take it down).
+    #[arg(long)]
+    pub init_config: bool,
+    /// Interfaces to attach to (client and backend sides), comma separated.
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub iface: Vec<String>,
+    /// XDP mode: native (driver), generic (skb), auto (native, else generic with a warning).
+    #[arg(long, value_enum, default_value = "native")]
+    pub xdp_mode: AttachMode,
+    /// Pin directory on a bpffs (mounted if needed).
+    #[arg(long, default_value = DEFAULT_BPFFS)]
+    pub bpffs: PathBuf,
+    /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9901).
+    #[arg(long)]
+    pub metrics: Option<SocketAddr>,
+    /// Serve the web console on this address (e.g. 127.0.0.1:9902; keep it on loopback or
+    /// behind a TLS reverse proxy).
+    #[arg(long)]
+    pub console: Option<SocketAddr>,
+    /// File holding the console's login token (default: created at first start in the state
+    /// directory, mode 0600).
+    #[arg(long)]
+    pub console_token_file: Option<PathBuf>,
+    /// Seconds between sweeps of expired entries.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub sweep_interval: u64,
+    /// Where the daemon keeps state that must survive restarts (HTTP cookie key, console token,
+    /// BIRD's configuration and socket).
+    #[arg(long, default_value = "/var/lib/clb")]
+    pub state_dir: PathBuf,
+    /// The BIRD binary (for `[bgp]`).
+    #[arg(long, default_value = "bird")]
+    pub bird: PathBuf,
+}
+
+/// Settings shared by `listener add` and `listener set`.
+#[derive(Args, Debug, Default)]
+pub struct ListenerOpts {
+    /// Session persistence, seconds (0 = off; 1-3600, http 30-3600).
+    #[arg(long)]
+    pub persist: Option<u32>,
+    /// L4: connection idle timeout, seconds (1-3600; default 900 tcp, 300 udp).
+    #[arg(long)]
+    pub idle_timeout: Option<u32>,
+    /// L4: scheduler: wrr (weighted round robin, default) or maglev (consistent hash).
+    #[arg(long, value_parser = parse_sched)]
+    pub sched: Option<Sched>,
+    /// L4: forwarding: nat (default) or dsr (direct server return; backend port = VIP port).
+    #[arg(long, value_parser = parse_forward)]
+    pub forward: Option<Forward>,
+    /// L4: clients in one prefix of this length share one persistence entry (1-32, default 32).
+    #[arg(long)]
+    pub persist_mask: Option<u8>,
+    /// L4 maglev: lookup-table size, a prime (default 65537).
+    #[arg(long)]
+    pub maglev_size: Option<u32>,
+    /// HTTP: keep-alive idle timeout, seconds (0-900, default 75).
+    #[arg(long)]
+    pub keepalive_timeout: Option<u32>,
+    /// HTTP: persistence cookie name (default clb_session).
+    #[arg(long)]
+    pub cookie_name: Option<String>,
+    /// HTTP: client connections at once (default 10000); more get 503.
+    #[arg(long)]
+    pub max_conns: Option<u32>,
+    /// HTTP: seconds a response may take to be written to a client, or a backend to answer (2-3600, default 60).
+    #[arg(long)]
+    pub io_timeout: Option<u32>,
+    /// Health check: tcp (connect), http (GET), none (default for udp).
+    #[arg(long, value_parser = parse_check_kind)]
+    pub hc: Option<CheckKind>,
+    /// Health-check interval, seconds (2-300, default 5).
+    #[arg(long)]
+    pub hc_interval: Option<u32>,
+    /// Health-check timeout, seconds (2-60, default 2).
+    #[arg(long)]
+    pub hc_timeout: Option<u32>,
+    /// Consecutive successes to become healthy (2-10, default 3).
+    #[arg(long)]
+    pub hc_healthy: Option<u32>,
+    /// Consecutive failures to become unhealthy (2-10, default 3).
+    #[arg(long)]
+    pub hc_unhealthy: Option<u32>,
+    /// Port to check instead of the backend's.
+    #[arg(long)]
+    pub hc_port: Option<u16>,
+    /// HTTP check path.
+    #[arg(long)]
+    pub hc_path: Option<String>,
+    /// HTTP check accepted status range, e.g. 200-399.
+    #[arg(long)]
+    pub hc_status: Option<String>,
+}
+
+fn parse_check_kind(s: &str) -> Result<CheckKind, String> {
+    match s {
+        "tcp" => Ok(CheckKind::Tcp),
+        "http" => Ok(CheckKind::Http),
+        "none" => Ok(CheckKind::None),
+        _ => Err(format!("health check must be tcp, http or none, not {s:?}")),
+    }
+}
+
+fn parse_sched(s: &str) -> Result<Sched, String> {
+    match s {
+        "wrr" => Ok(Sched::Wrr),
+        "maglev" => Ok(Sched::Maglev),
+        _ => Err(format!("scheduler must be wrr or maglev, not {s:?}")),
+    }
+}
+
+fn parse_forward(s: &str) -> Result<Forward, String> {
+    match s {
+        "nat" => Ok(Forward::Nat),
+        "dsr" => Ok(Forward::Dsr),
+        _ => Err(format!("forwarding must be nat or dsr, not {s:?}")),
+    }
+}
+
+impl ListenerOpts {
+    /// The options given, as a listener's wire fields (a JSON merge patch for `listener set`,
+    /// the fields of a new listener for `listener add`).
+    pub fn fields(&self) -> serde_json::Map<String, serde_json::Value> {
+        use serde_json::{Value, json};
+        let mut m = serde_json::Map::new();
+        let mut put = |k: &str, v: Option<Value>| {
+            if let Some(v) = v {
+                m.insert(k.into(), v);
+            }
+        };
+        put("persist", self.persist.map(|v| json!(v)));
+        put("idle_timeout", self.idle_timeout.map(|v| json!(v)));
+        put("sched", self.sched.map(|v| json!(v)));
+        put("forward", self.forward.map(|v| json!(v)));
+        put("persist_mask", self.persist_mask.map(|v| json!(v)));
+        put("maglev_size", self.maglev_size.map(|v| json!(v)));
+        put(
+            "keepalive_timeout",
+            self.keepalive_timeout.map(|v| json!(v)),
+        );
+        put("cookie_name", self.cookie_name.as_ref().map(|v| json!(v)));
+        put("max_conns", self.max_conns.map(|v| json!(v)));
+        put("io_timeout", self.io_timeout.map(|v| json!(v)));
+        let mut hc = serde_json::Map::new();
+        let mut hput = |k: &str, v: Option<Value>| {
+            if let Some(v) = v {
+                hc.insert(k.into(), v);
+            }
+        };
+        hput("kind", self.hc.map(|v| json!(v)));
+        hput("interval", self.hc_interval.map(|v| json!(v)));
+        hput("timeout", self.hc_timeout.map(|v| json!(v)));
+        hput("healthy_threshold", self.hc_healthy.map(|v| json!(v)));
+        hput("unhealthy_threshold", self.hc_unhealthy.map(|v| json!(v)));
+        hput("port", self.hc_port.map(|v| json!(v)));
+        hput("path", self.hc_path.as_ref().map(|v| json!(v)));
+        hput("status", self.hc_status.as_ref().map(|v| json!(v)));
+        if !hc.is_empty() {
+            m.insert("health_check".into(), Value::Object(hc));
+        }
+        m
+    }
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ListenerCmd {
+    /// Add a listener.
+    Add {
+        name: String,
+        /// Virtual IP and port.
+        #[arg(long)]
+        vip: SocketAddrV4,
+        #[arg(long, value_parser = |s: &str| s.parse::<Proto>())]
+        proto: Proto,
+        #[command(flatten)]
+        opts: ListenerOpts,
+    },
+    /// Change a listener's settings (live; established flows stay).
+    Set {
+        name: String,
+        #[command(flatten)]
+        opts: ListenerOpts,
+    },
+    /// Remove a listener (its connections and persisted clients go with it).
+    Rm { name: String },
+    /// List listeners.
+    Ls {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum BackendCmd {
+    /// Add a backend to a listener.
+    Add {
+        listener: String,
+        addr: SocketAddrV4,
+        /// Weight 0-100 (0 = quiescent), default 10.
+        #[arg(long)]
+        weight: Option<u32>,
+    },
+    /// Change a backend's weight (ends a drain).
+    Set {
+        listener: String,
+        addr: SocketAddrV4,
+        #[arg(long)]
+        weight: u32,
+    },
+    /// Remove a backend (its connections are cut: drain it first for a graceful exit).
+    Rm {
+        listener: String,
+        addr: SocketAddrV4,
+    },
+    /// Drain a backend: no new connections or persisted clients; its connections are cut after the timeout.
+    Drain {
+        listener: String,
+        addr: SocketAddrV4,
+        /// Seconds until remaining connections are cut (0-3600, default 300).
+        #[arg(long)]
+        timeout: Option<u32>,
+        /// Cut remaining connections at once.
+        #[arg(long, conflicts_with = "timeout")]
+        now: bool,
+    },
+    /// List a listener's backends with health and live entries.
+    Ls {
+        listener: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TableCmd {
+    /// List live entries.
+    Ls {
+        listener: Option<String>,
+        /// Only this client address, or prefix a.b.c.d/n.
+        #[arg(long)]
+        client: Option<String>,
+        /// Only entries on this backend (IP:PORT).
+        #[arg(long)]
+        backend: Option<SocketAddrV4>,
+        /// At most this many entries.
+        #[arg(long)]
+        limit: Option<u64>,
+        /// Skip this many entries.
+        #[arg(long)]
+        offset: Option<u64>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum BgpCmd {
+    /// Stop announcing this node's VIPs (maintenance): routers send new flows to the other
+    /// nodes; established flows keep working.
+    Withdraw,
+    /// Announce the VIPs again (those with an accepting backend).
+    Announce,
+    /// Sessions and announcements.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+}

@@ -1,0 +1,297 @@
+//! The `clb` command line: `clb daemon` runs the balancer; every other command talks to a
+//! running daemon through its API (the API validates; the CLI only parses and forwards) and
+//! prints a table, or JSON with `--json` (the API's documented types, see `docs/api.md`).
+//! Output to a closed pipe (`clb status | head -1`) ends the command quietly.
+
+pub mod args;
+pub mod render;
+
+use std::io::Write as _;
+
+use anyhow::Context as _;
+use clap::CommandFactory as _;
+use hyper::Method;
+
+use self::args::{BackendCmd, BgpCmd, ListenerCmd, TableCmd};
+pub use self::args::{Cli, Command};
+use crate::{
+    api::{
+        client::{Client, ClientError, seg},
+        types::{
+            BackendPatch, BackendView, ConnView, DrainRequest, ListenerView, Page, SessionView,
+            StatsResponse, Status,
+        },
+    },
+    control::model::{BackendSpec, ListenerSpec},
+    datapath::{loader, lock},
+};
+
+/// Writes `s` to stdout; a closed pipe ends the process quietly (exit 0): the reader has all
+/// it wanted.
+pub fn out(s: &str) {
+    let mut o = std::io::stdout().lock();
+    if let Err(e) = o.write_all(s.as_bytes()).and_then(|()| o.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("error: writing to stdout: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
+    out(&format!("{}\n", serde_json::to_string_pretty(v)?));
+    Ok(())
+}
+
+/// Runs a client command. Errors carry the daemon's refusal message.
+pub async fn run_client(cli: Cli) -> Result<(), ClientError> {
+    let c = Client::new(&cli.api);
+    match cli.command {
+        Command::Daemon(_)
+        | Command::Teardown { .. }
+        | Command::Completions { .. }
+        | Command::Man => {
+            unreachable!("handled by main")
+        }
+        Command::Reload => c.send_empty(Method::POST, "/v1/reload").await?,
+        Command::Status { json } => {
+            let s: Status = c.get("/v1/status").await?;
+            if json {
+                print_json(&s)?;
+            } else {
+                out(&render::status(&s));
+            }
+        }
+        Command::Listener(cmd) => listener(&c, cmd).await?,
+        Command::Backend(cmd) => backend(&c, cmd).await?,
+        Command::Session(cmd) => {
+            let (q, json) = query(cmd);
+            let p: Page<SessionView> = c.get(&format!("/v1/sessions{q}")).await?;
+            if json {
+                print_json(&p.items)?;
+            } else {
+                out(&render::sessions(&p.items));
+                more(&p);
+            }
+        }
+        Command::Conn(cmd) => {
+            let (q, json) = query(cmd);
+            let p: Page<ConnView> = c.get(&format!("/v1/conns{q}")).await?;
+            if json {
+                print_json(&p.items)?;
+            } else {
+                out(&render::conns(&p.items));
+                more(&p);
+            }
+        }
+        Command::Stats { json } => {
+            let s: StatsResponse = c.get("/v1/stats").await?;
+            if json {
+                print_json(&s)?;
+            } else {
+                out(&render::stats(&s));
+            }
+        }
+        Command::Bgp(cmd) => match cmd {
+            BgpCmd::Withdraw => c.send_empty(Method::POST, "/v1/bgp/withdraw").await?,
+            BgpCmd::Announce => c.send_empty(Method::POST, "/v1/bgp/announce").await?,
+            BgpCmd::Status { json } => {
+                let s: crate::bgp::BgpStatus = c.get("/v1/bgp").await?;
+                if json {
+                    print_json(&s)?;
+                } else {
+                    out(&render::bgp(&s));
+                }
+            }
+        },
+    }
+    Ok(())
+}
+
+fn query(cmd: TableCmd) -> (String, bool) {
+    let TableCmd::Ls {
+        listener,
+        client,
+        backend,
+        limit,
+        offset,
+        json,
+    } = cmd;
+    let mut q = Vec::new();
+    if let Some(l) = listener {
+        q.push(format!("listener={}", seg(&l)));
+    }
+    if let Some(c) = client {
+        q.push(format!("client={}", seg(&c)));
+    }
+    if let Some(b) = backend {
+        q.push(format!("backend={}", seg(&b.to_string())));
+    }
+    if let Some(l) = limit {
+        q.push(format!("limit={l}"));
+    }
+    if let Some(o) = offset {
+        q.push(format!("offset={o}"));
+    }
+    let q = if q.is_empty() {
+        String::new()
+    } else {
+        format!("?{}", q.join("&"))
+    };
+    (q, json)
+}
+
+fn more<T>(p: &Page<T>) {
+    let shown = p.offset + p.items.len() as u64;
+    if shown < p.total {
+        out(&format!(
+            "({} of {} shown; --offset {shown} for more)\n",
+            p.items.len(),
+            p.total
+        ));
+    }
+}
+
+async fn listener(c: &Client<'_>, cmd: ListenerCmd) -> Result<(), ClientError> {
+    match cmd {
+        ListenerCmd::Add {
+            name,
+            vip,
+            proto,
+            opts,
+        } => {
+            let mut fields = opts.fields();
+            fields.insert("name".into(), name.into());
+            fields.insert("vip".into(), vip.to_string().into());
+            fields.insert("proto".into(), proto.to_string().into());
+            // Parsed here first: a field that does not apply to the protocol is named now.
+            let spec: ListenerSpec = serde_json::from_value(serde_json::Value::Object(fields))
+                .map_err(|e| ClientError::Refused {
+                    status: 400,
+                    message: e.to_string(),
+                })?;
+            c.send(Method::POST, "/v1/listeners", &spec).await
+        }
+        ListenerCmd::Set { name, opts } => {
+            c.send(
+                Method::PATCH,
+                &format!("/v1/listeners/{}", seg(&name)),
+                &serde_json::Value::Object(opts.fields()),
+            )
+            .await
+        }
+        ListenerCmd::Rm { name } => {
+            c.send_empty(Method::DELETE, &format!("/v1/listeners/{}", seg(&name)))
+                .await
+        }
+        ListenerCmd::Ls { json } => {
+            let v: Vec<ListenerView> = c.get("/v1/listeners").await?;
+            if json {
+                print_json(&v)?;
+            } else {
+                out(&render::listeners(&v));
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn backend(c: &Client<'_>, cmd: BackendCmd) -> Result<(), ClientError> {
+    let path = |l: &str, a: &std::net::SocketAddrV4| {
+        format!("/v1/listeners/{}/backends/{}", seg(l), seg(&a.to_string()))
+    };
+    match cmd {
+        BackendCmd::Add {
+            listener,
+            addr,
+            weight,
+        } => {
+            let spec = BackendSpec {
+                addr,
+                weight: weight.unwrap_or(clb_common::DEFAULT_WEIGHT),
+            };
+            c.send(
+                Method::POST,
+                &format!("/v1/listeners/{}/backends", seg(&listener)),
+                &spec,
+            )
+            .await
+        }
+        BackendCmd::Set {
+            listener,
+            addr,
+            weight,
+        } => {
+            c.send(
+                Method::PATCH,
+                &path(&listener, &addr),
+                &BackendPatch { weight },
+            )
+            .await
+        }
+        BackendCmd::Rm { listener, addr } => {
+            c.send_empty(Method::DELETE, &path(&listener, &addr)).await
+        }
+        BackendCmd::Drain {
+            listener,
+            addr,
+            timeout,
+            now,
+        } => {
+            c.send(
+                Method::POST,
+                &format!("{}/drain", path(&listener, &addr)),
+                &DrainRequest { timeout, now },
+            )
+            .await
+        }
+        BackendCmd::Ls { listener, json } => {
+            let v: Vec<BackendView> = c
+                .get(&format!("/v1/listeners/{}/backends", seg(&listener)))
+                .await?;
+            if json {
+                print_json(&v)?;
+            } else {
+                out(&render::backends(&v));
+            }
+            Ok(())
+        }
+    }
+}
+
+/// `clb teardown`: refused for a directory that is not a clb pin directory, and while a daemon
+/// runs on it unless `force`.
+pub fn teardown(bpffs: &std::path::Path, force: bool) -> anyhow::Result<()> {
+    loader::check_pin_dir(bpffs)?;
+    if lock::pin_dir_in_use(bpffs)? && !force {
+        anyhow::bail!(
+            "a clb daemon is running on {}: stop it first, or pass --force (the daemon then reports the datapath detached)",
+            bpffs.display()
+        );
+    }
+    let t = loader::teardown(bpffs).with_context(|| format!("tearing down {}", bpffs.display()))?;
+    out(&format!(
+        "removed {} link(s) [{}] and {} map pin(s) under {}\n",
+        t.links.len(),
+        t.links.join(", "),
+        t.maps.len(),
+        bpffs.display()
+    ));
+    Ok(())
+}
+
+/// `clb completions SHELL`.
+pub fn completions(shell: clap_complete::Shell) {
+    let mut buf = Vec::new();
+    clap_complete::generate(shell, &mut Cli::command(), "clb", &mut buf);
+    out(&String::from_utf8_lossy(&buf));
+}
+
+/// `clb man`.
+pub fn man() -> anyhow::Result<()> {
+    let mut buf = Vec::new();
+    clap_mangen::Man::new(Cli::command()).render(&mut buf)?;
+    out(&String::from_utf8_lossy(&buf));
+    Ok(())
+}

@@ -1,0 +1,406 @@
+//! The owner of the control plane's state. Every change — an API request, a reload, a health
+//! transition, a drain — is one serialized transaction:
+//!
+//! 1. validate the whole new configuration (a refusal changes nothing);
+//! 2. write the config file (atomically, through symlinks; a reload reads it instead, inside
+//!    the transaction, so a reload never applies a stale copy);
+//! 3. apply the difference to the datapath's maps ([`Balancer::commit`], all or nothing);
+//! 4. on a map failure, put the file back as it was — maps, memory and file stay as before;
+//! 5. publish a new [`Snapshot`] and bump the generation.
+//!
+//! Readers never take the writer's lock: they load the latest snapshot ([`arc_swap`]), the
+//! sweeper's latest report, and read counters and tables through their own handles.
+
+pub mod file;
+pub mod model;
+pub mod patch;
+pub mod state;
+pub mod status;
+
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    path::PathBuf,
+    sync::{Arc, Mutex, MutexGuard, PoisonError},
+    time::{Instant, SystemTime},
+};
+
+use arc_swap::ArcSwap;
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use self::{
+    file::{ConfigFile, ConfigFileError, SaveError},
+    model::ConfigError,
+    state::{Drain, Health, Snapshot, State},
+    status::{DaemonInfo, Loops, SweepStatus},
+};
+use crate::{
+    balancer::{Balancer, BalancerError},
+    datapath::{Dataplane, DpError, Reader, sweep::SweepReport},
+};
+
+/// Locks a mutex, recovering the data if a holder panicked (the state it guards is replaced
+/// whole by each transaction, never left half-written).
+pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// A change that was refused or failed. In every case the running state, the maps and the
+/// config file are as they were (but see [`ChangeError::Inconsistent`]).
+#[derive(Debug, thiserror::Error)]
+pub enum ChangeError {
+    /// The request or the resulting configuration is invalid.
+    #[error(transparent)]
+    Refused(#[from] ConfigError),
+    /// The config file (on reload) cannot be used.
+    #[error(transparent)]
+    BadFile(#[from] ConfigFileError),
+    /// The config file could not be written.
+    #[error("{0}; nothing was changed")]
+    File(#[from] SaveError),
+    /// The datapath refused a write; the change was undone.
+    #[error("{0}")]
+    Datapath(BalancerError),
+    /// The datapath refused a write and undoing it, or restoring the file, failed too.
+    #[error("{0}")]
+    Inconsistent(String),
+    /// The datapath was torn down under the daemon.
+    #[error("the datapath is detached ({0}); restart the daemon")]
+    Detached(String),
+}
+
+/// The control plane.
+pub struct Controller {
+    writer: Mutex<Writer>,
+    snapshot: ArcSwap<Snapshot>,
+    sweep: ArcSwap<SweepStatus>,
+    generation: watch::Sender<u64>,
+    reader: Arc<dyn Reader>,
+    loops: Loops,
+    detached: Mutex<Option<String>>,
+    info: DaemonInfo,
+}
+
+struct Writer {
+    balancer: Balancer,
+    state: State,
+    generation: u64,
+}
+
+/// Where the controller keeps its file, and what it reports about the daemon.
+pub struct ControlOptions {
+    pub config_path: PathBuf,
+    /// The balancer's own addresses (refused as sources of packets to a VIP).
+    pub local_addrs: Vec<Ipv4Addr>,
+    /// CPUs the datapath runs on.
+    pub cpus: u32,
+    pub info: DaemonInfo,
+}
+
+impl Controller {
+    /// Takes over the datapath `dp` (whatever its maps hold: a restart reconciles them with
+    /// `config`, removing stale entries and writing missing ones) and publishes the first
+    /// snapshot.
+    pub fn start(
+        dp: Box<dyn Dataplane>,
+        reader: Arc<dyn Reader>,
+        config: ConfigFile,
+        opts: ControlOptions,
+    ) -> Result<Arc<Self>, ChangeError> {
+        config.validate()?;
+        let mut balancer = Balancer::restore(dp)
+            .map_err(|e| ChangeError::Datapath(BalancerError::RolledBack(Box::new(e))))?;
+        let state = State::new(config, opts.local_addrs, opts.cpus);
+        match balancer.commit(&state.plan()) {
+            Ok(o) if o.purged > 0 => info!(
+                purged = o.purged,
+                "removed the flow entries of listeners and backends no longer configured"
+            ),
+            Ok(_) => {}
+            Err(BalancerError::Purge(e)) => warn!("purging stale entries: {e}"),
+            Err(e) => return Err(ChangeError::Datapath(e)),
+        }
+        let snap = state.snapshot(balancer.ids(), 1);
+        let (generation, _) = watch::channel(1);
+        Ok(Arc::new(Self {
+            snapshot: ArcSwap::from_pointee(snap),
+            sweep: ArcSwap::from_pointee(SweepStatus::default()),
+            generation,
+            reader,
+            loops: Loops::default(),
+            detached: Mutex::new(None),
+            info: DaemonInfo {
+                config: opts.config_path,
+                ..opts.info
+            },
+            writer: Mutex::new(Writer {
+                balancer,
+                state,
+                generation: 1,
+            }),
+        }))
+    }
+
+    /// The latest snapshot.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot.load_full()
+    }
+
+    /// Changes whenever a transaction publishes a new snapshot.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.generation.subscribe()
+    }
+
+    /// Counters and tables, without the writer.
+    pub fn reader(&self) -> &dyn Reader {
+        self.reader.as_ref()
+    }
+
+    /// The supervised loops' states.
+    pub fn loops(&self) -> &Loops {
+        &self.loops
+    }
+
+    /// What the daemon reports about itself.
+    pub fn info(&self) -> &DaemonInfo {
+        &self.info
+    }
+
+    /// The sweeper's latest report and totals.
+    pub fn sweep_status(&self) -> Arc<SweepStatus> {
+        self.sweep.load_full()
+    }
+
+    /// Records a sweep (the sweeper's loop calls this).
+    pub fn record_sweep(&self, r: SweepReport) {
+        let prev = self.sweep.load_full();
+        self.sweep.store(Arc::new(SweepStatus {
+            runs: prev.runs + 1,
+            conns_removed_total: prev.conns_removed_total + r.conns_removed,
+            half_open_removed_total: prev.half_open_removed_total + r.half_open_removed,
+            sessions_removed_total: prev.sessions_removed_total + r.sessions_removed,
+            pending_removed_total: prev.pending_removed_total + r.pending_removed,
+            at: Some(SystemTime::now()),
+            last: r,
+        }));
+    }
+
+    /// Why the datapath is detached, if it is.
+    pub fn detached(&self) -> Option<String> {
+        lock(&self.detached).clone()
+    }
+
+    /// Marks the datapath detached (its pins were removed under the daemon).
+    pub fn set_detached(&self, why: String) {
+        let mut d = lock(&self.detached);
+        if d.is_none() {
+            warn!("{why}: the datapath no longer runs; changes are refused");
+            *d = Some(why);
+        }
+    }
+
+    fn publish(&self, w: &mut Writer) {
+        w.generation += 1;
+        let snap = w.state.snapshot(w.balancer.ids(), w.generation);
+        self.snapshot.store(Arc::new(snap));
+        self.generation.send_replace(w.generation);
+    }
+
+    fn check_attached(&self) -> Result<(), ChangeError> {
+        match self.detached() {
+            Some(why) => Err(ChangeError::Detached(why)),
+            None => Ok(()),
+        }
+    }
+
+    /// Applies `f` to a copy of the configuration as one transaction (see the module docs).
+    pub fn change(
+        &self,
+        f: impl FnOnce(&mut ConfigFile) -> Result<(), ConfigError>,
+    ) -> Result<(), ChangeError> {
+        let mut w = lock(&self.writer);
+        self.check_attached()?;
+        let mut next = w.state.config.clone();
+        f(&mut next)?;
+        self.transact(&mut w, next, true)
+    }
+
+    /// Re-reads the config file and applies it, as one transaction (the file is read inside
+    /// it, so concurrent changes are never lost to a stale copy). An unusable file changes
+    /// nothing.
+    pub fn reload(&self) -> Result<(), ChangeError> {
+        let mut w = lock(&self.writer);
+        self.check_attached()?;
+        let next = ConfigFile::load(&self.info.config)?;
+        self.transact(&mut w, next, false)?;
+        info!(config = %self.info.config.display(), "configuration reloaded");
+        Ok(())
+    }
+
+    fn transact(
+        &self,
+        w: &mut Writer,
+        next: ConfigFile,
+        write_file: bool,
+    ) -> Result<(), ChangeError> {
+        next.validate()?;
+        if next.tables != w.state.config.tables {
+            return Err(ConfigError::Invalid(
+                "[tables] sizes apply when the datapath is loaded: restart the daemon to resize \
+                 the tables (their live entries are copied)"
+                    .into(),
+            )
+            .into());
+        }
+        if next == w.state.config {
+            return Ok(());
+        }
+        let mut candidate = w.state.clone();
+        let previous = std::mem::replace(&mut candidate.config, next);
+        candidate.reconcile_runtime(Some(&previous));
+        if write_file {
+            candidate.config.save(&self.info.config)?;
+        }
+        match w.balancer.commit(&candidate.plan()) {
+            Ok(_) => {}
+            Err(BalancerError::Purge(e)) => warn!("purging removed entries: {e}"),
+            Err(e) => {
+                if write_file && let Err(restore) = previous.save(&self.info.config) {
+                    return Err(ChangeError::Inconsistent(format!(
+                        "{e}; putting the config file back failed too: {restore}"
+                    )));
+                }
+                return Err(match e {
+                    BalancerError::Inconsistent { .. } => ChangeError::Inconsistent(e.to_string()),
+                    e => ChangeError::Datapath(e),
+                });
+            }
+        }
+        w.state = candidate;
+        self.publish(w);
+        Ok(())
+    }
+
+    /// Applies a runtime change (health, drain) as one transaction; no file is written.
+    fn runtime_change(
+        &self,
+        f: impl FnOnce(&mut State) -> Result<bool, ConfigError>,
+    ) -> Result<bool, ChangeError> {
+        let mut w = lock(&self.writer);
+        self.check_attached()?;
+        let mut candidate = w.state.clone();
+        if !f(&mut candidate)? {
+            return Ok(false);
+        }
+        match w.balancer.commit(&candidate.plan()) {
+            Ok(_) => {}
+            Err(BalancerError::Purge(e)) => warn!("purging removed entries: {e}"),
+            Err(e) => return Err(ChangeError::Datapath(e)),
+        }
+        w.state = candidate;
+        self.publish(&mut w);
+        Ok(true)
+    }
+
+    /// Records a health transition. Returns whether the backend's health changed.
+    pub fn set_health(
+        &self,
+        listener: &str,
+        addr: SocketAddrV4,
+        health: Health,
+    ) -> Result<bool, ChangeError> {
+        self.runtime_change(|s| {
+            let missing = unknown(s, listener, addr);
+            let rt = s
+                .runtime
+                .get_mut(&(listener.to_owned(), addr))
+                .ok_or(missing)?;
+            if rt.health == health {
+                return Ok(false);
+            }
+            rt.health = health;
+            rt.health_since = SystemTime::now();
+            *s.transitions
+                .entry((listener.to_owned(), addr, health))
+                .or_default() += 1;
+            Ok(true)
+        })
+    }
+
+    /// Starts draining a backend: no new connections or persisted clients; at `deadline` (now,
+    /// with `None`) its remaining connections are cut.
+    pub fn drain(
+        &self,
+        listener: &str,
+        addr: SocketAddrV4,
+        deadline: Option<Instant>,
+    ) -> Result<(), ChangeError> {
+        self.runtime_change(|s| {
+            let missing = unknown(s, listener, addr);
+            let rt = s
+                .runtime
+                .get_mut(&(listener.to_owned(), addr))
+                .ok_or(missing)?;
+            rt.drain = Some(Drain {
+                deadline: Some(deadline.unwrap_or_else(Instant::now)),
+                started: SystemTime::now(),
+            });
+            Ok(true)
+        })?;
+        self.finish_drains(Instant::now())?;
+        Ok(())
+    }
+
+    /// Cuts the connections of drained backends whose deadline has passed. Returns how many
+    /// flow entries were removed.
+    pub fn finish_drains(&self, now: Instant) -> Result<u64, ChangeError> {
+        let mut w = lock(&self.writer);
+        let mut due = Vec::new();
+        for ((listener, addr), rt) in w.state.runtime.iter_mut() {
+            if let Some(d) = &mut rt.drain
+                && d.deadline.is_some_and(|t| t <= now)
+            {
+                d.deadline = None;
+                due.push((listener.clone(), *addr));
+            }
+        }
+        if due.is_empty() {
+            return Ok(0);
+        }
+        let ids: Vec<u32> = due
+            .iter()
+            .filter_map(|(l, a)| {
+                let l = w.state.config.listeners.iter().find(|x| &x.name == l)?;
+                let lid = w.balancer.ids().listener(l.vip, l.proto().ip_proto())?;
+                w.balancer.ids().backend(lid, *a)
+            })
+            .collect();
+        let n = w
+            .balancer
+            .cut(&|b| ids.contains(&b))
+            .map_err(|e: DpError| ChangeError::Datapath(BalancerError::Purge(Box::new(e))))?;
+        self.publish(&mut w);
+        Ok(n)
+    }
+
+    /// Registers an interface the datapath may redirect to.
+    pub fn add_device(&self, ifindex: u32) -> Result<(), DpError> {
+        lock(&self.writer).balancer.add_device(ifindex)
+    }
+
+    /// Runs `f` with the writer's datapath tables (tests seed flow entries this way).
+    pub fn with_tables<R>(&self, f: impl FnOnce(&mut dyn crate::datapath::Tables) -> R) -> R {
+        f(lock(&self.writer).balancer.tables())
+    }
+}
+
+fn unknown(s: &State, listener: &str, addr: SocketAddrV4) -> ConfigError {
+    if s.config.listeners.iter().any(|l| l.name == listener) {
+        ConfigError::UnknownBackend {
+            listener: listener.into(),
+            addr,
+        }
+    } else {
+        ConfigError::UnknownListener(listener.into())
+    }
+}

@@ -1,0 +1,317 @@
+//! The control plane's state: the configuration plus what is not configured — each backend's
+//! health and drain, the balancer's own addresses — and the two things computed from it: the
+//! [`Plan`] the balancer writes to the datapath, and the [`Snapshot`] every reader sees.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::{Ipv4Addr, SocketAddrV4},
+    sync::Arc,
+    time::{Instant, SystemTime},
+};
+
+use clb_common::{DEFAULT_MAGLEV_SIZE, HALF_OPEN_TIMEOUT_SECS, NS_PER_SEC};
+use serde::{Deserialize, Serialize};
+
+use super::{
+    file::ConfigFile,
+    model::{BackendSpec, Forward, ListenerSpec, Sched},
+};
+use crate::{
+    balancer::{BackendPlan, GlobalPlan, Ids, ListenerPlan, Plan, SchedPlan},
+    datapath::sweep::SweepPolicy,
+};
+
+/// Health of a backend as the health checker last decided it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Health {
+    Healthy,
+    Unhealthy,
+}
+
+/// A backend being drained.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Drain {
+    /// When its remaining connections are cut; `None` once they have been.
+    pub deadline: Option<Instant>,
+    pub started: SystemTime,
+}
+
+/// What is known of a backend besides its configuration.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BackendRuntime {
+    pub health: Health,
+    pub health_since: SystemTime,
+    pub drain: Option<Drain>,
+}
+
+impl BackendRuntime {
+    fn new() -> Self {
+        Self {
+            health: Health::Healthy,
+            health_since: SystemTime::now(),
+            drain: None,
+        }
+    }
+}
+
+/// (listener name, backend address).
+pub type BackendKey = (String, SocketAddrV4);
+
+/// Health transitions since the daemon started: (listener, backend, to) → count.
+pub type Transitions = BTreeMap<(String, SocketAddrV4, Health), u64>;
+
+/// Everything the writer owns.
+#[derive(Clone, Debug)]
+pub struct State {
+    pub config: ConfigFile,
+    pub runtime: HashMap<BackendKey, BackendRuntime>,
+    pub transitions: Transitions,
+    pub local_addrs: Vec<Ipv4Addr>,
+    pub cpus: u32,
+}
+
+impl State {
+    pub fn new(config: ConfigFile, local_addrs: Vec<Ipv4Addr>, cpus: u32) -> Self {
+        let mut s = Self {
+            config,
+            runtime: HashMap::new(),
+            transitions: BTreeMap::new(),
+            local_addrs,
+            cpus,
+        };
+        s.reconcile_runtime(None);
+        s
+    }
+
+    /// Brings the runtime state in line with the configuration: new backends start healthy
+    /// (checks prove otherwise), removed ones are forgotten, and a backend whose weight
+    /// changed (compared with `previous`) leaves its drain: the operator put it back.
+    pub fn reconcile_runtime(&mut self, previous: Option<&ConfigFile>) {
+        let mut next = HashMap::new();
+        for l in &self.config.listeners {
+            for b in &l.backends {
+                let key = (l.name.clone(), b.addr);
+                let mut rt = self
+                    .runtime
+                    .get(&key)
+                    .copied()
+                    .unwrap_or_else(BackendRuntime::new);
+                let old_weight = previous
+                    .and_then(|p| p.listeners.iter().find(|x| x.name == l.name))
+                    .and_then(|x| x.backends.iter().find(|x| x.addr == b.addr))
+                    .map(|x| x.weight);
+                if old_weight.is_some_and(|w| w != b.weight) {
+                    rt.drain = None;
+                }
+                next.insert(key, rt);
+            }
+        }
+        self.runtime = next;
+    }
+
+    fn runtime_of(&self, l: &ListenerSpec, b: &BackendSpec) -> BackendRuntime {
+        self.runtime
+            .get(&(l.name.clone(), b.addr))
+            .copied()
+            .unwrap_or_else(BackendRuntime::new)
+    }
+
+    /// Which backends of `l` accept new connections: weight > 0, not draining, and healthy —
+    /// or, when every such backend is unhealthy, all of them (the cloud LB's fail-open rule).
+    /// Also returns whether that fail-open rule is in force.
+    pub fn accepting(&self, l: &ListenerSpec) -> (Vec<bool>, bool) {
+        let eligible: Vec<(bool, Health)> = l
+            .backends
+            .iter()
+            .map(|b| {
+                let rt = self.runtime_of(l, b);
+                (b.weight > 0 && rt.drain.is_none(), rt.health)
+            })
+            .collect();
+        let any = eligible.iter().any(|(e, _)| *e);
+        let fail_open = any
+            && eligible
+                .iter()
+                .filter(|(e, _)| *e)
+                .all(|(_, h)| *h == Health::Unhealthy);
+        (
+            eligible
+                .iter()
+                .map(|(e, h)| *e && (fail_open || *h == Health::Healthy))
+                .collect(),
+            fail_open,
+        )
+    }
+
+    /// What the datapath should do.
+    pub fn plan(&self) -> Plan {
+        let mut listeners = Vec::new();
+        for l in &self.config.listeners {
+            let Some(k) = l.l4() else {
+                continue;
+            };
+            let (accepting, _) = self.accepting(l);
+            listeners.push(ListenerPlan {
+                vip: l.vip,
+                proto: l.proto().ip_proto(),
+                persist_secs: l.persist,
+                idle_timeout_secs: l.idle_timeout_secs(),
+                sched: match k.sched {
+                    Sched::Wrr => SchedPlan::Wrr,
+                    Sched::Maglev => {
+                        SchedPlan::Maglev(k.maglev_size.unwrap_or(DEFAULT_MAGLEV_SIZE))
+                    }
+                },
+                dsr: k.forward == Forward::Dsr,
+                persist_mask: k.persist_mask.unwrap_or(32),
+                backends: l
+                    .backends
+                    .iter()
+                    .zip(accepting)
+                    .map(|(b, accepting)| BackendPlan {
+                        addr: b.addr,
+                        weight: b.weight,
+                        accepting,
+                    })
+                    .collect(),
+            });
+        }
+        let mut vips: Vec<Ipv4Addr> = self.config.listeners.iter().map(|l| *l.vip.ip()).collect();
+        vips.sort_unstable();
+        vips.dedup();
+        let t = &self.config.tables;
+        Plan {
+            listeners,
+            vips,
+            local_addrs: self.local_addrs.clone(),
+            global: GlobalPlan {
+                flood_per_sec: t.flood_per_sec(),
+                cpus: self.cpus,
+                rst_per_sec: t.rst_per_sec,
+                half_open_timeout_secs: HALF_OPEN_TIMEOUT_SECS,
+            },
+        }
+    }
+
+    /// The view every reader sees, with the datapath ids `ids` gave.
+    pub fn snapshot(&self, ids: &Ids, generation: u64) -> Snapshot {
+        let mut listeners = Vec::new();
+        let mut by_id = HashMap::new();
+        let mut backend_by_id = HashMap::new();
+        let mut policy = SweepPolicy {
+            listeners: HashMap::new(),
+            half_open_ns: u64::from(HALF_OPEN_TIMEOUT_SECS) * NS_PER_SEC,
+        };
+        for l in &self.config.listeners {
+            let id = l
+                .l4()
+                .and_then(|_| ids.listener(l.vip, l.proto().ip_proto()));
+            let (accepting, all_unhealthy) = self.accepting(l);
+            let backends = l
+                .backends
+                .iter()
+                .zip(accepting)
+                .map(|(b, accepting)| {
+                    let rt = self.runtime_of(l, b);
+                    let bid = id.and_then(|i| ids.backend(i, b.addr));
+                    if let Some(bid) = bid {
+                        backend_by_id.insert(bid, (l.name.clone(), b.addr));
+                    }
+                    BackendState {
+                        spec: b.clone(),
+                        id: bid,
+                        health: rt.health,
+                        health_since: rt.health_since,
+                        drain: rt.drain,
+                        accepting,
+                    }
+                })
+                .collect();
+            if let Some(id) = id {
+                by_id.insert(id, listeners.len());
+                policy.listeners.insert(
+                    id,
+                    (
+                        u64::from(l.idle_timeout_secs()) * NS_PER_SEC,
+                        u64::from(l.persist) * NS_PER_SEC,
+                    ),
+                );
+            }
+            listeners.push(ListenerState {
+                spec: l.clone(),
+                id,
+                backends,
+                all_unhealthy,
+            });
+        }
+        Snapshot {
+            generation,
+            config: self.config.clone(),
+            listeners,
+            by_id,
+            backend_by_id,
+            policy: Arc::new(policy),
+            transitions: self.transitions.clone(),
+        }
+    }
+}
+
+/// A backend as readers see it.
+#[derive(Clone, Debug)]
+pub struct BackendState {
+    pub spec: BackendSpec,
+    /// Datapath id (L4 listeners).
+    pub id: Option<u32>,
+    pub health: Health,
+    pub health_since: SystemTime,
+    pub drain: Option<Drain>,
+    /// Takes new flows and new persisted clients.
+    pub accepting: bool,
+}
+
+/// A listener as readers see it.
+#[derive(Clone, Debug)]
+pub struct ListenerState {
+    pub spec: ListenerSpec,
+    /// Datapath id (L4 listeners).
+    pub id: Option<u32>,
+    pub backends: Vec<BackendState>,
+    /// Every backend that could take traffic is unhealthy, so all of them get it.
+    pub all_unhealthy: bool,
+}
+
+impl ListenerState {
+    pub fn backend(&self, addr: SocketAddrV4) -> Option<&BackendState> {
+        self.backends.iter().find(|b| b.spec.addr == addr)
+    }
+}
+
+/// An immutable picture of the control plane after one transaction. Readers (API GETs,
+/// `/metrics`, health checks, HTTP routing, the sweeper) load it atomically and never wait.
+#[derive(Clone, Debug)]
+pub struct Snapshot {
+    /// Bumped by every transaction.
+    pub generation: u64,
+    pub config: ConfigFile,
+    /// In configuration order.
+    pub listeners: Vec<ListenerState>,
+    /// Datapath listener id → index into `listeners`.
+    pub by_id: HashMap<u32, usize>,
+    /// Datapath backend id → (listener name, address).
+    pub backend_by_id: HashMap<u32, (String, SocketAddrV4)>,
+    /// What the sweeper expires entries by.
+    pub policy: Arc<SweepPolicy>,
+    pub transitions: Transitions,
+}
+
+impl Snapshot {
+    pub fn listener(&self, name: &str) -> Option<&ListenerState> {
+        self.listeners.iter().find(|l| l.spec.name == name)
+    }
+
+    /// The listener with datapath id `id`.
+    pub fn listener_by_id(&self, id: u32) -> Option<&ListenerState> {
+        self.by_id.get(&id).map(|i| &self.listeners[*i])
+    }
+}

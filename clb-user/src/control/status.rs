@@ -1,0 +1,97 @@
+//! What the daemon reports about itself: its settings, the sweeper's work, and the state of
+//! each supervised background loop.
+
+use std::{
+    collections::BTreeMap,
+    path::PathBuf,
+    sync::Mutex,
+    time::{Instant, SystemTime, UNIX_EPOCH},
+};
+
+use serde::{Deserialize, Serialize};
+
+use super::lock;
+use crate::datapath::sweep::SweepReport;
+
+/// The daemon's settings, for `clb status`.
+#[derive(Clone, Debug)]
+pub struct DaemonInfo {
+    pub ifaces: Vec<String>,
+    pub xdp_mode: String,
+    pub bpffs: PathBuf,
+    pub config: PathBuf,
+    pub started: Instant,
+}
+
+/// What the sweeper has done.
+#[derive(Clone, Debug, Default)]
+pub struct SweepStatus {
+    pub runs: u64,
+    pub conns_removed_total: u64,
+    pub half_open_removed_total: u64,
+    pub sessions_removed_total: u64,
+    pub pending_removed_total: u64,
+    /// The latest sweep, with the live entry counts it found.
+    pub last: SweepReport,
+    pub at: Option<SystemTime>,
+}
+
+/// A supervised loop's state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LoopState {
+    Running,
+    /// Failed; restarting after a pause.
+    Restarting,
+    /// Ended on purpose (daemon shutting down, or nothing to do).
+    Stopped,
+}
+
+/// One loop, for `clb status`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoopStatus {
+    pub name: String,
+    pub state: LoopState,
+    /// Restarts after failures since the daemon started.
+    pub restarts: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    /// Unix time (s) of the last state change.
+    pub since: u64,
+}
+
+/// The registry of supervised loops.
+#[derive(Default)]
+pub struct Loops(Mutex<BTreeMap<String, LoopStatus>>);
+
+impl Loops {
+    /// Records that loop `name` is in `state` (with `error` when it failed).
+    pub fn set(&self, name: &str, state: LoopState, error: Option<String>) {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let mut m = lock(&self.0);
+        let e = m.entry(name.to_owned()).or_insert_with(|| LoopStatus {
+            name: name.to_owned(),
+            state,
+            restarts: 0,
+            last_error: None,
+            since: now,
+        });
+        if state == LoopState::Restarting {
+            e.restarts += 1;
+        }
+        if error.is_some() {
+            e.last_error = error;
+        }
+        if e.state != state {
+            e.state = state;
+            e.since = now;
+        }
+    }
+
+    /// Every loop's status, by name.
+    pub fn all(&self) -> Vec<LoopStatus> {
+        lock(&self.0).values().cloned().collect()
+    }
+}

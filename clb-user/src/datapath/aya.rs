@@ -1,0 +1,551 @@
+//! The real maps of a loaded program, through aya: [`AyaDataplane`] writes the configuration
+//! maps; [`AyaReader`] reads counters and walks the flow tables through its own handles
+//! (opened by map id), so it never shares anything with the writer.
+
+use std::os::fd::AsFd as _;
+
+use aya::{
+    Ebpf,
+    maps::{
+        Array, ArrayOfMaps, DevMapHash, HashMap as AyaHashMap, IterableMap, Map, MapData, MapError,
+        PerCpuArray,
+    },
+    sys::SyscallError,
+};
+use clb_common::{
+    BACKEND_ADDR_MAP, BACKEND_F_PRESENT, BACKEND_MAP, BACKEND_STATS_MAP, BPF_F_INNER_MAP,
+    BackendAddrInfo, BackendAddrKey, BackendInfo, CONN_MAP, COUNTER_MAP, CURSOR_MAP, ConnKey,
+    ConnValue, DENY_SRC_MAP, DEVICE_MAP, GLOBAL_MAP, GlobalConfig, HALF_OPEN_MAP, HalfOpenValue,
+    LISTENER_ADDR_MAP, LISTENER_F_ACTIVE, LISTENER_MAP, LISTENER_STATS_MAP, ListenerInfo,
+    ListenerKey, ListenerRef, MAX_LISTENERS, NUM_COUNTERS, PENDING_SESSION_MAP, SCHED_MAP,
+    SESSION_MAP, SHARED_STATE_MAP, SessionKey, SessionValue, SharedState, TrafficCounters,
+};
+
+use super::{
+    Dataplane, Decide, DpConfig, DpError, Reader, SessionTable, TABLE_BATCH, TableInfo, Tables,
+    batch,
+};
+
+fn map_err(map: &'static str) -> impl FnOnce(MapError) -> DpError {
+    move |source| DpError::Map { map, source }
+}
+
+/// A missing key is not an error for a delete: aya reports it as `KeyNotFound` or as the
+/// syscall's ENOENT, depending on the map type.
+fn ignore_missing(r: Result<(), MapError>, map: &'static str) -> Result<(), DpError> {
+    match r {
+        Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+        Err(MapError::SyscallError(SyscallError { io_error, .. }))
+            if io_error.kind() == std::io::ErrorKind::NotFound =>
+        {
+            Ok(())
+        }
+        Err(e) => Err(map_err(map)(e)),
+    }
+}
+
+macro_rules! take {
+    ($ebpf:expr, $name:expr) => {{
+        let m = $ebpf.take_map($name).ok_or(DpError::Missing($name))?;
+        m.try_into().map_err(map_err($name))?
+    }};
+}
+
+/// Opens a second handle on the map behind `m`.
+fn reopen(m: &MapData, name: &'static str) -> Result<MapData, DpError> {
+    let id = m.info().map_err(map_err(name))?.id();
+    MapData::from_id(id).map_err(map_err(name))
+}
+
+/// The flow tables as raw map handles (batch syscalls work on the fd).
+pub struct AyaTables {
+    conns: MapData,
+    half_open: MapData,
+    sessions: MapData,
+    pending: MapData,
+}
+
+impl AyaTables {
+    fn reopen(&self) -> Result<Self, DpError> {
+        Ok(Self {
+            conns: reopen(&self.conns, CONN_MAP)?,
+            half_open: reopen(&self.half_open, HALF_OPEN_MAP)?,
+            sessions: reopen(&self.sessions, SESSION_MAP)?,
+            pending: reopen(&self.pending, PENDING_SESSION_MAP)?,
+        })
+    }
+
+    fn session_map(&self, t: SessionTable) -> (&MapData, &'static str) {
+        match t {
+            SessionTable::Verified => (&self.sessions, SESSION_MAP),
+            SessionTable::Pending => (&self.pending, PENDING_SESSION_MAP),
+        }
+    }
+
+    /// The map handles (memory accounting, batch fills in tests and benchmarks).
+    pub fn conn_map(&self) -> &MapData {
+        &self.conns
+    }
+    pub fn half_open_map(&self) -> &MapData {
+        &self.half_open
+    }
+    pub fn session_map_data(&self, t: SessionTable) -> &MapData {
+        self.session_map(t).0
+    }
+}
+
+fn scan<K: aya::Pod + bytemuck::Pod, V: aya::Pod + bytemuck::Pod>(
+    m: &MapData,
+    name: &'static str,
+    f: &mut dyn FnMut(&[K], &[V]) -> bool,
+) -> Result<(), DpError> {
+    batch::for_each_batch(m.fd().as_fd(), TABLE_BATCH, f)
+        .map_err(|source| DpError::Io { map: name, source })
+}
+
+/// Batch-reads the hash map `m`, deleting after each batch the keys `decide` picks.
+fn prune<K: aya::Pod + bytemuck::Pod, V: aya::Pod + bytemuck::Pod>(
+    m: &MapData,
+    name: &'static str,
+    pause: std::time::Duration,
+    decide: &mut Decide<'_, K, V>,
+) -> Result<(u64, u64), DpError> {
+    let fd = m.fd().as_fd();
+    let (mut scanned, mut deleted) = (0u64, 0u64);
+    let mut dead = Vec::new();
+    let mut err = None;
+    batch::for_each_batch(fd, TABLE_BATCH, |ks: &[K], vs: &[V]| {
+        scanned += ks.len() as u64;
+        dead.clear();
+        decide(ks, vs, &mut dead);
+        match batch::delete(fd, &dead) {
+            Ok(n) => {
+                deleted += n as u64;
+                if !pause.is_zero() {
+                    std::thread::sleep(pause);
+                }
+                true
+            }
+            Err(e) => {
+                err = Some(e);
+                false
+            }
+        }
+    })
+    .map_err(|source| DpError::Io { map: name, source })?;
+    if let Some(source) = err {
+        return Err(DpError::Io { map: name, source });
+    }
+    Ok((scanned, deleted))
+}
+
+impl Tables for AyaTables {
+    fn scan_conns(
+        &self,
+        f: &mut dyn FnMut(&[ConnKey], &[ConnValue]) -> bool,
+    ) -> Result<(), DpError> {
+        scan(&self.conns, CONN_MAP, f)
+    }
+    fn scan_half_open(
+        &self,
+        f: &mut dyn FnMut(&[ConnKey], &[HalfOpenValue]) -> bool,
+    ) -> Result<(), DpError> {
+        scan(&self.half_open, HALF_OPEN_MAP, f)
+    }
+    fn scan_sessions(
+        &self,
+        table: SessionTable,
+        f: &mut dyn FnMut(&[SessionKey], &[SessionValue]) -> bool,
+    ) -> Result<(), DpError> {
+        let (m, name) = self.session_map(table);
+        scan(m, name, f)
+    }
+    fn prune_conns(
+        &self,
+        pause: std::time::Duration,
+        decide: &mut Decide<'_, ConnKey, ConnValue>,
+    ) -> Result<(u64, u64), DpError> {
+        prune(&self.conns, CONN_MAP, pause, decide)
+    }
+    fn prune_half_open(
+        &self,
+        pause: std::time::Duration,
+        decide: &mut Decide<'_, ConnKey, HalfOpenValue>,
+    ) -> Result<(u64, u64), DpError> {
+        prune(&self.half_open, HALF_OPEN_MAP, pause, decide)
+    }
+    fn prune_sessions(
+        &self,
+        table: SessionTable,
+        pause: std::time::Duration,
+        decide: &mut Decide<'_, SessionKey, SessionValue>,
+    ) -> Result<(u64, u64), DpError> {
+        let (m, name) = self.session_map(table);
+        prune(m, name, pause, decide)
+    }
+}
+
+/// The writer: the configuration maps of a loaded program, and handles on its tables.
+pub struct AyaDataplane {
+    listener_addr: AyaHashMap<MapData, ListenerKey, ListenerRef>,
+    listeners: Array<MapData, ListenerInfo>,
+    backends: Array<MapData, BackendInfo>,
+    backend_addr: AyaHashMap<MapData, BackendAddrKey, BackendAddrInfo>,
+    sched: ArrayOfMaps<MapData>,
+    /// A second handle on the schedule map, for deletes (aya offers none on arrays of maps).
+    sched_raw: MapData,
+    denied: AyaHashMap<MapData, u32, u32>,
+    global: Array<MapData, GlobalConfig>,
+    devices: DevMapHash<MapData>,
+    tables: AyaTables,
+    /// Opened for the reader, which takes them (see [`AyaDataplane::reader`]).
+    listener_stats: MapData,
+    backend_stats: MapData,
+    counters: MapData,
+    shared: MapData,
+    /// Kept so the cursor and per-CPU state maps stay open with the others (the datapath owns
+    /// their contents).
+    _others: Vec<Map>,
+}
+
+impl AyaDataplane {
+    /// Takes the maps out of a loaded program.
+    pub fn from_ebpf(ebpf: &mut Ebpf) -> Result<Self, DpError> {
+        let raw = |ebpf: &mut Ebpf, name: &'static str| -> Result<MapData, DpError> {
+            match ebpf.take_map(name).ok_or(DpError::Missing(name))? {
+                Map::LruHashMap(m) | Map::HashMap(m) | Map::PerCpuArray(m) | Map::Array(m) => Ok(m),
+                _ => Err(DpError::Missing(name)),
+            }
+        };
+        let sched_map = ebpf
+            .take_map(SCHED_MAP)
+            .ok_or(DpError::Missing(SCHED_MAP))?;
+        let sched_raw = match &sched_map {
+            Map::ArrayOfMaps(m) => reopen(m, SCHED_MAP)?,
+            _ => return Err(DpError::Missing(SCHED_MAP)),
+        };
+        Ok(Self {
+            listener_addr: take!(ebpf, LISTENER_ADDR_MAP),
+            listeners: take!(ebpf, LISTENER_MAP),
+            backends: take!(ebpf, BACKEND_MAP),
+            backend_addr: take!(ebpf, BACKEND_ADDR_MAP),
+            sched: ArrayOfMaps::try_from(sched_map).map_err(map_err(SCHED_MAP))?,
+            sched_raw,
+            denied: take!(ebpf, DENY_SRC_MAP),
+            global: take!(ebpf, GLOBAL_MAP),
+            devices: take!(ebpf, DEVICE_MAP),
+            tables: AyaTables {
+                conns: raw(ebpf, CONN_MAP)?,
+                half_open: raw(ebpf, HALF_OPEN_MAP)?,
+                sessions: raw(ebpf, SESSION_MAP)?,
+                pending: raw(ebpf, PENDING_SESSION_MAP)?,
+            },
+            listener_stats: raw(ebpf, LISTENER_STATS_MAP)?,
+            backend_stats: raw(ebpf, BACKEND_STATS_MAP)?,
+            counters: raw(ebpf, COUNTER_MAP)?,
+            shared: raw(ebpf, SHARED_STATE_MAP)?,
+            _others: [
+                CURSOR_MAP,
+                clb_common::CPU_STATE_MAP,
+                clb_common::NEXTHOP_MAP,
+            ]
+            .into_iter()
+            .map(|n| ebpf.take_map(n).ok_or(DpError::Missing(n)))
+            .collect::<Result<_, _>>()?,
+        })
+    }
+
+    /// A reader over the same maps, with handles of its own.
+    pub fn reader(&self) -> Result<AyaReader, DpError> {
+        Ok(AyaReader {
+            tables: self.tables.reopen()?,
+            listener_stats: PerCpuArray::try_from(Map::PerCpuArray(reopen(
+                &self.listener_stats,
+                LISTENER_STATS_MAP,
+            )?))
+            .map_err(map_err(LISTENER_STATS_MAP))?,
+            backend_stats: PerCpuArray::try_from(Map::PerCpuArray(reopen(
+                &self.backend_stats,
+                BACKEND_STATS_MAP,
+            )?))
+            .map_err(map_err(BACKEND_STATS_MAP))?,
+            counters: PerCpuArray::try_from(Map::PerCpuArray(reopen(&self.counters, COUNTER_MAP)?))
+                .map_err(map_err(COUNTER_MAP))?,
+            shared: Array::try_from(Map::Array(reopen(&self.shared, SHARED_STATE_MAP)?))
+                .map_err(map_err(SHARED_STATE_MAP))?,
+        })
+    }
+
+    /// The flow tables' handles (tests and benchmarks fill them directly).
+    pub fn aya_tables(&self) -> &AyaTables {
+        &self.tables
+    }
+
+    fn read_schedule(&self, id: u32) -> Result<Option<Vec<u32>>, DpError> {
+        let inner: MapData = match self.sched.get(&id, 0) {
+            Ok(m) => m,
+            Err(MapError::KeyNotFound) => return Ok(None),
+            Err(e) => return Err(map_err(SCHED_MAP)(e)),
+        };
+        let arr: Array<MapData, u32> =
+            Array::try_from(Map::Array(inner)).map_err(map_err(SCHED_MAP))?;
+        let len = arr.get(&0, 0).map_err(map_err(SCHED_MAP))?;
+        let mut out = Vec::with_capacity(len as usize);
+        for slot in 1..=len.min(arr.len().saturating_sub(1)) {
+            out.push(arr.get(&slot, 0).map_err(map_err(SCHED_MAP))?);
+        }
+        Ok(Some(out))
+    }
+}
+
+impl Dataplane for AyaDataplane {
+    fn read(&self) -> Result<DpConfig, DpError> {
+        let mut c = DpConfig::default();
+        for r in self.listener_addr.iter() {
+            let (k, v) = r.map_err(map_err(LISTENER_ADDR_MAP))?;
+            c.listener_addr.insert(k, v.id);
+        }
+        for id in 0..MAX_LISTENERS {
+            let l = self.listeners.get(&id, 0).map_err(map_err(LISTENER_MAP))?;
+            if l.flags & LISTENER_F_ACTIVE != 0 {
+                c.listeners.insert(id, l);
+                if let Some(s) = self.read_schedule(id)? {
+                    c.schedules.insert(id, s.into());
+                }
+            }
+        }
+        batch::for_each_batch(
+            IterableMap::map(&self.backends).fd().as_fd(),
+            TABLE_BATCH,
+            |ids: &[u32], vs: &[BackendInfo]| {
+                for (id, b) in ids.iter().zip(vs) {
+                    if b.flags & BACKEND_F_PRESENT != 0 {
+                        c.backends.insert(*id, *b);
+                    }
+                }
+                true
+            },
+        )
+        .map_err(|source| DpError::Io {
+            map: BACKEND_MAP,
+            source,
+        })?;
+        for r in self.backend_addr.iter() {
+            let (k, v) = r.map_err(map_err(BACKEND_ADDR_MAP))?;
+            c.backend_addr.insert(k, v);
+        }
+        for r in self.denied.iter() {
+            let (k, v) = r.map_err(map_err(DENY_SRC_MAP))?;
+            c.denied.insert(k, v);
+        }
+        c.global = self.global.get(&0, 0).map_err(map_err(GLOBAL_MAP))?;
+        Ok(c)
+    }
+
+    fn put_listener_addr(&mut self, key: ListenerKey, id: Option<u32>) -> Result<(), DpError> {
+        match id {
+            Some(id) => self
+                .listener_addr
+                .insert(&key, &ListenerRef { id }, 0)
+                .map_err(map_err(LISTENER_ADDR_MAP)),
+            None => ignore_missing(self.listener_addr.remove(&key), LISTENER_ADDR_MAP),
+        }
+    }
+
+    fn put_listener(&mut self, id: u32, info: &ListenerInfo) -> Result<(), DpError> {
+        self.listeners
+            .set(id, info, 0)
+            .map_err(map_err(LISTENER_MAP))
+    }
+
+    fn put_backend(&mut self, id: u32, info: &BackendInfo) -> Result<(), DpError> {
+        self.backends.set(id, info, 0).map_err(map_err(BACKEND_MAP))
+    }
+
+    fn put_backend_addr(
+        &mut self,
+        key: BackendAddrKey,
+        v: Option<&BackendAddrInfo>,
+    ) -> Result<(), DpError> {
+        match v {
+            Some(v) => self
+                .backend_addr
+                .insert(&key, v, 0)
+                .map_err(map_err(BACKEND_ADDR_MAP)),
+            None => ignore_missing(self.backend_addr.remove(&key), BACKEND_ADDR_MAP),
+        }
+    }
+
+    fn put_schedule(&mut self, id: u32, slots: Option<&[u32]>) -> Result<(), DpError> {
+        let Some(slots) = slots else {
+            // Array-of-maps slots are deleted, not zeroed.
+            return match batch::delete(self.sched_raw.fd().as_fd(), &[id]) {
+                Ok(_) => Ok(()),
+                Err(source) => Err(DpError::Io {
+                    map: SCHED_MAP,
+                    source,
+                }),
+            };
+        };
+        // A fresh inner map, filled, then swapped in: the datapath sees the old schedule or
+        // the new one, never a mix.
+        let mut inner: Array<MapData, u32> =
+            Array::create(slots.len() as u32 + 1, BPF_F_INNER_MAP).map_err(map_err(SCHED_MAP))?;
+        inner
+            .set(0, &(slots.len() as u32), 0)
+            .map_err(map_err(SCHED_MAP))?;
+        for (i, b) in slots.iter().enumerate() {
+            inner.set(i as u32 + 1, b, 0).map_err(map_err(SCHED_MAP))?;
+        }
+        self.sched
+            .set(id, IterableMap::map(&inner), 0)
+            .map_err(map_err(SCHED_MAP))
+    }
+
+    fn put_denied(&mut self, addr: u32, reason: Option<u32>) -> Result<(), DpError> {
+        match reason {
+            Some(r) => self
+                .denied
+                .insert(&addr, &r, 0)
+                .map_err(map_err(DENY_SRC_MAP)),
+            None => ignore_missing(self.denied.remove(&addr), DENY_SRC_MAP),
+        }
+    }
+
+    fn put_global(&mut self, g: &GlobalConfig) -> Result<(), DpError> {
+        self.global.set(0, g, 0).map_err(map_err(GLOBAL_MAP))
+    }
+
+    fn put_device(&mut self, ifindex: u32) -> Result<(), DpError> {
+        self.devices
+            .insert(ifindex, ifindex, None, 0)
+            .map_err(|e| DpError::Device(e.to_string()))
+    }
+
+    fn tables(&mut self) -> &mut dyn Tables {
+        &mut self.tables
+    }
+}
+
+/// Counters, shared state and the flow tables, through handles of its own.
+pub struct AyaReader {
+    tables: AyaTables,
+    listener_stats: PerCpuArray<MapData, TrafficCounters>,
+    backend_stats: PerCpuArray<MapData, TrafficCounters>,
+    counters: PerCpuArray<MapData, u64>,
+    shared: Array<MapData, SharedState>,
+}
+
+impl AyaReader {
+    /// The flow tables' handles.
+    pub fn aya_tables(&self) -> &AyaTables {
+        &self.tables
+    }
+}
+
+fn sum_percpu<T: aya::Pod + Default>(
+    values: aya::maps::PerCpuValues<T>,
+    add: impl Fn(&mut T, &T),
+) -> T {
+    let mut acc = T::default();
+    for v in values.iter() {
+        add(&mut acc, v);
+    }
+    acc
+}
+
+impl Tables for AyaReader {
+    fn scan_conns(
+        &self,
+        f: &mut dyn FnMut(&[ConnKey], &[ConnValue]) -> bool,
+    ) -> Result<(), DpError> {
+        self.tables.scan_conns(f)
+    }
+    fn scan_half_open(
+        &self,
+        f: &mut dyn FnMut(&[ConnKey], &[HalfOpenValue]) -> bool,
+    ) -> Result<(), DpError> {
+        self.tables.scan_half_open(f)
+    }
+    fn scan_sessions(
+        &self,
+        table: SessionTable,
+        f: &mut dyn FnMut(&[SessionKey], &[SessionValue]) -> bool,
+    ) -> Result<(), DpError> {
+        self.tables.scan_sessions(table, f)
+    }
+    fn prune_conns(
+        &self,
+        pause: std::time::Duration,
+        decide: &mut Decide<'_, ConnKey, ConnValue>,
+    ) -> Result<(u64, u64), DpError> {
+        self.tables.prune_conns(pause, decide)
+    }
+    fn prune_half_open(
+        &self,
+        pause: std::time::Duration,
+        decide: &mut Decide<'_, ConnKey, HalfOpenValue>,
+    ) -> Result<(u64, u64), DpError> {
+        self.tables.prune_half_open(pause, decide)
+    }
+    fn prune_sessions(
+        &self,
+        table: SessionTable,
+        pause: std::time::Duration,
+        decide: &mut Decide<'_, SessionKey, SessionValue>,
+    ) -> Result<(u64, u64), DpError> {
+        self.tables.prune_sessions(table, pause, decide)
+    }
+}
+
+impl Reader for AyaReader {
+    fn listener_stats(&self, id: u32) -> Result<TrafficCounters, DpError> {
+        let v = self
+            .listener_stats
+            .get(&id, 0)
+            .map_err(map_err(LISTENER_STATS_MAP))?;
+        Ok(sum_percpu(v, TrafficCounters::add))
+    }
+
+    fn backend_stats(&self, id: u32) -> Result<TrafficCounters, DpError> {
+        let v = self
+            .backend_stats
+            .get(&id, 0)
+            .map_err(map_err(BACKEND_STATS_MAP))?;
+        Ok(sum_percpu(v, TrafficCounters::add))
+    }
+
+    fn counters(&self) -> Result<[u64; NUM_COUNTERS as usize], DpError> {
+        let mut out = [0u64; NUM_COUNTERS as usize];
+        for (i, slot) in out.iter_mut().enumerate() {
+            let v = self
+                .counters
+                .get(&(i as u32), 0)
+                .map_err(map_err(COUNTER_MAP))?;
+            *slot = v.iter().sum();
+        }
+        Ok(out)
+    }
+
+    fn shared_state(&self) -> Result<SharedState, DpError> {
+        self.shared.get(&0, 0).map_err(map_err(SHARED_STATE_MAP))
+    }
+
+    fn table_info(&self) -> Result<[TableInfo; 4], DpError> {
+        let info = |m: &MapData, name: &'static str| -> Result<TableInfo, DpError> {
+            let capacity = m.info().map_err(map_err(name))?.max_entries();
+            let memory_bytes = batch::memlock(m.fd().as_fd()).unwrap_or(0);
+            Ok(TableInfo {
+                capacity,
+                memory_bytes,
+            })
+        };
+        let t = &self.tables;
+        Ok([
+            info(&t.conns, CONN_MAP)?,
+            info(&t.half_open, HALF_OPEN_MAP)?,
+            info(&t.sessions, SESSION_MAP)?,
+            info(&t.pending, PENDING_SESSION_MAP)?,
+        ])
+    }
+}

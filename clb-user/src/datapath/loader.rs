@@ -1,0 +1,557 @@
+//! Loading the embedded XDP object, pinning its maps and XDP links under a bpffs directory,
+//! attaching to interfaces, and tearing it all down.
+//!
+//! Pin layout under the directory (default `/sys/fs/bpf/clb`):
+//! `maps/<MAP_NAME>` for every map (`clb_common::ALL_MAPS`) and `links/<ifname>` for every
+//! attachment. A new daemon reuses both: maps keep their contents (aya checks that a pinned
+//! map's type, key and value sizes match the object's), and a pinned link is pointed at the
+//! newly loaded program atomically, so packets never see a gap.
+
+use std::{
+    ffi::CString,
+    io,
+    os::fd::AsFd as _,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context as _, anyhow, bail};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::MapData,
+    programs::{
+        Xdp, XdpMode,
+        links::{FdLink, PinnedLink},
+        xdp::XdpLink,
+    },
+};
+use clb_common::{
+    ALL_MAPS, CONN_MAP, HALF_OPEN_MAP, PASS_PROGRAM, PENDING_SESSION_MAP, SESSION_MAP, XDP_PROGRAM,
+};
+use tracing::{info, warn};
+
+use super::{SessionTable, aya::AyaDataplane};
+use crate::EBPF_OBJECT;
+
+/// `statfs` magic of bpffs.
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// The default pin directory.
+pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf/clb";
+
+/// How to attach: native (driver) XDP, generic (skb) XDP, or native with a generic fallback.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum AttachMode {
+    Native,
+    Generic,
+    Auto,
+}
+
+/// Sizes of the flow tables, set at load time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TableSizes {
+    pub connections: u32,
+    pub half_open: u32,
+    pub sessions: u32,
+}
+
+impl Default for TableSizes {
+    fn default() -> Self {
+        Self {
+            connections: clb_common::DEFAULT_CONNS,
+            half_open: clb_common::DEFAULT_HALF_OPEN,
+            sessions: clb_common::DEFAULT_SESSIONS,
+        }
+    }
+}
+
+impl TableSizes {
+    /// (map name, entries) of each sized table.
+    fn maps(&self) -> [(&'static str, u32); 4] {
+        [
+            (CONN_MAP, self.connections),
+            (HALF_OPEN_MAP, self.half_open),
+            (SESSION_MAP, self.sessions),
+            (PENDING_SESSION_MAP, self.half_open),
+        ]
+    }
+}
+
+/// A pinned table being resized: the old map, moved aside, whose live entries are copied into
+/// the new one.
+pub struct Resize {
+    pub name: &'static str,
+    pub from: u32,
+    pub to: u32,
+    old: MapData,
+    /// A handle on the new table.
+    new: Option<MapData>,
+    aside: PathBuf,
+    /// Entries copied so far.
+    pub copied: u64,
+}
+
+/// A loaded program with its maps taken out as a [`AyaDataplane`].
+pub struct Loaded {
+    pub ebpf: Ebpf,
+    pub dataplane: AyaDataplane,
+    /// Where maps and links are pinned, if anywhere.
+    pub pin_dir: Option<PathBuf>,
+    /// Pinned tables whose size changed (see [`copy_resized`]).
+    pub resized: Vec<Resize>,
+}
+
+/// Loads the embedded object with tables of `sizes`. With `pin_dir`, every map is pinned there
+/// (reused if already pinned with the same layout and size); without, the maps live as long as
+/// the returned value.
+///
+/// A pinned table of another size is resized: the old pin is moved aside, a new table of the
+/// configured size is created, and its live entries are copied over — once now, before the
+/// new program replaces the old one on the interfaces, and once more after (entries created
+/// in between), by [`copy_resized`]. A smaller table keeps what fits (the LRU evicts
+/// the rest). The kernel refusing the memory is an error that names the table and its size.
+pub fn load(pin_dir: Option<&Path>, sizes: &TableSizes) -> anyhow::Result<Loaded> {
+    load_inner(pin_dir, sizes, false)
+}
+
+/// Loads the object with every map shrunk to one entry: for attaching only the pass program
+/// (`clb_common::PASS_PROGRAM`) to veth peers, without allocating the balancer's tables.
+pub fn load_small() -> anyhow::Result<Loaded> {
+    load_inner(None, &TableSizes::default(), true)
+}
+
+fn load_inner(pin_dir: Option<&Path>, sizes: &TableSizes, small: bool) -> anyhow::Result<Loaded> {
+    let mut loader = EbpfLoader::new();
+    if small {
+        for name in ALL_MAPS {
+            loader.map_max_entries(name, 1);
+        }
+    } else {
+        for (name, n) in sizes.maps() {
+            loader.map_max_entries(name, n);
+        }
+    }
+    let mut resized = Vec::new();
+    if let Some(dir) = pin_dir {
+        let maps = dir.join("maps");
+        std::fs::create_dir_all(&maps).with_context(|| format!("creating {}", maps.display()))?;
+        for (name, to) in sizes.maps() {
+            let pin = maps.join(name);
+            if !pin.exists() {
+                continue;
+            }
+            let old = MapData::from_pin(&pin)
+                .with_context(|| format!("opening the pinned table {}", pin.display()))?;
+            let from = old.info()?.max_entries();
+            if from == to {
+                continue;
+            }
+            let aside = maps.join(format!(".resize-{name}"));
+            std::fs::rename(&pin, &aside)
+                .with_context(|| format!("moving {} aside to resize it", pin.display()))?;
+            info!(
+                table = name,
+                from, to, "resizing a pinned table; its live entries are copied"
+            );
+            resized.push(Resize {
+                name,
+                from,
+                to,
+                old,
+                new: None,
+                aside,
+                copied: 0,
+            });
+        }
+        for name in ALL_MAPS {
+            loader.map_pin_path(name, maps.join(name));
+        }
+    }
+    let mut ebpf = match loader.load(EBPF_OBJECT) {
+        Ok(e) => e,
+        Err(e) => {
+            // Put the old tables back: nothing was changed.
+            for r in &resized {
+                if let Some(dir) = pin_dir {
+                    std::fs::rename(&r.aside, dir.join("maps").join(r.name)).ok();
+                }
+            }
+            return Err(explain_load_error(e, sizes));
+        }
+    };
+    for name in [XDP_PROGRAM, PASS_PROGRAM] {
+        let prog: &mut Xdp = ebpf
+            .program_mut(name)
+            .ok_or_else(|| anyhow!("program {name} missing from the object"))?
+            .try_into()?;
+        prog.load()
+            .with_context(|| format!("loading XDP program {name} (verifier)"))?;
+    }
+    let dataplane = AyaDataplane::from_ebpf(&mut ebpf)?;
+    let tables = dataplane.aya_tables();
+    for r in &mut resized {
+        let m = match r.name {
+            CONN_MAP => tables.conn_map(),
+            HALF_OPEN_MAP => tables.half_open_map(),
+            SESSION_MAP => tables.session_map_data(SessionTable::Verified),
+            _ => tables.session_map_data(SessionTable::Pending),
+        };
+        let id = m.info()?.id();
+        r.new = Some(MapData::from_id(id)?);
+    }
+    copy_resized(&mut resized, false)?;
+    Ok(Loaded {
+        ebpf,
+        dataplane,
+        pin_dir: pin_dir.map(Path::to_owned),
+        resized,
+    })
+}
+
+/// A load error, with the table and size named when the kernel refused a table's memory.
+fn explain_load_error(e: aya::EbpfError, sizes: &TableSizes) -> anyhow::Error {
+    let text = format!("{e:#}");
+    for (name, n) in sizes.maps() {
+        if text.contains(name)
+            && (text.contains("memory")
+                || text.contains("E2BIG")
+                || text.contains("too big")
+                || text.contains("os error 12")
+                || text.contains("os error 7"))
+        {
+            return anyhow!(
+                "the kernel refused the memory for table {name} with {n} entries ({text}); configure a smaller size under [tables]"
+            );
+        }
+    }
+    anyhow!("loading the clb eBPF object: {text}")
+}
+
+/// Copies the live entries of resized tables into the new ones. `after_attach`: the second
+/// pass, once the new program runs: only keys the new table lacks are copied (the old program
+/// stopped writing; the new one's entries are newer), then the old pins go.
+pub fn copy_resized(resized: &mut Vec<Resize>, after_attach: bool) -> anyhow::Result<()> {
+    for r in resized.iter_mut() {
+        let Some(new) = &r.new else {
+            continue;
+        };
+        let n = copy_entries(&r.old, new, after_attach)
+            .with_context(|| format!("copying entries of {} into its resized table", r.name))?;
+        r.copied += n;
+        if after_attach {
+            info!(
+                table = r.name,
+                from = r.from,
+                to = r.to,
+                copied = r.copied,
+                "table resized; live entries copied (a smaller table keeps what fits)"
+            );
+            std::fs::remove_file(&r.aside).ok();
+        }
+    }
+    if after_attach {
+        resized.clear();
+    }
+    Ok(())
+}
+
+/// Copies every entry of hash map `from` into `to` (same key/value sizes); with `missing_only`,
+/// only keys `to` lacks. Returns how many were written.
+fn copy_entries(from: &MapData, to: &MapData, missing_only: bool) -> std::io::Result<u64> {
+    let info = from.info().map_err(std::io::Error::other)?;
+    let (ks, vs) = (info.key_size() as usize, info.value_size() as usize);
+    let mut have = std::collections::HashSet::new();
+    if missing_only {
+        super::batch::for_each_batch_raw(to.fd().as_fd(), ks, vs, 8192, |k, _| {
+            for key in k.chunks(ks) {
+                have.insert(key.to_vec());
+            }
+            true
+        })?;
+    }
+    let mut n = 0u64;
+    let mut err = None;
+    super::batch::for_each_batch_raw(from.fd().as_fd(), ks, vs, 8192, |k, v| {
+        let mut keys = Vec::new();
+        let mut vals = Vec::new();
+        for (key, val) in k.chunks(ks).zip(v.chunks(vs)) {
+            if !missing_only || !have.contains(key) {
+                keys.extend_from_slice(key);
+                vals.extend_from_slice(val);
+            }
+        }
+        match super::batch::update_raw(to.fd().as_fd(), &keys, &vals, ks, vs) {
+            Ok(w) => {
+                n += w as u64;
+                true
+            }
+            Err(e) => {
+                err = Some(e);
+                false
+            }
+        }
+    })?;
+    match err {
+        Some(e) => Err(e),
+        None => Ok(n),
+    }
+}
+
+fn xdp_prog<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut Xdp> {
+    Ok(ebpf
+        .program_mut(name)
+        .ok_or_else(|| anyhow!("program {name} missing"))?
+        .try_into()?)
+}
+
+/// Attaches program `name` (the balancer or the pass program) to `iface` in the calling
+/// thread's network namespace. Returns the ifindex.
+///
+/// With a pin directory: an existing pinned link for `iface` is switched to this program
+/// (atomic replace; the datapath never stops), otherwise a new link is created and pinned,
+/// so it outlives this process. Without: the attachment lives as long as `ebpf`.
+pub fn attach(
+    ebpf: &mut Ebpf,
+    name: &str,
+    iface: &str,
+    mode: AttachMode,
+    pin_dir: Option<&Path>,
+) -> anyhow::Result<u32> {
+    let c_iface = CString::new(iface).context("interface name")?;
+    // SAFETY: a valid NUL-terminated string.
+    let ifindex = unsafe { libc::if_nametoindex(c_iface.as_ptr()) };
+    if ifindex == 0 {
+        bail!("no interface named {iface:?} in this network namespace");
+    }
+    let prog = xdp_prog(ebpf, name)?;
+    let link_pin = pin_dir.map(|d| d.join("links").join(iface));
+    if let Some(pin) = &link_pin
+        && pin.exists()
+    {
+        match PinnedLink::from_pin(pin) {
+            Ok(pinned) => {
+                let fd_link: FdLink = pinned.into();
+                let xdp_link = XdpLink::try_from(fd_link)
+                    .with_context(|| format!("{} is not an XDP link", pin.display()))?;
+                let id = prog
+                    .attach_to_link(xdp_link)
+                    .with_context(|| format!("replacing the program on {iface}"))?;
+                // The link stays pinned; let go of our handle without detaching.
+                let link = prog.take_link(id)?;
+                drop(FdLink::try_from(link)?);
+                info!(iface, "reused pinned XDP link, program replaced in place");
+                return Ok(ifindex);
+            }
+            Err(e) => {
+                warn!(iface, error = %e, "stale link pin, removing it");
+                std::fs::remove_file(pin).ok();
+            }
+        }
+    }
+    let id = match mode {
+        AttachMode::Native => prog
+            .attach(c_iface.as_c_str(), XdpMode::Driver)
+            .with_context(|| format!("attaching {name} to {iface} in native mode"))?,
+        AttachMode::Generic => prog
+            .attach(c_iface.as_c_str(), XdpMode::Skb)
+            .with_context(|| format!("attaching {name} to {iface} in generic mode"))?,
+        AttachMode::Auto => match prog.attach(c_iface.as_c_str(), XdpMode::Driver) {
+            Ok(id) => id,
+            Err(e) => {
+                warn!(iface, error = %e, "native XDP unavailable, falling back to generic mode");
+                prog.attach(c_iface.as_c_str(), XdpMode::Skb)
+                    .with_context(|| format!("attaching {name} to {iface} in generic mode"))?
+            }
+        },
+    };
+    if let Some(pin) = link_pin {
+        let dir = pin.parent().expect("links dir");
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let link = prog.take_link(id)?;
+        match FdLink::try_from(link) {
+            Ok(fd_link) => {
+                fd_link
+                    .pin(&pin)
+                    .with_context(|| format!("pinning the XDP link at {}", pin.display()))?;
+            }
+            Err(_) => {
+                // Netlink attachment (no bpf_link support): it stays on the interface until
+                // removed, with nothing to pin.
+                warn!(iface, "attached through netlink; the link cannot be pinned");
+            }
+        }
+    }
+    Ok(ifindex)
+}
+
+/// Makes sure `dir` is on a bpffs, mounting one if needed: if neither `dir` nor its parent
+/// is on bpffs, a bpffs is mounted at `dir`. Returns whether it mounted one.
+pub fn ensure_bpffs(dir: &Path) -> anyhow::Result<bool> {
+    if dir.exists() && is_bpffs(dir)? {
+        return Ok(false);
+    }
+    if let Some(parent) = dir.parent()
+        && parent.exists()
+        && is_bpffs(parent)?
+    {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        return Ok(false);
+    }
+    // The bpffs root for the default location is /sys/fs/bpf itself.
+    let mount_at = if dir.parent() == Some(Path::new("/sys/fs/bpf")) {
+        PathBuf::from("/sys/fs/bpf")
+    } else {
+        dir.to_owned()
+    };
+    std::fs::create_dir_all(&mount_at)
+        .with_context(|| format!("creating {}", mount_at.display()))?;
+    let target = CString::new(mount_at.as_os_str().as_encoded_bytes())?;
+    // SAFETY: valid C strings; mounting a fresh bpffs instance.
+    let rc = unsafe {
+        libc::mount(
+            c"bpf".as_ptr(),
+            target.as_ptr(),
+            c"bpf".as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error())
+            .with_context(|| format!("mounting bpffs at {}", mount_at.display()));
+    }
+    info!(at = %mount_at.display(), "mounted bpffs (it was not mounted)");
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    Ok(true)
+}
+
+fn is_bpffs(p: &Path) -> anyhow::Result<bool> {
+    let c = CString::new(p.as_os_str().as_encoded_bytes())?;
+    // SAFETY: zeroed statfs is a valid out-buffer.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: valid path and out-pointer.
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(io::Error::last_os_error()).with_context(|| format!("statfs {}", p.display()));
+    }
+    Ok(st.f_type as i64 == BPF_FS_MAGIC)
+}
+
+/// What [`teardown`] removed.
+#[derive(Debug, Default)]
+pub struct Teardown {
+    pub links: Vec<String>,
+    pub maps: Vec<String>,
+}
+
+/// Why a directory is not a clb pin directory (teardown refuses it, touching nothing).
+#[derive(Debug, thiserror::Error)]
+pub enum NotPinDir {
+    #[error("{0} does not exist")]
+    Missing(PathBuf),
+    #[error("{0} is not on a bpffs: not a clb pin directory")]
+    NotBpffs(PathBuf),
+    #[error("{0} has no maps/ directory: not a clb pin directory")]
+    NoMaps(PathBuf),
+    #[error("{path} holds {entry}, which clb does not create: not a clb pin directory")]
+    Foreign { path: PathBuf, entry: String },
+}
+
+/// Whether `name` is a map pin clb creates (any layout version, or a table being resized).
+fn is_clb_map_pin(name: &str) -> bool {
+    let n = name.strip_prefix(".resize-").unwrap_or(name);
+    n.starts_with("CLB_")
+        && n.bytes()
+            .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_')
+}
+
+/// Checks that `dir` is a clb pin directory: on bpffs, with `maps/` holding only clb map
+/// pins and nothing but `maps/` and `links/` (holding only pins) at its top.
+pub fn check_pin_dir(dir: &Path) -> Result<(), NotPinDir> {
+    if !dir.is_dir() {
+        return Err(NotPinDir::Missing(dir.to_owned()));
+    }
+    if !is_bpffs(dir).unwrap_or(false) {
+        return Err(NotPinDir::NotBpffs(dir.to_owned()));
+    }
+    let maps = dir.join("maps");
+    if !maps.is_dir() {
+        return Err(NotPinDir::NoMaps(dir.to_owned()));
+    }
+    let foreign = |path: &Path, entry: String| NotPinDir::Foreign {
+        path: path.to_owned(),
+        entry,
+    };
+    for e in std::fs::read_dir(dir).map_err(|_| NotPinDir::Missing(dir.to_owned()))? {
+        let name = e
+            .map_err(|_| NotPinDir::Missing(dir.to_owned()))?
+            .file_name();
+        let name = name.to_string_lossy();
+        if name != "maps" && name != "links" {
+            return Err(foreign(dir, name.into_owned()));
+        }
+    }
+    for e in std::fs::read_dir(&maps).map_err(|_| NotPinDir::NoMaps(dir.to_owned()))? {
+        let e = e.map_err(|_| NotPinDir::NoMaps(dir.to_owned()))?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !is_clb_map_pin(&name) || e.file_type().map(|t| t.is_dir()).unwrap_or(true) {
+            return Err(foreign(&maps, name));
+        }
+    }
+    let links = dir.join("links");
+    if links.exists() {
+        for e in std::fs::read_dir(&links).map_err(|_| NotPinDir::Missing(links.clone()))? {
+            let e = e.map_err(|_| NotPinDir::Missing(links.clone()))?;
+            if e.file_type().map(|t| t.is_dir()).unwrap_or(true) {
+                return Err(foreign(
+                    &links,
+                    e.file_name().to_string_lossy().into_owned(),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Detaches every pinned link and removes every pin under `dir` (the datapath stops; the
+/// maps are freed once nothing else holds them). Refuses, touching nothing, a directory that
+/// is not a clb pin directory ([`check_pin_dir`]).
+pub fn teardown(dir: &Path) -> anyhow::Result<Teardown> {
+    check_pin_dir(dir)?;
+    let mut t = Teardown::default();
+    let links = dir.join("links");
+    if links.exists() {
+        for e in std::fs::read_dir(&links)? {
+            let e = e?;
+            let path = e.path();
+            match PinnedLink::from_pin(&path) {
+                Ok(pinned) => {
+                    // Unpinning drops the bpffs reference; dropping our fd, the last one,
+                    // destroys the link and takes the program off the interface.
+                    drop(pinned.unpin().context("unpinning link")?);
+                }
+                Err(_) => {
+                    std::fs::remove_file(&path).ok();
+                }
+            }
+            t.links.push(e.file_name().to_string_lossy().into_owned());
+        }
+        std::fs::remove_dir(&links).ok();
+    }
+    let maps = dir.join("maps");
+    for e in std::fs::read_dir(&maps)? {
+        let e = e?;
+        std::fs::remove_file(e.path())
+            .with_context(|| format!("removing {}", e.path().display()))?;
+        t.maps.push(e.file_name().to_string_lossy().into_owned());
+    }
+    std::fs::remove_dir(&maps).ok();
+    std::fs::remove_dir(dir).ok();
+    Ok(t)
+}
+
+/// Whether the datapath pinned under `dir` is still attached: its link pins exist.
+pub fn attached(dir: &Path) -> bool {
+    std::fs::read_dir(dir.join("links")).is_ok_and(|mut r| r.next().is_some())
+}

@@ -1,0 +1,234 @@
+//! The sweeper's walk: removes expired entries from the four flow tables and, in the same
+//! walk, counts the live ones per listener and backend. Those counts are what `clb stats`,
+//! `backend ls` and `/metrics` show, so no reader ever walks a million-entry table itself.
+//!
+//! Expiry: connections by idle timeout or FIN/RST aging; half-open entries by the half-open
+//! timeout; persistence entries by the listener's duration (all of a listener's when its
+//! persistence is off). Entries of listeners that no longer exist are not the sweeper's
+//! business: the control plane purges them when it removes them, so a policy that lags a
+//! change can never make the sweeper delete a live entry of a new listener. The policy is read
+//! once per batch.
+//!
+//! Each batch is deleted right after it is read: the only window in which the datapath could
+//! re-create an expired key (a returning client) before the sweeper deletes it is that of one
+//! batch (about a millisecond); the client's next packet then simply creates it again.
+
+use std::{collections::HashMap, sync::Arc, time::Instant};
+
+use clb_common::{conn_timeout_ns, is_expired};
+use serde::{Deserialize, Serialize};
+
+use super::{DpError, SessionTable, Tables};
+
+/// Timeouts per listener id.
+#[derive(Clone, Debug, Default)]
+pub struct SweepPolicy {
+    /// listener id → (idle timeout ns, persistence ns)
+    pub listeners: HashMap<u32, (u64, u64)>,
+    /// Half-open entry lifetime, ns.
+    pub half_open_ns: u64,
+}
+
+/// Live entries, per listener id and per backend id.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Live {
+    pub conns: u64,
+    pub half_open: u64,
+    pub sessions: u64,
+    pub pending: u64,
+}
+
+/// What one sweep did and found.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SweepReport {
+    pub conns_scanned: u64,
+    pub conns_removed: u64,
+    pub half_open_scanned: u64,
+    pub half_open_removed: u64,
+    pub sessions_scanned: u64,
+    pub sessions_removed: u64,
+    pub pending_scanned: u64,
+    pub pending_removed: u64,
+    pub micros: u64,
+    /// Live entries per listener id.
+    #[serde(skip)]
+    pub by_listener: HashMap<u32, Live>,
+    /// Live entries per backend id.
+    #[serde(skip)]
+    pub by_backend: HashMap<u32, Live>,
+}
+
+impl SweepReport {
+    /// Live entries in each table, all listeners.
+    pub fn totals(&self) -> Live {
+        let mut t = Live::default();
+        for l in self.by_listener.values() {
+            t.conns += l.conns;
+            t.half_open += l.half_open;
+            t.sessions += l.sessions;
+            t.pending += l.pending;
+        }
+        t
+    }
+}
+
+/// Sweeps the tables once at `now_ns`, waiting `pause` after each batch (pacing).
+pub fn sweep(
+    t: &dyn Tables,
+    policy: &dyn Fn() -> Arc<SweepPolicy>,
+    now_ns: u64,
+    pause: std::time::Duration,
+) -> Result<SweepReport, DpError> {
+    let started = Instant::now();
+    let mut r = SweepReport::default();
+    let mut by_l: HashMap<u32, Live> = HashMap::new();
+    let mut by_b: HashMap<u32, Live> = HashMap::new();
+    let mut live = |l: u32, b: u32, f: fn(&mut Live)| {
+        f(by_l.entry(l).or_default());
+        f(by_b.entry(b).or_default());
+    };
+    (r.conns_scanned, r.conns_removed) = t.prune_conns(pause, &mut |ks, vs, dead| {
+        let p = policy();
+        for (k, v) in ks.iter().zip(vs) {
+            let lid = u32::from(k.listener);
+            if let Some((idle, _)) = p.listeners.get(&lid) {
+                if is_expired(now_ns, v.last_seen_ns, conn_timeout_ns(v.state, *idle)) {
+                    dead.push(*k);
+                } else {
+                    live(lid, v.backend, |c| c.conns += 1);
+                }
+            }
+        }
+    })?;
+    (r.half_open_scanned, r.half_open_removed) =
+        t.prune_half_open(pause, &mut |ks, vs, dead| {
+            let p = policy();
+            for (k, v) in ks.iter().zip(vs) {
+                let lid = u32::from(k.listener);
+                if p.listeners.contains_key(&lid) {
+                    if is_expired(now_ns, v.last_seen_ns, p.half_open_ns) {
+                        dead.push(*k);
+                    } else {
+                        live(lid, v.backend, |c| c.half_open += 1);
+                    }
+                }
+            }
+        })?;
+    for table in [SessionTable::Verified, SessionTable::Pending] {
+        let counted = t.prune_sessions(table, pause, &mut |ks, vs, dead| {
+            let p = policy();
+            for (k, v) in ks.iter().zip(vs) {
+                let lid = u32::from(k.listener);
+                if let Some((_, persist)) = p.listeners.get(&lid) {
+                    if *persist == 0 || is_expired(now_ns, v.last_seen_ns, *persist) {
+                        dead.push(*k);
+                    } else if table == SessionTable::Verified {
+                        live(lid, v.backend, |c| c.sessions += 1);
+                    } else {
+                        live(lid, v.backend, |c| c.pending += 1);
+                    }
+                }
+            }
+        })?;
+        match table {
+            SessionTable::Verified => (r.sessions_scanned, r.sessions_removed) = counted,
+            SessionTable::Pending => (r.pending_scanned, r.pending_removed) = counted,
+        }
+    }
+    r.by_listener = by_l;
+    r.by_backend = by_b;
+    r.micros = started.elapsed().as_micros() as u64;
+    Ok(r)
+}
+
+#[cfg(test)]
+mod tests {
+    use clb_common::{
+        CONN_FIN, CONN_OPEN, ConnKey, ConnValue, HalfOpenValue, NS_PER_SEC, SessionKey,
+        SessionValue,
+    };
+
+    use super::*;
+    use crate::datapath::mem::MemDataplane;
+
+    #[test]
+    fn removes_expired_entries_only_and_counts_the_rest() {
+        let dp = MemDataplane::new();
+        let now = 1_000 * NS_PER_SEC;
+        let conn = |port, age_s: u64, state, backend| {
+            (
+                ConnKey {
+                    client: 7,
+                    client_port: port,
+                    listener: 3,
+                    proto: 6,
+                    _pad: [0; 3],
+                },
+                ConnValue {
+                    last_seen_ns: now - age_s * NS_PER_SEC,
+                    backend,
+                    state,
+                    flags: 0,
+                    _pad: [0; 2],
+                },
+            )
+        };
+        {
+            let mut s = dp.state();
+            s.conns.extend([
+                conn(1, 5, CONN_OPEN, 9),  // live
+                conn(2, 11, CONN_OPEN, 9), // idle too long
+                conn(3, 9, CONN_FIN, 9),   // FIN, under 10 s
+            ]);
+            // An unknown listener: the control plane's to purge, not the sweeper's.
+            let (mut k, v) = conn(4, 500, CONN_OPEN, 9);
+            k.listener = 99;
+            s.conns.insert(k, v);
+            s.half_open.insert(
+                ConnKey { client: 8, ..k },
+                HalfOpenValue {
+                    last_seen_ns: now - 31 * NS_PER_SEC,
+                    backend: 9,
+                    ..Default::default()
+                },
+            );
+            s.half_open.insert(
+                ConnKey {
+                    client: 8,
+                    listener: 3,
+                    ..k
+                },
+                HalfOpenValue {
+                    last_seen_ns: now - 31 * NS_PER_SEC,
+                    backend: 9,
+                    ..Default::default()
+                },
+            );
+            s.sessions.insert(
+                SessionKey {
+                    client: 7,
+                    listener: 3,
+                    _pad: 0,
+                },
+                SessionValue {
+                    last_seen_ns: now - 6 * NS_PER_SEC,
+                    backend: 9,
+                    _pad: 0,
+                },
+            );
+        }
+        let policy = Arc::new(SweepPolicy {
+            listeners: [(3, (10 * NS_PER_SEC, 5 * NS_PER_SEC))].into(),
+            half_open_ns: 30 * NS_PER_SEC,
+        });
+        let r = sweep(&dp, &|| policy.clone(), now, std::time::Duration::ZERO).unwrap();
+        assert_eq!((r.conns_scanned, r.conns_removed), (4, 1));
+        assert_eq!((r.half_open_scanned, r.half_open_removed), (2, 1));
+        assert_eq!(r.sessions_removed, 1);
+        assert_eq!(r.by_backend[&9].conns, 2);
+        assert_eq!(r.by_listener[&3].sessions, 0);
+        let mut left: Vec<u16> = dp.state().conns.keys().map(|k| k.client_port).collect();
+        left.sort_unstable();
+        assert_eq!(left, vec![1, 3, 4]);
+    }
+}
