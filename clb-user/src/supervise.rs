@@ -51,3 +51,67 @@ where
         }
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        path::PathBuf,
+        sync::atomic::{AtomicU32, Ordering},
+        time::Instant,
+    };
+
+    use super::*;
+    use crate::{
+        control::{ControlOptions, file::ConfigFile, status::DaemonInfo},
+        datapath::mem::MemDataplane,
+    };
+
+    fn controller() -> Arc<Controller> {
+        let dp = MemDataplane::new();
+        Controller::start(
+            Box::new(dp.clone()),
+            Arc::new(dp),
+            ConfigFile::default(),
+            ControlOptions {
+                config_path: PathBuf::from("/nonexistent/clb.toml"),
+                local_addrs: vec![],
+                cpus: 1,
+                info: DaemonInfo {
+                    ifaces: vec![],
+                    xdp_mode: "test".into(),
+                    bpffs: PathBuf::new(),
+                    config: PathBuf::new(),
+                    started: Instant::now(),
+                },
+            },
+        )
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_failing_loop_is_restarted_and_reported() {
+        let ctl = controller();
+        let runs = Arc::new(AtomicU32::new(0));
+        let r = runs.clone();
+        let h = spawn(ctl.clone(), "flaky", move || {
+            let r = r.clone();
+            async move {
+                match r.fetch_add(1, Ordering::SeqCst) {
+                    0 => panic!("first run panics"),
+                    1 => anyhow::bail!("second run fails"),
+                    _ => Ok(()),
+                }
+            }
+        });
+        tokio::time::timeout(Duration::from_secs(5), h)
+            .await
+            .expect("the loop settles")
+            .unwrap();
+        assert_eq!(runs.load(Ordering::SeqCst), 3);
+        let s = ctl.loops().all();
+        let flaky = s.iter().find(|l| l.name == "flaky").unwrap();
+        assert_eq!(flaky.restarts, 2);
+        assert_eq!(flaky.state, LoopState::Stopped);
+        assert_eq!(flaky.last_error.as_deref(), Some("second run fails"));
+    }
+}

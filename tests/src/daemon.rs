@@ -193,6 +193,35 @@ impl Daemon {
         serde_json::from_str(&out).unwrap_or_else(|e| panic!("clb {a:?}: bad JSON ({e}): {out}"))
     }
 
+    /// Runs another `clb daemon` in this daemon's namespace with `args` (after `daemon`),
+    /// expecting it to exit (a refusal) within `timeout`; kills it and panics if it does not.
+    pub fn run_other(&self, api: &Path, args: &[&str], timeout: Duration) -> CliOut {
+        let mut child = Command::new("nsenter")
+            .arg(format!("--net={}", self.netns_path))
+            .arg(clb_bin())
+            .arg("--api")
+            .arg(api)
+            .arg("daemon")
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawning a second daemon");
+        let done = wait_for(timeout, || child.try_wait().ok().flatten());
+        if done.is_none() {
+            child.kill().ok();
+            child.wait().ok();
+            panic!("the other daemon {args:?} did not exit within {timeout:?}");
+        }
+        child.wait_with_output().expect("daemon output").into()
+    }
+
+    /// This daemon's `--iface` list.
+    pub fn ifaces(&self) -> &str {
+        &self.ifaces
+    }
+
     /// The config file's current text.
     pub fn config_text(&self) -> String {
         fs::read_to_string(&self.config).unwrap_or_default()

@@ -379,7 +379,7 @@ impl Dataplane for AyaDataplane {
     fn put_schedule(&mut self, id: u32, slots: Option<&[u32]>) -> Result<(), DpError> {
         let Some(slots) = slots else {
             // Array-of-maps slots are deleted, not zeroed.
-            return match batch::delete(self.sched_raw.fd().as_fd(), &[id]) {
+            return match batch::delete_one(self.sched_raw.fd().as_fd(), &id) {
                 Ok(_) => Ok(()),
                 Err(source) => Err(DpError::Io {
                     map: SCHED_MAP,

@@ -156,6 +156,46 @@ pub fn delete<K: Pod>(fd: BorrowedFd<'_>, keys: &[K]) -> io::Result<usize> {
 }
 
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
+
+/// The element-command prefix of `union bpf_attr` (map_fd, key, value/next_key, flags).
+#[repr(C)]
+#[derive(Default)]
+struct ElemAttr {
+    map_fd: u32,
+    _pad: u32,
+    key: u64,
+    value: u64,
+    flags: u64,
+}
+
+/// Deletes one key with `BPF_MAP_DELETE_ELEM` (for map types without batch deletes, such as
+/// arrays of maps, and without an aya delete). A missing key is not an error.
+pub fn delete_one<K: Pod>(fd: BorrowedFd<'_>, key: &K) -> io::Result<()> {
+    let mut attr = ElemAttr {
+        map_fd: fd.as_raw_fd() as u32,
+        key: std::ptr::from_ref(key) as u64,
+        ..Default::default()
+    };
+    // SAFETY: `attr` is a valid prefix of `bpf_attr` for BPF_MAP_DELETE_ELEM; the kernel reads
+    // the key through the pointer, which outlives the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_DELETE_ELEM,
+            &mut attr as *mut ElemAttr,
+            std::mem::size_of::<ElemAttr>(),
+        )
+    };
+    if rc < 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::ENOENT) {
+            return Ok(());
+        }
+        return Err(e);
+    }
+    Ok(())
+}
 
 /// Inserts or replaces `keys[i]` → `values[i]` in the map `fd`, many per syscall (used to
 /// fill tables in benchmarks and tests, and to copy resized tables). Returns how many were
