@@ -257,6 +257,11 @@ pub const LISTENER_F_MAGLEV: u32 = 2;
 /// Listener flag: direct server return (only the destination MAC is rewritten; replies do not
 /// pass the balancer).
 pub const LISTENER_F_DSR: u32 = 4;
+/// Listener flag: a backend address (IP, port, protocol) of this listener serves another
+/// listener too. A reply can then only be told apart by its flow's state, so this listener's
+/// SYNs write their half-open entry even in flood mode (the stateless hash cannot say which
+/// listener a SYN-ACK answers).
+pub const LISTENER_F_SHARED_BACKENDS: u32 = 8;
 
 /// Value of [`LISTENER_MAP`] (an array indexed by listener id).
 #[repr(C)]
@@ -711,6 +716,8 @@ pub mod counter {
     pub const ICMP_NATED: u32 = 18;
     /// DSR packets forwarded.
     pub const DSR_FORWARDED: u32 = 19;
+    /// Half-open entries removed because the client reset the flow.
+    pub const HALF_OPEN_CLOSED: u32 = 20;
 
     /// First drop reason: IPv4 header length below 20 bytes.
     pub const DROP_BAD_IHL: u32 = 32;
@@ -774,6 +781,7 @@ pub mod counter {
         n[ADOPTED as usize] = "adopted";
         n[ICMP_NATED as usize] = "icmp_nated";
         n[DSR_FORWARDED as usize] = "dsr_forwarded";
+        n[HALF_OPEN_CLOSED as usize] = "half_open_closed";
         n[DROP_BAD_IHL as usize] = "drop_bad_ihl";
         n[DROP_TRUNCATED_IP as usize] = "drop_truncated_ip";
         n[DROP_TRUNCATED_L4 as usize] = "drop_truncated_l4";

@@ -17,7 +17,8 @@
 use aya_ebpf::{bindings::xdp_action, helpers::bpf_ktime_get_ns, programs::XdpContext};
 use clb_common::{
     ConnKey, HALF_ADOPTED, HALF_F_HASHED, HALF_F_REPLIED, HALF_SYN, HALF_UDP, LISTENER_F_ACTIVE,
-    LISTENER_F_DSR, LISTENER_F_MAGLEV, ListenerInfo, client_hash, counter, flow_hash,
+    LISTENER_F_DSR, LISTENER_F_MAGLEV, LISTENER_F_SHARED_BACKENDS, ListenerInfo, client_hash,
+    counter, flow_hash,
 };
 use network_types::ip::Ipv4Hdr;
 
@@ -135,8 +136,9 @@ fn tcp_unverified(
         };
         if flood {
             stats::count(counter::FLOOD_HASHED);
-        } else {
-            halfopen::insert(key, b, HALF_SYN, 0, now);
+        }
+        if !flood || lsn.flags & LISTENER_F_SHARED_BACKENDS != 0 {
+            halfopen::insert(key, b, HALF_SYN, if flood { HALF_F_HASHED } else { 0 }, now);
         }
         stats::both(id, b, |c| c.new_conns += 1);
         return send(ctx, ip, p, lsn, id, b, now);
@@ -148,6 +150,7 @@ fn tcp_unverified(
         if p.is_rst() {
             // The client gave up on the handshake (or a spoofer tried): forget it.
             halfopen::remove(key);
+            stats::count(counter::HALF_OPEN_CLOSED);
         } else if (h.kind == HALF_SYN && p.is_plain_ack())
             || (h.kind == HALF_ADOPTED && dsr && h.packets >= 1)
         {

@@ -69,6 +69,11 @@ impl Pkt {
     pub fn is_syn(&self) -> bool {
         self.is_tcp() && self.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
     }
+    /// Any segment with SYN set (a SYN or a SYN-ACK): never a handshake's completion.
+    #[inline(always)]
+    pub fn has_syn(&self) -> bool {
+        self.is_tcp() && self.tcp_flags & TCP_SYN != 0
+    }
     /// A TCP reset.
     #[inline(always)]
     pub fn is_rst(&self) -> bool {

@@ -1,7 +1,8 @@
 //! Backend → client packets (NAT listeners): find the flow they answer, NAT the source back to
 //! the VIP, forward. A normal answer is also what verifies an unverified flow: a UDP flow is
 //! marked answered (its next client packet promotes it), an adopted TCP flow is promoted at
-//! once. A backend's RST verifies nothing: a spoofed mid-stream packet is answered by one.
+//! once. A backend's RST verifies nothing (a spoofed mid-stream packet is answered by one),
+//! nor does its SYN-ACK (a spoofed SYN is answered by one).
 //! Anything else from a backend address passes to the stack untouched.
 
 use aya_ebpf::{bindings::xdp_action, helpers::bpf_ktime_get_ns, programs::XdpContext};
@@ -48,6 +49,9 @@ pub fn backend_packet(ctx: &XdpContext, ip: *mut Ipv4Hdr, p: &Pkt) -> u32 {
         client_port: p.dport,
         proto: p.proto,
     };
+    // With one listener behind this backend address, a reply without state can still be told
+    // apart by the stateless hash; with several, only by state (their SYNs keep writing it).
+    let unambiguous = info.listeners[1] == NO_LISTENER;
     let mut i = 0;
     while i < MAX_LISTENERS_PER_BACKEND_ADDR {
         let id = info.listeners[i];
@@ -84,7 +88,7 @@ pub fn backend_packet(ctx: &XdpContext, ip: *mut Ipv4Hdr, p: &Pkt) -> u32 {
                     if h.flags & HALF_F_REPLIED == 0 {
                         h.flags |= HALF_F_REPLIED;
                     }
-                } else if h.kind == HALF_ADOPTED && !p.is_syn() {
+                } else if h.kind == HALF_ADOPTED && !p.has_syn() {
                     forward::promote(&key, lsn, id, &flow, b, p, now);
                 }
             }
@@ -92,14 +96,16 @@ pub fn backend_packet(ctx: &XdpContext, ip: *mut Ipv4Hdr, p: &Pkt) -> u32 {
         }
         // A flow placed by the stateless hash whose half-open entry a flood evicted (or
         // never wrote): recompute, and adopt it if this backend is the one it names.
-        if p.is_tcp()
+        if unambiguous
+            && p.is_tcp()
             && !p.is_rst()
             && flood::recent(now)
             && let Ok(b) = forward::stateless_backend(lsn, id, &flow, now)
             && ours(b)
         {
             stats::count(counter::HALF_OPEN_MISS_HASHED);
-            if !p.is_syn() {
+            // A SYN-ACK answers a SYN that may have been spoofed: it verifies nothing.
+            if !p.has_syn() {
                 forward::promote(&key, lsn, id, &flow, b, p, now);
             }
             return answer(ctx, ip, p, id, b, lsn.vip, lsn.port, now);

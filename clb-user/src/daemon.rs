@@ -289,6 +289,10 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
                 Ok(())
             }
         }));
+        let c = ctl.clone();
+        loops.push(supervise::spawn(ctl.clone(), "flood-watch", move || {
+            flood_watch(c.clone())
+        }));
         let (c, dir) = (ctl.clone(), opts.bpffs.clone());
         loops.push(supervise::spawn(ctl.clone(), "watchdog", move || {
             watchdog(c.clone(), dir.clone())
@@ -404,6 +408,22 @@ async fn drains(ctl: Arc<Controller>) -> anyhow::Result<()> {
                 conns_removed = n,
                 "drain deadline reached, connections removed"
             );
+        }
+    }
+}
+
+/// Watches flood mode (the datapath switches it) and logs and counts its transitions.
+async fn flood_watch(ctl: Arc<Controller>) -> anyhow::Result<()> {
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    loop {
+        tick.tick().await;
+        let s = ctl.reader().shared_state()?;
+        match ctl.flood().observe(monotonic_ns() < s.flood_until_ns) {
+            Some(true) => warn!(
+                "flood mode ON: new unverified flows exceed the threshold; new TCP flows are placed by the stateless hash and write no state"
+            ),
+            Some(false) => info!("flood mode off"),
+            None => {}
         }
     }
 }

@@ -344,6 +344,24 @@ impl Collector for Scrape {
             MetricType::Counter,
             [(vec![], st.flood.entered)],
         )?;
+        family(
+            &mut enc,
+            "clb_flood_mode_transitions",
+            "Flood-mode transitions the daemon observed, by direction.",
+            MetricType::Counter,
+            [
+                ("on", st.flood.transitions_on),
+                ("off", st.flood.transitions_off),
+            ]
+            .map(|(to, v)| (vec![("to", Cow::Borrowed(to))], v)),
+        )?;
+        family(
+            &mut enc,
+            "clb_half_open_evictions_estimated",
+            "Half-open entries evicted by the LRU (inserts - promotions - closed - swept - live).",
+            MetricType::Gauge,
+            [(vec![], st.flood.half_open_evictions_estimate)],
+        )?;
         let names = ["connections", "half_open", "sessions", "pending_sessions"];
         family(
             &mut enc,

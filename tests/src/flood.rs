@@ -93,15 +93,14 @@ impl Flood {
     /// Sends `total` frames at about `pps` from `ns` (bursts of 1/100 s, paced), for at most
     /// `max` wall time. Returns the frames sent.
     pub fn send(&self, ns: &NetNs, total: u64, pps: u64, max: Duration) -> anyhow::Result<u64> {
-        let burst = (pps / 100).max(1) as u32;
+        let burst = (pps / 100).max(1);
         ns.run(|| {
             let start = Instant::now();
             let mut sent = 0u64;
             while sent < total && start.elapsed() < max {
-                let n = burst.min((total - sent) as u32);
+                let n = burst.min(total - sent) as u32;
                 self.burst(n)?;
                 sent += u64::from(n);
-                // Pace: a burst every 10 ms at the asked rate.
                 let due = Duration::from_secs_f64(sent as f64 / pps as f64);
                 if let Some(wait) = due.checked_sub(start.elapsed()) {
                     std::thread::sleep(wait.min(Duration::from_millis(50)));

@@ -217,6 +217,8 @@ pub struct Topology {
     pub client: NetNs,
     pub lb: NetNs,
     pub backends: Vec<NetNs>,
+    /// A second client-side link, for flood traffic (see [`Topology::with_attacker`]).
+    pub attacker: Option<NetNs>,
     /// The balancer's interfaces: `c0` (client side), then `b0`, `b1`, ...
     pub lb_ifaces: Vec<String>,
     /// Extra client source addresses on the client's eth0.
@@ -244,13 +246,21 @@ impl Topology {
     /// Builds the topology with `backends` backend namespaces and `extra_clients` extra
     /// client addresses. `tag` names the namespaces (keep it short).
     pub fn new(tag: &str, backends: usize, extra_clients: usize) -> anyhow::Result<Self> {
-        Self::build(tag, backends, extra_clients, true)
+        Self::build(tag, backends, extra_clients, true, false)
+    }
+
+    /// [`Topology::new`] plus an attacker namespace on its own link to the balancer
+    /// (`eth0` 10.0.2.2/24 ↔ `a0` 10.0.2.1/24; 100.64.0.0/10, the spoofed sources, routed
+    /// there): flood traffic and its answers do not share the real clients' link, as on a
+    /// real NIC with its own queues and rings they would not compete for one 256-slot ring.
+    pub fn with_attacker(tag: &str, backends: usize, extra_clients: usize) -> anyhow::Result<Self> {
+        Self::build(tag, backends, extra_clients, true, true)
     }
 
     /// [`Topology::new`] without the pass programs on the client's and backends' eth0, for
     /// callers that attach their own (the benchmarks' sinks).
     pub fn bare(tag: &str, backends: usize, extra_clients: usize) -> anyhow::Result<Self> {
-        Self::build(tag, backends, extra_clients, false)
+        Self::build(tag, backends, extra_clients, false, false)
     }
 
     fn build(
@@ -258,6 +268,7 @@ impl Topology {
         backends: usize,
         extra_clients: usize,
         peer_programs: bool,
+        attacker: bool,
     ) -> anyhow::Result<Self> {
         let client = NetNs::new(&format!("{tag}c"))?;
         let lb = NetNs::new(&format!("{tag}l"))?;
@@ -265,11 +276,17 @@ impl Topology {
         for i in 0..backends {
             bns.push(NetNs::new(&format!("{tag}b{i}"))?);
         }
+        let attacker = if attacker {
+            Some(NetNs::new(&format!("{tag}a"))?)
+        } else {
+            None
+        };
         let mut topo = Topology {
             _peer_programs: Vec::new(),
             client,
             lb,
             backends: bns,
+            attacker,
             lb_ifaces: Vec::new(),
             extra_clients: (0..extra_clients).map(extra_client_ip).collect(),
         };
@@ -323,7 +340,30 @@ impl Topology {
                 .ip(&["addr", "add", &format!("10.0.{}.1/24", 10 + i), "dev", &dev])?;
             self.lb_ifaces.push(dev);
         }
-        for ns in std::iter::once(&self.client).chain(&self.backends) {
+        if let Some(a) = &self.attacker {
+            sh(&[
+                "ip",
+                "link",
+                "add",
+                "eth0",
+                "netns",
+                a.name(),
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "a0",
+                "netns",
+                &lb,
+            ])?;
+            a.ip(&["addr", "add", "10.0.2.2/24", "dev", "eth0"])?;
+            self.lb.ip(&["addr", "add", "10.0.2.1/24", "dev", "a0"])?;
+            self.lb_ifaces.push("a0".into());
+        }
+        for ns in std::iter::once(&self.client)
+            .chain(self.attacker.iter())
+            .chain(&self.backends)
+        {
             ns.ip(&["link", "set", "eth0", "up"])?;
             ns.exec(&["ethtool", "-K", "eth0", "tx", "off"])?;
         }
@@ -347,6 +387,23 @@ impl Topology {
         self.lb.sysctl("net.ipv4.ip_forward=1")?;
         self.lb
             .ip(&["route", "add", "10.2.0.0/16", "via", "10.0.1.2"])?;
+        if let Some(a) = &self.attacker {
+            a.ip(&["route", "add", "default", "via", "10.0.2.1"])?;
+            self.lb
+                .ip(&["route", "add", "100.64.0.0/10", "via", "10.0.2.2"])?;
+            let amac = fmt_mac(a.mac("eth0")?);
+            self.lb.ip(&[
+                "neigh",
+                "replace",
+                "10.0.2.2",
+                "lladdr",
+                &amac,
+                "dev",
+                "a0",
+                "nud",
+                "permanent",
+            ])?;
+        }
         if !self.extra_clients.is_empty() {
             let lines: Vec<String> = self
                 .extra_clients
@@ -391,8 +448,11 @@ impl Topology {
     }
 
     /// The namespaces whose eth0 needs an XDP program so that frames the balancer sends
-    /// there in native mode (redirect, XDP_TX) are delivered: the client and the backends.
+    /// there in native mode (redirect, XDP_TX) are delivered: the client, the attacker and
+    /// the backends.
     pub fn peer_namespaces(&self) -> impl Iterator<Item = &NetNs> {
-        std::iter::once(&self.client).chain(&self.backends)
+        std::iter::once(&self.client)
+            .chain(self.attacker.iter())
+            .chain(&self.backends)
     }
 }

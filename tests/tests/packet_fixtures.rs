@@ -826,6 +826,55 @@ fn in_flood_mode_syns_write_nothing_and_their_handshakes_still_complete() {
 }
 
 #[test]
+fn listeners_sharing_a_backend_keep_their_replies_apart_in_flood_mode() {
+    let tables = TablesSpec {
+        flood_threshold: Some(1),
+        ..TablesSpec::default()
+    };
+    with_lab_tables(tables, |lab| {
+        let mut other = web(0);
+        other.name = "web81".into();
+        other.vip = sa("10.0.0.100:81");
+        lab.apply(vec![web(0), other]);
+        for p in 0..3u16 {
+            lab.run(
+                &FrameSpec::tcp(
+                    SocketAddrV4::new([10, 2, 3, 3].into(), 100 + p),
+                    sa(VIP),
+                    SYN,
+                )
+                .build(),
+            );
+        }
+        assert_eq!(lab.counter("flood_entered"), 1);
+        // A SYN to :81 in flood mode; its backend also serves :80.
+        let c = client(48100);
+        let (v, out) = lab.run(&FrameSpec::tcp(c, sa("10.0.0.100:81"), SYN).build());
+        assert_eq!(v, XDP_REDIRECT);
+        let n = backend_of(&out);
+        let key = conn_key(lab, "web81", c, PROTO_TCP);
+        assert!(
+            lab.half_open(&key).is_some(),
+            "a shared backend: the SYN keeps its state"
+        );
+        let synack = reply_from(lab, n, 8080, c, SYN | ACK);
+        let mut expected = synack.clone();
+        expected.src = sa("10.0.0.100:81");
+        expected.ttl -= 1;
+        expected.src_mac = lab.client_if_mac;
+        expected.dst_mac = CLIENT_MAC;
+        let backend_if = lab.backend_if;
+        lab.check(&[Fixture::rewritten(
+            "SYN-ACK of a flow on :81 goes back from :81, not :80",
+            synack.build(),
+            XDP_REDIRECT,
+            expected.build(),
+        )
+        .on(backend_if)]);
+    });
+}
+
+#[test]
 fn icmp_fragmentation_needed_about_a_flow_reaches_its_backend() {
     with_lab(|lab| {
         lab.apply(vec![web(0)]);

@@ -216,15 +216,27 @@ pub struct TableStatus {
     pub live: u64,
 }
 
-/// Flood mode.
+/// Flood mode and the half-open table's churn.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FloodStatus {
     /// On now.
     pub active: bool,
     /// Seconds it stays on (if no new flood window).
     pub remaining_secs: u64,
-    /// Times a CPU switched it on.
+    /// Times a CPU switched it on (datapath counter).
     pub entered: u64,
+    /// Transitions on and off the daemon observed (it polls every 200 ms).
+    pub transitions_on: u64,
+    pub transitions_off: u64,
+    /// Unverified flows written to the half-open table.
+    pub half_open_inserts: u64,
+    /// Unverified flows promoted to the connection table.
+    pub half_open_promotions: u64,
+    /// Half-open entries that left the table without being promoted, closed or swept: evicted
+    /// by the LRU under pressure (an estimate: inserts − promotions − closed − swept − live).
+    pub half_open_evictions_estimate: u64,
+    /// Packets whose half-open entry was gone, resolved by the stateless hash.
+    pub half_open_misses_hashed: u64,
 }
 
 /// `GET /v1/status`.

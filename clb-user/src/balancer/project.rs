@@ -11,8 +11,9 @@ use std::{
 use clb_common::{
     BACKEND_F_ACCEPTING, BACKEND_F_PRESENT, BackendAddrInfo, BackendAddrKey, BackendInfo,
     DENY_BACKEND, DENY_LOCAL, DENY_VIP, FLOOD_WINDOW_NS, GlobalConfig, LISTENER_F_ACTIVE,
-    LISTENER_F_DSR, LISTENER_F_MAGLEV, ListenerInfo, ListenerKey, MAX_LISTENERS_PER_BACKEND_ADDR,
-    NO_LISTENER, NS_PER_SEC, WRR_SLOTS, ip_to_be, port_to_be, prefix_mask_be,
+    LISTENER_F_DSR, LISTENER_F_MAGLEV, LISTENER_F_SHARED_BACKENDS, ListenerInfo, ListenerKey,
+    MAX_LISTENERS_PER_BACKEND_ADDR, NO_LISTENER, NS_PER_SEC, WRR_SLOTS, ip_to_be, port_to_be,
+    prefix_mask_be,
 };
 
 use super::Ids;
@@ -170,6 +171,14 @@ pub fn project(plan: &Plan, ids: &Ids) -> DpConfig {
             SchedPlan::Maglev(size) => Maglev { size }.schedule(&members),
         };
         c.schedules.insert(id, Arc::new(schedule));
+    }
+    // Listeners sharing a backend address: their replies are told apart only by state.
+    for ids in by_backend_addr.values().filter(|ids| ids.len() > 1) {
+        for id in ids {
+            if let Some(l) = c.listeners.get_mut(&u32::from(*id)) {
+                l.flags |= LISTENER_F_SHARED_BACKENDS;
+            }
+        }
     }
     for (k, mut ids) in by_backend_addr {
         ids.sort_unstable();

@@ -218,16 +218,22 @@ pub fn status(s: &Status) -> String {
     )
     .ok();
     writeln!(out, "datapath: {}", s.datapath).ok();
+    let f = &s.flood;
     writeln!(
         out,
-        "flood mode: {}{} (entered {} times)",
-        if s.flood.active { "ON" } else { "off" },
-        if s.flood.active {
-            format!(", {}s left", s.flood.remaining_secs)
+        "flood mode: {}{} (on {} / off {} times); half-open: {} inserted, {} promoted, ~{} evicted, {} resolved by hash",
+        if f.active { "ON" } else { "off" },
+        if f.active {
+            format!(", {}s left", f.remaining_secs)
         } else {
             String::new()
         },
-        s.flood.entered
+        f.transitions_on,
+        f.transitions_off,
+        f.half_open_inserts,
+        f.half_open_promotions,
+        f.half_open_evictions_estimate,
+        f.half_open_misses_hashed
     )
     .ok();
     let rows: Vec<Vec<String>> = s

@@ -32,7 +32,7 @@ use self::{
     file::{ConfigFile, ConfigFileError, SaveError},
     model::ConfigError,
     state::{Drain, Health, Snapshot, State},
-    status::{DaemonInfo, Loops, SweepStatus},
+    status::{DaemonInfo, FloodWatch, Loops, SweepStatus},
 };
 use crate::{
     balancer::{Balancer, BalancerError},
@@ -77,6 +77,7 @@ pub struct Controller {
     generation: watch::Sender<u64>,
     reader: Arc<dyn Reader>,
     loops: Loops,
+    flood: FloodWatch,
     detached: Mutex<Option<String>>,
     info: DaemonInfo,
 }
@@ -128,6 +129,7 @@ impl Controller {
             generation,
             reader,
             loops: Loops::default(),
+            flood: FloodWatch::default(),
             detached: Mutex::new(None),
             info: DaemonInfo {
                 config: opts.config_path,
@@ -159,6 +161,11 @@ impl Controller {
     /// The supervised loops' states.
     pub fn loops(&self) -> &Loops {
         &self.loops
+    }
+
+    /// Flood-mode transitions user space has seen.
+    pub fn flood(&self) -> &FloodWatch {
+        &self.flood
     }
 
     /// What the daemon reports about itself.

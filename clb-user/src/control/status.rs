@@ -36,6 +36,31 @@ pub struct SweepStatus {
     pub at: Option<SystemTime>,
 }
 
+/// Flood mode as user space watches it (the datapath switches it; see `flood-watch`).
+#[derive(Debug, Default)]
+pub struct FloodWatch {
+    pub on: std::sync::atomic::AtomicBool,
+    /// Transitions seen: on, off.
+    pub entered: std::sync::atomic::AtomicU64,
+    pub left: std::sync::atomic::AtomicU64,
+}
+
+impl FloodWatch {
+    /// Records the mode seen now; returns `Some(on)` if it changed.
+    pub fn observe(&self, on: bool) -> Option<bool> {
+        use std::sync::atomic::Ordering::Relaxed;
+        if self.on.swap(on, Relaxed) == on {
+            return None;
+        }
+        if on {
+            self.entered.fetch_add(1, Relaxed);
+        } else {
+            self.left.fetch_add(1, Relaxed);
+        }
+        Some(on)
+    }
+}
+
 /// A supervised loop's state.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -63,7 +63,9 @@ pub fn clb_gen(ctx: XdpContext) -> u32 {
         .wrapping_add(((n / u64::from(sources)) % u64::from(ports)) as u16)
         .to_be();
     let len = (end - start) as u16;
-    let ip_len = len - 14;
+    // TCP: a bare 40-byte IPv4/TCP packet (the frame's tail is Ethernet padding), so the
+    // checksum below covers exactly the segment; UDP: the whole frame is the datagram.
+    let ip_len = if cfg.proto == PROTO_TCP { 40 } else { len - 14 };
     let p = start as *mut u8;
     // SAFETY: `HDRS` bytes were bounds-checked above; all writes are within them.
     unsafe {
