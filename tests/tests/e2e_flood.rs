@@ -124,7 +124,7 @@ fn real_clients(topo: &Topology, ips: &[Ipv4Addr], running: &AtomicBool, udp: bo
         let ip = ips[i % ips.len()];
         i += 1;
         tries += 1;
-        let r = if udp && i % 2 == 0 {
+        let r = if udp && i.is_multiple_of(2) {
             udp_socket(&topo.client, ip)
                 .and_then(|s| udp_ask(&s, SocketAddrV4::new(VIP, 53)))
                 .map(drop)
