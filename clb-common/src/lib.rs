@@ -685,8 +685,9 @@ pub mod counter {
     pub const VERDICT_ABORTED: u32 = 4;
     /// A rewritten packet handed to the kernel stack: no neighbour entry yet (`NO_NEIGH`).
     pub const FWD_STACK_NO_NEIGH: u32 = 5;
-    /// A rewritten packet handed to the stack: the FIB lookup did not give a next hop.
-    pub const FWD_STACK_NO_ROUTE: u32 = 6;
+    /// A rewritten packet handed to the stack: it needs fragmenting (the stack fragments it
+    /// or answers "fragmentation needed").
+    pub const FWD_STACK_FRAG: u32 = 6;
     /// (unused since TTL ≤ 1 packets to a VIP are dropped: see [`DROP_TTL`]).
     pub const FWD_STACK_TTL: u32 = 7;
     /// A rewritten packet handed to the stack: the egress device is not in the devmap.
@@ -757,6 +758,8 @@ pub mod counter {
     pub const DROP_DSR_NO_NEXTHOP: u32 = 47;
     /// Drop: malformed ICMP error to a VIP.
     pub const DROP_BAD_ICMP: u32 = 48;
+    /// Drop: no route to the packet's destination (after NAT; the stack would drop it too).
+    pub const DROP_NO_ROUTE: u32 = 49;
 
     /// Names of the counters, for display (index → name); empty for unused indices.
     pub const NAMES: [&str; super::NUM_COUNTERS as usize] = {
@@ -767,7 +770,7 @@ pub mod counter {
         n[VERDICT_REDIRECT as usize] = "verdict_redirect";
         n[VERDICT_ABORTED as usize] = "verdict_aborted";
         n[FWD_STACK_NO_NEIGH as usize] = "fwd_stack_no_neigh";
-        n[FWD_STACK_NO_ROUTE as usize] = "fwd_stack_no_route";
+        n[FWD_STACK_FRAG as usize] = "fwd_stack_frag";
         n[FWD_STACK_TTL as usize] = "fwd_stack_ttl";
         n[FWD_STACK_NO_DEV as usize] = "fwd_stack_no_dev";
         n[RST_SENT as usize] = "rst_sent";
@@ -799,12 +802,13 @@ pub mod counter {
         n[DROP_STRAY_RST as usize] = "drop_stray_rst";
         n[DROP_DSR_NO_NEXTHOP as usize] = "drop_dsr_no_nexthop";
         n[DROP_BAD_ICMP as usize] = "drop_bad_icmp";
+        n[DROP_NO_ROUTE as usize] = "drop_no_route";
         n
     };
 
     /// Whether counter `i` is a drop reason.
     pub const fn is_drop_reason(i: u32) -> bool {
-        i >= DROP_BAD_IHL && i <= DROP_BAD_ICMP
+        i >= DROP_BAD_IHL && i <= DROP_NO_ROUTE
     }
 }
 

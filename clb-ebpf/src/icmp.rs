@@ -37,10 +37,14 @@ const INNER_L4_OFF: usize = INNER_IP_OFF + Ipv4Hdr::LEN;
 #[inline(always)]
 pub fn to_vip(ctx: &XdpContext, ip: *mut Ipv4Hdr) -> u32 {
     // SAFETY: `ip` was bounds-checked for a full `Ipv4Hdr` by the parser.
-    let (vihl, ttl) = unsafe { ((*ip).vihl, (*ip).ttl) };
+    let (vihl, ttl, tot_len) =
+        unsafe { ((*ip).vihl, (*ip).ttl, u16::from_be_bytes((*ip).tot_len)) };
     if vihl != 0x45 || ttl <= 1 {
         return xdp_action::XDP_PASS;
     }
+    // Everything read or rewritten must lie within the ICMP message (the IP total length),
+    // not merely within the frame (trailing bytes are padding the checksum does not cover).
+    let ip_end = IP_OFF + tot_len as usize;
     let Ok(icmp) = ptr_at::<[u8; 8]>(ctx, ICMP_OFF) else {
         return drop(counter::DROP_BAD_ICMP);
     };
@@ -48,6 +52,9 @@ pub fn to_vip(ctx: &XdpContext, ip: *mut Ipv4Hdr) -> u32 {
     let kind = unsafe { (*icmp)[0] };
     if kind != ICMP_DEST_UNREACH && kind != ICMP_TIME_EXCEEDED && kind != ICMP_PARAMETERPROB {
         return xdp_action::XDP_PASS;
+    }
+    if ip_end < INNER_L4_OFF + 4 {
+        return drop(counter::DROP_BAD_ICMP);
     }
     let (Ok(inner), Ok(ports)) = (
         ptr_at::<Ipv4Hdr>(ctx, INNER_IP_OFF),
@@ -118,7 +125,11 @@ pub fn to_vip(ctx: &XdpContext, ip: *mut Ipv4Hdr) -> u32 {
     if lsn.flags & LISTENER_F_DSR != 0 {
         return nat::forward(ctx, ip, &view, be.addr, true, now);
     }
-    if rewrite(ctx, ip, inner, iproto, isrc, isport, be.addr, be.port).is_err() {
+    if rewrite(
+        ctx, ip, ip_end, inner, iproto, isrc, isport, be.addr, be.port,
+    )
+    .is_err()
+    {
         return drop(counter::DROP_BAD_ICMP);
     }
     nat::forward(ctx, ip, &view, be.addr, false, now)
@@ -132,6 +143,7 @@ pub fn to_vip(ctx: &XdpContext, ip: *mut Ipv4Hdr) -> u32 {
 fn rewrite(
     ctx: &XdpContext,
     ip: *mut Ipv4Hdr,
+    ip_end: usize,
     inner: *mut Ipv4Hdr,
     iproto: u8,
     vip: u32,
@@ -163,7 +175,9 @@ fn rewrite(
         } else {
             INNER_L4_OFF + 6
         };
-        if let Ok(c) = ptr_at::<[u8; 2]>(ctx, check_off) {
+        if check_off + 2 <= ip_end
+            && let Ok(c) = ptr_at::<[u8; 2]>(ctx, check_off)
+        {
             let old = u16::from_ne_bytes(*c);
             if !(iproto == PROTO_UDP && old == 0) {
                 let mut new = csum::replace4(old, vip, addr);

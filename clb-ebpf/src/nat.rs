@@ -20,6 +20,7 @@ use crate::{
 const AF_INET: u8 = 2;
 const BPF_FIB_LKUP_RET_SUCCESS: i64 = 0;
 const BPF_FIB_LKUP_RET_NO_NEIGH: i64 = 7;
+const BPF_FIB_LKUP_RET_FRAG_NEEDED: i64 = 8;
 
 /// Which end of the packet to rewrite.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -122,6 +123,8 @@ pub fn forward(
                     ..found
                 };
             }
+            // DSR: the stack would route by the VIP; drop (a no-route drop is counted already).
+            Err(xdp_action::XDP_DROP) => return xdp_action::XDP_DROP,
             Err(_) if dsr => {
                 stats::count(counter::DROP_DSR_NO_NEXTHOP);
                 return xdp_action::XDP_DROP;
@@ -182,13 +185,24 @@ fn fib(ctx: &XdpContext, ip: *const Ipv4Hdr, p: &Pkt, dst: u32) -> Result<NextHo
             core::mem::size_of::<bpf_fib_lookup>() as i32,
             0,
         );
-        if rc != BPF_FIB_LKUP_RET_SUCCESS {
-            stats::count(if rc == BPF_FIB_LKUP_RET_NO_NEIGH {
-                counter::FWD_STACK_NO_NEIGH
-            } else {
-                counter::FWD_STACK_NO_ROUTE
-            });
-            return Err(xdp_action::XDP_PASS);
+        match rc {
+            BPF_FIB_LKUP_RET_SUCCESS => {}
+            // The stack finishes these: it resolves the neighbour (and forwards the packet),
+            // or fragments it / answers "fragmentation needed". The packet goes up NATed.
+            BPF_FIB_LKUP_RET_NO_NEIGH => {
+                stats::count(counter::FWD_STACK_NO_NEIGH);
+                return Err(xdp_action::XDP_PASS);
+            }
+            BPF_FIB_LKUP_RET_FRAG_NEEDED => {
+                stats::count(counter::FWD_STACK_FRAG);
+                return Err(xdp_action::XDP_PASS);
+            }
+            // No route, blackhole, unreachable, prohibited, forwarding disabled: the stack
+            // would drop it too.
+            _ => {
+                stats::count(counter::DROP_NO_ROUTE);
+                return Err(xdp_action::XDP_DROP);
+            }
         }
         Ok(NextHop {
             ifindex: fib.ifindex,

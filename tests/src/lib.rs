@@ -5,6 +5,7 @@
 pub mod bench;
 pub mod daemon;
 pub mod flood;
+pub mod fuzz;
 pub mod http;
 pub mod lab;
 pub mod netns;

@@ -264,9 +264,18 @@ pub fn parse(f: &[u8]) -> Result<Parsed, String> {
 /// Recomputes the IPv4 header checksum and the TCP/UDP checksum of `f` from scratch and
 /// says which (if any) is wrong.
 pub fn verify_checksums(f: &[u8]) -> Result<(), String> {
+    if f.len() < ETH_LEN + 20 {
+        return Err("too short for IPv4".into());
+    }
     let ip = &f[ETH_LEN..];
     let ihl = usize::from(ip[0] & 0x0f) * 4;
     let tot = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
+    if ihl < 20 || tot < ihl || tot > ip.len() {
+        return Err(format!(
+            "bad lengths: ihl {ihl}, total {tot}, {} bytes",
+            ip.len()
+        ));
+    }
     if fold(sum16(&ip[..ihl], 0)) != 0xffff {
         return Err("IPv4 header checksum is wrong".into());
     }
@@ -274,6 +283,7 @@ pub fn verify_checksums(f: &[u8]) -> Result<(), String> {
     let dst = Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]);
     let l4 = &ip[ihl..tot];
     match ip[9] {
+        6 | 17 if l4.len() < 8 => return Err("L4 header cut off".into()),
         6 if fold(sum16(l4, pseudo(src, dst, 6, l4.len()))) != 0xffff => {
             return Err("TCP checksum is wrong".into());
         }
@@ -281,7 +291,7 @@ pub fn verify_checksums(f: &[u8]) -> Result<(), String> {
             return Err("UDP checksum is wrong".into());
         }
         1 => {
-            if fold(sum16(l4, 0)) != 0xffff {
+            if l4.len() < 8 || fold(sum16(l4, 0)) != 0xffff {
                 return Err("ICMP checksum is wrong".into());
             }
             // An error quoting an IPv4 header: the quoted header's checksum too.

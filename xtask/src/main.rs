@@ -8,7 +8,8 @@
 //! - `run`    with `--iface`: the daemon on real NICs; without: the demo in namespaces.
 //! - `test`   unit, packet (BPF_PROG_TEST_RUN) and namespace end-to-end tests.
 //! - `bench`  benchmarks against nftables, haproxy and nginx.
-//! - `lint`   rustfmt check and clippy for the user-space crates and, separately, the eBPF crate.
+//! - `lint`   rustfmt check and clippy for the user-space crates and, separately, the eBPF crates.
+//! - `fuzz`   the datapath fuzzer (10^7 frames by default).
 
 use std::{
     ffi::OsString,
@@ -71,6 +72,15 @@ enum Cmd {
     },
     /// rustfmt --check, clippy (user space), clippy (eBPF crate).
     Lint,
+    /// Fuzz the datapath through BPF_PROG_TEST_RUN (every invariant checked per frame).
+    Fuzz {
+        /// Frames to run.
+        #[arg(long, default_value_t = 10_000_000)]
+        frames: u64,
+        /// Seed (default: the time).
+        #[arg(long)]
+        seed: Option<u64>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -181,6 +191,19 @@ fn main() -> anyhow::Result<()> {
                 .arg(root.join("target/bench"));
             if quick {
                 cmd.arg("--quick");
+            }
+            run_foreground(cmd)
+        }
+        Cmd::Fuzz { frames, seed } => {
+            setup(&root, false, false)?;
+            cargo(
+                &root,
+                &["build", "--release", "-p", "clb-tests", "--bin", "clb-fuzz"],
+            )?;
+            let mut cmd = Command::new(root.join("target/release/clb-fuzz"));
+            cmd.arg("--frames").arg(frames.to_string());
+            if let Some(s) = seed {
+                cmd.arg("--seed").arg(s.to_string());
             }
             run_foreground(cmd)
         }

@@ -516,14 +516,32 @@ impl Reader for AyaReader {
     }
 
     fn counters(&self) -> Result<[u64; NUM_COUNTERS as usize], DpError> {
+        // One batch syscall for the whole per-CPU array (a value is one u64 per possible
+        // CPU), not one per counter: `/metrics` and the fuzzer read it often.
+        let cpus = aya::util::nr_cpus()
+            .map_err(|(_, source)| DpError::Io {
+                map: COUNTER_MAP,
+                source,
+            })?
+            .get() as usize;
         let mut out = [0u64; NUM_COUNTERS as usize];
-        for (i, slot) in out.iter_mut().enumerate() {
-            let v = self
-                .counters
-                .get(&(i as u32), 0)
-                .map_err(map_err(COUNTER_MAP))?;
-            *slot = v.iter().sum();
-        }
+        let fd = IterableMap::map(&self.counters).fd().as_fd();
+        batch::for_each_batch_raw(fd, 4, 8 * cpus, NUM_COUNTERS as usize, |ks, vs| {
+            for (k, v) in ks.chunks(4).zip(vs.chunks(8 * cpus)) {
+                let i = u32::from_ne_bytes([k[0], k[1], k[2], k[3]]) as usize;
+                if let Some(slot) = out.get_mut(i) {
+                    *slot = v
+                        .chunks(8)
+                        .map(|c| u64::from_ne_bytes(c.try_into().unwrap_or([0; 8])))
+                        .sum();
+                }
+            }
+            true
+        })
+        .map_err(|source| DpError::Io {
+            map: COUNTER_MAP,
+            source,
+        })?;
         Ok(out)
     }
 
