@@ -53,9 +53,10 @@ pub struct DaemonOptions {
     pub bird: PathBuf,
 }
 
-/// Pause after each batch the sweeper walks (8192 entries, a few ms of work): keeps a big
-/// sweep from competing with the datapath flat out, at ~0.25 s per million entries.
-pub const SWEEP_PAUSE: Duration = Duration::from_millis(2);
+/// Pause after each batch the sweeper walks (1024 entries, a fraction of a millisecond of
+/// work): keeps a big sweep from competing with the datapath flat out, at ~0.25 s per million
+/// entries.
+pub const SWEEP_PAUSE: Duration = Duration::from_micros(250);
 
 /// Whether the pins under `bpffs` hold a configured datapath (at least one listener address).
 fn pins_hold_listeners(bpffs: &std::path::Path) -> bool {
@@ -370,7 +371,7 @@ async fn sweeper(ctl: Arc<Controller>, every: Duration) -> anyhow::Result<()> {
     loop {
         let t0 = Instant::now();
         let c = ctl.clone();
-        let r = tokio::task::spawn_blocking(move || {
+        let r = low_priority("clb-sweeper", move || {
             sweep(
                 c.reader(),
                 &|| c.snapshot().policy.clone(),
@@ -394,6 +395,32 @@ async fn sweeper(ctl: Arc<Controller>, every: Duration) -> anyhow::Result<()> {
         ctl.record_sweep(r);
         tokio::time::sleep(every.saturating_sub(t0.elapsed())).await;
     }
+}
+
+/// Runs `f` on a thread of its own at the lowest CPU priority (nice 19), so that a table walk
+/// yields the CPU to the L7 proxy, the API and the backends on a busy machine.
+async fn low_priority<T: Send + 'static>(
+    name: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> anyhow::Result<T> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name(name.to_owned())
+        .spawn(move || {
+            // SAFETY: gettid and setpriority on the calling thread only (Linux nice values
+            // are per thread).
+            let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as u32, 19) };
+            if rc != 0 {
+                warn!(
+                    error = %std::io::Error::last_os_error(),
+                    "could not lower the sweeper's CPU priority"
+                );
+            }
+            // The receiver is gone only if the daemon is stopping.
+            tx.send(f()).ok();
+        })
+        .context("starting a sweeper thread")?;
+    rx.await.context("the sweeper thread died")
 }
 
 /// Cuts the connections of drained backends when their drain deadline passes.

@@ -1,7 +1,7 @@
 //! The benchmark machinery at tiny scale: every figure is produced, clb loses nothing and
 //! moves no client. Asserts no timing (speed belongs to `cargo xtask bench`).
 
-use clb_tests::bench::{Scale, conns, memory, perpacket, rate, report::Report};
+use clb_tests::bench::{Scale, conns, l7, memory, perpacket, rate, report::Report};
 
 fn finite(report: &Report, section: &str) {
     let rows: Vec<_> = report
@@ -62,4 +62,37 @@ fn memory_and_sweep_figures_are_produced() {
     memory::run(&Scale::TINY, &mut r).unwrap();
     finite(&r, "memory");
     finite(&r, "sweeper");
+}
+
+#[test]
+fn http_figures_are_produced_and_cookies_hold() {
+    let mut r = l7::measure(&Scale::TINY).unwrap();
+    for (name, load) in &r.peers {
+        assert!(!load.latencies_us.is_empty(), "{name} answered nothing");
+        assert_eq!(load.errors, 0, "{name}: errors");
+    }
+    // Cookie persistence: every request that carried a cookie stayed on its backend.
+    for (name, load) in &r.peers[..2] {
+        assert!(load.with_cookie > 0, "{name} set no cookie");
+        assert_eq!(load.moved, 0, "{name}: requests with a cookie moved");
+    }
+    // nginx round robin sets none.
+    assert_eq!(r.peers[2].1.with_cookie, 0);
+    let s = &mut r.scrapes;
+    assert!(
+        s.scrapes > 0 && s.scrape_failures == 0,
+        "{} scrapes, {} failed",
+        s.scrapes,
+        s.scrape_failures
+    );
+    assert!(
+        s.live.0 >= 2000 && s.live.1 >= 2000,
+        "live entries {:?}",
+        s.live
+    );
+    assert!(s.quiet.quantile_ms(0.99).is_finite() && s.scraped.quantile_ms(0.99).is_finite());
+    let mut report = Report::default();
+    l7::rows(r, &Scale::TINY, &mut report);
+    finite(&report, "HTTP");
+    assert_eq!(report.rows.len(), 4);
 }

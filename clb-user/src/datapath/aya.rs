@@ -22,8 +22,8 @@ use clb_common::{
 };
 
 use super::{
-    Dataplane, Decide, DpConfig, DpError, Reader, SessionTable, TABLE_BATCH, TableInfo, Tables,
-    batch,
+    Dataplane, Decide, DpConfig, DpError, Reader, SWEEP_BATCH, SessionTable, TABLE_BATCH,
+    TableInfo, Tables, batch,
 };
 
 fn map_err(map: &'static str) -> impl FnOnce(MapError) -> DpError {
@@ -114,7 +114,7 @@ fn prune<K: aya::Pod + bytemuck::Pod, V: aya::Pod + bytemuck::Pod>(
     let (mut scanned, mut deleted) = (0u64, 0u64);
     let mut dead = Vec::new();
     let mut err = None;
-    batch::for_each_batch(fd, TABLE_BATCH, |ks: &[K], vs: &[V]| {
+    batch::for_each_batch(fd, SWEEP_BATCH, |ks: &[K], vs: &[V]| {
         scanned += ks.len() as u64;
         dead.clear();
         decide(ks, vs, &mut dead);

@@ -107,6 +107,10 @@ pub type Decide<'a, K, V> = dyn FnMut(&[K], &[V], &mut Vec<K>) + 'a;
 /// Entries read or deleted per batch syscall when walking a table.
 pub const TABLE_BATCH: usize = 8192;
 
+/// Entries per batch syscall of the sweeper's walks: small, so that no single syscall holds
+/// a CPU for long (a batch is not preempted part way; 1024 entries are ~0.3 ms of kernel work).
+pub const SWEEP_BATCH: usize = 1024;
+
 /// The four flow tables: walked and pruned by the sweeper, listed by the API, purged by the
 /// control plane. Each walk is in batches; `f` returning false stops it.
 pub trait Tables: Send + Sync {

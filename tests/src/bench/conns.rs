@@ -6,7 +6,6 @@
 use std::{
     io::{BufRead as _, BufReader, Write as _},
     net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream},
-    process::{Child, Command, Stdio},
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -19,9 +18,9 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
 
 use super::{
-    Scale, listener,
+    Proc, Scale, listener,
     report::{Report, Row},
-    start_clb,
+    spawn_in, start_clb,
 };
 use crate::{
     netns::{NetNs, Topology, VIP, backend_ip},
@@ -82,22 +81,6 @@ impl Drop for FastServer {
     }
 }
 
-/// A child process stopped on drop: SIGTERM (nginx's master then stops its workers, which a
-/// SIGKILL would orphan), then SIGKILL if it has not exited within 3 s. By pid only.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        // SAFETY: signalling our own child by pid.
-        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
-        let gone = wait_for(Duration::from_secs(3), || self.0.try_wait().ok().flatten());
-        if gone.is_none() {
-            self.0.kill().ok();
-            self.0.wait().ok();
-        }
-    }
-}
-
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Peer {
     Clb,
@@ -134,16 +117,7 @@ fn start_peer(topo: &Topology, peer: Peer) -> anyhow::Result<Running> {
         .collect();
     let dir = std::env::temp_dir().join(topo.lb.name());
     std::fs::create_dir_all(&dir)?;
-    let nsenter = |args: &[&str]| -> anyhow::Result<Proc> {
-        let c = Command::new("nsenter")
-            .arg(format!("--net={}", topo.lb.path()))
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.join("peer.log"))?)
-            .spawn()?;
-        Ok(Proc(c))
-    };
+    let nsenter = |args: &[&str]| spawn_in(&topo.lb, args, &dir.join("peer.log"));
     let running = match peer {
         Peer::Clb => Running::Clb(start_clb(
             topo,

@@ -6,6 +6,7 @@
 //! report says what bottleneck each figure hit.
 
 pub mod conns;
+pub mod l7;
 pub mod memory;
 pub mod perpacket;
 pub mod rate;
@@ -29,6 +30,12 @@ pub struct Scale {
     pub conn_threads: usize,
     /// Sweep: entries to sweep.
     pub sweep_entries: usize,
+    /// HTTP: seconds per measurement, client connections, scrape/no-scrape rounds, and
+    /// entries written to each table for the scrape comparison.
+    pub l7_secs: f64,
+    pub l7_conns: usize,
+    pub l7_rounds: usize,
+    pub fill_entries: usize,
 }
 
 impl Scale {
@@ -44,6 +51,10 @@ impl Scale {
         conn_secs: 5.0,
         conn_threads: 4,
         sweep_entries: 1 << 20,
+        l7_secs: 2.0,
+        l7_conns: 16,
+        l7_rounds: 10,
+        fill_entries: 1_000_000,
     };
     /// `--quick` (under 2 minutes).
     pub const QUICK: Scale = Scale {
@@ -57,6 +68,10 @@ impl Scale {
         conn_secs: 2.0,
         conn_threads: 4,
         sweep_entries: 1 << 20,
+        l7_secs: 1.5,
+        l7_conns: 16,
+        l7_rounds: 4,
+        fill_entries: 1_000_000,
     };
     /// The smoke test's scale: checks the machinery, says nothing about speed.
     pub const TINY: Scale = Scale {
@@ -70,6 +85,10 @@ impl Scale {
         conn_secs: 0.5,
         conn_threads: 2,
         sweep_entries: 5000,
+        l7_secs: 0.5,
+        l7_conns: 4,
+        l7_rounds: 2,
+        fill_entries: 2000,
     };
 }
 
@@ -263,4 +282,38 @@ pub fn entries(
         n
     ];
     (ck, cv, sk, sv)
+}
+
+/// A child process stopped on drop: SIGTERM (nginx's master then stops its workers, which a
+/// SIGKILL would orphan), then SIGKILL if it has not exited within 3 s. By pid only.
+pub struct Proc(pub std::process::Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        // SAFETY: signalling our own child by pid.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        let gone = crate::wait_for(std::time::Duration::from_secs(3), || {
+            self.0.try_wait().ok().flatten()
+        });
+        if gone.is_none() {
+            self.0.kill().ok();
+            self.0.wait().ok();
+        }
+    }
+}
+
+/// Spawns `args` in `ns`'s network namespace (`nsenter --net`), stderr to `log`.
+pub fn spawn_in(
+    ns: &crate::netns::NetNs,
+    args: &[&str],
+    log: &std::path::Path,
+) -> anyhow::Result<Proc> {
+    let c = std::process::Command::new("nsenter")
+        .arg(format!("--net={}", ns.path()))
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(log)?)
+        .spawn()?;
+    Ok(Proc(c))
 }
