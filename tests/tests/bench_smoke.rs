@@ -1,7 +1,7 @@
 //! The benchmark machinery at tiny scale: every figure is produced, clb loses nothing and
 //! moves no client. Asserts no timing (speed belongs to `cargo xtask bench`).
 
-use clb_tests::bench::{Scale, conns, l7, memory, perpacket, rate, report::Report};
+use clb_tests::bench::{Scale, conns, flood, l7, memory, perpacket, rate, report::Report};
 
 fn finite(report: &Report, section: &str) {
     let rows: Vec<_> = report
@@ -95,4 +95,27 @@ fn http_figures_are_produced_and_cookies_hold() {
     l7::rows(r, &Scale::TINY, &mut report);
     finite(&report, "HTTP");
     assert_eq!(report.rows.len(), 4);
+}
+
+#[test]
+fn flood_figures_are_produced_and_clb_keeps_its_flows() {
+    let r = flood::measure_all(&Scale::TINY).unwrap();
+    assert_eq!(r.len(), 2);
+    for (name, o) in &r {
+        assert!(o.sent > 0, "{name}: nothing sent");
+        assert!(o.reached > 0, "{name}: nothing reached the balancer");
+        assert_eq!(o.idle, 100);
+        assert_eq!(o.persisted, 50);
+    }
+    // clb's guarantee holds at any scale; the peer's is what the benchmark reports.
+    let clb = &r[0].1;
+    assert_eq!(clb.idle_alive, clb.idle, "clb lost idle connections");
+    assert_eq!(
+        clb.persisted_kept, clb.persisted,
+        "clb moved persisted clients"
+    );
+    let mut report = Report::default();
+    flood::rows(&r, &mut report);
+    finite(&report, "SYN flood");
+    assert_eq!(report.rows.len(), 3);
 }

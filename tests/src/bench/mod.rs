@@ -6,6 +6,7 @@
 //! report says what bottleneck each figure hit.
 
 pub mod conns;
+pub mod flood;
 pub mod l7;
 pub mod memory;
 pub mod perpacket;
@@ -36,6 +37,8 @@ pub struct Scale {
     pub l7_conns: usize,
     pub l7_rounds: usize,
     pub fill_entries: usize,
+    /// Flood: seconds of flooding per peer.
+    pub flood_secs: f64,
 }
 
 impl Scale {
@@ -55,6 +58,7 @@ impl Scale {
         l7_conns: 16,
         l7_rounds: 10,
         fill_entries: 1_000_000,
+        flood_secs: 10.0,
     };
     /// `--quick` (under 2 minutes).
     pub const QUICK: Scale = Scale {
@@ -72,6 +76,7 @@ impl Scale {
         l7_conns: 16,
         l7_rounds: 4,
         fill_entries: 1_000_000,
+        flood_secs: 4.0,
     };
     /// The smoke test's scale: checks the machinery, says nothing about speed.
     pub const TINY: Scale = Scale {
@@ -89,6 +94,7 @@ impl Scale {
         l7_conns: 4,
         l7_rounds: 2,
         fill_entries: 2000,
+        flood_secs: 1.0,
     };
 }
 

@@ -3,7 +3,7 @@
 
 use std::{path::PathBuf, time::Instant};
 
-use clb_tests::bench::{Scale, conns, l7, memory, perpacket, rate, report::Report};
+use clb_tests::bench::{Scale, conns, flood, l7, memory, perpacket, rate, report::Report};
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
@@ -54,6 +54,10 @@ fn main() -> anyhow::Result<()> {
     if want("conns") {
         println!("\n== connections/s and requests/s (real TCP clients) ==");
         conns::run(&scale, &mut report)?;
+    }
+    if want("flood") {
+        println!("\n== SYN flood (namespaces, real sockets) ==");
+        flood::run(&scale, &mut report)?;
     }
     if want("l7") {
         println!("\n== HTTP listeners (cookie persistence) ==");
