@@ -187,7 +187,15 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
         half_open: cfg.tables.half_open,
         sessions: cfg.tables.sessions,
     };
-    let mut loaded = loader::load(Some(&opts.bpffs), &sizes)?;
+    let mut loaded = match loader::load(Some(&opts.bpffs), &sizes) {
+        Ok(l) => l,
+        Err(e) => {
+            // A refused first load leaves no empty pin directory behind (remove_dir only
+            // removes an empty one).
+            std::fs::remove_dir(&opts.bpffs).ok();
+            return Err(e);
+        }
+    };
     // Objects built with CLB_EBPF_DEBUG_LOG=1 log drops through aya-log; the logger owns the
     // log map and must live as long as the program.
     let _logger = match aya_log::EbpfLogger::init(&mut loaded.ebpf) {

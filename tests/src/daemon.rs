@@ -196,7 +196,27 @@ impl Daemon {
     /// Runs another `clb daemon` in this daemon's namespace with `args` (after `daemon`),
     /// expecting it to exit (a refusal) within `timeout`; kills it and panics if it does not.
     pub fn run_other(&self, api: &Path, args: &[&str], timeout: Duration) -> CliOut {
-        let mut child = Command::new("nsenter")
+        self.run_other_wrapped(&[], api, args, timeout)
+    }
+
+    /// [`Daemon::run_other`] with the command prefixed by `wrap` (e.g.
+    /// [`crate::cgroup::MemCgroup::wrap`]).
+    pub fn run_other_wrapped(
+        &self,
+        wrap: &[String],
+        api: &Path,
+        args: &[&str],
+        timeout: Duration,
+    ) -> CliOut {
+        let mut cmd = match wrap.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg("nsenter");
+                c
+            }
+            None => Command::new("nsenter"),
+        };
+        let mut child = cmd
             .arg(format!("--net={}", self.netns_path))
             .arg(clb_bin())
             .arg("--api")

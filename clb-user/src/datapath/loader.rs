@@ -134,11 +134,39 @@ fn load_inner(pin_dir: Option<&Path>, sizes: &TableSizes, small: bool) -> anyhow
         }
     }
     let mut resized = Vec::new();
+    // Pins this load creates, removed again if it fails (a refused load leaves nothing).
+    let mut created: Vec<PathBuf> = Vec::new();
+    let mut maps_dir_created = false;
     if let Some(dir) = pin_dir {
         let maps = dir.join("maps");
+        maps_dir_created = !maps.exists();
         std::fs::create_dir_all(&maps).with_context(|| format!("creating {}", maps.display()))?;
+        created = ALL_MAPS
+            .iter()
+            .map(|name| maps.join(name))
+            .filter(|p| !p.exists())
+            .collect();
         for (name, to) in sizes.maps() {
             let pin = maps.join(name);
+            let aside = maps.join(format!("{RESIZE_PREFIX}{name}"));
+            if aside.exists() {
+                // A resize that did not finish (the daemon died during it).
+                if pin.exists() {
+                    warn!(
+                        table = name,
+                        "removing the old table of an unfinished resize"
+                    );
+                    std::fs::remove_file(&aside).ok();
+                } else {
+                    warn!(
+                        table = name,
+                        "restoring the old table of an unfinished resize"
+                    );
+                    std::fs::rename(&aside, &pin).with_context(|| {
+                        format!("restoring {} from {}", pin.display(), aside.display())
+                    })?;
+                }
+            }
             if !pin.exists() {
                 continue;
             }
@@ -148,7 +176,6 @@ fn load_inner(pin_dir: Option<&Path>, sizes: &TableSizes, small: bool) -> anyhow
             if from == to {
                 continue;
             }
-            let aside = maps.join(format!(".resize-{name}"));
             std::fs::rename(&pin, &aside)
                 .with_context(|| format!("moving {} aside to resize it", pin.display()))?;
             info!(
@@ -172,10 +199,22 @@ fn load_inner(pin_dir: Option<&Path>, sizes: &TableSizes, small: bool) -> anyhow
     let mut ebpf = match loader.load(EBPF_OBJECT) {
         Ok(e) => e,
         Err(e) => {
-            // Put the old tables back: nothing was changed.
-            for r in &resized {
-                if let Some(dir) = pin_dir {
-                    std::fs::rename(&r.aside, dir.join("maps").join(r.name)).ok();
+            // Nothing changes: the pins this load created go, the old tables come back.
+            for p in &created {
+                if p.exists()
+                    && let Err(err) = std::fs::remove_file(p)
+                {
+                    warn!(pin = %p.display(), "removing a pin of the failed load: {err}");
+                }
+            }
+            if let Some(dir) = pin_dir {
+                for r in &resized {
+                    if let Err(err) = std::fs::rename(&r.aside, dir.join("maps").join(r.name)) {
+                        warn!(table = r.name, "putting the old table back: {err}");
+                    }
+                }
+                if maps_dir_created {
+                    std::fs::remove_dir(dir.join("maps")).ok();
                 }
             }
             return Err(explain_load_error(e, sizes));
@@ -210,19 +249,39 @@ fn load_inner(pin_dir: Option<&Path>, sizes: &TableSizes, small: bool) -> anyhow
     })
 }
 
-/// A load error, with the table and size named when the kernel refused a table's memory.
+/// A load error, with the table, its `[tables]` setting and size named when the kernel
+/// refused a table's memory.
 fn explain_load_error(e: aya::EbpfError, sizes: &TableSizes) -> anyhow::Error {
-    let text = format!("{e:#}");
+    // The whole chain: aya's message names the map, its source carries the errno.
+    let mut text = e.to_string();
+    let mut src = std::error::Error::source(&e);
+    while let Some(s) = src {
+        let t = s.to_string();
+        if !text.contains(&t) {
+            text.push_str(": ");
+            text.push_str(&t);
+        }
+        src = s.source();
+    }
+    let refused = [
+        "os error 12",
+        "os error 7",
+        "os error 1)",
+        "memory",
+        "too big",
+    ]
+    .iter()
+    .any(|m| text.contains(m));
     for (name, n) in sizes.maps() {
-        if text.contains(name)
-            && (text.contains("memory")
-                || text.contains("E2BIG")
-                || text.contains("too big")
-                || text.contains("os error 12")
-                || text.contains("os error 7"))
-        {
+        if refused && text.contains(&format!("`{name}`")) {
+            let setting = match name {
+                CONN_MAP => "connections",
+                SESSION_MAP => "sessions",
+                _ => "half_open",
+            };
             return anyhow!(
-                "the kernel refused the memory for table {name} with {n} entries ({text}); configure a smaller size under [tables]"
+                "the kernel refused the memory for table {name} ({n} entries, about {} MB; [tables] {setting}): {text}. Nothing was changed; configure a smaller [tables] {setting}, or give the daemon more memory (its cgroup's limit, or RLIMIT_MEMLOCK on kernels before 5.11)",
+                u64::from(n) * 100 / 1_000_000
             );
         }
     }
@@ -458,9 +517,12 @@ pub enum NotPinDir {
     Foreign { path: PathBuf, entry: String },
 }
 
+/// Name prefix of a table moved aside while being resized (bpffs allows no dots in names).
+const RESIZE_PREFIX: &str = "RESIZE_";
+
 /// Whether `name` is a map pin clb creates (any layout version, or a table being resized).
 fn is_clb_map_pin(name: &str) -> bool {
-    let n = name.strip_prefix(".resize-").unwrap_or(name);
+    let n = name.strip_prefix(RESIZE_PREFIX).unwrap_or(name);
     n.starts_with("CLB_")
         && n.bytes()
             .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_')
