@@ -135,6 +135,18 @@ impl Daemon {
         }
     }
 
+    /// The daemon's pid (`nsenter` without `--fork` execs it in place), while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Open file descriptors of the running daemon.
+    pub fn open_fds(&self) -> usize {
+        self.pid()
+            .and_then(|p| fs::read_dir(format!("/proc/{p}/fd")).ok())
+            .map_or(0, |d| d.count())
+    }
+
     /// The daemon's log (all runs).
     pub fn log(&self) -> String {
         let mut out = String::new();

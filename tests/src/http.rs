@@ -1,7 +1,7 @@
 //! Small HTTP backends (hyper) for the L7 tests and the demo. Each answers every request with
 //! a JSON body naming itself and echoing what the proxy sent it:
 //! `{"backend": NAME, "cookie": .., "x_forwarded_for": .., "x_forwarded_proto": ..,
-//! "forwarded": .., "host": .., "connection": ..}`.
+//! "forwarded": .., "host": .., "connection": ..}`, except `GET /big`: [`BIG_BODY`] bytes.
 
 use std::{
     convert::Infallible,
@@ -17,6 +17,9 @@ use hyper::{Request, Response, body::Bytes, service::service_fn};
 use hyper_util::rt::TokioIo;
 
 use crate::netns::NetNs;
+
+/// Size of the body of `GET /big`.
+pub const BIG_BODY: usize = 32 << 20;
 
 /// A running HTTP backend; stops on drop.
 pub struct HttpServer {
@@ -73,12 +76,20 @@ async fn serve(listener: tokio::net::TcpListener, name: String, requests: Arc<At
             let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
                 let (name, requests) = (name.clone(), requests.clone());
                 async move {
+                    // Lossy, not `to_str`: a header's bytes need not be ASCII (cookies).
                     let h = |k: &str| {
                         req.headers()
                             .get(k)
-                            .and_then(|v| v.to_str().ok())
-                            .map(str::to_owned)
+                            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
                     };
+                    if req.uri().path() == "/big" {
+                        // A response larger than any socket buffer, for clients that do not
+                        // read.
+                        requests.fetch_add(1, Ordering::Relaxed);
+                        return Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(
+                            vec![b'x'; BIG_BODY],
+                        ))));
+                    }
                     let body = serde_json::json!({
                         "backend": name,
                         "path": req.uri().path(),

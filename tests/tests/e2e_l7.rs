@@ -365,3 +365,215 @@ fn bad_requests_get_4xx_or_a_close_and_others_are_served() {
     );
     assert_eq!(st["http"][0]["upstream_errors"], 0);
 }
+
+/// The listener's HTTP counters from `clb stats`.
+fn http_stats(d: &Daemon) -> serde_json::Value {
+    let st: serde_json::Value = d.clb_json(&["stats"]);
+    st["http"][0].clone()
+}
+
+#[test]
+fn probed_defects_cookies_hosts_framing_and_options() {
+    let e = env("hd", 2, 0, "persist = 600");
+    let ns = &e.topo.client;
+    // A non-ASCII application cookie passes byte for byte, with or without clb's own.
+    let r = raw_request(
+        ns,
+        "GET / HTTP/1.1\r\nHost: x\r\nCookie: app_session=abc123; name=José\r\nConnection: close\r\n\r\n",
+    )
+    .unwrap();
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    assert!(
+        r.contains(r#""cookie":"app_session=abc123; name=José""#),
+        "the backend did not get the cookies as sent: {r}"
+    );
+    let ours = r
+        .lines()
+        .find_map(|l| l.strip_prefix("set-cookie: "))
+        .and_then(|v| v.split(';').next())
+        .expect("clb's cookie")
+        .to_owned();
+    let home = r.split(r#""backend":""#).nth(1).unwrap()[..2].to_owned();
+    for _ in 0..4 {
+        let r = raw_request(
+            ns,
+            &format!("GET / HTTP/1.1\r\nHost: x\r\nCookie: app_session=abc123; {ours}; name=José\r\nConnection: close\r\n\r\n"),
+        )
+        .unwrap();
+        assert!(
+            r.contains(r#""cookie":"app_session=abc123; name=José""#),
+            "clb's cookie not taken out, or the others changed: {r}"
+        );
+        assert!(r.contains(&format!(r#""backend":"{home}""#)), "moved: {r}");
+    }
+    // Two Host headers: 400, never forwarded.
+    let served = e
+        .servers
+        .iter()
+        .map(|s| s.requests.load(std::sync::atomic::Ordering::Relaxed))
+        .sum::<u64>();
+    let r = raw_request(
+        ns,
+        "GET / HTTP/1.1\r\nHost: a.example\r\nHost: b.example\r\nConnection: close\r\n\r\n",
+    )
+    .unwrap();
+    assert!(r.starts_with("HTTP/1.1 400"), "{r}");
+    // A malformed chunked body: the client's fault, 400, not an upstream error.
+    let r = raw_request(
+        ns,
+        "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\nZZ\r\nhello\r\n0\r\n\r\n",
+    )
+    .unwrap();
+    assert!(r.starts_with("HTTP/1.1 400"), "{r}");
+    // OPTIONS * is answered by the proxy.
+    let r = raw_request(
+        ns,
+        "OPTIONS * HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .unwrap();
+    assert!(
+        r.starts_with("HTTP/1.1 200") && r.to_ascii_lowercase().contains("allow: "),
+        "{r}"
+    );
+    let now_served = e
+        .servers
+        .iter()
+        .map(|s| s.requests.load(std::sync::atomic::Ordering::Relaxed))
+        .sum::<u64>();
+    assert_eq!(now_served, served, "a refused request reached a backend");
+    let h = http_stats(&e.daemon);
+    assert_eq!(h["upstream_errors"], 0, "{h}");
+    assert!(h["client_errors"].as_u64().unwrap() >= 2, "{h}");
+}
+
+#[test]
+fn connection_cap_and_io_timeouts_free_both_sides() {
+    let e = env(
+        "hc",
+        1,
+        0,
+        "persist = 600\nmax_conns = 4\nio_timeout = 2\nkeepalive_timeout = 3",
+    );
+    let ns = &e.topo.client;
+    let d = &e.daemon;
+    // Settle (the readiness probe's connection closes), then take the baseline.
+    let idle = clb_tests::wait_for(Duration::from_secs(10), || {
+        (http_stats(d)["open_connections"] == 0).then_some(())
+    });
+    assert!(idle.is_some(), "{}", http_stats(d));
+    let fds = d.open_fds();
+    // The cap: four open connections, the fifth gets 503 and is closed.
+    let held: Vec<TcpStream> = (0..4)
+        .map(|_| ns.run(|| TcpStream::connect(vip())).unwrap())
+        .collect();
+    let full = clb_tests::wait_for(Duration::from_secs(3), || {
+        (http_stats(d)["open_connections"] == 4).then_some(())
+    });
+    assert!(full.is_some(), "{}", http_stats(d));
+    let r = raw_request(ns, "GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    assert!(r.starts_with("HTTP/1.1 503"), "{r}");
+    assert!(http_stats(d)["refused_connections"].as_u64().unwrap() >= 1);
+    drop(held);
+    let back = clb_tests::wait_for(Duration::from_secs(5), || {
+        raw_request(ns, "GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .ok()
+            .filter(|r| r.starts_with("HTTP/1.1 200"))
+    });
+    assert!(back.is_some(), "the cap did not free up");
+    // Clients that ask for a large response and never read it: cut after the I/O timeout,
+    // with their backend connections, instead of being held forever.
+    let stuck: Vec<TcpStream> = (0..3)
+        .map(|_| {
+            let mut s = ns.run(|| TcpStream::connect(vip())).unwrap();
+            s.write_all(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
+                .unwrap();
+            s
+        })
+        .collect();
+    let busy = clb_tests::wait_for(Duration::from_secs(5), || {
+        (http_stats(d)["open_connections"] == 3).then_some(())
+    });
+    assert!(busy.is_some(), "{}", http_stats(d));
+    let stuck_fds = d.open_fds();
+    println!("daemon fds: {fds} idle, {stuck_fds} with 3 stuck readers");
+    // Three client sockets, and a backend connection each (one may be a pooled one).
+    assert!(
+        stuck_fds >= fds + 5,
+        "client and backend sockets while stuck: {stuck_fds} vs {fds}"
+    );
+    let t0 = Instant::now();
+    let freed = clb_tests::wait_for(Duration::from_secs(15), || {
+        (http_stats(d)["open_connections"] == 0 && d.open_fds() <= fds).then_some(())
+    });
+    assert!(
+        freed.is_some(),
+        "stuck readers still held: {} (fds {} vs {fds})",
+        http_stats(d),
+        d.open_fds()
+    );
+    println!(
+        "3 non-reading clients cut {:.1} s after the check began (io_timeout 2 s)",
+        t0.elapsed().as_secs_f64()
+    );
+    drop(stuck);
+    // And the listener serves on.
+    let r = raw_request(ns, "GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+}
+
+#[test]
+fn an_http_listener_that_cannot_bind_is_refused_or_shown_failed() {
+    let e = env("hn", 1, 0, "");
+    let d = &e.daemon;
+    // Another process holds VIP:8088 in the balancer's namespace.
+    let taken = SocketAddrV4::new(VIP, 8088);
+    let holder = e
+        .topo
+        .lb
+        .run(|| std::net::TcpListener::bind(taken))
+        .unwrap();
+    let o = d.clb(&[
+        "listener",
+        "add",
+        "blocked",
+        "--vip",
+        &taken.to_string(),
+        "--proto",
+        "http",
+    ]);
+    assert!(!o.ok, "{o:?}");
+    assert!(o.stderr.contains("cannot bind"), "{o:?}");
+    let ls: Vec<serde_json::Value> = d.clb_json(&["listener", "ls"]);
+    assert!(ls.iter().all(|l| l["name"] != "blocked"), "{ls:?}");
+    // Configured while the daemon was stopped: started, but shown as not serving.
+    let mut d = e.daemon;
+    d.stop();
+    let mut cfg = d.config_text();
+    cfg += &format!(
+        "[[listener]]\nname = \"blocked\"\nvip = \"{taken}\"\nproto = \"http\"\n[[listener.backend]]\naddr = \"{}:{PORT}\"\n",
+        backend_ip(0)
+    );
+    std::fs::write(&d.config, cfg).unwrap();
+    d.spawn();
+    let shown = clb_tests::wait_for(Duration::from_secs(10), || {
+        let ls: Vec<serde_json::Value> = d.clb_json(&["listener", "ls"]);
+        ls.into_iter()
+            .find(|l| l["name"] == "blocked")
+            .filter(|l| l["serving"].as_str().is_some_and(|s| s != "serving"))
+    });
+    let l = shown.expect("a listener that cannot bind is shown as not serving");
+    assert!(l["serving"].as_str().unwrap().contains("8088"), "{l}");
+    let table = d.clb_ok(&["listener", "ls"]);
+    assert!(table.contains("blocked"), "{table}");
+    drop(holder);
+    // Once the address is free, the listener starts (the loop retries).
+    let up = clb_tests::wait_for(Duration::from_secs(20), || {
+        let ls: Vec<serde_json::Value> = d.clb_json(&["listener", "ls"]);
+        ls.into_iter()
+            .find(|l| l["name"] == "blocked" && l["serving"] == "serving")
+    });
+    assert!(
+        up.is_some(),
+        "the listener never started once its address was free"
+    );
+}

@@ -171,8 +171,15 @@ impl Proxies {
                         running.insert(name, r);
                     }
                     Err(e) => {
-                        warn!(listener = name, "HTTP listener not started: {e:#}");
-                        failed.insert(name, format!("{e:#}"));
+                        let why = format!("{e:#}");
+                        if failed.get(&name) != Some(&why) {
+                            warn!(
+                                listener = name,
+                                "HTTP listener not started (retried every {} s): {why}",
+                                BIND_RETRY.as_secs()
+                            );
+                        }
+                        failed.insert(name, why);
                     }
                 },
             }
@@ -240,14 +247,22 @@ fn configs(ctl: &Controller) -> Vec<L7Config> {
         .collect()
 }
 
+/// How often a listener that could not bind tries again (its address may come up later, or
+/// another process may release it).
+pub const BIND_RETRY: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Keeps the HTTP listeners in line with the configuration and backend states until the
-/// controller goes away.
+/// controller goes away; retries listeners that could not bind.
 pub async fn run(ctl: Arc<Controller>, proxies: Arc<Proxies>) {
     let mut rx = ctl.subscribe();
     loop {
         proxies.sync(configs(&ctl));
-        if rx.changed().await.is_err() {
-            return;
+        let retry = !lock(&proxies.failed).is_empty();
+        tokio::select! {
+            r = rx.changed() => if r.is_err() {
+                return;
+            },
+            () = tokio::time::sleep(BIND_RETRY), if retry => {}
         }
     }
 }

@@ -317,11 +317,18 @@ async fn serve_conn(
     let svc = service_fn(move |req| {
         let (st, act) = (svc_state.clone(), svc_act.clone());
         async move {
-            act.in_flight.fetch_add(1, Ordering::Relaxed);
+            // In flight until its response body is sent or dropped, not merely until the
+            // head is ready: a client that stops reading a long body is a stalled request.
+            let guard = InFlight::new(act.clone());
             act.head_started_ms.store(0, Ordering::Relaxed);
             let resp = proxy(req, peer, &st).await;
-            act.in_flight.fetch_sub(1, Ordering::Relaxed);
-            Ok::<_, Infallible>(resp)
+            Ok::<_, Infallible>(resp.map(|inner| {
+                GuardedBody {
+                    inner,
+                    _guard: guard,
+                }
+                .boxed()
+            }))
         }
     });
     let mut builder = hyper::server::conn::http1::Builder::new();
@@ -473,6 +480,45 @@ pub fn take_cookie(h: &mut HeaderMap, name: &str) -> Option<String> {
         }
     }
     found
+}
+
+/// A request counted in flight on its connection, until dropped.
+struct InFlight(Arc<Activity>);
+
+impl InFlight {
+    fn new(act: Arc<Activity>) -> Self {
+        act.in_flight.fetch_add(1, Ordering::Relaxed);
+        Self(act)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A response body that keeps its request in flight while it is being sent.
+struct GuardedBody {
+    inner: Body,
+    _guard: InFlight,
+}
+
+impl hyper::body::Body for GuardedBody {
+    type Data = Bytes;
+    type Error = BoxError;
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// A request body that remembers whether reading it from the client failed (bad chunk size,
