@@ -290,6 +290,10 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
                 Ok(())
             }
         }));
+        let c = ctl.clone();
+        loops.push(supervise::spawn(ctl.clone(), "dsr-neighbours", move || {
+            health::warm_neighbours(c.clone())
+        }));
         let (c, p) = (ctl.clone(), proxies.clone());
         loops.push(supervise::spawn(ctl.clone(), "http-listeners", move || {
             let (c, p) = (c.clone(), p.clone());

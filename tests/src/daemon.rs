@@ -76,6 +76,11 @@ impl Daemon {
 
     /// [`Daemon::start`] with extra daemon flags.
     pub fn start_with(topo: &Topology, config: &str, extra: &[&str]) -> Self {
+        Self::start_on(&topo.lb, &topo.iface_list(), config, extra)
+    }
+
+    /// A daemon in namespace `ns` on interfaces `ifaces` (`a,b,...`), with extra flags.
+    pub fn start_on(ns: &crate::netns::NetNs, ifaces: &str, config: &str, extra: &[&str]) -> Self {
         let name = crate::netns::unique_name("d");
         let dir = std::env::temp_dir().join(&name);
         fs::create_dir_all(&dir).expect("daemon dir");
@@ -87,8 +92,8 @@ impl Daemon {
             api: dir.join("api.sock"),
             config: cfg,
             dir,
-            netns_path: topo.lb.path(),
-            ifaces: topo.iface_list(),
+            netns_path: ns.path(),
+            ifaces: ifaces.to_owned(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
             runs: 0,
         };

@@ -195,11 +195,16 @@ pub fn with_lab_tables<R: Send>(
 }
 
 fn pin_to_cpu0() {
+    pin_to_cpu(0);
+}
+
+/// Pins the calling thread to CPU `n` (panics if it cannot).
+pub fn pin_to_cpu(n: usize) {
     // SAFETY: a zeroed cpu_set_t is valid; CPU_SET/sched_setaffinity only touch it and this
     // thread's affinity.
     unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(0, &mut set);
+        libc::CPU_SET(n, &mut set);
         if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
             panic!(
                 "pinning the lab thread: {}",

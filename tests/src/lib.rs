@@ -5,6 +5,7 @@
 pub mod bench;
 pub mod cgroup;
 pub mod daemon;
+pub mod fleet;
 pub mod flood;
 pub mod fuzz;
 pub mod http;

@@ -16,11 +16,44 @@ use tracing::{info, warn};
 
 use crate::control::{
     Controller,
-    model::{CheckKind, HealthCheckSpec},
+    model::{CheckKind, Forward, HealthCheckSpec},
     state::Health,
 };
 
 type Key = (String, SocketAddrV4);
+
+/// How often [`warm_neighbours`] touches DSR backends.
+pub const NEIGHBOUR_EVERY: Duration = Duration::from_secs(5);
+
+/// Keeps the kernel's neighbour (ARP) entries of DSR backends resolved: the datapath sends a
+/// DSR packet to the backend's MAC from the neighbour table, and, unlike a NATed packet, cannot
+/// hand it to the stack to resolve (the stack would deliver it locally, to the VIP). Health
+/// checks resolve a checked backend anyway; for the others (UDP listeners check nothing by
+/// default) an empty datagram to the backend's discard port (9) every few seconds does.
+pub async fn warm_neighbours(ctl: Arc<Controller>) -> anyhow::Result<()> {
+    let sock = tokio::net::UdpSocket::bind("0.0.0.0:0").await?;
+    loop {
+        let snap = ctl.snapshot();
+        let mut addrs: Vec<std::net::Ipv4Addr> = snap
+            .listeners
+            .iter()
+            .filter(|l| {
+                l.spec.l4().is_some_and(|k| k.forward == Forward::Dsr)
+                    && l.spec.health_check.kind == CheckKind::None
+            })
+            .flat_map(|l| l.backends.iter().map(|b| *b.spec.addr.ip()))
+            .collect();
+        addrs.sort_unstable();
+        addrs.dedup();
+        for a in addrs {
+            // A failure (no route yet) shows as the datapath's no-next-hop drops; retried.
+            if let Err(e) = sock.send_to(&[], (a, 9)).await {
+                tracing::debug!(backend = %a, "neighbour probe: {e}");
+            }
+        }
+        tokio::time::sleep(NEIGHBOUR_EVERY).await;
+    }
+}
 
 /// Runs until the daemon stops: keeps one check task per checked backend, in line with the
 /// configuration after every change.

@@ -94,6 +94,35 @@ fn measure(
     })
 }
 
+/// [`measure`] on this thread (CPU 0) while a second thread on CPU 1 runs `other` frames
+/// through the same program without pause: both CPUs take the path at once.
+fn measure_parallel(
+    lab: &PacketLab,
+    scale: &Scale,
+    expect: u32,
+    frame: impl FnMut(usize) -> (u32, Vec<u8>),
+    other: impl Fn(usize) -> (u32, Vec<u8>) + Sync,
+) -> anyhow::Result<Timing> {
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let busy = s.spawn(|| {
+            crate::lab::pin_to_cpu(1);
+            let mut i = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let (ingress, f) = other(i);
+                lab.run_prog(XDP_PROGRAM, ingress, &f);
+                i += 1;
+            }
+            i
+        });
+        let t = measure(lab, scale, expect, frame);
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let ran = busy.join().unwrap_or(0);
+        anyhow::ensure!(ran > 0, "the second CPU ran nothing");
+        t
+    })
+}
+
 /// Fills the verified tables to `n` live entries each (beyond what the figures create).
 fn fill(lab: &PacketLab, n: usize) -> anyhow::Result<()> {
     let lid = lab.listener_id("web");
@@ -244,7 +273,49 @@ pub fn run(scale: &Scale, report: &mut Report) -> anyhow::Result<()> {
                 FrameSpec::tcp(source(60, i), VIP, SYN).build(),
             )
         })?;
+        // Both CPUs scheduling new flows at once: the round-robin cursor is the one cache
+        // line every CPU writes per new flow; Maglev writes nothing shared.
+        let syn_maglev_par = measure_parallel(
+            lab,
+            scale,
+            XDP_REDIRECT,
+            |i| {
+                (
+                    lab.client_if,
+                    FrameSpec::tcp(source(61, i), VIP, SYN).build(),
+                )
+            },
+            |i| {
+                (
+                    lab.client_if,
+                    FrameSpec::tcp(source(62, i), VIP, SYN).build(),
+                )
+            },
+        )?;
         lab.apply(vec![web(0)]);
+        let syn_wrr = measure(lab, scale, XDP_REDIRECT, |i| {
+            (
+                lab.client_if,
+                FrameSpec::tcp(source(63, i), VIP, SYN).build(),
+            )
+        })?;
+        let syn_wrr_par = measure_parallel(
+            lab,
+            scale,
+            XDP_REDIRECT,
+            |i| {
+                (
+                    lab.client_if,
+                    FrameSpec::tcp(source(64, i), VIP, SYN).build(),
+                )
+            },
+            |i| {
+                (
+                    lab.client_if,
+                    FrameSpec::tcp(source(65, i), VIP, SYN).build(),
+                )
+            },
+        )?;
         let nonvip = measure(lab, scale, XDP_PASS, |_| {
             (
                 lab.client_if,
@@ -294,6 +365,22 @@ pub fn run(scale: &Scale, report: &mut Report) -> anyhow::Result<()> {
             None,
             "hash + Maglev table lookup + half-open insert",
         ));
+        for (what, single, par) in [
+            ("SYN, round robin", &syn_wrr, &syn_wrr_par),
+            ("SYN, Maglev", &syn_maglev, &syn_maglev_par),
+        ] {
+            let r = par.path_ns / single.path_ns;
+            rows.push(Row {
+                section: "per-packet (BPF_PROG_TEST_RUN)".into(),
+                figure: format!("{what}: both CPUs at once vs one"),
+                unit: "ns".into(),
+                clb: par.path_ns,
+                peers: vec![("one CPU".into(), single.path_ns)],
+                ratio: Some(("one CPU".into(), r)),
+                target: None,
+                note: "CPU 0 measured while CPU 1 runs SYNs of other clients through the same listener; round robin shares one cursor cache line between CPUs, Maglev shares nothing written".into(),
+            });
+        }
         rows.push(row(
             &format!("reply-path packet ({})", small.label),
             &small.reply,

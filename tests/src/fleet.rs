@@ -1,0 +1,189 @@
+//! A shared-segment topology for direct server return and fleets: a router between the client
+//! and one L2 segment (a bridge) that holds the balancer nodes and the backends.
+//!
+//! ```text
+//!  client ns                router ns                      switch ns (br0)
+//!  eth0 10.0.1.2/24 ── eth0 10.0.1.1/24   eth1 10.0.20.1/24 ── r ┐
+//!  + 10.2.x.y/32                                              n<i> ┼─ eth0 10.0.20.<2+i>  node i
+//!                                                             b<j> ┘─ eth0 10.0.20.<10+j> backend j
+//! ```
+//!
+//! Nodes and backends hold the VIP on `lo`; backends answer ARP only for their own address
+//! (`arp_ignore=1`, `arp_announce=2`) and route replies through the router, never through a
+//! node. The router reaches the VIP through a node: a static route ([`Fleet::route_vip_via`])
+//! or BGP (ECMP over the nodes that announce it). Every veth sends with checksum offload off;
+//! the switch ports facing nodes have GRO on, so frames a node's XDP program redirects out of
+//! its own interface are delivered.
+
+use std::net::Ipv4Addr;
+
+use anyhow::Context as _;
+
+use crate::netns::{NetNs, VIP, extra_client_ip, fmt_mac, ip_batch, sh};
+
+/// The client's address.
+pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 2);
+/// The router's address on the segment.
+pub const ROUTER_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 20, 1);
+
+/// Address of node `i` on the segment.
+pub fn node_ip(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(10, 0, 20, 2 + i as u8)
+}
+
+/// Address of backend `j` on the segment.
+pub fn backend_ip(j: usize) -> Ipv4Addr {
+    Ipv4Addr::new(10, 0, 20, 10 + j as u8)
+}
+
+/// The topology; namespaces go on drop.
+pub struct Fleet {
+    pub client: NetNs,
+    pub router: NetNs,
+    pub switch: NetNs,
+    pub nodes: Vec<NetNs>,
+    pub backends: Vec<NetNs>,
+    pub extra_clients: Vec<Ipv4Addr>,
+}
+
+fn veth(a_ns: &NetNs, a: &str, b_ns: &NetNs, b: &str) -> anyhow::Result<()> {
+    sh(&[
+        "ip",
+        "link",
+        "add",
+        a,
+        "netns",
+        a_ns.name(),
+        "type",
+        "veth",
+        "peer",
+        "name",
+        b,
+        "netns",
+        b_ns.name(),
+    ])?;
+    Ok(())
+}
+
+impl Fleet {
+    /// `nodes` balancer nodes, `backends` backends and `extra_clients` client addresses;
+    /// `tag` names the namespaces (keep it short).
+    pub fn new(
+        tag: &str,
+        nodes: usize,
+        backends: usize,
+        extra_clients: usize,
+    ) -> anyhow::Result<Self> {
+        let mut f = Fleet {
+            client: NetNs::new(&format!("{tag}c"))?,
+            router: NetNs::new(&format!("{tag}r"))?,
+            switch: NetNs::new(&format!("{tag}s"))?,
+            nodes: (0..nodes)
+                .map(|i| NetNs::new(&format!("{tag}n{i}")))
+                .collect::<Result<_, _>>()?,
+            backends: (0..backends)
+                .map(|j| NetNs::new(&format!("{tag}b{j}")))
+                .collect::<Result<_, _>>()?,
+            extra_clients: (0..extra_clients).map(extra_client_ip).collect(),
+        };
+        f.wire().context("building the fleet topology")?;
+        Ok(f)
+    }
+
+    fn wire(&mut self) -> anyhow::Result<()> {
+        let (c, r, s) = (&self.client, &self.router, &self.switch);
+        veth(c, "eth0", r, "eth0")?;
+        veth(r, "eth1", s, "r")?;
+        s.ip(&["link", "add", "br0", "type", "bridge"])?;
+        s.ip(&["link", "set", "br0", "up"])?;
+        s.ip(&["link", "set", "r", "master", "br0", "up"])?;
+        c.ip(&["addr", "add", "10.0.1.2/24", "dev", "eth0"])?;
+        r.ip(&["addr", "add", "10.0.1.1/24", "dev", "eth0"])?;
+        r.ip(&["addr", "add", &format!("{ROUTER_IP}/24"), "dev", "eth1"])?;
+        for (i, n) in self.nodes.iter().enumerate() {
+            let port = format!("n{i}");
+            veth(n, "eth0", s, &port)?;
+            s.ip(&["link", "set", &port, "master", "br0", "up"])?;
+            // The node's XDP program redirects out of its own eth0: the peer needs GRO.
+            s.exec(&["ethtool", "-K", &port, "gro", "on"])?;
+            n.ip(&["addr", "add", &format!("{}/24", node_ip(i)), "dev", "eth0"])?;
+        }
+        for (j, b) in self.backends.iter().enumerate() {
+            let port = format!("b{j}");
+            veth(b, "eth0", s, &port)?;
+            s.ip(&["link", "set", &port, "master", "br0", "up"])?;
+            b.ip(&[
+                "addr",
+                "add",
+                &format!("{}/24", backend_ip(j)),
+                "dev",
+                "eth0",
+            ])?;
+            for k in [
+                "net.ipv4.conf.all.arp_ignore=1",
+                "net.ipv4.conf.eth0.arp_ignore=1",
+                "net.ipv4.conf.all.arp_announce=2",
+                "net.ipv4.conf.eth0.arp_announce=2",
+            ] {
+                b.sysctl(k)?;
+            }
+        }
+        for ns in std::iter::once(&self.client)
+            .chain(std::iter::once(&self.router))
+            .chain(&self.nodes)
+            .chain(&self.backends)
+        {
+            for dev in ["eth0", "eth1"] {
+                if ns.ip(&["link", "show", dev]).is_ok() {
+                    ns.ip(&["link", "set", dev, "up"])?;
+                    ns.exec(&["ethtool", "-K", dev, "tx", "off"])?;
+                }
+            }
+        }
+        c.ip(&["route", "add", "default", "via", "10.0.1.1"])?;
+        r.sysctl("net.ipv4.ip_forward=1")?;
+        r.sysctl("net.ipv4.fib_multipath_hash_policy=1")?;
+        for k in ["all", "default", "eth0", "eth1"] {
+            r.sysctl(&format!("net.ipv4.conf.{k}.rp_filter=0"))?;
+        }
+        r.ip(&["route", "add", "10.2.0.0/16", "via", "10.0.1.2"])?;
+        for ns in self.nodes.iter().chain(&self.backends) {
+            ns.ip(&["addr", "add", &format!("{VIP}/32"), "dev", "lo"])?;
+            ns.ip(&["route", "add", "default", "via", &ROUTER_IP.to_string()])?;
+        }
+        for n in &self.nodes {
+            n.sysctl("net.ipv4.ip_forward=1")?;
+        }
+        if !self.extra_clients.is_empty() {
+            let lines: Vec<String> = self
+                .extra_clients
+                .iter()
+                .map(|a| format!("addr add {a}/32 dev eth0"))
+                .collect();
+            ip_batch(Some(self.client.name()), &lines)?;
+        }
+        Ok(())
+    }
+
+    /// Routes the VIP at the router through node `i` alone (replacing any route).
+    pub fn route_vip_via(&self, i: usize) -> anyhow::Result<()> {
+        self.router.ip(&[
+            "route",
+            "replace",
+            &format!("{VIP}/32"),
+            "via",
+            &node_ip(i).to_string(),
+        ])?;
+        Ok(())
+    }
+
+    /// The router's route to the VIP, as `ip route show` prints it.
+    pub fn vip_route(&self) -> anyhow::Result<String> {
+        self.router.ip(&["route", "show", &format!("{VIP}/32")])
+    }
+
+    /// The MAC of backend `j`'s eth0, as `aa:bb:..`.
+    pub fn backend_mac(&self, j: usize) -> anyhow::Result<String> {
+        Ok(fmt_mac(self.backends[j].mac("eth0")?))
+    }
+}
