@@ -1,7 +1,7 @@
 //! The benchmark machinery at tiny scale: every figure is produced, clb loses nothing and
 //! moves no client. Asserts no timing (speed belongs to `cargo xtask bench`).
 
-use clb_tests::bench::{Scale, conns, flood, l7, memory, perpacket, rate, report::Report};
+use clb_tests::bench::{Scale, conns, dsr, flood, l7, memory, perpacket, rate, report::Report};
 
 fn finite(report: &Report, section: &str) {
     let rows: Vec<_> = report
@@ -118,4 +118,27 @@ fn flood_figures_are_produced_and_clb_keeps_its_flows() {
     flood::rows(&r, &mut report);
     finite(&report, "SYN flood");
     assert_eq!(report.rows.len(), 3);
+}
+
+#[test]
+fn dsr_figures_are_produced_and_replies_skip_the_balancer() {
+    let r = dsr::measure(&Scale::TINY).unwrap();
+    for p in r.nat.iter().chain(&r.dsr) {
+        assert!(p.requests > 0 && p.errors == 0, "{p:?}");
+        assert!(p.xdp_runs > 0, "no XDP run time counted: {p:?}");
+    }
+    // Every answer is 64 KiB: NAT carries its ~45 segments through the balancer, DSR none.
+    let per = |v: &[dsr::Phase]| {
+        v.iter().map(|p| p.xdp_runs).sum::<u64>() as f64
+            / v.iter().map(|p| p.requests).sum::<u64>() as f64
+    };
+    assert!(
+        per(&r.nat) > 2.0 * per(&r.dsr),
+        "nat {} dsr {}",
+        per(&r.nat),
+        per(&r.dsr)
+    );
+    let mut report = Report::default();
+    dsr::rows(&r, &Scale::TINY, &mut report);
+    finite(&report, "direct server return");
 }

@@ -6,6 +6,7 @@
 //! report says what bottleneck each figure hit.
 
 pub mod conns;
+pub mod dsr;
 pub mod flood;
 pub mod l7;
 pub mod memory;
@@ -180,11 +181,20 @@ pub fn start_clb_with(
     tables: TablesSpec,
     listeners: Vec<ListenerSpec>,
 ) -> anyhow::Result<InProcess> {
-    let ifaces = topo.lb_ifaces.clone();
+    start_clb_on(&topo.lb, topo.lb_ifaces.clone(), tables, listeners)
+}
+
+/// [`start_clb_with`] in namespace `ns` on `ifaces`.
+pub fn start_clb_on(
+    ns: &crate::netns::NetNs,
+    ifaces: Vec<String>,
+    tables: TablesSpec,
+    listeners: Vec<ListenerSpec>,
+) -> anyhow::Result<InProcess> {
     let dir = std::env::temp_dir().join(crate::netns::unique_name("inproc"));
     std::fs::create_dir_all(&dir)?;
     let config = dir.join("clb.toml");
-    topo.lb.run(move || {
+    ns.run(move || {
         let sizes = TableSizes {
             connections: tables.connections,
             half_open: tables.half_open,

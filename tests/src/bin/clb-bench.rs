@@ -3,7 +3,7 @@
 
 use std::{path::PathBuf, time::Instant};
 
-use clb_tests::bench::{Scale, conns, flood, l7, memory, perpacket, rate, report::Report};
+use clb_tests::bench::{Scale, conns, dsr, flood, l7, memory, perpacket, rate, report::Report};
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
@@ -54,6 +54,10 @@ fn main() -> anyhow::Result<()> {
     if want("conns") {
         println!("\n== connections/s and requests/s (real TCP clients) ==");
         conns::run(&scale, &mut report)?;
+    }
+    if want("dsr") {
+        println!("\n== direct server return vs NAT (64 KiB answers) ==");
+        dsr::run(&scale, &mut report)?;
     }
     if want("flood") {
         println!("\n== SYN flood (namespaces, real sockets) ==");
