@@ -86,7 +86,7 @@ fn two_nodes_agree_and_a_new_backend_moves_only_unpersisted_clients() {
         .iter()
         .map(|n| Daemon::start_on(n, "eth0", &config(), &[]))
         .collect();
-    for i in 0..2 {
+    for (i, d) in nodes.iter().enumerate() {
         let up = wait_for(Duration::from_secs(10), || {
             f.route_vip_via(i).ok()?;
             ask_once(&f.client, f.extra_clients[0], vip()).ok()
@@ -94,7 +94,7 @@ fn two_nodes_agree_and_a_new_backend_moves_only_unpersisted_clients() {
         assert!(
             up.is_some(),
             "node {i} does not answer:\n{}",
-            nodes[i].log()
+            d.log()
         );
     }
     let (a, b) = f.extra_clients.split_at(100);
