@@ -64,6 +64,8 @@ pub struct BgpStatus {
 /// The daemon's BGP side.
 pub struct Speaker {
     spec: BgpSpec,
+    /// The router id in effect (configured, or this node's address towards its first peer).
+    router_id: Ipv4Addr,
     dir: PathBuf,
     bird: PathBuf,
     birdc: PathBuf,
@@ -79,14 +81,26 @@ impl Speaker {
     pub fn new(spec: BgpSpec, state_dir: &Path, bird: &Path) -> anyhow::Result<Self> {
         let dir = state_dir.join("bird");
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let bird = resolve(bird).with_context(|| {
+            format!(
+                "{} not found: BGP needs BIRD 2 (Debian package bird2; `cargo xtask setup` installs it)",
+                bird.display()
+            )
+        })?;
         let birdc = match bird.file_name().and_then(|n| n.to_str()) {
             Some("bird") => bird.with_file_name("birdc"),
             _ => PathBuf::from("birdc"),
         };
+        let router_id = match spec.router_id {
+            Some(id) => id,
+            None => source_towards(&spec)?,
+        };
+        stop_orphan(&dir);
         let s = Self {
             spec,
+            router_id,
             dir,
-            bird: bird.to_owned(),
+            bird,
             birdc,
             maintenance: AtomicBool::new(false),
             announced: Mutex::new(BTreeSet::new()),
@@ -117,7 +131,7 @@ impl Speaker {
              log \"{}\" all;\n\
              protocol device {{ scan time 10; }}\n\
              protocol static clb_vips {{\n  ipv4;\n  include \"{}\";\n}}\n",
-            b.router_id,
+            self.router_id,
             self.dir.join("bird.log").display(),
             self.vips_path().display()
         );
@@ -208,7 +222,19 @@ impl Speaker {
         // Whatever was announced is gone with the old process.
         lock(&self.announced).clear();
         std::fs::write(self.vips_path(), "")?;
-        let c = Command::new(&self.bird)
+        let mut cmd = Command::new(&self.bird);
+        // BIRD goes with the daemon, however the daemon ends: a BIRD left behind would keep
+        // sessions (and announcements) no daemon supervises, and clash with the next one's.
+        // SAFETY: prctl in the child between fork and exec; async-signal-safe.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let c = cmd
             .arg("-f")
             .arg("-c")
             .arg(self.conf_path())
@@ -322,7 +348,7 @@ impl Speaker {
     pub fn status(&self) -> BgpStatus {
         BgpStatus {
             local_as: self.spec.local_as,
-            router_id: self.spec.router_id,
+            router_id: self.router_id,
             maintenance: self.maintenance.load(Ordering::Relaxed),
             announced: lock(&self.announced).iter().copied().collect(),
             peers: self
@@ -338,6 +364,60 @@ impl Speaker {
                 .collect(),
             withdrawal_bound_ms: self.spec.withdrawal_bound_ms(),
             bird_running: self.child.try_lock().map(|c| c.is_some()).unwrap_or(true),
+        }
+    }
+}
+
+/// `bird` itself if it is a path, else found on `PATH` or in the sbin directories (which a
+/// non-login root shell may lack).
+fn resolve(bird: &Path) -> Option<PathBuf> {
+    if bird.components().count() > 1 {
+        return bird.is_file().then(|| bird.to_owned());
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/sbin", "/usr/local/sbin"].map(PathBuf::from))
+        .map(|d| d.join(bird))
+        .find(|p| p.is_file())
+}
+
+/// This node's source address towards its first peer (its BGP router id when none is
+/// configured): unique in a fleet, and the same in every node's config file.
+fn source_towards(spec: &BgpSpec) -> anyhow::Result<Ipv4Addr> {
+    let peer = spec
+        .peers
+        .first()
+        .ok_or_else(|| anyhow::anyhow!("bgp: no peer"))?;
+    let s = std::net::UdpSocket::bind("0.0.0.0:0")?;
+    s.connect((peer.address, 179))
+        .with_context(|| format!("no route to BGP peer {}", peer.address))?;
+    match s.local_addr()? {
+        std::net::SocketAddr::V4(a) => Ok(*a.ip()),
+        std::net::SocketAddr::V6(_) => bail!("no IPv4 address towards {}", peer.address),
+    }
+}
+
+/// Stops a BIRD an earlier daemon left running on this state directory (its pid file names
+/// it, and its command line names our configuration).
+fn stop_orphan(dir: &Path) {
+    let Ok(pid) = std::fs::read_to_string(dir.join("bird.pid")) else {
+        return;
+    };
+    let Ok(pid) = pid.trim().parse::<i32>() else {
+        return;
+    };
+    let ours = std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|c| String::from_utf8_lossy(&c).contains(&*dir.join("bird.conf").to_string_lossy()))
+        .unwrap_or(false);
+    if ours {
+        warn!(pid, "stopping a BIRD left behind by an earlier daemon");
+        // SAFETY: a signal to a process verified to be the BIRD of this state directory.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        for _ in 0..30 {
+            if !Path::new(&format!("/proc/{pid}")).exists() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
         }
     }
 }

@@ -187,3 +187,124 @@ impl Fleet {
         Ok(fmt_mac(self.backends[j].mac("eth0")?))
     }
 }
+
+/// The router's BIRD: one eBGP session (AS 65000 ↔ 65001) with BFD per node, VIP routes
+/// merged into one ECMP route in the router's kernel table. Stops on drop.
+pub struct RouterBird {
+    child: Option<std::process::Child>,
+    dir: std::path::PathBuf,
+    router_path: String,
+}
+
+/// The router's AS; nodes use [`NODE_AS`].
+pub const ROUTER_AS: u32 = 65000;
+pub const NODE_AS: u32 = 65001;
+
+impl RouterBird {
+    /// Starts BIRD in the router namespace with a session to each of `nodes` nodes.
+    pub fn start(f: &Fleet) -> anyhow::Result<Self> {
+        let dir = std::env::temp_dir().join(crate::netns::unique_name("rbird"));
+        std::fs::create_dir_all(&dir)?;
+        let mut conf = format!(
+            "router id {ROUTER_IP};\nlog \"{}\" all;\nprotocol device {{ scan time 10; }}\nprotocol kernel {{\n  ipv4 {{ import none; export all; }};\n  merge paths on;\n}}\nprotocol bfd {{\n  interface \"*\" {{ interval 100 ms; multiplier 3; }};\n}}\ntemplate bgp node {{\n  local as {ROUTER_AS};\n  hold time 9;\n  connect retry time 1;\n  error wait time 1, 10;\n  bfd on;\n  ipv4 {{ import all; export none; }};\n}}\n",
+            dir.join("bird.log").display()
+        );
+        for i in 0..f.nodes.len() {
+            conf += &format!(
+                "protocol bgp n{i} from node {{ neighbor {} as {NODE_AS}; }}\n",
+                node_ip(i)
+            );
+        }
+        std::fs::write(dir.join("bird.conf"), conf)?;
+        let child = std::process::Command::new("nsenter")
+            .arg(format!("--net={}", f.router.path()))
+            .arg("bird")
+            .arg("-f")
+            .arg("-c")
+            .arg(dir.join("bird.conf"))
+            .arg("-s")
+            .arg(dir.join("bird.ctl"))
+            .arg("-P")
+            .arg(dir.join("bird.pid"))
+            .env(
+                "PATH",
+                format!(
+                    "/usr/sbin:/sbin:{}",
+                    std::env::var("PATH").unwrap_or_default()
+                ),
+            )
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(dir.join("stderr"))?)
+            .spawn()
+            .context("starting the router's BIRD (is bird2 installed? `cargo xtask setup`)")?;
+        let b = Self {
+            child: Some(child),
+            dir,
+            router_path: f.router.path(),
+        };
+        let up = crate::wait_for(std::time::Duration::from_secs(5), || {
+            b.dir.join("bird.ctl").exists().then_some(())
+        });
+        anyhow::ensure!(up.is_some(), "the router's BIRD did not start: {}", b.log());
+        Ok(b)
+    }
+
+    /// `birdc` on the router.
+    pub fn birdc(&self, args: &[&str]) -> String {
+        std::process::Command::new("nsenter")
+            .arg(format!("--net={}", self.router_path))
+            .arg("/usr/sbin/birdc")
+            .arg("-s")
+            .arg(self.dir.join("bird.ctl"))
+            .args(args)
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default()
+    }
+
+    /// BIRD's log.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("bird.log")).unwrap_or_default()
+            + &std::fs::read_to_string(self.dir.join("stderr")).unwrap_or_default()
+    }
+}
+
+impl Drop for RouterBird {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: signalling our own child by pid.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let gone = crate::wait_for(std::time::Duration::from_secs(3), || {
+                c.try_wait().ok().flatten()
+            });
+            if gone.is_none() {
+                c.kill().ok();
+                c.wait().ok();
+            }
+        }
+        std::fs::remove_dir_all(&self.dir).ok();
+    }
+}
+
+impl Fleet {
+    /// The nodes the router's route to the VIP goes through now (ECMP next hops).
+    pub fn vip_nexthops(&self) -> Vec<Ipv4Addr> {
+        let r = self.vip_route().unwrap_or_default();
+        let mut v: Vec<Ipv4Addr> = r
+            .split("via ")
+            .skip(1)
+            .filter_map(|t| t.split_whitespace().next()?.parse().ok())
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// The shared config of every node: `[bgp]` towards the router (no router id: each node
+    /// takes its own address), then `listeners` (TOML).
+    pub fn node_config(listeners: &str) -> String {
+        format!(
+            "[bgp]\nlocal_as = {NODE_AS}\nbfd_interval_ms = 100\nbfd_multiplier = 3\n[[bgp.peer]]\naddress = \"{ROUTER_IP}\"\nremote_as = {ROUTER_AS}\n\n{listeners}"
+        )
+    }
+}

@@ -91,11 +91,7 @@ fn two_nodes_agree_and_a_new_backend_moves_only_unpersisted_clients() {
             f.route_vip_via(i).ok()?;
             ask_once(&f.client, f.extra_clients[0], vip()).ok()
         });
-        assert!(
-            up.is_some(),
-            "node {i} does not answer:\n{}",
-            d.log()
-        );
+        assert!(up.is_some(), "node {i} does not answer:\n{}", d.log());
     }
     let (a, b) = f.extra_clients.split_at(100);
 

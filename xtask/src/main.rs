@@ -355,8 +355,16 @@ const BUILD_PACKAGES: &[&str] = &[
     "libzstd-dev",
     "zlib1g-dev",
 ];
-/// Packages the tests and the demo need: ip, ethtool, nsenter, bpftool, promtool.
-const TEST_PACKAGES: &[&str] = &["iproute2", "ethtool", "util-linux", "bpftool", "prometheus"];
+/// Packages the tests and the demo need: ip, ethtool, nsenter, bpftool, promtool, BIRD (the
+/// fleet announces VIPs over BGP through it).
+const TEST_PACKAGES: &[&str] = &[
+    "iproute2",
+    "ethtool",
+    "util-linux",
+    "bpftool",
+    "prometheus",
+    "bird2",
+];
 /// Benchmark peers.
 const BENCH_PACKAGES: &[&str] = &["nftables", "haproxy", "nginx", "libnginx-mod-stream"];
 /// bpf-linker release used (built against Debian's LLVM 22, matching rustc 1.98's LLVM).

@@ -723,8 +723,11 @@ impl TablesSpec {
 pub struct BgpSpec {
     /// This node's AS number.
     pub local_as: u32,
-    /// This node's BGP router id (an address of the node, unique in the fleet).
-    pub router_id: Ipv4Addr,
+    /// This node's BGP router id (an address of the node, unique in the fleet). Omitted (so
+    /// that every node can run from the same file): the node's source address towards its
+    /// first peer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub router_id: Option<Ipv4Addr>,
     /// BFD on every session, so a peer that goes silent is dropped in under a second.
     #[serde(default = "yes")]
     pub bfd: bool,
@@ -779,7 +782,9 @@ impl BgpSpec {
             }
         };
         asn("bgp.local_as", self.local_as)?;
-        check_unicast("bgp.router_id", self.router_id)?;
+        if let Some(id) = self.router_id {
+            check_unicast("bgp.router_id", id)?;
+        }
         range(
             "bgp.bfd_interval_ms",
             self.bfd_interval_ms,

@@ -1,0 +1,262 @@
+//! A fleet: three clb nodes, each its own daemon, pins and BIRD, running from the same config
+//! file, announce the VIP over BGP to a router (BIRD, BFD, ECMP with an L4 hash); backends on
+//! one L2 segment answer clients directly (DSR); the listener is Maglev with persistence.
+//! Clients stay on one backend whichever node their connections cross; a node that dies
+//! without a word is dropped by the router within the BFD bound and breaks no connection and
+//! moves no persisted client; so does its return; a node in maintenance gets no new flows and
+//! its established ones go on through the others.
+
+use std::{
+    collections::{HashMap, HashSet},
+    net::{Ipv4Addr, SocketAddrV4, TcpStream},
+    time::{Duration, Instant},
+};
+
+use clb_tests::{
+    daemon::Daemon,
+    fleet::{Fleet, RouterBird, backend_ip, node_ip},
+    netns::VIP,
+    servers::{NameServer, ask, ask_once, connect},
+};
+
+const PORT: u16 = 80;
+
+fn vip() -> SocketAddrV4 {
+    SocketAddrV4::new(VIP, PORT)
+}
+
+fn config() -> String {
+    let mut l = format!(
+        "[[listener]]\nname = \"web\"\nvip = \"{}\"\nproto = \"tcp\"\nsched = \"maglev\"\nforward = \"dsr\"\npersist = 600\n[listener.health_check]\ninterval = 2\ntimeout = 2\nhealthy_threshold = 2\nunhealthy_threshold = 2\n",
+        vip()
+    );
+    for j in 0..3 {
+        l += &format!(
+            "[[listener.backend]]\naddr = \"{}:{PORT}\"\n",
+            backend_ip(j)
+        );
+    }
+    Fleet::node_config(&l)
+}
+
+/// Waits until the router's next hops for the VIP are exactly `nodes`; returns how long it
+/// took (polling every 10 ms).
+fn await_nexthops(f: &Fleet, nodes: &[usize], within: Duration) -> Option<Duration> {
+    let want: Vec<Ipv4Addr> = {
+        let mut v: Vec<Ipv4Addr> = nodes.iter().map(|i| node_ip(*i)).collect();
+        v.sort();
+        v
+    };
+    let t0 = Instant::now();
+    while t0.elapsed() < within {
+        if f.vip_nexthops() == want {
+            return Some(t0.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    None
+}
+
+struct Long {
+    conn: TcpStream,
+    backend: String,
+}
+
+/// Every long-lived connection answers from its backend; returns the broken ones.
+fn check_long(conns: &mut [Long]) -> Vec<String> {
+    conns
+        .iter_mut()
+        .enumerate()
+        .filter_map(|(i, l)| match ask(&mut l.conn) {
+            Ok(b) if b == l.backend => None,
+            other => Some(format!("#{i} ({}): {other:?}", l.backend)),
+        })
+        .collect()
+}
+
+/// Persisted clients whose new connection reaches another backend than before.
+fn moved(f: &Fleet, homes: &HashMap<Ipv4Addr, String>) -> Vec<String> {
+    homes
+        .iter()
+        .filter_map(|(ip, b)| {
+            let now = ask_once(&f.client, *ip, vip());
+            (now.as_ref().ok() != Some(b)).then(|| format!("{ip}: {b} → {now:?}"))
+        })
+        .collect()
+}
+
+fn new_conns(d: &Daemon) -> u64 {
+    let st: serde_json::Value = d.clb_json(&["stats"]);
+    st["listeners"][0]["new_conns"].as_u64().unwrap()
+}
+
+#[test]
+fn a_fleet_keeps_every_client_on_its_backend_through_node_death_return_and_maintenance() {
+    let f = Fleet::new("fl", 3, 3, 200).unwrap();
+    let _servers: Vec<NameServer> = f
+        .backends
+        .iter()
+        .enumerate()
+        .map(|(j, ns)| {
+            NameServer::tcp(
+                ns,
+                SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, PORT),
+                &format!("b{j}"),
+            )
+            .unwrap()
+        })
+        .collect();
+    let router = RouterBird::start(&f).unwrap();
+    let cfg = config();
+    let mut nodes: Vec<Daemon> = f
+        .nodes
+        .iter()
+        .map(|n| Daemon::start_on(n, "eth0", &cfg, &[]))
+        .collect();
+    let up = await_nexthops(&f, &[0, 1, 2], Duration::from_secs(30));
+    assert!(
+        up.is_some(),
+        "the router never had all three nodes: {}\n{}\n{}",
+        f.vip_route().unwrap_or_default(),
+        router.birdc(&["show", "protocols"]),
+        router.log()
+    );
+    let st: serde_json::Value = nodes[0].clb_json(&["status"]);
+    let bgp = &st["bgp"];
+    assert_eq!(bgp["announced"][0], VIP.to_string(), "{bgp}");
+    assert!(
+        bgp["peers"][0]["state"]
+            .as_str()
+            .unwrap()
+            .contains("Established"),
+        "{bgp}"
+    );
+    assert_eq!(bgp["router_id"], node_ip(0).to_string(), "{bgp}");
+
+    // 100 clients × 4 connections, spread over the nodes by the router's L4 hash: every
+    // client on one backend.
+    let (first, second) = f.extra_clients.split_at(100);
+    let mut homes: HashMap<Ipv4Addr, String> = HashMap::new();
+    for ip in first {
+        let b = ask_once(&f.client, *ip, vip()).unwrap();
+        for _ in 0..3 {
+            assert_eq!(
+                ask_once(&f.client, *ip, vip()).unwrap(),
+                b,
+                "client {ip} moved"
+            );
+        }
+        homes.insert(*ip, b);
+    }
+    let mut via: HashMap<String, HashSet<usize>> = HashMap::new();
+    for (i, d) in nodes.iter().enumerate() {
+        let conns: Vec<serde_json::Value> = d.clb_json(&["conn", "ls"]);
+        assert!(!conns.is_empty(), "node {i} carried nothing");
+        for c in conns {
+            let client = c["client"]
+                .as_str()
+                .unwrap()
+                .split(':')
+                .next()
+                .unwrap()
+                .to_owned();
+            via.entry(client).or_default().insert(i);
+        }
+    }
+    let spread = via.values().filter(|n| n.len() > 1).count();
+    println!("{spread} of 100 clients had connections through more than one node");
+    assert!(
+        spread >= 50,
+        "connections were not spread over the nodes: {spread}"
+    );
+    let backends: HashSet<&String> = homes.values().collect();
+    assert_eq!(backends.len(), 3, "{backends:?}");
+
+    // 200 long-lived connections.
+    let mut long: Vec<Long> = second
+        .iter()
+        .flat_map(|ip| [*ip, *ip])
+        .map(|ip| {
+            let mut conn = connect(&f.client, ip, vip()).unwrap();
+            let backend = ask(&mut conn).unwrap();
+            Long { conn, backend }
+        })
+        .collect();
+    assert!(check_long(&mut long).is_empty());
+
+    // Node 1 dies without a word: its link goes silent, then its daemon (and with it its
+    // BIRD) is killed. The pinned datapath stays, unreachable.
+    let t0 = Instant::now();
+    f.nodes[1].ip(&["link", "set", "eth0", "down"]).unwrap();
+    nodes[1].kill9();
+    let gone = await_nexthops(&f, &[0, 2], Duration::from_secs(15));
+    let withdrawal = gone.map(|_| t0.elapsed());
+    println!("silent node withdrawn by the router after {withdrawal:?} (BFD 100 ms × 3)");
+    let withdrawal = withdrawal.expect("the router kept the dead node");
+    assert!(
+        withdrawal < Duration::from_millis(1500),
+        "withdrawal took {withdrawal:?}"
+    );
+    let broken = check_long(&mut long);
+    assert!(
+        broken.is_empty(),
+        "connections broken by the death: {broken:?}"
+    );
+    let m = moved(&f, &homes);
+    assert!(m.is_empty(), "persisted clients moved by the death: {m:?}");
+
+    // The node comes back.
+    f.nodes[1].ip(&["link", "set", "eth0", "up"]).unwrap();
+    let t1 = Instant::now();
+    nodes[1].spawn();
+    let back = await_nexthops(&f, &[0, 1, 2], Duration::from_secs(30));
+    println!(
+        "returning node announced again after {:?}",
+        back.map(|_| t1.elapsed())
+    );
+    assert!(
+        back.is_some(),
+        "the node never came back: {}",
+        f.vip_route().unwrap()
+    );
+    let broken = check_long(&mut long);
+    assert!(
+        broken.is_empty(),
+        "connections broken by the return: {broken:?}"
+    );
+    let m = moved(&f, &homes);
+    assert!(m.is_empty(), "persisted clients moved by the return: {m:?}");
+
+    // Maintenance on node 0: withdrawn by command; no new flows there, established ones go on.
+    let t2 = Instant::now();
+    nodes[0].clb_ok(&["bgp", "withdraw"]);
+    let out = await_nexthops(&f, &[1, 2], Duration::from_secs(10));
+    println!(
+        "maintenance withdrawal seen by the router after {:?}",
+        out.map(|_| t2.elapsed())
+    );
+    assert!(out.is_some(), "{}", f.vip_route().unwrap());
+    let before = new_conns(&nodes[0]);
+    for ip in first.iter().take(60) {
+        assert_eq!(&ask_once(&f.client, *ip, vip()).unwrap(), &homes[ip]);
+    }
+    assert_eq!(
+        new_conns(&nodes[0]),
+        before,
+        "new flows reached the node in maintenance"
+    );
+    let broken = check_long(&mut long);
+    assert!(
+        broken.is_empty(),
+        "connections broken by maintenance: {broken:?}"
+    );
+    nodes[0].clb_ok(&["bgp", "announce"]);
+    assert!(await_nexthops(&f, &[0, 1, 2], Duration::from_secs(10)).is_some());
+    let broken = check_long(&mut long);
+    assert!(
+        broken.is_empty(),
+        "connections broken by the announcement: {broken:?}"
+    );
+    drop(nodes);
+    drop(router);
+}
