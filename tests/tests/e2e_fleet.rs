@@ -132,6 +132,15 @@ fn a_fleet_keeps_every_client_on_its_backend_through_node_death_return_and_maint
         "{bgp}"
     );
     assert_eq!(bgp["router_id"], node_ip(0).to_string(), "{bgp}");
+    // One configuration everywhere: the nodes report the same digest of it.
+    let digests: HashSet<String> = nodes
+        .iter()
+        .map(|d| {
+            let st: serde_json::Value = d.clb_json(&["status"]);
+            st["config_sha256"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    assert_eq!(digests.len(), 1, "{digests:?}");
 
     // 100 clients × 4 connections, spread over the nodes by the router's L4 hash: every
     // client on one backend.

@@ -55,6 +55,10 @@ enum Cmd {
         /// Demo: leave the topology running for exploration until Ctrl-C.
         #[arg(long)]
         keep: bool,
+        /// Demo of a fleet: N nodes announcing the VIP over BGP to a router doing ECMP,
+        /// backends answering directly (DSR); a node dies and comes back.
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u8).range(2..=8))]
+        fleet: Option<u8>,
         /// Extra arguments for the daemon (after --).
         #[arg(last = true)]
         rest: Vec<String>,
@@ -111,8 +115,12 @@ fn main() -> anyhow::Result<()> {
             config,
             xdp_mode,
             keep,
+            fleet,
             rest,
         } => {
+            if fleet.is_some() && iface.is_some() {
+                bail!("--fleet runs the demo in namespaces; it takes no --iface");
+            }
             setup(&root, false, false)?;
             match iface {
                 Some(iface) => {
@@ -144,6 +152,9 @@ fn main() -> anyhow::Result<()> {
                     cmd.env("CLB_BIN", root.join("target/debug/clb"));
                     if keep {
                         cmd.arg("--keep");
+                    }
+                    if let Some(n) = fleet {
+                        cmd.arg("--fleet").arg(n.to_string());
                     }
                     run_foreground(cmd)
                 }

@@ -353,6 +353,11 @@ pub fn status_view(api: &Api) -> ApiResult<Status> {
         xdp_mode: info.xdp_mode.clone(),
         bpffs: info.bpffs.display().to_string(),
         config: info.config.display().to_string(),
+        config_sha256: {
+            use sha2::Digest as _;
+            let d = sha2::Sha256::digest(ctl.snapshot().config.to_toml().as_bytes());
+            d.iter().map(|b| format!("{b:02x}")).collect()
+        },
         uptime_secs: info.started.elapsed().as_secs(),
         datapath: match ctl.detached() {
             Some(why) => format!("detached: {why}"),

@@ -247,6 +247,9 @@ pub struct Status {
     pub xdp_mode: String,
     pub bpffs: String,
     pub config: String,
+    /// SHA-256 of the running configuration in canonical form (the config file as the daemon
+    /// writes it): equal on two nodes exactly when they run the same configuration.
+    pub config_sha256: String,
     pub uptime_secs: u64,
     /// "attached", or "detached: why".
     pub datapath: String,

@@ -208,13 +208,14 @@ pub fn status(s: &Status) -> String {
     let mut out = String::new();
     writeln!(
         out,
-        "clb {} up {}s, ifaces {} ({}), pins {}, config {}",
+        "clb {} up {}s, ifaces {} ({}), pins {}, config {} (sha256 {:.12})",
         s.version,
         s.uptime_secs,
         s.ifaces.join(","),
         s.xdp_mode,
         s.bpffs,
-        s.config
+        s.config,
+        s.config_sha256
     )
     .ok();
     writeln!(out, "datapath: {}", s.datapath).ok();
