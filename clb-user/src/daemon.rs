@@ -21,6 +21,7 @@ use tracing::{error, info, warn};
 use crate::{
     api::{self, server::Api},
     bgp::Speaker,
+    console,
     control::{
         ControlOptions, Controller,
         file::{ConfigFile, ConfigFileError},
@@ -47,6 +48,7 @@ pub struct DaemonOptions {
     pub metrics: Option<SocketAddr>,
     pub console: Option<SocketAddr>,
     pub console_token_file: Option<PathBuf>,
+    pub console_session_idle: Duration,
     pub sweep_interval: Duration,
     /// State kept across restarts (the HTTP cookie key, the console token, BIRD's files).
     pub state_dir: PathBuf,
@@ -333,6 +335,47 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
             let (c, s) = (ctl.clone(), s.clone());
             loops.push(supervise::spawn(ctl.clone(), "bgp", move || {
                 s.clone().run(c.clone())
+            }));
+        }
+        if let Some(addr) = opts.console {
+            let token =
+                console::load_or_create_token(opts.console_token_file.as_deref(), &opts.state_dir)?;
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding the console address {addr}"))?;
+            info!(
+                %addr,
+                token = %opts
+                    .console_token_file
+                    .clone()
+                    .unwrap_or_else(|| opts.state_dir.join("console.token"))
+                    .display(),
+                "serving the web console"
+            );
+            let series = console::Series::new();
+            let web = console::Console::new(
+                api.clone(),
+                token,
+                series.clone(),
+                console::ConsoleOptions {
+                    session_idle: opts.console_session_idle,
+                },
+            );
+            let l = Arc::new(std::sync::Mutex::new(Some(l)));
+            loops.push(supervise::spawn(ctl.clone(), "console", move || {
+                let (l, web) = (l.clone(), web.clone());
+                async move {
+                    let taken = crate::control::lock(&l).take();
+                    let listener = match taken {
+                        Some(l) => l,
+                        None => tokio::net::TcpListener::bind(addr).await?,
+                    };
+                    Ok(console::serve(listener, web).await?)
+                }
+            }));
+            let a = api.clone();
+            loops.push(supervise::spawn(ctl.clone(), "console-series", move || {
+                console::sample(a.clone(), series.clone())
             }));
         }
     }

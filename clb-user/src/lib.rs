@@ -18,6 +18,7 @@ pub mod api;
 pub mod balancer;
 pub mod bgp;
 pub mod cli;
+pub mod console;
 pub mod control;
 pub mod daemon;
 pub mod datapath;

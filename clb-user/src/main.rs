@@ -29,6 +29,7 @@ fn main() -> ExitCode {
                 metrics: args.metrics,
                 console: args.console,
                 console_token_file: args.console_token_file,
+                console_session_idle: Duration::from_secs(args.console_session_idle),
                 sweep_interval: Duration::from_secs(args.sweep_interval),
                 state_dir: args.state_dir,
                 bird: args.bird,

@@ -65,6 +65,7 @@ pub struct Daemon {
     netns_path: String,
     ifaces: String,
     extra: Vec<String>,
+    env: Vec<(String, String)>,
     runs: u32,
 }
 
@@ -81,6 +82,17 @@ impl Daemon {
 
     /// A daemon in namespace `ns` on interfaces `ifaces` (`a,b,...`), with extra flags.
     pub fn start_on(ns: &crate::netns::NetNs, ifaces: &str, config: &str, extra: &[&str]) -> Self {
+        Self::start_env(ns, ifaces, config, extra, &[])
+    }
+
+    /// [`Daemon::start_on`] with extra environment variables.
+    pub fn start_env(
+        ns: &crate::netns::NetNs,
+        ifaces: &str,
+        config: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Self {
         let name = crate::netns::unique_name("d");
         let dir = std::env::temp_dir().join(&name);
         fs::create_dir_all(&dir).expect("daemon dir");
@@ -95,6 +107,10 @@ impl Daemon {
             netns_path: ns.path(),
             ifaces: ifaces.to_owned(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            env: env
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
             runs: 0,
         };
         d.spawn();
@@ -122,6 +138,7 @@ impl Daemon {
             .arg("--state-dir")
             .arg(self.dir.join("state"))
             .args(&self.extra)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log fd"))
             .stderr(log);

@@ -3,6 +3,7 @@
 //! and clients ([`servers`]), the daemon and CLI as processes ([`daemon`]).
 
 pub mod bench;
+pub mod browser;
 pub mod cgroup;
 pub mod daemon;
 pub mod fleet;

@@ -409,3 +409,69 @@ fn teardown_refuses_what_is_not_a_clb_pin_directory() {
     std::fs::remove_dir_all(&bpf).ok();
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn the_operator_kit_notify_completions_man_and_version() {
+    // systemd's notify protocol: READY=1 once the datapath is attached, STOPPING=1 on stop.
+    let topo = Topology::new("sd", 1, 0).unwrap();
+    let _s = servers(&topo);
+    let dir = std::env::temp_dir().join(clb_tests::netns::unique_name("notify"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let sock_path = dir.join("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut d = Daemon::start_env(
+        &topo.lb,
+        &topo.iface_list(),
+        &two_listeners(1),
+        &[],
+        &[("NOTIFY_SOCKET", sock_path.to_str().unwrap())],
+    );
+    let mut buf = [0u8; 256];
+    let n = sock.recv(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"READY=1");
+    let st: serde_json::Value = d.clb_json(&["status"]);
+    assert_eq!(st["datapath"], "attached");
+    ask_once(&topo.client, CLIENT_IP, vip()).unwrap();
+    d.stop();
+    let n = sock.recv(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"STOPPING=1");
+    std::fs::remove_dir_all(&dir).ok();
+
+    // Completions for three shells, a man page, a version naming the commit.
+    for shell in ["bash", "zsh", "fish"] {
+        let o = Command::new(clb_bin())
+            .args(["completions", shell])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&o.stdout);
+        assert!(
+            o.status.success() && text.contains("listener"),
+            "{shell}: {text:.200}"
+        );
+    }
+    let o = Command::new(clb_bin()).arg("man").output().unwrap();
+    let man = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        man.contains(".TH clb 1") && man.contains("daemon"),
+        "{man:.300}"
+    );
+    let o = Command::new(clb_bin()).arg("--version").output().unwrap();
+    let v = String::from_utf8_lossy(&o.stdout);
+    let commit = v
+        .split('(')
+        .nth(1)
+        .and_then(|r| r.split([')', '-']).next())
+        .unwrap_or("");
+    assert!(
+        commit.len() >= 7 && commit.chars().all(|c| c.is_ascii_hexdigit()),
+        "no commit in {v:?}"
+    );
+    // The service unit: notify type, the daemon's reload signal.
+    let unit = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../clb-user/dist/clb.service"),
+    )
+    .unwrap();
+    assert!(unit.contains("Type=notify") && unit.contains("ExecReload=/bin/kill -HUP $MAINPID"));
+}

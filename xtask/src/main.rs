@@ -367,7 +367,8 @@ const BUILD_PACKAGES: &[&str] = &[
     "zlib1g-dev",
 ];
 /// Packages the tests and the demo need: ip, ethtool, nsenter, bpftool, promtool, BIRD (the
-/// fleet announces VIPs over BGP through it).
+/// fleet announces VIPs over BGP through it), Chromium and its WebDriver (the console's
+/// browser tests).
 const TEST_PACKAGES: &[&str] = &[
     "iproute2",
     "ethtool",
@@ -375,6 +376,8 @@ const TEST_PACKAGES: &[&str] = &[
     "bpftool",
     "prometheus",
     "bird2",
+    "chromium",
+    "chromium-driver",
 ];
 /// Benchmark peers.
 const BENCH_PACKAGES: &[&str] = &["nftables", "haproxy", "nginx", "libnginx-mod-stream"];

@@ -112,7 +112,8 @@ pub fn body<T: DeserializeOwned>(b: &Bytes) -> ApiResult<T> {
     })
 }
 
-fn parse_addr(s: &str) -> ApiResult<SocketAddrV4> {
+/// A backend address from a URL path segment.
+pub fn parse_addr(s: &str) -> ApiResult<SocketAddrV4> {
     s.parse().map_err(|_| {
         ApiError(
             StatusCode::BAD_REQUEST,

@@ -107,6 +107,9 @@ pub struct DaemonArgs {
     /// directory, mode 0600).
     #[arg(long)]
     pub console_token_file: Option<PathBuf>,
+    /// Console sessions end after this many seconds without a request.
+    #[arg(long, default_value_t = 1800, value_parser = clap::value_parser!(u64).range(1..=86400))]
+    pub console_session_idle: u64,
     /// Seconds between sweeps of expired entries.
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub sweep_interval: u64,

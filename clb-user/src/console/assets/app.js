@@ -387,8 +387,9 @@
   function updateListenerRow(tr, l) {
     const cell = (col) => tr.querySelector(`td[data-col="${col}"]`);
     const failed = l.serving && l.serving !== 'serving';
-    cell('name').replaceChildren(el('span', { class: 'strong', text: l.name }),
-      failed ? el('div', { class: 'sub bad-text', text: l.serving }) : null);
+    // replaceChildren would turn a null into the text "null": pass only elements.
+    cell('name').replaceChildren(...[el('span', { class: 'strong', text: l.name }),
+      failed ? el('div', { class: 'sub bad-text', text: l.serving }) : null].filter(Boolean));
     cell('proto').replaceChildren(el('span', { class: `tag ${l.proto}`, text: l.proto }));
     setText(cell('vip'), l.vip);
     cell('vip').className = 'mono';
