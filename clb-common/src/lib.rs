@@ -33,6 +33,13 @@ pub const DEFAULT_SESSIONS: u32 = 1 << 20;
 /// Default size of the half-open table (unverified flows: TCP before the handshake completes,
 /// UDP before a two-way exchange, adopted mid-stream flows) and of the pending-session table.
 pub const DEFAULT_HALF_OPEN: u32 = 1 << 16;
+/// Default sizes of the IPv6 tables (their own maps: a 16-byte address makes every key larger,
+/// and IPv4 entries stay as small as they are); `[tables] connections6` etc.
+pub const DEFAULT_CONNS6: u32 = 1 << 18;
+/// Default size of the IPv6 persistence table.
+pub const DEFAULT_SESSIONS6: u32 = 1 << 18;
+/// Default size of the IPv6 half-open and pending-session tables.
+pub const DEFAULT_HALF_OPEN6: u32 = 1 << 16;
 /// Smallest table the operator may configure.
 pub const MIN_TABLE: u32 = 1024;
 /// Largest table the operator may configure (the kernel may refuse less).
@@ -103,6 +110,10 @@ pub const NS_PER_SEC: u64 = 1_000_000_000;
 
 /// IP protocol number of ICMP.
 pub const PROTO_ICMP: u8 = 1;
+/// IPv6 next-header number of ICMPv6.
+pub const PROTO_ICMPV6: u8 = 58;
+/// IPv6 extension headers skipped at most, before the transport header (more: dropped).
+pub const MAX_EXT_HEADERS: usize = 4;
 /// IP protocol number of TCP.
 pub const PROTO_TCP: u8 = 6;
 /// IP protocol number of UDP.
@@ -153,8 +164,50 @@ pub const SHARED_STATE_MAP: &str = "CLB_SHARED_V1";
 /// Per-CPU datapath state ([`CpuState`]): flood window, RST tokens.
 pub const CPU_STATE_MAP: &str = "CLB_CPU_V1";
 
+/// IPv6 [`ListenerKey6`] → [`ListenerRef`]; (VIP, 0, 0) marks an address as a VIP.
+pub const LISTENER_ADDR6_MAP: &str = "CLB_LSN_ADDR6_V1";
+/// listener id → [`ListenerInfo6`], the IPv6 half of an IPv6 listener's settings.
+pub const LISTENER6_MAP: &str = "CLB_LSN6_V1";
+/// backend id → the IPv6 address of an IPv6 backend ([`Addr6`]).
+pub const BACKEND6_MAP: &str = "CLB_BE6_V1";
+/// [`BackendAddrKey6`] → [`BackendAddrInfo`].
+pub const BACKEND_ADDR6_MAP: &str = "CLB_BE_ADDR6_V1";
+/// [`ConnKey6`] → [`ConnValue`]: verified IPv6 flows (LRU).
+pub const CONN6_MAP: &str = "CLB_CONN6_V1";
+/// [`ConnKey6`] → [`HalfOpenValue`]: unverified IPv6 flows (LRU).
+pub const HALF_OPEN6_MAP: &str = "CLB_HALF6_V1";
+/// [`SessionKey6`] → [`SessionValue`]: IPv6 clients with a verified flow (LRU).
+pub const SESSION6_MAP: &str = "CLB_SESS6_V1";
+/// [`SessionKey6`] → [`SessionValue`]: pending IPv6 persistence (LRU).
+pub const PENDING_SESSION6_MAP: &str = "CLB_PSESS6_V1";
+/// IPv6 source ([`Addr6`]) → `DENY_*` reason.
+pub const DENY_SRC6_MAP: &str = "CLB_NOSRC6_V1";
+/// Per-CPU IPv6 next-hop cache ([`NextHop6`] per slot).
+pub const NEXTHOP6_MAP: &str = "CLB_NH6_V1";
+
+/// Tail-call slot → program (see [`TAIL_PROGRAMS`]).
+pub const PROGRAM_MAP: &str = "CLB_PROGS_V1";
+/// Per-CPU scratch for the FIB lookup's argument.
+pub const FIB_SCRATCH_MAP: &str = "CLB_FIB_SCRATCH_V1";
+
+/// Per-CPU scratch of the ICMPv6 program.
+pub const ICMP6_SCRATCH_MAP: &str = "CLB_ICMP6_SCRATCH_V1";
+
 /// Every map of the program, for pinning and teardown.
-pub const ALL_MAPS: [&str; 19] = [
+pub const ALL_MAPS: [&str; 32] = [
+    PROGRAM_MAP,
+    FIB_SCRATCH_MAP,
+    ICMP6_SCRATCH_MAP,
+    LISTENER_ADDR6_MAP,
+    LISTENER6_MAP,
+    BACKEND6_MAP,
+    BACKEND_ADDR6_MAP,
+    CONN6_MAP,
+    HALF_OPEN6_MAP,
+    SESSION6_MAP,
+    PENDING_SESSION6_MAP,
+    DENY_SRC6_MAP,
+    NEXTHOP6_MAP,
     LISTENER_ADDR_MAP,
     LISTENER_MAP,
     BACKEND_MAP,
@@ -178,6 +231,19 @@ pub const ALL_MAPS: [&str; 19] = [
 
 /// Name of the load-balancing XDP program.
 pub const XDP_PROGRAM: &str = "clb_xdp";
+/// The IPv6 program, tail-called from [`XDP_PROGRAM`] at [`TAIL_V6`].
+pub const XDP6_PROGRAM: &str = "clb_xdp6";
+/// The ICMPv6 program, tail-called from [`XDP6_PROGRAM`] at [`TAIL_V6_ICMP`].
+pub const XDP6_ICMP_PROGRAM: &str = "clb_xdp6_icmp";
+/// Slots of [`PROGRAM_MAP`].
+pub const TAIL_SLOTS: u32 = 4;
+/// Slot of [`XDP6_PROGRAM`] in [`PROGRAM_MAP`].
+pub const TAIL_V6: u32 = 0;
+/// Slot of [`XDP6_ICMP_PROGRAM`] in [`PROGRAM_MAP`].
+pub const TAIL_V6_ICMP: u32 = 1;
+/// The programs tail-called, with their slots.
+pub const TAIL_PROGRAMS: [(&str, u32); 2] =
+    [(XDP6_PROGRAM, TAIL_V6), (XDP6_ICMP_PROGRAM, TAIL_V6_ICMP)];
 /// Name of the XDP program that only passes packets (for veth peers, and as a benchmark floor).
 pub const PASS_PROGRAM: &str = "clb_pass";
 
@@ -222,6 +288,78 @@ pub const fn prefix_mask_be(bits: u8) -> u32 {
     u32::from_ne_bytes(host.to_be_bytes())
 }
 
+/// An IPv6 address: its sixteen bytes as they sit in the packet, held in two `u64` (native
+/// order of those bytes). Two registers, not sixteen bytes or four words: the datapath keeps
+/// addresses in registers across map lookups, and BPF's 512-byte stack has no room for more.
+pub type Addr6 = [u64; 2];
+
+/// The [`Addr6`] of an IPv6 address's octets.
+#[inline(always)]
+pub const fn ip6_to_be(o: [u8; 16]) -> Addr6 {
+    [
+        u64::from_ne_bytes([o[0], o[1], o[2], o[3], o[4], o[5], o[6], o[7]]),
+        u64::from_ne_bytes([o[8], o[9], o[10], o[11], o[12], o[13], o[14], o[15]]),
+    ]
+}
+
+/// The octets of an [`Addr6`].
+#[inline(always)]
+pub const fn ip6_from_be(a: Addr6) -> [u8; 16] {
+    let (h, l) = (a[0].to_ne_bytes(), a[1].to_ne_bytes());
+    [
+        h[0], h[1], h[2], h[3], h[4], h[5], h[6], h[7], l[0], l[1], l[2], l[3], l[4], l[5], l[6],
+        l[7],
+    ]
+}
+
+/// Word `i` (0–3) of an address, as the packet holds it (for hashes).
+#[inline(always)]
+pub const fn word6(a: &Addr6, i: usize) -> u32 {
+    let b = a[i / 2].to_ne_bytes();
+    let o = (i % 2) * 4;
+    u32::from_ne_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]])
+}
+
+/// The 16-bit word `i` (0–7) of an address, as the packet holds it (for checksums).
+#[inline(always)]
+pub const fn half6(a: &Addr6, i: usize) -> u16 {
+    let b = a[i / 4].to_ne_bytes();
+    let o = (i % 4) * 2;
+    u16::from_ne_bytes([b[o], b[o + 1]])
+}
+
+/// The mask of an IPv6 prefix of `bits` (0–128) bits.
+#[inline(always)]
+pub const fn prefix_mask6_be(bits: u8) -> Addr6 {
+    let mut m = [0u8; 16];
+    let mut i = 0;
+    while i < 16 {
+        let from = i as u32 * 8;
+        let b = bits as u32;
+        m[i] = if b <= from {
+            0
+        } else if b - from >= 8 {
+            0xff
+        } else {
+            0xffu8 << (8 - (b - from))
+        };
+        i += 1;
+    }
+    ip6_to_be(m)
+}
+
+/// Whether two addresses are equal.
+#[inline(always)]
+pub const fn addr6_eq(a: &Addr6, b: &Addr6) -> bool {
+    a[0] == b[0] && a[1] == b[1]
+}
+
+/// `a & m`.
+#[inline(always)]
+pub const fn mask6(a: Addr6, m: Addr6) -> Addr6 {
+    [a[0] & m[0], a[1] & m[1]]
+}
+
 // ---------------------------------------------------------------------------------------------
 // Listener maps
 // ---------------------------------------------------------------------------------------------
@@ -257,6 +395,8 @@ pub const LISTENER_F_MAGLEV: u32 = 2;
 /// Listener flag: direct server return (only the destination MAC is rewritten; replies do not
 /// pass the balancer).
 pub const LISTENER_F_DSR: u32 = 4;
+/// Listener flag: an IPv6 listener (its VIP and persistence mask are in [`LISTENER6_MAP`]).
+pub const LISTENER_F_V6: u32 = 16;
 /// Listener flag: a backend address (IP, port, protocol) of this listener serves another
 /// listener too. A reply can then only be told apart by its flow's state, so this listener's
 /// SYNs write their half-open entry even in flood mode (the stateless hash cannot say which
@@ -286,6 +426,29 @@ pub struct ListenerInfo {
 }
 const _: () = assert!(core::mem::size_of::<ListenerInfo>() == 32);
 
+/// Key of [`LISTENER_ADDR6_MAP`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
+pub struct ListenerKey6 {
+    pub vip: Addr6,
+    /// Port, network byte order; 0 with `proto` 0 marks "this address is a VIP".
+    pub port: u16,
+    pub proto: u8,
+    pub _pad: [u8; 5],
+}
+const _: () = assert!(core::mem::size_of::<ListenerKey6>() == 24);
+
+/// Value of [`LISTENER6_MAP`] (an array indexed by listener id; used for IPv6 listeners, whose
+/// [`ListenerInfo`] has `vip` and `client_mask` 0).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct ListenerInfo6 {
+    pub vip: Addr6,
+    /// Persistence mask (`prefix_mask6_be(persist_mask)`).
+    pub client_mask: Addr6,
+}
+const _: () = assert!(core::mem::size_of::<ListenerInfo6>() == 32);
+
 // ---------------------------------------------------------------------------------------------
 // Backend maps
 // ---------------------------------------------------------------------------------------------
@@ -295,6 +458,9 @@ pub const BACKEND_F_PRESENT: u32 = 1;
 /// Backend flag: new connections and new persisted clients may go to it
 /// (weight > 0, healthy or every backend of the listener unhealthy, not draining).
 pub const BACKEND_F_ACCEPTING: u32 = 2;
+
+/// Backend flag: an IPv6 backend (`addr` is 0; its address is in [`BACKEND6_MAP`]).
+pub const BACKEND_F_V6: u32 = 4;
 
 /// Value of [`BACKEND_MAP`] (an array indexed by backend id).
 #[repr(C)]
@@ -324,6 +490,18 @@ pub struct BackendAddrKey {
     pub _pad: u8,
 }
 const _: () = assert!(core::mem::size_of::<BackendAddrKey>() == 8);
+
+/// Key of [`BACKEND_ADDR6_MAP`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
+pub struct BackendAddrKey6 {
+    pub addr: Addr6,
+    /// Backend port, network byte order.
+    pub port: u16,
+    pub proto: u8,
+    pub _pad: [u8; 5],
+}
+const _: () = assert!(core::mem::size_of::<BackendAddrKey6>() == 24);
 
 /// Unused slot of [`BackendAddrInfo::listeners`].
 pub const NO_LISTENER: u16 = u16::MAX;
@@ -426,6 +604,20 @@ pub struct ConnKey {
 }
 const _: () = assert!(core::mem::size_of::<ConnKey>() == 12);
 
+/// Key of [`CONN6_MAP`] and [`HALF_OPEN6_MAP`]: [`ConnKey`] with an IPv6 client.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
+pub struct ConnKey6 {
+    pub client: Addr6,
+    /// Client port, network byte order.
+    pub client_port: u16,
+    /// Listener id.
+    pub listener: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(core::mem::size_of::<ConnKey6>() == 24);
+
 /// Connection state: open (established TCP; any verified UDP flow).
 pub const CONN_OPEN: u8 = 1;
 /// Connection state: a FIN was seen; the entry lives at most [`FIN_TIMEOUT_SECS`].
@@ -502,6 +694,18 @@ pub struct SessionKey {
     pub _pad: u16,
 }
 const _: () = assert!(core::mem::size_of::<SessionKey>() == 8);
+
+/// Key of [`SESSION6_MAP`] and [`PENDING_SESSION6_MAP`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
+pub struct SessionKey6 {
+    /// Client address masked by the listener's persistence mask.
+    pub client: Addr6,
+    /// Listener id.
+    pub listener: u16,
+    pub _pad: [u8; 6],
+}
+const _: () = assert!(core::mem::size_of::<SessionKey6>() == 24);
 
 /// Value of [`SESSION_MAP`] and [`PENDING_SESSION_MAP`].
 #[repr(C)]
@@ -595,6 +799,35 @@ pub const fn client_hash(masked_client: u32, vip: u32, vip_port: u16, proto: u8)
     )
 }
 
+/// An IPv6 address folded to 32 bits for the hashes (every word counts).
+#[inline(always)]
+pub const fn fold6(a: Addr6) -> u32 {
+    jhash_3words(
+        word6(&a, 1),
+        word6(&a, 2),
+        word6(&a, 3),
+        word6(&a, 0) ^ HASH_SEED,
+    )
+}
+
+/// [`flow_hash`] of an IPv6 flow.
+#[inline(always)]
+pub const fn flow_hash6(
+    client: Addr6,
+    client_port: u16,
+    vip: Addr6,
+    vip_port: u16,
+    proto: u8,
+) -> u32 {
+    flow_hash(fold6(client), client_port, fold6(vip), vip_port, proto)
+}
+
+/// [`client_hash`] of a (masked) IPv6 client.
+#[inline(always)]
+pub const fn client_hash6(masked_client: Addr6, vip: Addr6, vip_port: u16, proto: u8) -> u32 {
+    client_hash(fold6(masked_client), fold6(vip), vip_port, proto)
+}
+
 // ---------------------------------------------------------------------------------------------
 // Next-hop cache (datapath-internal)
 // ---------------------------------------------------------------------------------------------
@@ -622,6 +855,28 @@ pub struct NextHop {
     pub _pad: [u8; 3],
 }
 const _: () = assert!(core::mem::size_of::<NextHop>() == 32);
+
+/// [`NextHop`] for an IPv6 destination (in [`NEXTHOP6_MAP`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct NextHop6 {
+    pub expires_ns: u64,
+    /// Destination; all zero = empty slot.
+    pub dst: Addr6,
+    pub ifindex: u32,
+    pub _pad0: u32,
+    pub src_mac: [u8; 6],
+    pub dst_mac: [u8; 6],
+    pub onlink: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(core::mem::size_of::<NextHop6>() == 48);
+
+/// The slot of an IPv6 destination in the IPv6 next-hop cache.
+#[inline(always)]
+pub const fn nh_slot6(dst: &Addr6) -> u32 {
+    nh_slot(word6(dst, 0) ^ word6(dst, 1) ^ word6(dst, 2) ^ word6(dst, 3))
+}
 
 /// The slot of `dst` (network byte order) in the next-hop cache.
 #[inline(always)]
@@ -760,6 +1015,11 @@ pub mod counter {
     pub const DROP_BAD_ICMP: u32 = 48;
     /// Drop: no route to the packet's destination (after NAT; the stack would drop it too).
     pub const DROP_NO_ROUTE: u32 = 49;
+    /// Drop: an IPv6 packet to a VIP whose extension headers cannot be walked (too many, a
+    /// routing header, truncated, unknown).
+    pub const DROP_BAD_EXTHDR: u32 = 50;
+    /// A tail call into the IPv6 programs failed (their slot is empty): the packet passed.
+    pub const TAIL_CALL_FAILED: u32 = 23;
 
     /// Names of the counters, for display (index → name); empty for unused indices.
     pub const NAMES: [&str; super::NUM_COUNTERS as usize] = {
@@ -803,12 +1063,14 @@ pub mod counter {
         n[DROP_DSR_NO_NEXTHOP as usize] = "drop_dsr_no_nexthop";
         n[DROP_BAD_ICMP as usize] = "drop_bad_icmp";
         n[DROP_NO_ROUTE as usize] = "drop_no_route";
+        n[DROP_BAD_EXTHDR as usize] = "drop_bad_exthdr";
+        n[TAIL_CALL_FAILED as usize] = "tail_call_failed";
         n
     };
 
     /// Whether counter `i` is a drop reason.
     pub const fn is_drop_reason(i: u32) -> bool {
-        i >= DROP_BAD_IHL && i <= DROP_NO_ROUTE
+        i >= DROP_BAD_IHL && i <= DROP_BAD_EXTHDR
     }
 }
 
@@ -830,6 +1092,12 @@ mod user {
         };
     }
     pod!(
+        ListenerKey6,
+        ListenerInfo6,
+        BackendAddrKey6,
+        ConnKey6,
+        SessionKey6,
+        NextHop6,
         ListenerKey,
         ListenerRef,
         ListenerInfo,
@@ -851,6 +1119,33 @@ mod user {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ipv6_helpers() {
+        let o = [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+        assert_eq!(ip6_from_be(ip6_to_be(o)), o);
+        assert!(addr6_eq(&ip6_to_be(o), &ip6_to_be(o)));
+        assert_eq!(half6(&ip6_to_be(o), 1), u16::from_ne_bytes([0x0d, 0xb8]));
+        assert_eq!(word6(&ip6_to_be(o), 3), u32::from_ne_bytes([0, 0, 0, 1]));
+        let all = ip6_from_be(prefix_mask6_be(128));
+        assert_eq!(all, [0xff; 16]);
+        assert_eq!(ip6_from_be(prefix_mask6_be(0)), [0; 16]);
+        let m = ip6_from_be(prefix_mask6_be(52));
+        assert_eq!(&m[..7], &[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xf0]);
+        assert!(m[7..].iter().all(|b| *b == 0));
+        let masked = ip6_from_be(mask6(ip6_to_be(o), prefix_mask6_be(32)));
+        assert_eq!(
+            masked,
+            [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
+        );
+        // The hash sees every word.
+        let mut p = o;
+        p[15] = 2;
+        assert_ne!(fold6(ip6_to_be(o)), fold6(ip6_to_be(p)));
+        p = o;
+        p[0] = 0x30;
+        assert_ne!(fold6(ip6_to_be(o)), fold6(ip6_to_be(p)));
+    }
 
     #[test]
     fn byte_order_helpers_round_trip() {

@@ -13,12 +13,12 @@
 //! sees) bring it back, so a blind spoofed RST cannot cut a live connection short.
 
 use clb_common::{
-    CONN_F_FIN_BEFORE, CONN_F_SEEN_FWD, CONN_F_SEEN_REV, CONN_FIN, CONN_OPEN, CONN_RST, ConnKey,
-    ConnValue, ListenerInfo, REFRESH_NS, conn_timeout_ns, is_expired,
+    CONN_F_FIN_BEFORE, CONN_F_SEEN_FWD, CONN_F_SEEN_REV, CONN_FIN, CONN_OPEN, CONN_RST, ConnValue,
+    ListenerInfo, REFRESH_NS, conn_timeout_ns, is_expired,
 };
 
 use crate::{
-    maps::CLB_CONN_V2,
+    family::Family,
     parse::{Pkt, TCP_FIN},
 };
 
@@ -33,8 +33,12 @@ pub enum Dir {
 
 /// A live connection entry for `key`, or `None` when absent or expired.
 #[inline(always)]
-pub fn live(key: &ConnKey, lsn: &ListenerInfo, now: u64) -> Option<&'static mut ConnValue> {
-    let c = CLB_CONN_V2.get_ptr_mut(key)?;
+pub fn live<F: Family>(
+    key: &F::Key,
+    lsn: &ListenerInfo,
+    now: u64,
+) -> Option<&'static mut ConnValue> {
+    let c = F::conn(key)?;
     // SAFETY: a map value pointer; other CPUs may write `last_seen_ns`/`state` concurrently,
     // which only ever makes an entry look a little older or newer.
     let c = unsafe { &mut *c };
@@ -53,7 +57,13 @@ pub fn live(key: &ConnKey, lsn: &ListenerInfo, now: u64) -> Option<&'static mut 
 /// (NAT) or the client alone suffices (DSR). Returns whether `last_seen` was written (the
 /// caller piggybacks the session refresh on it).
 #[inline(always)]
-pub fn track(c: &mut ConnValue, p: &Pkt, now: u64, dir: Dir, both_ends: bool) -> bool {
+pub fn track<F: Family>(
+    c: &mut ConnValue,
+    p: &Pkt<F>,
+    now: u64,
+    dir: Dir,
+    both_ends: bool,
+) -> bool {
     if p.is_tcp() {
         if p.is_rst() {
             if c.state != CONN_RST {
@@ -101,7 +111,7 @@ pub fn track(c: &mut ConnValue, p: &Pkt, now: u64, dir: Dir, both_ends: bool) ->
 
 /// Writes the verified entry of a flow on `backend` (replacing any stale one).
 #[inline(always)]
-pub fn insert(key: &ConnKey, backend: u32, p: &Pkt, now: u64) -> Result<(), ()> {
+pub fn insert<F: Family>(key: &F::Key, backend: u32, p: &Pkt<F>, now: u64) -> Result<(), ()> {
     let state = if p.is_tcp() && p.tcp_flags & TCP_FIN != 0 {
         CONN_FIN
     } else {
@@ -114,12 +124,15 @@ pub fn insert(key: &ConnKey, backend: u32, p: &Pkt, now: u64) -> Result<(), ()> 
         flags: 0,
         _pad: [0; 2],
     };
-    CLB_CONN_V2.insert(key, &v, 0).map_err(|_| ())
+    if F::conn_insert(key, &v) {
+        Ok(())
+    } else {
+        Err(())
+    }
 }
 
 /// Removes a stale entry (a SYN reusing the ports of a closed connection starts over).
 #[inline(always)]
-pub fn remove(key: &ConnKey) {
-    // A missing key is fine: another CPU removed it first.
-    let _gone = CLB_CONN_V2.remove(key).is_ok();
+pub fn remove<F: Family>(key: &F::Key) {
+    F::conn_remove(key);
 }

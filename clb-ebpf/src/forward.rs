@@ -16,47 +16,48 @@
 
 use aya_ebpf::{bindings::xdp_action, helpers::bpf_ktime_get_ns, programs::XdpContext};
 use clb_common::{
-    ConnKey, HALF_ADOPTED, HALF_F_HASHED, HALF_F_REPLIED, HALF_SYN, HALF_UDP, LISTENER_F_ACTIVE,
-    LISTENER_F_DSR, LISTENER_F_MAGLEV, LISTENER_F_SHARED_BACKENDS, ListenerInfo, client_hash,
-    counter, flow_hash,
+    HALF_ADOPTED, HALF_F_HASHED, HALF_F_REPLIED, HALF_SYN, HALF_UDP, LISTENER_F_ACTIVE,
+    LISTENER_F_DSR, LISTENER_F_MAGLEV, LISTENER_F_SHARED_BACKENDS, ListenerInfo, counter,
 };
-use network_types::ip::Ipv4Hdr;
 
 use crate::{
     backends,
     conntrack::{self, Dir},
-    drop, flood, halfopen,
+    drop,
+    family::Family,
+    flood, halfopen,
     maps::CLB_LSN_V2,
-    nat,
+    nat::End,
     parse::Pkt,
-    persist, rst, schedule, spoof, stats,
+    persist, schedule, stats,
 };
 
 /// A flow as seen from its client: what keys its state and feeds the hash.
-#[derive(Clone, Copy)]
-pub struct Flow {
+pub struct Flow<F: Family> {
     /// Client address and port, network byte order.
-    pub client: u32,
+    pub client: F::Addr,
     pub client_port: u16,
     pub proto: u8,
 }
 
-impl Flow {
+impl<F: Family> Clone for Flow<F> {
     #[inline(always)]
-    pub fn key(&self, listener: u32) -> ConnKey {
-        ConnKey {
-            client: self.client,
-            client_port: self.client_port,
-            listener: listener as u16,
-            proto: self.proto,
-            _pad: [0; 3],
-        }
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<F: Family> Copy for Flow<F> {}
+
+impl<F: Family> Flow<F> {
+    #[inline(always)]
+    pub fn key(&self, listener: u32) -> F::Key {
+        F::key(self.client, self.client_port, listener, self.proto)
     }
 }
 
 /// Handles a well-formed TCP/UDP packet for listener `id`.
 #[inline(always)]
-pub fn client_packet(ctx: &XdpContext, ip: *mut Ipv4Hdr, p: &Pkt, id: u32) -> u32 {
+pub fn client_packet<F: Family>(ctx: &XdpContext, ip: *mut F::Hdr, p: &Pkt<F>, id: u32) -> u32 {
     let Some(lsn) = CLB_LSN_V2.get(id) else {
         return xdp_action::XDP_PASS;
     };
@@ -64,13 +65,12 @@ pub fn client_packet(ctx: &XdpContext, ip: *mut Ipv4Hdr, p: &Pkt, id: u32) -> u3
         return xdp_action::XDP_PASS;
     }
     // Forwarding a TTL-1 packet would make the next hop's time-exceeded reveal the backend.
-    // SAFETY: `ip` was bounds-checked by the parser.
-    if unsafe { (*ip).ttl } <= 1 {
+    if F::ttl(ip) <= 1 {
         return drop(counter::DROP_TTL);
     }
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
-    let flow = Flow {
+    let flow = Flow::<F> {
         client: p.saddr,
         client_port: p.sport,
         proto: p.proto,
@@ -78,21 +78,21 @@ pub fn client_packet(ctx: &XdpContext, ip: *mut Ipv4Hdr, p: &Pkt, id: u32) -> u3
     let key = flow.key(id);
     let dsr = lsn.flags & LISTENER_F_DSR != 0;
 
-    if let Some(c) = conntrack::live(&key, lsn, now) {
+    if let Some(c) = conntrack::live::<F>(&key, lsn, now) {
         if p.is_syn() && c.state != clb_common::CONN_OPEN {
             // A SYN reusing the ports of a closed connection starts a new flow.
-            conntrack::remove(&key);
+            conntrack::remove::<F>(&key);
         } else if backends::present(c.backend).is_some() {
             let backend = c.backend;
             let refreshed = conntrack::track(c, p, now, Dir::Fwd, !dsr);
             if refreshed && lsn.persist_ns != 0 {
-                persist::touch(&persist::key(lsn, p.saddr, id), lsn, backend, now);
+                persist::touch::<F>(&persist::key::<F>(lsn, p.saddr, id), lsn, backend, now);
             }
             return send(ctx, ip, p, lsn, id, backend, now);
         }
     }
     // No verified flow: a martian or looping source gets no further.
-    if let Err(reason) = spoof::check(p.saddr) {
+    if let Err(reason) = F::spoof(p.saddr) {
         return drop(reason);
     }
     if p.is_tcp() {
@@ -107,18 +107,18 @@ pub fn client_packet(ctx: &XdpContext, ip: *mut Ipv4Hdr, p: &Pkt, id: u32) -> u3
     clippy::too_many_arguments,
     reason = "one packet's context, passed down once"
 )]
-fn tcp_unverified(
+fn tcp_unverified<F: Family>(
     ctx: &XdpContext,
-    ip: *mut Ipv4Hdr,
-    p: &Pkt,
+    ip: *mut F::Hdr,
+    p: &Pkt<F>,
     lsn: &ListenerInfo,
     id: u32,
-    flow: &Flow,
-    key: &ConnKey,
+    flow: &Flow<F>,
+    key: &F::Key,
     now: u64,
 ) -> u32 {
     let dsr = lsn.flags & LISTENER_F_DSR != 0;
-    let half = halfopen::live(key, now);
+    let half = halfopen::live::<F>(key, now);
     if p.is_syn() {
         if let Some(h) = half
             && h.kind == HALF_SYN
@@ -138,7 +138,7 @@ fn tcp_unverified(
             stats::count(counter::FLOOD_HASHED);
         }
         if !flood || lsn.flags & LISTENER_F_SHARED_BACKENDS != 0 {
-            halfopen::insert(key, b, HALF_SYN, if flood { HALF_F_HASHED } else { 0 }, now);
+            halfopen::insert::<F>(key, b, HALF_SYN, if flood { HALF_F_HASHED } else { 0 }, now);
         }
         stats::both(id, b, |c| c.new_conns += 1);
         return send(ctx, ip, p, lsn, id, b, now);
@@ -149,7 +149,7 @@ fn tcp_unverified(
         let b = h.backend;
         if p.is_rst() {
             // The client gave up on the handshake (or a spoofer tried): forget it.
-            halfopen::remove(key);
+            halfopen::remove::<F>(key);
             stats::count(counter::HALF_OPEN_CLOSED);
         } else if (h.kind == HALF_SYN && p.is_plain_ack())
             || (h.kind == HALF_ADOPTED && dsr && h.packets >= 1)
@@ -169,7 +169,7 @@ fn tcp_unverified(
     let adopt = if hashed || lsn.flags & LISTENER_F_MAGLEV != 0 {
         stateless_backend(lsn, id, flow, now)
     } else if lsn.persist_ns != 0 {
-        persist::lookup(&persist::key(lsn, flow.client, id), lsn, now, true)
+        persist::lookup::<F>(&persist::key::<F>(lsn, flow.client, id), lsn, now, true)
             .ok_or(counter::DROP_NO_CONN)
     } else {
         Err(counter::DROP_NO_CONN)
@@ -181,7 +181,7 @@ fn tcp_unverified(
                 stats::count(counter::HALF_OPEN_MISS_HASHED);
             }
             stats::count(counter::ADOPTED);
-            halfopen::insert(
+            halfopen::insert::<F>(
                 key,
                 b,
                 HALF_ADOPTED,
@@ -199,18 +199,18 @@ fn tcp_unverified(
     clippy::too_many_arguments,
     reason = "one packet's context, passed down once"
 )]
-fn udp_unverified(
+fn udp_unverified<F: Family>(
     ctx: &XdpContext,
-    ip: *mut Ipv4Hdr,
-    p: &Pkt,
+    ip: *mut F::Hdr,
+    p: &Pkt<F>,
     lsn: &ListenerInfo,
     id: u32,
-    flow: &Flow,
-    key: &ConnKey,
+    flow: &Flow<F>,
+    key: &F::Key,
     now: u64,
 ) -> u32 {
     let dsr = lsn.flags & LISTENER_F_DSR != 0;
-    if let Some(h) = halfopen::live(key, now)
+    if let Some(h) = halfopen::live::<F>(key, now)
         && h.kind == HALF_UDP
         && backends::present(h.backend).is_some()
     {
@@ -228,7 +228,7 @@ fn udp_unverified(
         Ok(b) => b,
         Err(reason) => return drop(reason),
     };
-    halfopen::insert(key, b, HALF_UDP, 0, now);
+    halfopen::insert::<F>(key, b, HALF_UDP, 0, now);
     stats::both(id, b, |c| c.new_conns += 1);
     send(ctx, ip, p, lsn, id, b, now)
 }
@@ -237,83 +237,101 @@ fn udp_unverified(
 /// still accepts, else the schedule's (the hash's when `stateless`). Without `stateless`, a
 /// persisted listener's choice is remembered as pending for the client's next flows.
 #[inline(always)]
-fn choose(lsn: &ListenerInfo, id: u32, flow: &Flow, now: u64, stateless: bool) -> Result<u32, u32> {
+fn choose<F: Family>(
+    lsn: &ListenerInfo,
+    id: u32,
+    flow: &Flow<F>,
+    now: u64,
+    stateless: bool,
+) -> Result<u32, u32> {
     if lsn.persist_ns == 0 {
         return if stateless || lsn.flags & LISTENER_F_MAGLEV != 0 {
-            schedule::hashed(id, hash(lsn, flow))
+            schedule::hashed(id, hash(lsn, id, flow))
         } else {
             schedule::round_robin(id)
         };
     }
-    let k = persist::key(lsn, flow.client, id);
-    if let Some(b) = persist::lookup(&k, lsn, now, false) {
+    let k = persist::key::<F>(lsn, flow.client, id);
+    if let Some(b) = persist::lookup::<F>(&k, lsn, now, false) {
         stats::both(id, b, |c| c.session_hits += 1);
         return Ok(b);
     }
     if stateless || lsn.flags & LISTENER_F_MAGLEV != 0 {
-        let b = schedule::hashed(id, hash(lsn, flow))?;
+        let b = schedule::hashed(id, hash(lsn, id, flow))?;
         if stateless {
             return Ok(b);
         }
-        return Ok(persist::remember_pending(&k, b, now));
+        return Ok(persist::remember_pending::<F>(&k, b, now));
     }
     let b = schedule::round_robin(id)?;
-    Ok(persist::remember_pending(&k, b, now))
+    Ok(persist::remember_pending::<F>(&k, b, now))
 }
 
 /// The backend a flow without any state belongs to, computed without writing anything: the
 /// client's persisted backend (verified or pending), else the hash. A SYN placed in flood
 /// mode, its ACK, and the backend's replies all compute the same.
 #[inline(always)]
-pub fn stateless_backend(lsn: &ListenerInfo, id: u32, flow: &Flow, now: u64) -> Result<u32, u32> {
+pub fn stateless_backend<F: Family>(
+    lsn: &ListenerInfo,
+    id: u32,
+    flow: &Flow<F>,
+    now: u64,
+) -> Result<u32, u32> {
     if lsn.persist_ns != 0
-        && let Some(b) = persist::lookup(&persist::key(lsn, flow.client, id), lsn, now, true)
+        && let Some(b) =
+            persist::lookup::<F>(&persist::key::<F>(lsn, flow.client, id), lsn, now, true)
     {
         return Ok(b);
     }
-    schedule::hashed(id, hash(lsn, flow))
+    schedule::hashed(id, hash(lsn, id, flow))
 }
 
 /// The consistent hash of a flow: of its (masked) client with persistence, of its 5-tuple
 /// without.
 #[inline(always)]
-fn hash(lsn: &ListenerInfo, flow: &Flow) -> u32 {
+fn hash<F: Family>(lsn: &ListenerInfo, id: u32, flow: &Flow<F>) -> u32 {
     if lsn.persist_ns != 0 {
-        client_hash(flow.client & lsn.client_mask, lsn.vip, lsn.port, flow.proto)
+        F::client_hash(F::masked(flow.client, lsn, id), lsn, id, flow.proto)
     } else {
-        flow_hash(flow.client, flow.client_port, lsn.vip, lsn.port, flow.proto)
+        F::flow_hash(flow.client, flow.client_port, lsn, id, flow.proto)
     }
 }
 
 /// An unverified flow proved real: it moves to the connection table, and its client's choice
 /// to the persistence table.
 #[inline(always)]
-pub fn promote(
-    key: &ConnKey,
+pub fn promote<F: Family>(
+    key: &F::Key,
     lsn: &ListenerInfo,
     id: u32,
-    flow: &Flow,
+    flow: &Flow<F>,
     backend: u32,
-    p: &Pkt,
+    p: &Pkt<F>,
     now: u64,
 ) {
-    if conntrack::insert(key, backend, p, now).is_err() {
+    if conntrack::insert::<F>(key, backend, p, now).is_err() {
         stats::count(counter::DROP_CONN_TABLE);
         return;
     }
-    halfopen::remove(key);
+    halfopen::remove::<F>(key);
     stats::count(counter::HALF_OPEN_PROMOTE);
     if lsn.persist_ns != 0 {
-        persist::commit(&persist::key(lsn, flow.client, id), lsn, id, backend, now);
+        persist::commit::<F>(
+            &persist::key::<F>(lsn, flow.client, id),
+            lsn,
+            id,
+            backend,
+            now,
+        );
     }
 }
 
 /// Forwards a client packet to `backend`: DNAT (NAT) or next-hop MAC only (DSR).
 #[inline(always)]
-fn send(
+fn send<F: Family>(
     ctx: &XdpContext,
-    ip: *mut Ipv4Hdr,
-    p: &Pkt,
+    ip: *mut F::Hdr,
+    p: &Pkt<F>,
     lsn: &ListenerInfo,
     id: u32,
     backend: u32,
@@ -323,27 +341,28 @@ fn send(
         return drop(counter::DROP_NO_BACKEND);
     };
     stats::forward(id, backend, p.ip_len);
+    let addr = F::backend_addr(backend, be);
     if lsn.flags & LISTENER_F_DSR != 0 {
         stats::count(counter::DSR_FORWARDED);
-        return nat::forward(ctx, ip, p, be.addr, true, now);
+        return F::forward(ctx, ip, p, addr, true, now);
     }
-    if nat::rewrite(ctx, ip, p, nat::End::Dst, be.addr, be.port).is_err() {
+    if F::rewrite(ctx, ip, p, End::Dst, addr, be.port).is_err() {
         return xdp_action::XDP_ABORTED;
     }
-    nat::forward(ctx, ip, p, be.addr, false, now)
+    F::forward(ctx, ip, p, addr, false, now)
 }
 
 /// Answers a TCP packet that belongs nowhere with an RST (within the RST budget), or drops
 /// it (UDP, or no budget left) counting `reason`.
 #[inline(always)]
-fn reset(ctx: &XdpContext, p: &Pkt, id: u32, reason: u32, now: u64) -> u32 {
+fn reset<F: Family>(ctx: &XdpContext, p: &Pkt<F>, id: u32, reason: u32, now: u64) -> u32 {
     if !p.is_tcp() || p.is_rst() {
         return drop(reason);
     }
     if !flood::take_rst(now) {
         return drop(counter::DROP_RST_RATE);
     }
-    if rst::build(ctx, p).is_err() {
+    if F::rst(ctx, p).is_err() {
         return drop(reason);
     }
     stats::count(counter::RST_SENT);

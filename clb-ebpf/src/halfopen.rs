@@ -4,12 +4,9 @@
 //! (retransmitted SYNs find the entry); when a flood evicts it, the stateless hash recomputes
 //! the same choice (see `forward::stateless_backend`).
 
-use clb_common::{ConnKey, HalfOpenValue, REFRESH_NS, counter, is_expired};
+use clb_common::{HalfOpenValue, REFRESH_NS, counter, is_expired};
 
-use crate::{
-    maps::{CLB_GLOBAL_V1, CLB_HALF_V1},
-    stats,
-};
+use crate::{family::Family, maps::CLB_GLOBAL_V1, stats};
 
 /// The half-open timeout in effect, ns.
 #[inline(always)]
@@ -22,8 +19,8 @@ fn timeout_ns() -> u64 {
 
 /// A live half-open entry for `key`.
 #[inline(always)]
-pub fn live(key: &ConnKey, now: u64) -> Option<&'static mut HalfOpenValue> {
-    let h = CLB_HALF_V1.get_ptr_mut(key)?;
+pub fn live<F: Family>(key: &F::Key, now: u64) -> Option<&'static mut HalfOpenValue> {
+    let h = F::half(key)?;
     // SAFETY: a map value pointer; concurrent writers only touch timestamps and flag bits.
     let h = unsafe { &mut *h };
     if is_expired(now, h.last_seen_ns, timeout_ns()) {
@@ -42,7 +39,7 @@ pub fn touch(h: &mut HalfOpenValue, now: u64) {
 
 /// Records a new unverified flow of `kind` on `backend`.
 #[inline(always)]
-pub fn insert(key: &ConnKey, backend: u32, kind: u8, flags: u8, now: u64) {
+pub fn insert<F: Family>(key: &F::Key, backend: u32, kind: u8, flags: u8, now: u64) {
     let v = HalfOpenValue {
         last_seen_ns: now,
         backend,
@@ -51,14 +48,13 @@ pub fn insert(key: &ConnKey, backend: u32, kind: u8, flags: u8, now: u64) {
         packets: 1,
         _pad: 0,
     };
-    if CLB_HALF_V1.insert(key, &v, 0).is_ok() {
+    if F::half_insert(key, &v) {
         stats::count(counter::HALF_OPEN_INSERT);
     }
 }
 
 /// Forgets an unverified flow (promoted, or its client reset it).
 #[inline(always)]
-pub fn remove(key: &ConnKey) {
-    // Absent already (evicted, or another CPU promoted it): nothing to do.
-    let _gone = CLB_HALF_V1.remove(key).is_ok();
+pub fn remove<F: Family>(key: &F::Key) {
+    F::half_remove(key);
 }

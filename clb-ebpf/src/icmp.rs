@@ -16,6 +16,7 @@ use network_types::ip::Ipv4Hdr;
 
 use crate::{
     backends, conntrack, csum, drop,
+    family::V4,
     forward::Flow,
     halfopen,
     maps::{CLB_LSN_ADDR_V1, CLB_LSN_V2},
@@ -92,15 +93,15 @@ pub fn to_vip(ctx: &XdpContext, ip: *mut Ipv4Hdr) -> u32 {
     };
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
-    let key = Flow {
+    let key = Flow::<V4> {
         client: idst,
         client_port: idport,
         proto: iproto,
     }
     .key(id);
-    let backend = match conntrack::live(&key, lsn, now) {
+    let backend = match conntrack::live::<V4>(&key, lsn, now) {
         Some(c) => c.backend,
-        None => match halfopen::live(&key, now) {
+        None => match halfopen::live::<V4>(&key, now) {
             Some(h) => h.backend,
             None => return xdp_action::XDP_PASS,
         },
@@ -112,7 +113,7 @@ pub fn to_vip(ctx: &XdpContext, ip: *mut Ipv4Hdr) -> u32 {
     // `forward` needs a parsed view for the FIB lookup only: protocol and length.
     // SAFETY: as above.
     let ip_len = u16::from_be_bytes(unsafe { (*ip).tot_len });
-    let view = Pkt {
+    let view = Pkt::<V4> {
         l4_off: ICMP_OFF,
         ip_len,
         saddr: 0,

@@ -1,7 +1,7 @@
 //! clb datapath: an XDP L4 load balancer with flood-proof connection tracking and source-IP
 //! session persistence, NAT or direct server return.
 //!
-//! Per packet: Ethernet/IPv4 → to a listener? (`forward`: verified flow → unverified flow →
+//! Per packet: Ethernet/IPv4 or IPv6 → to a listener? (`forward`: verified flow → unverified flow →
 //! new flow, scheduled by round robin, Maglev or the stateless hash in flood mode; DNAT or
 //! DSR) : from a backend? (`reply`: SNAT back to the VIP) : an ICMP error about a flow?
 //! (`icmp`) : pass. Everything the balancer does not own goes to the stack untouched.
@@ -22,13 +22,17 @@
 mod backends;
 mod conntrack;
 mod csum;
+mod family;
 mod flood;
 mod forward;
 mod halfopen;
 mod icmp;
+mod icmp6;
 mod maps;
 mod nat;
+mod nat6;
 mod parse;
+mod parse6;
 mod persist;
 mod reply;
 mod rst;
@@ -37,9 +41,15 @@ mod spoof;
 mod stats;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
-use clb_common::{ListenerKey, PROTO_ICMP, counter};
+use clb_common::{ListenerKey, ListenerKey6, PROTO_ICMP, TAIL_V6, TAIL_V6_ICMP, counter};
+use network_types::ip::{Ipv4Hdr, Ipv6Hdr};
 
-use crate::{maps::CLB_LSN_ADDR_V1, parse::L4};
+use crate::{
+    family::{V4, V6},
+    maps::{CLB_LSN_ADDR_V1, CLB_LSN_ADDR6_V1, CLB_PROGS_V1},
+    parse::{L4, Pkt},
+    parse6::Parsed6,
+};
 
 /// Final outcome of a parse step that stops processing.
 #[derive(Clone, Copy)]
@@ -48,14 +58,56 @@ pub enum Verdict {
     Drop(u32),
 }
 
-/// The load balancer.
+/// The load balancer. IPv4 is handled here; IPv6 in [`clb_xdp6`] (a tail call: its 16-byte
+/// addresses need a stack frame of their own).
 #[xdp]
 pub fn clb_xdp(ctx: XdpContext) -> u32 {
-    let action = process(&ctx);
+    let action = if let Some(ip) = parse::ipv4(&ctx) {
+        process4(&ctx, ip)
+    } else if parse6::ipv6(&ctx).is_some() {
+        tail(&ctx, TAIL_V6)
+    } else {
+        xdp_action::XDP_PASS
+    };
+    finish(&ctx, action)
+}
+
+/// IPv6 packets (tail-called from [`clb_xdp`]).
+#[xdp]
+pub fn clb_xdp6(ctx: XdpContext) -> u32 {
+    let action = match parse6::ipv6(&ctx) {
+        Some(ip) => process6(&ctx, ip),
+        None => xdp_action::XDP_PASS,
+    };
+    finish(&ctx, action)
+}
+
+/// ICMPv6 messages to a VIP (tail-called from [`clb_xdp6`]).
+#[xdp]
+pub fn clb_xdp6_icmp(ctx: XdpContext) -> u32 {
+    let action = match parse6::ipv6(&ctx) {
+        Some(ip) => icmp6::process(&ctx, ip),
+        None => xdp_action::XDP_PASS,
+    };
+    finish(&ctx, action)
+}
+
+/// Passes every packet: attached to veth peers so `XDP_TX`/redirected frames are delivered,
+/// and the floor the benchmarks measure against.
+#[xdp]
+pub fn clb_pass(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_PASS
+}
+
+/// Counts a program's final verdict.
+#[inline(always)]
+fn finish(ctx: &XdpContext, action: u32) -> u32 {
     #[cfg(feature = "debug-log")]
     if action == xdp_action::XDP_DROP || action == xdp_action::XDP_TX {
-        aya_log_ebpf::debug!(&ctx, "clb: verdict {} (1 drop, 3 RST sent)", action);
+        aya_log_ebpf::debug!(ctx, "clb: verdict {} (1 drop, 3 RST sent)", action);
     }
+    #[cfg(not(feature = "debug-log"))]
+    let _ = ctx;
     stats::count(match action {
         xdp_action::XDP_PASS => counter::VERDICT_PASS,
         xdp_action::XDP_DROP => counter::VERDICT_DROP,
@@ -66,10 +118,13 @@ pub fn clb_xdp(ctx: XdpContext) -> u32 {
     action
 }
 
-/// Passes every packet: attached to veth peers so `XDP_TX`/redirected frames are delivered,
-/// and the floor the benchmarks measure against.
-#[xdp]
-pub fn clb_pass(_ctx: XdpContext) -> u32 {
+/// Tail-calls program `index` of the program array. It returns only if the call failed (the
+/// slot is empty: user space has not filled it): the packet then passes, counted.
+#[inline(always)]
+fn tail(ctx: &XdpContext, index: u32) -> u32 {
+    // SAFETY: a tail call into a program of the same type, set by user space.
+    unsafe { CLB_PROGS_V1.tail_call(ctx, index) };
+    stats::count(counter::TAIL_CALL_FAILED);
     xdp_action::XDP_PASS
 }
 
@@ -80,10 +135,7 @@ fn drop(reason: u32) -> u32 {
 }
 
 #[inline(always)]
-fn process(ctx: &XdpContext) -> u32 {
-    let Some(ip) = parse::ipv4(ctx) else {
-        return xdp_action::XDP_PASS;
-    };
+fn process4(ctx: &XdpContext, ip: *mut Ipv4Hdr) -> u32 {
     match parse::l4_lenient(ctx, ip) {
         // Fast path, a well-formed TCP/UDP packet: one lookup says whether it is for a
         // listener; otherwise it may be a backend's reply (or a VIP port without listener,
@@ -97,8 +149,8 @@ fn process(ctx: &XdpContext) -> u32 {
             };
             // SAFETY: read-only use of a map value.
             match unsafe { CLB_LSN_ADDR_V1.get(&key) } {
-                Some(l) => forward::client_packet(ctx, ip, &p, l.id),
-                None => reply::backend_packet(ctx, ip, &p),
+                Some(l) => forward::client_packet::<V4>(ctx, ip, &p, l.id),
+                None => reply::backend_packet::<V4>(ctx, ip, &p),
             }
         }
         // Anything else: if it is addressed to a VIP, say why it is not balanced (malformed
@@ -124,6 +176,44 @@ fn process(ctx: &XdpContext) -> u32 {
                 Err(Verdict::Drop(reason)) => drop(reason),
             }
         }
+    }
+}
+
+/// As [`process4`] for IPv6: ICMPv6 (neighbour discovery above all) and anything not to a VIP
+/// pass untouched.
+#[inline(always)]
+fn process6(ctx: &XdpContext, ip: *mut Ipv6Hdr) -> u32 {
+    let mut p = Pkt::<V6> {
+        l4_off: 0,
+        ip_len: 0,
+        saddr: [0; 2],
+        daddr: [0; 2],
+        sport: 0,
+        dport: 0,
+        proto: 0,
+        tcp_flags: 0,
+    };
+    let parsed = Parsed6::decode(parse6::parse(ctx, ip, &mut p));
+    if let Parsed6::Packet = parsed {
+        let key = ListenerKey6 {
+            vip: p.daddr,
+            port: p.dport,
+            proto: p.proto,
+            _pad: [0; 5],
+        };
+        // SAFETY: read-only use of a map value.
+        return match unsafe { CLB_LSN_ADDR6_V1.get(&key) } {
+            Some(l) => forward::client_packet::<V6>(ctx, ip, &p, l.id),
+            None => reply::backend_packet::<V6>(ctx, ip, &p),
+        };
+    }
+    if !parse6::to_vip(ip) {
+        return xdp_action::XDP_PASS;
+    }
+    match parsed {
+        Parsed6::Icmp { .. } => tail(ctx, TAIL_V6_ICMP),
+        Parsed6::Bad(reason) => drop(reason),
+        Parsed6::Other | Parsed6::Packet => xdp_action::XDP_PASS,
     }
 }
 

@@ -6,15 +6,17 @@
 //! from its configuration (`[tables]`).
 
 use aya_ebpf::{
-    btf_maps::{Array, ArrayOfMaps, DevMapHash, HashMap, LruHashMap, PerCpuArray},
+    bindings::bpf_fib_lookup,
+    btf_maps::{Array, ArrayOfMaps, DevMapHash, HashMap, LruHashMap, PerCpuArray, ProgramArray},
     macros::btf_map,
 };
 use clb_common::{
-    BPF_F_INNER_MAP, BackendAddrInfo, BackendAddrKey, BackendInfo, ConnKey, ConnValue, CpuState,
-    DEFAULT_CONNS, DEFAULT_HALF_OPEN, DEFAULT_SESSIONS, GlobalConfig, HalfOpenValue, ListenerInfo,
-    ListenerKey, ListenerRef, MAX_BACKENDS, MAX_DENIED_SOURCES, MAX_DEVICES, MAX_LISTENERS,
-    NH_SLOTS, NUM_COUNTERS, NextHop, SCHED_TEMPLATE_SLOTS, SessionKey, SessionValue, SharedState,
-    TrafficCounters,
+    Addr6, BPF_F_INNER_MAP, BackendAddrInfo, BackendAddrKey, BackendAddrKey6, BackendInfo, ConnKey,
+    ConnKey6, ConnValue, CpuState, DEFAULT_CONNS, DEFAULT_CONNS6, DEFAULT_HALF_OPEN,
+    DEFAULT_HALF_OPEN6, DEFAULT_SESSIONS, DEFAULT_SESSIONS6, GlobalConfig, HalfOpenValue,
+    ListenerInfo, ListenerInfo6, ListenerKey, ListenerKey6, ListenerRef, MAX_BACKENDS,
+    MAX_DENIED_SOURCES, MAX_DEVICES, MAX_LISTENERS, NH_SLOTS, NUM_COUNTERS, NextHop, NextHop6,
+    SCHED_TEMPLATE_SLOTS, SessionKey, SessionKey6, SessionValue, SharedState, TrafficCounters,
 };
 
 const LISTENERS: usize = MAX_LISTENERS as usize;
@@ -126,3 +128,71 @@ pub static CLB_SHARED_V1: Array<SharedState, 1> = Array::new();
 /// Per-CPU flood-detection window and RST token bucket.
 #[btf_map]
 pub static CLB_CPU_V1: PerCpuArray<CpuState, 1> = PerCpuArray::new();
+
+// ---- IPv6: the same roles with 16-byte addresses (the IPv4 maps keep their small keys) ----
+
+/// IPv6 (VIP, port, proto) → listener id; (VIP, 0, 0) says "this address is a VIP".
+#[btf_map]
+pub static CLB_LSN_ADDR6_V1: HashMap<ListenerKey6, ListenerRef, { LISTENERS * 2 }> = HashMap::new();
+
+/// Listener id → the IPv6 VIP and persistence mask of an IPv6 listener.
+#[btf_map]
+pub static CLB_LSN6_V1: Array<ListenerInfo6, LISTENERS> = Array::new();
+
+/// Backend id → the address of an IPv6 backend.
+#[btf_map]
+pub static CLB_BE6_V1: Array<Addr6, BACKENDS> = Array::new();
+
+/// (IPv6 backend, port, proto) → listeners it serves.
+#[btf_map]
+pub static CLB_BE_ADDR6_V1: HashMap<BackendAddrKey6, BackendAddrInfo, BACKENDS> = HashMap::new();
+
+/// Verified IPv6 flows.
+#[btf_map]
+pub static CLB_CONN6_V1: LruHashMap<ConnKey6, ConnValue, { DEFAULT_CONNS6 as usize }> =
+    LruHashMap::new();
+
+/// Unverified IPv6 flows.
+#[btf_map]
+pub static CLB_HALF6_V1: LruHashMap<
+    ConnKey6,
+    HalfOpenValue,
+    { DEFAULT_HALF_OPEN6 as usize },
+    NO_COMMON_LRU,
+> = LruHashMap::new();
+
+/// IPv6 persistence: clients with a verified flow.
+#[btf_map]
+pub static CLB_SESS6_V1: LruHashMap<SessionKey6, SessionValue, { DEFAULT_SESSIONS6 as usize }> =
+    LruHashMap::new();
+
+/// IPv6 pending persistence.
+#[btf_map]
+pub static CLB_PSESS6_V1: LruHashMap<
+    SessionKey6,
+    SessionValue,
+    { DEFAULT_HALF_OPEN6 as usize },
+    NO_COMMON_LRU,
+> = LruHashMap::new();
+
+/// IPv6 source → reason it never opens a flow to a VIP.
+#[btf_map]
+pub static CLB_NOSRC6_V1: HashMap<Addr6, u32, { MAX_DENIED_SOURCES as usize }> = HashMap::new();
+
+/// Per-CPU IPv6 next-hop cache.
+#[btf_map]
+pub static CLB_NH6_V1: PerCpuArray<NextHop6, { NH_SLOTS as usize }> = PerCpuArray::new();
+
+/// Per-CPU scratch for `bpf_fib_lookup`'s 64-byte argument, which would not fit the IPv6
+/// path's 512-byte stack next to everything else.
+#[btf_map]
+pub static CLB_FIB_SCRATCH_V1: PerCpuArray<bpf_fib_lookup, 1> = PerCpuArray::new();
+
+/// The programs the balancer tail-calls: `TAIL_V6` (IPv6 packets), `TAIL_V6_ICMP` (ICMPv6 to a
+/// VIP). Filled by user space after loading.
+#[btf_map]
+pub static CLB_PROGS_V1: ProgramArray<{ clb_common::TAIL_SLOTS as usize }> = ProgramArray::new();
+
+/// Per-CPU scratch of the ICMPv6 program (the quote of an ICMPv6 error being handled).
+#[btf_map]
+pub static CLB_ICMP6_SCRATCH_V1: PerCpuArray<crate::icmp6::Quote, 1> = PerCpuArray::new();

@@ -12,7 +12,8 @@ use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
 
 use crate::{
     csum,
-    maps::{CLB_DEVS_V1, CLB_NH_V1},
+    family::V4,
+    maps::{CLB_DEVS_V1, CLB_FIB_SCRATCH_V1, CLB_NH_V1},
     parse::{Pkt, ptr_at},
     stats,
 };
@@ -38,7 +39,7 @@ pub enum End {
 pub fn rewrite(
     ctx: &XdpContext,
     ip: *mut Ipv4Hdr,
-    p: &Pkt,
+    p: &Pkt<V4>,
     end: End,
     addr: u32,
     port: u16,
@@ -47,8 +48,7 @@ pub fn rewrite(
         End::Dst => (p.daddr, p.dport),
         End::Src => (p.saddr, p.sport),
     };
-    // SAFETY: `ip` and the L4 header were bounds-checked by the parser and are re-checked by
-    // `ptr_at` below; the frame has not changed size since.
+    // SAFETY: `ip` was bounds-checked by the parser; the frame has not changed size since.
     unsafe {
         match end {
             End::Dst => (*ip).dst_addr = addr.to_ne_bytes(),
@@ -56,23 +56,40 @@ pub fn rewrite(
         }
         let c = csum::replace4(u16::from_ne_bytes((*ip).check), old_addr, addr);
         (*ip).check = c.to_ne_bytes();
+    }
+    l4(ctx, p.l4_off, p.proto, end, old_port, port, |c| {
+        csum::replace4(c, old_addr, addr)
+    })
+}
 
-        if p.proto == PROTO_TCP {
-            let tcp: *mut TcpHdr = ptr_at(ctx, p.l4_off)?;
-            let mut c = u16::from_ne_bytes((*tcp).check);
-            c = csum::replace4(c, old_addr, addr);
-            c = csum::replace2(c, old_port, port);
+/// Rewrites the TCP/UDP port at one end and the L4 checksum: `addr_delta` applies the
+/// pseudo-header's address change, then the port change is applied. A UDP checksum of 0
+/// ("none", IPv4 only) stays 0.
+#[inline(always)]
+pub fn l4(
+    ctx: &XdpContext,
+    l4_off: usize,
+    proto: u8,
+    end: End,
+    old_port: u16,
+    port: u16,
+    addr_delta: impl Fn(u16) -> u16,
+) -> Result<(), ()> {
+    // SAFETY: the L4 header is bounds-checked by `ptr_at`.
+    unsafe {
+        if proto == PROTO_TCP {
+            let tcp: *mut TcpHdr = ptr_at(ctx, l4_off)?;
+            let c = csum::replace2(addr_delta(u16::from_ne_bytes((*tcp).check)), old_port, port);
             (*tcp).check = c.to_ne_bytes();
             match end {
                 End::Dst => (*tcp).dest = port.to_ne_bytes(),
                 End::Src => (*tcp).source = port.to_ne_bytes(),
             }
         } else {
-            let udp: *mut UdpHdr = ptr_at(ctx, p.l4_off)?;
+            let udp: *mut UdpHdr = ptr_at(ctx, l4_off)?;
             let old = u16::from_ne_bytes((*udp).check);
             if old != 0 {
-                let mut c = csum::replace4(old, old_addr, addr);
-                c = csum::replace2(c, old_port, port);
+                let c = csum::replace2(addr_delta(old), old_port, port);
                 (*udp).check = csum::udp_nonzero(c).to_ne_bytes();
             }
             match end {
@@ -96,7 +113,7 @@ pub fn rewrite(
 pub fn forward(
     ctx: &XdpContext,
     ip: *mut Ipv4Hdr,
-    p: &Pkt,
+    p: &Pkt<V4>,
     nh_dst: u32,
     dsr: bool,
     now: u64,
@@ -136,9 +153,31 @@ pub fn forward(
         stats::count(counter::DROP_DSR_NO_NEXTHOP);
         return xdp_action::XDP_DROP;
     }
-    // Choose the egress first: if it is not in the devmap the packet goes to the stack,
-    // which must still see our MAC as destination and the original TTL.
-    let action = match CLB_DEVS_V1.redirect(nh.ifindex, u64::from(xdp_action::XDP_PASS)) {
+    let (ifindex, src_mac, dst_mac) = (nh.ifindex, nh.src_mac, nh.dst_mac);
+    emit(ctx, ifindex, src_mac, dst_mac, dsr, || {
+        // SAFETY: as above. TTL and protocol share one 16-bit word of the header.
+        unsafe {
+            let old = u16::from_ne_bytes([ttl, (*ip).proto]);
+            let new = u16::from_ne_bytes([ttl - 1, (*ip).proto]);
+            (*ip).ttl = ttl - 1;
+            (*ip).check = csum::replace2(u16::from_ne_bytes((*ip).check), old, new).to_ne_bytes();
+        }
+    })
+}
+
+/// The last step of forwarding, either family: the egress from the devmap (if it is not
+/// there, the packet goes to the stack as it is, which must still see our MAC as destination
+/// and the original TTL — or, for DSR, is dropped), then `decrement_ttl`, the MACs, redirect.
+#[inline(always)]
+pub fn emit(
+    ctx: &XdpContext,
+    ifindex: u32,
+    src_mac: [u8; 6],
+    dst_mac: [u8; 6],
+    dsr: bool,
+    decrement_ttl: impl FnOnce(),
+) -> u32 {
+    let action = match CLB_DEVS_V1.redirect(ifindex, u64::from(xdp_action::XDP_PASS)) {
         Ok(a) => a,
         Err(a) => {
             if dsr {
@@ -149,29 +188,55 @@ pub fn forward(
             return a;
         }
     };
-    // SAFETY: as above; the Ethernet header is re-checked.
+    decrement_ttl();
+    let Ok(eth) = ptr_at::<EthHdr>(ctx, 0) else {
+        return xdp_action::XDP_ABORTED;
+    };
+    // SAFETY: bounds-checked by `ptr_at`.
     unsafe {
-        // TTL and protocol share one 16-bit word of the header.
-        let old = u16::from_ne_bytes([ttl, (*ip).proto]);
-        let new = u16::from_ne_bytes([ttl - 1, (*ip).proto]);
-        (*ip).ttl = ttl - 1;
-        (*ip).check = csum::replace2(u16::from_ne_bytes((*ip).check), old, new).to_ne_bytes();
-        let Ok(eth) = ptr_at::<EthHdr>(ctx, 0) else {
-            return xdp_action::XDP_ABORTED;
-        };
-        (*eth).dst_addr = nh.dst_mac;
-        (*eth).src_addr = nh.src_mac;
+        (*eth).dst_addr = dst_mac;
+        (*eth).src_addr = src_mac;
     }
     action
 }
 
+/// What a FIB lookup result means for the packet: `Ok` to go on, `Err(action)` otherwise
+/// (counted). Shared by both families.
+#[inline(always)]
+pub fn fib_verdict(rc: i64) -> Result<(), u32> {
+    match rc {
+        BPF_FIB_LKUP_RET_SUCCESS => Ok(()),
+        // The stack finishes these: it resolves the neighbour (and forwards the packet),
+        // or fragments it / answers "fragmentation needed". The packet goes up NATed.
+        BPF_FIB_LKUP_RET_NO_NEIGH => {
+            stats::count(counter::FWD_STACK_NO_NEIGH);
+            Err(xdp_action::XDP_PASS)
+        }
+        BPF_FIB_LKUP_RET_FRAG_NEEDED => {
+            stats::count(counter::FWD_STACK_FRAG);
+            Err(xdp_action::XDP_PASS)
+        }
+        // No route, blackhole, unreachable, prohibited, forwarding disabled: the stack
+        // would drop it too.
+        _ => {
+            stats::count(counter::DROP_NO_ROUTE);
+            Err(xdp_action::XDP_DROP)
+        }
+    }
+}
+
 /// The next hop towards `dst` per the kernel's FIB, or the action when there is none now.
 #[inline(always)]
-fn fib(ctx: &XdpContext, ip: *const Ipv4Hdr, p: &Pkt, dst: u32) -> Result<NextHop, u32> {
-    // SAFETY: `fib` is a plain C struct for which all-zero is valid; the helper reads and
-    // writes only it; `ip` is bounds-checked.
+fn fib(ctx: &XdpContext, ip: *const Ipv4Hdr, p: &Pkt<V4>, dst: u32) -> Result<NextHop, u32> {
+    // SAFETY: `fib` is this CPU's scratch slot (nothing else uses it while the program runs
+    // here), a plain C struct for which all-zero is valid; the helper reads and writes only
+    // it; `ip` is bounds-checked.
     unsafe {
-        let mut fib: bpf_fib_lookup = core::mem::zeroed();
+        let Some(fib) = CLB_FIB_SCRATCH_V1.get_ptr_mut(0) else {
+            return Err(xdp_action::XDP_ABORTED);
+        };
+        let fib = &mut *fib;
+        *fib = core::mem::zeroed::<bpf_fib_lookup>();
         fib.family = AF_INET;
         fib.l4_protocol = p.proto;
         fib.__bindgen_anon_1.tot_len = p.ip_len;
@@ -181,29 +246,11 @@ fn fib(ctx: &XdpContext, ip: *const Ipv4Hdr, p: &Pkt, dst: u32) -> Result<NextHo
         fib.ifindex = ctx.ingress_ifindex() as u32;
         let rc = fib_lookup(
             ctx.as_ptr(),
-            &mut fib,
+            fib,
             core::mem::size_of::<bpf_fib_lookup>() as i32,
             0,
         );
-        match rc {
-            BPF_FIB_LKUP_RET_SUCCESS => {}
-            // The stack finishes these: it resolves the neighbour (and forwards the packet),
-            // or fragments it / answers "fragmentation needed". The packet goes up NATed.
-            BPF_FIB_LKUP_RET_NO_NEIGH => {
-                stats::count(counter::FWD_STACK_NO_NEIGH);
-                return Err(xdp_action::XDP_PASS);
-            }
-            BPF_FIB_LKUP_RET_FRAG_NEEDED => {
-                stats::count(counter::FWD_STACK_FRAG);
-                return Err(xdp_action::XDP_PASS);
-            }
-            // No route, blackhole, unreachable, prohibited, forwarding disabled: the stack
-            // would drop it too.
-            _ => {
-                stats::count(counter::DROP_NO_ROUTE);
-                return Err(xdp_action::XDP_DROP);
-            }
-        }
+        fib_verdict(rc)?;
         Ok(NextHop {
             ifindex: fib.ifindex,
             // The helper replaces the destination with the gateway when there is one.

@@ -7,7 +7,10 @@ use aya_ebpf::programs::XdpContext;
 use clb_common::{PROTO_TCP, PROTO_UDP, counter};
 use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
 
-use crate::Verdict;
+use crate::{
+    Verdict,
+    family::{Family, V4},
+};
 
 /// EtherType IPv4 as it sits in memory.
 const ETH_P_IP: u16 = u16::from_ne_bytes([0x08, 0x00]);
@@ -44,14 +47,13 @@ pub fn ipv4(ctx: &XdpContext) -> Option<*mut Ipv4Hdr> {
 }
 
 /// What the datapath needs of a TCP/UDP packet. Addresses and ports in network byte order.
-#[derive(Clone, Copy)]
-pub struct Pkt {
+pub struct Pkt<F: Family> {
     /// Offset of the L4 header.
     pub l4_off: usize,
-    /// IPv4 total length (host order).
+    /// The IP packet's length, header included (host order).
     pub ip_len: u16,
-    pub saddr: u32,
-    pub daddr: u32,
+    pub saddr: F::Addr,
+    pub daddr: F::Addr,
     pub sport: u16,
     pub dport: u16,
     pub proto: u8,
@@ -59,7 +61,15 @@ pub struct Pkt {
     pub tcp_flags: u8,
 }
 
-impl Pkt {
+impl<F: Family> Clone for Pkt<F> {
+    #[inline(always)]
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<F: Family> Copy for Pkt<F> {}
+
+impl<F: Family> Pkt<F> {
     #[inline(always)]
     pub fn is_tcp(&self) -> bool {
         self.proto == PROTO_TCP
@@ -132,7 +142,7 @@ pub fn l4_strict(ctx: &XdpContext, ip: *const Ipv4Hdr) -> Result<L4, Verdict> {
 
 /// Parses IPv4 + TCP/UDP leniently for the reply path: anything odd is `None` (pass to stack).
 #[inline(always)]
-pub fn l4_lenient(ctx: &XdpContext, ip: *const Ipv4Hdr) -> Option<Pkt> {
+pub fn l4_lenient(ctx: &XdpContext, ip: *const Ipv4Hdr) -> Option<Pkt<V4>> {
     // SAFETY: as in `l4_strict`.
     let (vihl, tot_len, frags, proto) = unsafe {
         (
@@ -163,7 +173,7 @@ fn l4_ports(
     ihl: usize,
     tot_len: u16,
     proto: u8,
-) -> Result<Pkt, ()> {
+) -> Result<Pkt<V4>, ()> {
     // SAFETY: checked by the caller.
     let (saddr, daddr) = unsafe {
         (
@@ -174,7 +184,7 @@ fn l4_ports(
     // `ihl` is at most 60: the verifier sees a bounded offset.
     let l4_off = IP_OFF + (ihl & 0x3c);
     let l4_len = tot_len as usize - ihl;
-    let mut pkt = Pkt {
+    let mut pkt = Pkt::<V4> {
         l4_off,
         ip_len: tot_len,
         saddr,
@@ -184,6 +194,19 @@ fn l4_ports(
         proto,
         tcp_flags: 0,
     };
+    (pkt.sport, pkt.dport, pkt.tcp_flags) = ports(ctx, l4_off, l4_len, proto)?;
+    Ok(pkt)
+}
+
+/// Source port, destination port and TCP flags of the TCP or UDP header at `l4_off`, which
+/// must fit in `l4_len` bytes (the IP payload).
+#[inline(always)]
+pub fn ports(
+    ctx: &XdpContext,
+    l4_off: usize,
+    l4_len: usize,
+    proto: u8,
+) -> Result<(u16, u16, u8), ()> {
     if proto == PROTO_TCP {
         let tcp: *const TcpHdr = ptr_at(ctx, l4_off)?;
         if l4_len < TcpHdr::LEN {
@@ -195,9 +218,11 @@ fn l4_ports(
             if doff < TcpHdr::LEN || doff > l4_len {
                 return Err(());
             }
-            pkt.sport = u16::from_ne_bytes((*tcp).source);
-            pkt.dport = u16::from_ne_bytes((*tcp).dest);
-            pkt.tcp_flags = *(tcp as *const u8).add(13);
+            Ok((
+                u16::from_ne_bytes((*tcp).source),
+                u16::from_ne_bytes((*tcp).dest),
+                *(tcp as *const u8).add(13),
+            ))
         }
     } else {
         let udp: *const UdpHdr = ptr_at(ctx, l4_off)?;
@@ -206,9 +231,11 @@ fn l4_ports(
         }
         // SAFETY: `ptr_at` checked the frame holds a `UdpHdr` here.
         unsafe {
-            pkt.sport = u16::from_ne_bytes((*udp).src);
-            pkt.dport = u16::from_ne_bytes((*udp).dst);
+            Ok((
+                u16::from_ne_bytes((*udp).src),
+                u16::from_ne_bytes((*udp).dst),
+                0,
+            ))
         }
     }
-    Ok(pkt)
 }

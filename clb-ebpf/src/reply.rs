@@ -7,44 +7,36 @@
 
 use aya_ebpf::{bindings::xdp_action, helpers::bpf_ktime_get_ns, programs::XdpContext};
 use clb_common::{
-    BackendAddrKey, HALF_ADOPTED, HALF_F_REPLIED, HALF_UDP, LISTENER_F_DSR,
-    MAX_LISTENERS_PER_BACKEND_ADDR, NO_LISTENER, counter,
+    HALF_ADOPTED, HALF_F_REPLIED, HALF_UDP, LISTENER_F_DSR, MAX_LISTENERS_PER_BACKEND_ADDR,
+    NO_LISTENER, counter,
 };
-use network_types::ip::Ipv4Hdr;
 
 use crate::{
     backends,
     conntrack::{self, Dir},
+    family::Family,
     flood,
     forward::{self, Flow},
     halfopen,
-    maps::{CLB_BE_ADDR_V1, CLB_LSN_V2},
-    nat::{self, End},
+    maps::CLB_LSN_V2,
+    nat::End,
     parse::Pkt,
     stats,
 };
 
 /// Handles a well-formed TCP/UDP packet not addressed to a VIP.
 #[inline(always)]
-pub fn backend_packet(ctx: &XdpContext, ip: *mut Ipv4Hdr, p: &Pkt) -> u32 {
-    let bkey = BackendAddrKey {
-        addr: p.saddr,
-        port: p.sport,
-        proto: p.proto,
-        _pad: 0,
-    };
-    // SAFETY: read-only use of a map value.
-    let Some(info) = (unsafe { CLB_BE_ADDR_V1.get(&bkey) }) else {
+pub fn backend_packet<F: Family>(ctx: &XdpContext, ip: *mut F::Hdr, p: &Pkt<F>) -> u32 {
+    let Some(info) = F::backend_listeners(p.saddr, p.sport, p.proto) else {
         return xdp_action::XDP_PASS;
     };
     // The stack answers a TTL-expiring packet (to the backend, its source) itself.
-    // SAFETY: `ip` was bounds-checked by the parser.
-    if unsafe { (*ip).ttl } <= 1 {
+    if F::ttl(ip) <= 1 {
         return xdp_action::XDP_PASS;
     }
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
-    let flow = Flow {
+    let flow = Flow::<F> {
         client: p.daddr,
         client_port: p.dport,
         proto: p.proto,
@@ -70,16 +62,17 @@ pub fn backend_packet(ctx: &XdpContext, ip: *mut Ipv4Hdr, p: &Pkt) -> u32 {
         // Whether `b` is this packet's backend (the same client port may be in use towards
         // another listener's backend).
         let ours = |b: u32| {
-            backends::present(b).is_some_and(|be| be.addr == p.saddr && be.port == p.sport)
+            backends::present(b)
+                .is_some_and(|be| F::same(F::backend_addr(b, be), p.saddr) && be.port == p.sport)
         };
-        if let Some(c) = conntrack::live(&key, lsn, now)
+        if let Some(c) = conntrack::live::<F>(&key, lsn, now)
             && ours(c.backend)
         {
             let b = c.backend;
             conntrack::track(c, p, now, Dir::Rev, true);
-            return answer(ctx, ip, p, id, b, lsn.vip, lsn.port, now);
+            return answer(ctx, ip, p, id, b, F::vip(lsn, id), lsn.port, now);
         }
-        if let Some(h) = halfopen::live(&key, now)
+        if let Some(h) = halfopen::live::<F>(&key, now)
             && ours(h.backend)
         {
             let b = h.backend;
@@ -92,7 +85,7 @@ pub fn backend_packet(ctx: &XdpContext, ip: *mut Ipv4Hdr, p: &Pkt) -> u32 {
                     forward::promote(&key, lsn, id, &flow, b, p, now);
                 }
             }
-            return answer(ctx, ip, p, id, b, lsn.vip, lsn.port, now);
+            return answer(ctx, ip, p, id, b, F::vip(lsn, id), lsn.port, now);
         }
         // A flow placed by the stateless hash whose half-open entry a flood evicted (or
         // never wrote): recompute, and adopt it if this backend is the one it names.
@@ -108,7 +101,7 @@ pub fn backend_packet(ctx: &XdpContext, ip: *mut Ipv4Hdr, p: &Pkt) -> u32 {
             if !p.has_syn() {
                 forward::promote(&key, lsn, id, &flow, b, p, now);
             }
-            return answer(ctx, ip, p, id, b, lsn.vip, lsn.port, now);
+            return answer(ctx, ip, p, id, b, F::vip(lsn, id), lsn.port, now);
         }
     }
     stats::count(counter::REPLY_NO_CONN);
@@ -121,19 +114,19 @@ pub fn backend_packet(ctx: &XdpContext, ip: *mut Ipv4Hdr, p: &Pkt) -> u32 {
     clippy::too_many_arguments,
     reason = "one packet's context, passed down once"
 )]
-fn answer(
+fn answer<F: Family>(
     ctx: &XdpContext,
-    ip: *mut Ipv4Hdr,
-    p: &Pkt,
+    ip: *mut F::Hdr,
+    p: &Pkt<F>,
     id: u32,
     backend: u32,
-    vip: u32,
+    vip: F::Addr,
     vip_port: u16,
     now: u64,
 ) -> u32 {
     stats::reply(id, backend, p.ip_len);
-    if nat::rewrite(ctx, ip, p, End::Src, vip, vip_port).is_err() {
+    if F::rewrite(ctx, ip, p, End::Src, vip, vip_port).is_err() {
         return xdp_action::XDP_ABORTED;
     }
-    nat::forward(ctx, ip, p, p.daddr, false, now)
+    F::forward(ctx, ip, p, p.daddr, false, now)
 }

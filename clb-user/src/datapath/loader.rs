@@ -25,7 +25,8 @@ use aya::{
     },
 };
 use clb_common::{
-    ALL_MAPS, CONN_MAP, HALF_OPEN_MAP, PASS_PROGRAM, PENDING_SESSION_MAP, SESSION_MAP, XDP_PROGRAM,
+    ALL_MAPS, CONN_MAP, HALF_OPEN_MAP, PASS_PROGRAM, PENDING_SESSION_MAP, PROGRAM_MAP, SESSION_MAP,
+    TAIL_PROGRAMS, XDP_PROGRAM, XDP6_ICMP_PROGRAM, XDP6_PROGRAM,
 };
 use tracing::{info, warn};
 
@@ -220,13 +221,16 @@ fn load_inner(pin_dir: Option<&Path>, sizes: &TableSizes, small: bool) -> anyhow
             return Err(explain_load_error(e, sizes));
         }
     };
-    for name in [XDP_PROGRAM, PASS_PROGRAM] {
+    for name in [XDP_PROGRAM, XDP6_PROGRAM, XDP6_ICMP_PROGRAM, PASS_PROGRAM] {
         let prog: &mut Xdp = ebpf
             .program_mut(name)
             .ok_or_else(|| anyhow!("program {name} missing from the object"))?
             .try_into()?;
         prog.load()
             .with_context(|| format!("loading XDP program {name} (verifier)"))?;
+    }
+    if !small {
+        fill_tail_calls(&mut ebpf)?;
     }
     let dataplane = AyaDataplane::from_ebpf(&mut ebpf)?;
     let tables = dataplane.aya_tables();
@@ -247,6 +251,29 @@ fn load_inner(pin_dir: Option<&Path>, sizes: &TableSizes, small: bool) -> anyhow
         pin_dir: pin_dir.map(Path::to_owned),
         resized,
     })
+}
+
+/// Puts the IPv6 programs into the program array the balancer tail-calls them through (a
+/// pinned array from an earlier load gets this load's programs).
+fn fill_tail_calls(ebpf: &mut Ebpf) -> anyhow::Result<()> {
+    let mut fds = Vec::new();
+    for (name, slot) in TAIL_PROGRAMS {
+        let prog: &Xdp = ebpf
+            .program(name)
+            .ok_or_else(|| anyhow!("program {name} missing from the object"))?
+            .try_into()?;
+        fds.push((slot, prog.fd()?.try_clone()?));
+    }
+    let map = ebpf
+        .map_mut(PROGRAM_MAP)
+        .ok_or_else(|| anyhow!("map {PROGRAM_MAP} missing from the object"))?;
+    let mut progs = aya::maps::ProgramArray::try_from(map)?;
+    for (slot, fd) in &fds {
+        progs
+            .set(*slot, fd, 0)
+            .with_context(|| format!("setting tail-call slot {slot} of {PROGRAM_MAP}"))?;
+    }
+    Ok(())
 }
 
 /// A load error, with the table, its `[tables]` setting and size named when the kernel
