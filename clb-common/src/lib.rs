@@ -1018,6 +1018,9 @@ pub mod counter {
     /// Drop: an IPv6 packet to a VIP whose extension headers cannot be walked (too many, a
     /// routing header, truncated, unknown).
     pub const DROP_BAD_EXTHDR: u32 = 50;
+    /// Drop: an IPv6 UDP datagram to a VIP with checksum 0 (not allowed over IPv6: the
+    /// backend's stack would discard it after it took a backend and state).
+    pub const DROP_UDP6_ZERO_CSUM: u32 = 51;
     /// A tail call into the IPv6 programs failed (their slot is empty): the packet passed.
     pub const TAIL_CALL_FAILED: u32 = 23;
 
@@ -1064,13 +1067,14 @@ pub mod counter {
         n[DROP_BAD_ICMP as usize] = "drop_bad_icmp";
         n[DROP_NO_ROUTE as usize] = "drop_no_route";
         n[DROP_BAD_EXTHDR as usize] = "drop_bad_exthdr";
+        n[DROP_UDP6_ZERO_CSUM as usize] = "drop_udp6_zero_csum";
         n[TAIL_CALL_FAILED as usize] = "tail_call_failed";
         n
     };
 
     /// Whether counter `i` is a drop reason.
     pub const fn is_drop_reason(i: u32) -> bool {
-        i >= DROP_BAD_IHL && i <= DROP_BAD_EXTHDR
+        i >= DROP_BAD_IHL && i <= DROP_UDP6_ZERO_CSUM
     }
 }
 

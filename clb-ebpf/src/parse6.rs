@@ -1,7 +1,8 @@
 //! IPv6 parsing: the fixed header, then at most `MAX_EXT_HEADERS` hop-by-hop and destination
 //! options headers skipped, then the transport header. A fragment header means no ports to
 //! balance on; a routing header, too many or truncated extension headers make the packet
-//! unparseable. Both are dropped (with a reason) if the packet is addressed to a VIP.
+//! unparseable; so does a UDP checksum of 0 (illegal over IPv6). All are dropped (with a
+//! reason) if the packet is addressed to a VIP.
 
 use aya_ebpf::programs::XdpContext;
 use clb_common::{
@@ -114,6 +115,15 @@ pub fn parse(ctx: &XdpContext, ip: *const Ipv6Hdr, out: &mut Pkt<V6>) -> u64 {
     match nh {
         PROTO_TCP | PROTO_UDP => match ports(ctx, off, end - off, nh) {
             Ok((sport, dport, tcp_flags)) => {
+                if nh == PROTO_UDP {
+                    let Ok(u) = ptr_at::<[u8; 8]>(ctx, off) else {
+                        return BAD | u64::from(counter::DROP_TRUNCATED_L4);
+                    };
+                    // SAFETY: bounds-checked by `ptr_at`.
+                    if unsafe { (*u)[6] == 0 && (*u)[7] == 0 } {
+                        return BAD | u64::from(counter::DROP_UDP6_ZERO_CSUM);
+                    }
+                }
                 // SAFETY: as above.
                 let (src, dst) = unsafe { ((*ip).src_addr, (*ip).dst_addr) };
                 *out = Pkt {

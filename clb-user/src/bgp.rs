@@ -183,7 +183,11 @@ impl Speaker {
                     .iter()
                     .any(|b| b.spec.weight > 0 && b.drain.is_none() && b.health == Health::Healthy)
             })
-            .map(|l| *l.spec.vip.ip())
+            // IPv4 VIPs: the sessions carry IPv4 unicast only (IPv6 VIPs are not announced).
+            .filter_map(|l| match l.spec.vip.ip() {
+                std::net::IpAddr::V4(v) => Some(v),
+                std::net::IpAddr::V6(_) => None,
+            })
             .collect()
     }
 

@@ -7,7 +7,7 @@
 //! Nothing imports this module but `main`.
 
 use std::{
-    net::{Ipv4Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::PathBuf,
     sync::Arc,
     time::{Duration, Instant},
@@ -108,8 +108,8 @@ fn init_config(opts: &DaemonOptions) -> anyhow::Result<ConfigFile> {
     Ok(ConfigFile::default())
 }
 
-/// The IPv4 addresses of this network namespace's interfaces.
-fn local_addrs() -> Vec<Ipv4Addr> {
+/// The addresses of this network namespace's interfaces (but loopback and IPv6 link-local).
+fn local_addrs() -> Vec<IpAddr> {
     let mut out = Vec::new();
     let mut ifap: *mut libc::ifaddrs = std::ptr::null_mut();
     // SAFETY: getifaddrs allocates a list we walk read-only and free once.
@@ -124,7 +124,14 @@ fn local_addrs() -> Vec<Ipv4Addr> {
                 let sin = a as *const libc::sockaddr_in;
                 let ip = Ipv4Addr::from(u32::from_be((*sin).sin_addr.s_addr));
                 if !ip.is_loopback() {
-                    out.push(ip);
+                    out.push(IpAddr::V4(ip));
+                }
+            }
+            if !a.is_null() && i32::from((*a).sa_family) == libc::AF_INET6 {
+                let sin6 = a as *const libc::sockaddr_in6;
+                let ip = Ipv6Addr::from((*sin6).sin6_addr.s6_addr);
+                if !ip.is_loopback() && (ip.segments()[0] & 0xffc0) != 0xfe80 {
+                    out.push(IpAddr::V6(ip));
                 }
             }
             p = (*p).ifa_next;
@@ -188,6 +195,9 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
         connections: cfg.tables.connections,
         half_open: cfg.tables.half_open,
         sessions: cfg.tables.sessions,
+        connections6: cfg.tables.connections6,
+        half_open6: cfg.tables.half_open6,
+        sessions6: cfg.tables.sessions6,
     };
     let mut loaded = match loader::load(Some(&opts.bpffs), &sizes) {
         Ok(l) => l,

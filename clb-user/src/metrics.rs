@@ -133,7 +133,7 @@ struct Scrape {
     stats: StatsResponse,
     /// (listener, backend, healthy, accepting)
     health: Vec<(String, String, bool, bool)>,
-    tables: [crate::datapath::TableInfo; 4],
+    tables: [crate::datapath::TableInfo; 8],
 }
 
 type Labels = Vec<(&'static str, Cow<'static, str>)>;
@@ -362,7 +362,7 @@ impl Collector for Scrape {
             MetricType::Gauge,
             [(vec![], st.flood.half_open_evictions_estimate)],
         )?;
-        let names = ["connections", "half_open", "sessions", "pending_sessions"];
+        let names = crate::datapath::TABLE_NAMES;
         family(
             &mut enc,
             "clb_table_capacity",

@@ -7,7 +7,7 @@
 //! and undone: maps, state and file stay as they were.
 
 use std::{
-    net::SocketAddrV4,
+    net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     sync::Arc,
     time::Instant,
@@ -28,13 +28,17 @@ use proptest::prelude::*;
 use tower::ServiceExt as _;
 
 const NAMES: [&str; 3] = ["a", "b", "c"];
-/// Every VIP is on 10.0.0.1, so that backend 10.0.0.1:8080 is always a VIP's address.
+/// Every VIP is on 10.0.0.1 or fd00::1, so that backends 10.0.0.1:8080 and [fd00::1]:8080
+/// are always refused (a VIP's address, or of the other family than the listener's VIP).
 const PORTS: [u16; 3] = [80, 81, 82];
-const BACKENDS: [&str; 4] = [
+const VIP_IPS: [&str; 2] = ["10.0.0.1", "fd00::1"];
+const BACKENDS: [&str; 6] = [
     "10.1.0.1:8080",
     "10.1.0.2:8080",
     "10.1.0.2:9090",
     "10.0.0.1:8080",
+    "[fd00:10::1]:8080",
+    "[fd00::1]:8080",
 ];
 const PERSISTS: [u32; 4] = [0, 600, 3600, 3601];
 const WEIGHTS: [u32; 4] = [0, 10, 100, 101];
@@ -46,6 +50,7 @@ enum Op {
         name: usize,
         port: usize,
         udp: bool,
+        v6: bool,
         persist: usize,
     },
     DeleteListener(usize),
@@ -59,15 +64,15 @@ enum Op {
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
-        3 => (0..3usize, 0..3usize, any::<bool>(), 0..4usize).prop_map(|(name, port, udp, persist)| {
-            Op::AddListener { name, port, udp, persist }
-        }),
+        3 => (0..3usize, 0..3usize, any::<bool>(), any::<bool>(), 0..4usize).prop_map(
+            |(name, port, udp, v6, persist)| Op::AddListener { name, port, udp, v6, persist }
+        ),
         1 => (0..3usize).prop_map(Op::DeleteListener),
         2 => (0..3usize, 0..4usize).prop_map(|(l, p)| Op::PatchPersist(l, p)),
         1 => (0..3usize, 0..3usize).prop_map(|(l, i)| Op::PatchIdle(l, i)),
-        4 => (0..3usize, 0..4usize, 0..4usize).prop_map(|(l, b, w)| Op::AddBackend(l, b, w)),
-        2 => (0..3usize, 0..4usize, 0..4usize).prop_map(|(l, b, w)| Op::SetWeight(l, b, w)),
-        1 => (0..3usize, 0..4usize).prop_map(|(l, b)| Op::DeleteBackend(l, b)),
+        4 => (0..3usize, 0..6usize, 0..4usize).prop_map(|(l, b, w)| Op::AddBackend(l, b, w)),
+        2 => (0..3usize, 0..6usize, 0..4usize).prop_map(|(l, b, w)| Op::SetWeight(l, b, w)),
+        1 => (0..3usize, 0..6usize).prop_map(|(l, b)| Op::DeleteBackend(l, b)),
         1 => Just(Op::Reload),
     ]
 }
@@ -81,15 +86,20 @@ struct Model {
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 struct ML {
     name: String,
-    vip: SocketAddrV4,
+    vip: SocketAddr,
     udp: bool,
     persist: u32,
     idle: Option<u32>,
-    backends: Vec<(SocketAddrV4, u32)>,
+    backends: Vec<(SocketAddr, u32)>,
 }
 
-fn sa(s: &str) -> SocketAddrV4 {
+fn sa(s: &str) -> SocketAddr {
     s.parse().expect("address")
+}
+
+/// `addr` as a URL path segment (an IPv6 address's brackets percent-encoded).
+fn seg(addr: SocketAddr) -> String {
+    addr.to_string().replace('[', "%5B").replace(']', "%5D")
 }
 
 impl Model {
@@ -106,11 +116,13 @@ impl Model {
                 name,
                 port,
                 udp,
+                v6,
                 persist,
             } => {
+                let ip: IpAddr = VIP_IPS[usize::from(v6)].parse().expect("VIP");
                 let (name, vip, persist) = (
                     NAMES[name],
-                    SocketAddrV4::new([10, 0, 0, 1].into(), PORTS[port]),
+                    SocketAddr::new(ip, PORTS[port]),
                     PERSISTS[persist],
                 );
                 let body = format!(
@@ -200,7 +212,9 @@ impl Model {
                     None => Err(vec![404]),
                     Some(i) => {
                         let mut refused = Vec::new();
-                        if weight > 100 || *addr.ip() == std::net::Ipv4Addr::new(10, 0, 0, 1) {
+                        let is_vip = VIP_IPS.iter().any(|v| addr.ip().to_string() == *v);
+                        let other_family = addr.is_ipv6() != self.listeners[i].vip.is_ipv6();
+                        if weight > 100 || is_vip || other_family {
                             refused.push(400);
                         }
                         if self.listeners[i].backends.iter().any(|(a, _)| *a == addr) {
@@ -241,7 +255,7 @@ impl Model {
                 let body = format!(r#"{{"weight":{weight}}}"#);
                 (
                     Method::PATCH,
-                    format!("/v1/listeners/{name}/backends/{addr}"),
+                    format!("/v1/listeners/{name}/backends/{}", seg(addr)),
                     Some(body),
                     outcome,
                 )
@@ -263,7 +277,7 @@ impl Model {
                 };
                 (
                     Method::DELETE,
-                    format!("/v1/listeners/{name}/backends/{addr}"),
+                    format!("/v1/listeners/{name}/backends/{}", seg(addr)),
                     None,
                     outcome,
                 )
@@ -286,7 +300,7 @@ fn of_specs(specs: &[clb::control::model::ListenerSpec]) -> Vec<ML> {
     let mut v: Vec<ML> = specs
         .iter()
         .map(|s| {
-            let mut backends: Vec<(SocketAddrV4, u32)> =
+            let mut backends: Vec<(SocketAddr, u32)> =
                 s.backends.iter().map(|b| (b.addr, b.weight)).collect();
             backends.sort();
             ML {
@@ -307,7 +321,7 @@ fn of_views(views: &[ListenerView], idle_of: &dyn Fn(&str) -> Option<u32>) -> Ve
     let mut v: Vec<ML> = views
         .iter()
         .map(|l| {
-            let mut backends: Vec<(SocketAddrV4, u32)> =
+            let mut backends: Vec<(SocketAddr, u32)> =
                 l.backends.iter().map(|b| (b.addr, b.weight)).collect();
             backends.sort();
             ML {

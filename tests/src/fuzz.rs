@@ -5,18 +5,23 @@
 //! - the verdict is never `XDP_ABORTED`, and exactly one verdict counter moves;
 //! - `XDP_PASS` leaves the frame unchanged;
 //! - `XDP_DROP` moves exactly one drop-reason counter; other verdicts move none;
-//! - a redirected frame is IPv4 with a TTL one lower, valid IP and L4 checksums when the input
-//!   had them, and goes to a configured backend (NAT: its address and port; DSR: the VIP, to
-//!   the backend's MAC; an ICMP error: the backend's address) or back from a VIP (reply path);
+//! - a redirected frame is of the input's family with a TTL (hop limit) one lower, valid IP and
+//!   L4 checksums when the input had them, and goes to a configured backend (NAT: its address
+//!   and port; DSR: the VIP, to the backend's MAC; an ICMP or ICMPv6 error: the backend's
+//!   address) or back from a VIP (reply path);
 //! - an `XDP_TX` frame is a TCP RST from a VIP to the sender, with valid checksums;
 //! - at the end, the verdict counters add up to the frames sent.
+//!
+//! About a third of the frames are IPv6 (extension headers within and past the parser's
+//! bound, fragments, routing headers, ICMPv6 errors and neighbour discovery), against IPv6
+//! listeners of every kind.
 //!
 //! A frame breaking an invariant is printed as hex and written to `tests/fuzz-fixtures/`, from
 //! where `fuzz_smoke` replays it on every test run.
 
 use std::{
     collections::HashSet,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
     path::Path,
     time::Instant,
 };
@@ -27,56 +32,85 @@ use clb_common::counter;
 use crate::{
     lab::{
         PacketLab, XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX, backend, backend_mac,
-        verdict_name,
+        backend6, verdict_name,
     },
     packet::{ACK, FrameSpec, SYN, hexdump, icmp_error, parse, verify_checksums},
+    packet6::{self, Frame6Spec, icmp6_error, parse6},
 };
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 100);
 const VIP2: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 101);
+const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 0x100);
+const VIP6_2: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 0x101);
+
+/// The backend number (and MAC suffix) of a lab backend address of either family.
+fn backend_no(ip: IpAddr) -> u8 {
+    match ip {
+        IpAddr::V4(a) => a.octets()[3],
+        IpAddr::V6(a) => a.octets()[15],
+    }
+}
 
 /// The listeners the fuzzer runs against: every scheduler, forwarding mode, persistence and
 /// protocol, two listeners sharing backends, two VIPs.
 pub fn listeners() -> Vec<ListenerSpec> {
-    let l = |name: &str, vip: Ipv4Addr, port: u16, proto: Proto, persist: u32, bs: &[(u8, u16)]| {
-        let mut s = ListenerSpec::new(name, SocketAddrV4::new(vip, port), proto);
+    let l = |name: &str, vip: IpAddr, port: u16, proto: Proto, persist: u32, bs: &[(u8, u16)]| {
+        let mut s = ListenerSpec::new(name, SocketAddr::new(vip, port), proto);
         s.persist = persist;
         s.health_check =
             clb::control::model::HealthCheckSpec::of(clb::control::model::CheckKind::None);
         s.backends = bs
             .iter()
-            .map(|(n, p)| BackendSpec {
-                addr: backend(*n, *p),
-                weight: 10,
+            .map(|(n, p)| {
+                let addr: SocketAddr = match vip {
+                    IpAddr::V4(_) => backend(*n, *p).into(),
+                    IpAddr::V6(_) => backend6(*n, *p).into(),
+                };
+                BackendSpec::new(addr, 10)
             })
             .collect();
         s
     };
-    let mut sticky = l("sticky", VIP, 81, Proto::Tcp, 60, &[(2, 8080), (3, 8080)]);
-    let mut dsr = l("dsr", VIP, 82, Proto::Tcp, 0, &[(4, 82), (7, 82)]);
-    if let (Kind::L4(s), Kind::L4(d)) = (&mut sticky.kind, &mut dsr.kind) {
-        s.sched = Sched::Maglev;
-        s.persist_mask = Some(24);
-        d.forward = Forward::Dsr;
+    let mut out = Vec::new();
+    for (sfx, vip, vip2, mask) in [
+        ("", IpAddr::V4(VIP), IpAddr::V4(VIP2), 24),
+        ("6", IpAddr::V6(VIP6), IpAddr::V6(VIP6_2), 64),
+    ] {
+        let n = |base: &str| format!("{base}{sfx}");
+        let mut sticky = l(
+            &n("sticky"),
+            vip,
+            81,
+            Proto::Tcp,
+            60,
+            &[(2, 8080), (3, 8080)],
+        );
+        let mut dsr = l(&n("dsr"), vip, 82, Proto::Tcp, 0, &[(4, 82), (7, 82)]);
+        if let (Kind::L4(s), Kind::L4(d)) = (&mut sticky.kind, &mut dsr.kind) {
+            s.sched = Sched::Maglev;
+            s.persist_mask = Some(mask);
+            d.forward = Forward::Dsr;
+        }
+        out.extend([
+            l(&n("web"), vip, 80, Proto::Tcp, 0, &[(2, 8080), (3, 8080)]),
+            sticky,
+            dsr,
+            l(&n("dns"), vip, 53, Proto::Udp, 30, &[(5, 5353), (6, 5353)]),
+            l(&n("other"), vip2, 80, Proto::Tcp, 0, &[(8, 80)]),
+        ]);
     }
-    vec![
-        l("web", VIP, 80, Proto::Tcp, 0, &[(2, 8080), (3, 8080)]),
-        sticky,
-        dsr,
-        l("dns", VIP, 53, Proto::Udp, 30, &[(5, 5353), (6, 5353)]),
-        l("other", VIP2, 80, Proto::Tcp, 0, &[(8, 80)]),
-    ]
+    out
 }
 
 /// A (VIP, port, proto) → backends index of the configuration, for checking outputs.
 struct Config {
     /// NAT backends: address:port.
-    nat_backends: HashSet<SocketAddrV4>,
-    /// DSR backends: (address, MAC) — the frame keeps the VIP as destination.
+    nat_backends: HashSet<SocketAddr>,
+    /// DSR backends' MACs — the frame keeps the VIP as destination.
     dsr_macs: HashSet<[u8; 6]>,
     /// VIP:port of every L4 listener.
-    vips: HashSet<SocketAddrV4>,
-    backend_ips: HashSet<Ipv4Addr>,
+    vips: HashSet<SocketAddr>,
+    backend_ips: HashSet<IpAddr>,
 }
 
 impl Config {
@@ -91,9 +125,9 @@ impl Config {
             c.vips.insert(l.vip);
             let dsr = l.l4().is_some_and(|k| k.forward == Forward::Dsr);
             for b in &l.backends {
-                c.backend_ips.insert(*b.addr.ip());
+                c.backend_ips.insert(b.addr.ip());
                 if dsr {
-                    c.dsr_macs.insert(backend_mac(b.addr.ip().octets()[3]));
+                    c.dsr_macs.insert(backend_mac(backend_no(b.addr.ip())));
                 } else {
                     c.nat_backends.insert(b.addr);
                 }
@@ -110,6 +144,8 @@ pub struct FuzzReport {
     pub seconds: f64,
     /// Frames per verdict: aborted, drop, pass, tx, redirect.
     pub verdicts: [u64; 5],
+    /// Of those, IPv6 frames per verdict.
+    pub verdicts6: [u64; 5],
     /// Invariant violations (description and the input frame).
     pub failures: Vec<(String, Vec<u8>)>,
 }
@@ -123,15 +159,34 @@ impl FuzzReport {
 /// A flow the fuzzer saw forwarded, to build replies and ICMP errors about.
 #[derive(Clone, Copy)]
 struct Seen {
-    client: SocketAddrV4,
-    vip: SocketAddrV4,
-    backend: SocketAddrV4,
+    client: SocketAddr,
+    vip: SocketAddr,
+    backend: SocketAddr,
     proto: u8,
 }
 
 struct Gen {
     rng: fastrand::Rng,
-    seen: Vec<Seen>,
+    /// Forwarded flows, IPv4 and IPv6.
+    seen: [Vec<Seen>; 2],
+}
+
+fn v4(a: SocketAddr) -> SocketAddrV4 {
+    match a {
+        SocketAddr::V4(a) => a,
+        SocketAddr::V6(_) => unreachable!("an IPv4 flow"),
+    }
+}
+
+fn v6(a: SocketAddr) -> SocketAddrV6 {
+    match a {
+        SocketAddr::V6(a) => a,
+        SocketAddr::V4(_) => unreachable!("an IPv6 flow"),
+    }
+}
+
+fn sa6(ip: Ipv6Addr, port: u16) -> SocketAddrV6 {
+    SocketAddrV6::new(ip, port, 0, 0)
 }
 
 impl Gen {
@@ -163,8 +218,219 @@ impl Gen {
         (0..n).map(|_| self.rng.u8(..)).collect()
     }
 
-    /// A valid frame of some kind.
+    /// A seen flow of family `fam` (0 IPv4, 1 IPv6), if any (half the time).
+    fn seen_flow(&mut self, fam: usize) -> Option<Seen> {
+        if self.seen[fam].is_empty() || self.rng.bool() {
+            return None;
+        }
+        let i = self.rng.usize(..self.seen[fam].len());
+        Some(self.seen[fam][i])
+    }
+
+    /// A valid frame of some kind: a third IPv6.
     fn frame(&mut self) -> Vec<u8> {
+        if self.rng.u8(..3) == 0 {
+            self.frame6()
+        } else {
+            self.frame4()
+        }
+    }
+
+    fn source6(&mut self) -> Ipv6Addr {
+        match self.rng.u8(..20) {
+            0 => Ipv6Addr::UNSPECIFIED,
+            1 => Ipv6Addr::LOCALHOST,
+            2 => Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1),
+            3 => Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, self.rng.u16(..)),
+            4 => Ipv4Addr::new(10, 2, 0, self.rng.u8(..)).to_ipv6_mapped(),
+            5 => self.pick(&[VIP6, VIP6_2]),
+            6 => *backend6(self.rng.u8(2..10), 0).ip(),
+            7 => "fd00:1::1".parse().unwrap(),
+            8 => crate::lab::CLIENT6,
+            _ => Ipv6Addr::new(
+                0xfd00,
+                2,
+                self.rng.u16(..4),
+                0,
+                0,
+                0,
+                0,
+                self.rng.u16(1..250),
+            ),
+        }
+    }
+
+    /// Extension headers for a frame: mostly none, sometimes options (within and past the
+    /// parser's bound), a fragment or a routing header.
+    fn ext6(&mut self, s: &mut Frame6Spec) {
+        if self.rng.u8(..4) != 0 {
+            return;
+        }
+        for _ in 0..self.rng.usize(1..=4) {
+            let kind = self.pick(&[
+                packet6::HOP_BY_HOP,
+                packet6::DEST_OPTS,
+                packet6::DEST_OPTS,
+                packet6::FRAGMENT,
+                packet6::ROUTING,
+            ]);
+            let body = match kind {
+                packet6::FRAGMENT => {
+                    let mut b = vec![0u8; 6];
+                    b[0..2].copy_from_slice(&self.pick(&[0u16, 1, 8, 9]).to_be_bytes());
+                    b[2..6].copy_from_slice(&self.rng.u32(..).to_be_bytes());
+                    b
+                }
+                packet6::ROUTING => vec![0, self.rng.u8(..3), 0, 0, 0, 0],
+                _ => {
+                    let n = self.pick(&[6usize, 6, 14, 22]);
+                    let mut b = vec![1, (n - 2) as u8];
+                    b.resize(n, 0);
+                    b
+                }
+            };
+            s.ext.push((kind, body));
+        }
+    }
+
+    /// An IPv6 frame of some kind.
+    fn frame6(&mut self) -> Vec<u8> {
+        let ports: [(Ipv6Addr, u16); 7] = [
+            (VIP6, 80),
+            (VIP6, 81),
+            (VIP6, 82),
+            (VIP6, 53),
+            (VIP6_2, 80),
+            (VIP6, 443),
+            (VIP6, 8),
+        ];
+        match self.rng.u8(..100) {
+            // Client → VIP, TCP.
+            0..=39 => {
+                let (vip, port) = self.pick(&ports);
+                let src = sa6(self.source6(), self.rng.u16(1..));
+                let flags = if self.rng.bool() {
+                    self.pick(&[
+                        SYN,
+                        ACK,
+                        SYN | ACK,
+                        ACK | 0x08,
+                        0x01 | ACK,
+                        0x04,
+                        0x04 | ACK,
+                    ])
+                } else {
+                    self.rng.u8(..)
+                };
+                let mut s = Frame6Spec::tcp(src, sa6(vip, port), flags);
+                s.seq = self.rng.u32(..);
+                s.ack = self.rng.u32(..);
+                s.hop_limit = self.ttl();
+                s.payload = self.bytes(64);
+                self.ext6(&mut s);
+                s.build()
+            }
+            // Client → VIP, UDP.
+            40..=54 => {
+                let (vip, port) = self.pick(&ports);
+                let src = sa6(self.source6(), self.rng.u16(1..));
+                let mut s = Frame6Spec::udp(src, sa6(vip, port), &self.bytes(64));
+                s.hop_limit = self.ttl();
+                s.udp_no_checksum = self.rng.u8(..8) == 0;
+                self.ext6(&mut s);
+                s.build()
+            }
+            // Backend → client replies.
+            55..=72 => {
+                let (bsrc, client, proto) = match self.seen_flow(1) {
+                    Some(f) => (v6(f.backend), v6(f.client), f.proto),
+                    None => (
+                        backend6(self.rng.u8(2..10), self.pick(&[8080, 5353, 80, 82])),
+                        sa6(crate::lab::CLIENT6, self.rng.u16(1..)),
+                        self.pick(&[6, 17]),
+                    ),
+                };
+                let mut s = if proto == 6 {
+                    let mut s = Frame6Spec::tcp(bsrc, client, self.rng.u8(..));
+                    s.seq = self.rng.u32(..);
+                    s.payload = self.bytes(32);
+                    s
+                } else {
+                    Frame6Spec::udp(bsrc, client, &self.bytes(32))
+                };
+                s.src_mac = backend_mac(bsrc.ip().octets()[15]);
+                s.hop_limit = self.ttl();
+                self.ext6(&mut s);
+                s.build()
+            }
+            // ICMPv6 to a VIP: errors quoting seen flows (or made-up ones), echo, neighbour
+            // discovery, any type.
+            73..=89 => {
+                let (vip, client, proto) = match self.seen_flow(1) {
+                    Some(f) => (v6(f.vip), v6(f.client), f.proto),
+                    None => (
+                        sa6(VIP6, self.pick(&[80, 81, 53, 82])),
+                        sa6(crate::lab::CLIENT6, self.rng.u16(1..)),
+                        6,
+                    ),
+                };
+                let mut q = if proto == 6 {
+                    Frame6Spec::tcp(vip, client, ACK).payload(&self.bytes(32))
+                } else {
+                    Frame6Spec::udp(vip, client, &self.bytes(32))
+                };
+                if self.rng.u8(..8) == 0 {
+                    q = q.ext(packet6::DEST_OPTS, vec![1, 4, 0, 0, 0, 0]);
+                }
+                let quoted = q.build();
+                let any = self.rng.u8(..);
+                let kind = self.pick(&[
+                    packet6::PACKET_TOO_BIG,
+                    packet6::PACKET_TOO_BIG,
+                    packet6::DEST_UNREACH,
+                    packet6::TIME_EXCEEDED,
+                    packet6::PARAM_PROBLEM,
+                    packet6::ECHO_REQUEST,
+                    packet6::NEIGHBOR_SOLICIT,
+                    packet6::NEIGHBOR_ADVERT,
+                    any,
+                ]);
+                let quote = self.rng.usize(..=quoted.len());
+                let any_param = self.rng.u32(..);
+                let param = self.pick(&[1280, 1400, 0, any_param]);
+                let mut f = icmp6_error(
+                    Ipv6Addr::new(0xfd00, 2, 0, 0, 0, 0, 0, 0xfe),
+                    *vip.ip(),
+                    kind,
+                    self.rng.u8(..4),
+                    param,
+                    &quoted,
+                    quote,
+                );
+                f[21] = self.ttl();
+                f
+            }
+            // Other next headers to a VIP (no next header, GRE, SCTP, any).
+            90..=95 => {
+                let any = self.rng.u8(..);
+                let mut s = Frame6Spec::tcp(sa6(self.source6(), 1), sa6(VIP6, 0), 0);
+                s.proto = self.pick(&[packet6::NO_NEXT, 47, 132, 41, 50, any]);
+                s.payload = self.bytes(64);
+                self.ext6(&mut s);
+                s.build()
+            }
+            // Truncated headers.
+            _ => {
+                let mut f = Frame6Spec::tcp(sa6(self.source6(), 1), sa6(VIP6, 80), SYN).build();
+                let n = self.rng.usize(14..f.len());
+                f.truncate(n);
+                f
+            }
+        }
+    }
+
+    /// A valid IPv4 frame of some kind (or not IPv4 at all).
+    fn frame4(&mut self) -> Vec<u8> {
         let vip_ports: [(Ipv4Addr, u16, u8); 7] = [
             (VIP, 80, 6),
             (VIP, 81, 6),
@@ -217,12 +483,9 @@ impl Gen {
             }
             // Backend → client: replies to seen flows, or to anyone.
             60..=79 => {
-                let (bsrc, client, proto) = match (self.seen.is_empty(), self.rng.bool()) {
-                    (false, true) => {
-                        let f = self.pick(&self.seen.clone());
-                        (f.backend, f.client, f.proto)
-                    }
-                    _ => (
+                let (bsrc, client, proto) = match self.seen_flow(0) {
+                    Some(f) => (v4(f.backend), v4(f.client), f.proto),
+                    None => (
                         backend(self.rng.u8(2..10), self.pick(&[8080, 5353, 80, 82])),
                         SocketAddrV4::new(Ipv4Addr::new(10, 2, 0, 1), self.rng.u16(1..)),
                         self.pick(&[6, 17]),
@@ -242,12 +505,9 @@ impl Gen {
             }
             // ICMP to a VIP: errors quoting seen flows (or made-up ones), echo, any type.
             80..=91 => {
-                let (vip, client, proto) = match (self.seen.is_empty(), self.rng.bool()) {
-                    (false, true) => {
-                        let f = self.pick(&self.seen.clone());
-                        (f.vip, f.client, f.proto)
-                    }
-                    _ => (
+                let (vip, client, proto) = match self.seen_flow(0) {
+                    Some(f) => (v4(f.vip), v4(f.client), f.proto),
+                    None => (
                         SocketAddrV4::new(VIP, self.pick(&[80, 81, 53, 82])),
                         SocketAddrV4::new(Ipv4Addr::new(10, 2, 0, 1), self.rng.u16(1..)),
                         6,
@@ -325,6 +585,23 @@ impl Gen {
                     let a = self.rng.usize(..f.len());
                     let b = (a + self.rng.usize(1..8)).min(f.len());
                     f[a..b].fill(0);
+                }
+                _ if f.len() > 56 && f[12..14] == [0x86, 0xdd] => {
+                    // A plausible IPv6 field: payload length, next header, an extension
+                    // header's length, the TCP data offset.
+                    match self.rng.u8(..4) {
+                        0 => f[18..20].copy_from_slice(&self.rng.u16(..).to_be_bytes()),
+                        1 => {
+                            let any = self.rng.u8(..);
+                            f[20] = self.pick(&[0, 6, 17, 43, 44, 58, 59, 60, any]);
+                        }
+                        2 => f[55] = self.rng.u8(..),
+                        _ => {
+                            if f.len() > 66 {
+                                f[66] = self.rng.u8(..);
+                            }
+                        }
+                    }
                 }
                 _ => {
                     if f.len() > 34 {
@@ -411,8 +688,12 @@ fn check(
         }
         _ => {}
     }
-    let valid_in =
-        input.len() >= 34 && input[12..14] == [0x08, 0x00] && verify_checksums(input).is_ok();
+    let is6 = |f: &[u8]| f.len() >= 14 && f[12..14] == [0x86, 0xdd];
+    let valid_in = if is6(input) {
+        packet6::verify_checksums6(input).is_ok()
+    } else {
+        input.len() >= 34 && input[12..14] == [0x08, 0x00] && verify_checksums(input).is_ok()
+    };
     let handed_up = [
         counter::FWD_STACK_NO_NEIGH,
         counter::FWD_STACK_FRAG,
@@ -428,10 +709,13 @@ fn check(
             Err("XDP_PASS changed the frame without handing it to the stack".into())
         }
         XDP_TX => {
-            let p = parse(out).map_err(|e| format!("TX frame unparsable: {e}"))?;
+            let p = flow(out).map_err(|e| format!("TX frame unparsable: {e}"))?;
             verify_checksums(out).map_err(|e| format!("TX frame: {e}"))?;
-            if p.tcp_flags & 0x04 == 0 {
+            if p.proto != 6 || p.tcp_flags & 0x04 == 0 {
                 return Err("TX frame is not an RST".into());
+            }
+            if is6(out) != is6(input) {
+                return Err("TX frame of the other family".into());
             }
             if !cfg.vips.contains(&p.src) {
                 return Err(format!("RST from {} (not a VIP)", p.src));
@@ -439,27 +723,32 @@ fn check(
             Ok(())
         }
         XDP_REDIRECT => {
-            if out.len() < 34 || out[12..14] != [0x08, 0x00] {
+            let (v6in, v6out) = (is6(input), is6(out));
+            if v6in != v6out {
+                return Err("redirected frame of the other family".into());
+            }
+            if !v6out && (out.len() < 34 || out[12..14] != [0x08, 0x00]) {
                 return Err("redirected frame is not IPv4".into());
             }
-            if out[22].checked_add(1) != Some(input[22]) {
-                return Err(format!("TTL {} → {}", input[22], out[22]));
+            if v6out && out.len() < 54 {
+                return Err("redirected IPv6 frame too short".into());
+            }
+            let ttl = if v6out { 21 } else { 22 };
+            if out[ttl].checked_add(1) != Some(input[ttl]) {
+                return Err(format!("TTL {} → {}", input[ttl], out[ttl]));
             }
             if valid_in {
                 verify_checksums(out).map_err(|e| format!("redirected with {e}"))?;
             }
-            let dst_ip = Ipv4Addr::new(out[30], out[31], out[32], out[33]);
-            let src_ip = Ipv4Addr::new(out[26], out[27], out[28], out[29]);
             let dst_mac: [u8; 6] = out[0..6].try_into().expect("6 bytes");
-            let proto = out[23];
-            if proto == 1 {
-                return if cfg.backend_ips.contains(&dst_ip) || cfg.dsr_macs.contains(&dst_mac) {
+            let p = flow(out).map_err(|e| format!("redirected frame unparsable: {e}"))?;
+            if p.proto == if v6out { 58 } else { 1 } {
+                return if cfg.backend_ips.contains(&p.dst.ip()) || cfg.dsr_macs.contains(&dst_mac) {
                     Ok(())
                 } else {
-                    Err(format!("ICMP redirected to {dst_ip}"))
+                    Err(format!("ICMP redirected to {}", p.dst.ip()))
                 };
             }
-            let p = parse(out).map_err(|e| format!("redirected frame unparsable: {e}"))?;
             if cfg.nat_backends.contains(&p.dst) {
                 return Ok(());
             }
@@ -470,13 +759,49 @@ fn check(
                 return Ok(()); // reply path
             }
             Err(format!(
-                "redirected {src_ip}:{} → {dst_ip}:{}: neither to a backend nor from a VIP",
-                p.src.port(),
-                p.dst.port()
+                "redirected {} → {}: neither to a backend nor from a VIP",
+                p.src, p.dst
             ))
         }
         _ => Ok(()),
     }
+}
+
+/// The family-independent fields of a frame.
+struct Flow {
+    src: SocketAddr,
+    dst: SocketAddr,
+    proto: u8,
+    tcp_flags: u8,
+}
+
+/// Parses an IPv4 (TCP, UDP or ICMP: ports 0) or IPv6 (TCP, UDP, ICMPv6) frame.
+fn flow(f: &[u8]) -> Result<Flow, String> {
+    if f.len() >= 14 && f[12..14] == [0x86, 0xdd] {
+        let p = parse6(f)?;
+        return Ok(Flow {
+            src: p.src.into(),
+            dst: p.dst.into(),
+            proto: p.proto,
+            tcp_flags: p.tcp_flags,
+        });
+    }
+    if f.len() >= 34 && f[12..14] == [0x08, 0x00] && f[23] == 1 {
+        let ip = |o: usize| IpAddr::V4(Ipv4Addr::new(f[o], f[o + 1], f[o + 2], f[o + 3]));
+        return Ok(Flow {
+            src: SocketAddr::new(ip(26), 0),
+            dst: SocketAddr::new(ip(30), 0),
+            proto: 1,
+            tcp_flags: 0,
+        });
+    }
+    let p = parse(f)?;
+    Ok(Flow {
+        src: p.src.into(),
+        dst: p.dst.into(),
+        proto: p.proto,
+        tcp_flags: p.tcp_flags,
+    })
 }
 
 /// Runs `frames` frames (seeded by `seed`) through the lab's program; writes failing inputs
@@ -487,7 +812,7 @@ pub fn run(lab: &mut PacketLab, frames: u64, seed: u64, failures_dir: Option<&Pa
     let cfg = Config::of(&ls);
     let mut g = Gen {
         rng: fastrand::Rng::with_seed(seed),
-        seen: Vec::new(),
+        seen: [Vec::new(), Vec::new()],
     };
     // Entries in every table: verified flows, half-open ones, persisted and pending clients.
     for i in 0..200u16 {
@@ -500,6 +825,18 @@ pub fn run(lab: &mut PacketLab, frames: u64, seed: u64, failures_dir: Option<&Pa
             }
         }
         lab.run(&FrameSpec::udp(c, SocketAddrV4::new(VIP, 53), b"q").build());
+        let c6 = sa6(
+            Ipv6Addr::new(0xfd00, 2, 1, 0, 0, 0, 0, (i % 250) + 1),
+            20000 + i,
+        );
+        for port in [80, 81, 82] {
+            let vip = sa6(VIP6, port);
+            lab.run(&Frame6Spec::tcp(c6, vip, SYN).build());
+            if i % 2 == 0 {
+                lab.run(&Frame6Spec::tcp(c6, vip, ACK).build());
+            }
+        }
+        lab.run(&Frame6Spec::udp(c6, sa6(VIP6, 53), b"q").build());
     }
     let mut report = FuzzReport::default();
     let mut before = lab.counters();
@@ -520,6 +857,11 @@ pub fn run(lab: &mut PacketLab, frames: u64, seed: u64, failures_dir: Option<&Pa
         if let Some(slot) = report.verdicts.get_mut(verdict as usize) {
             *slot += 1;
         }
+        if f[12..14] == [0x86, 0xdd]
+            && let Some(slot) = report.verdicts6.get_mut(verdict as usize)
+        {
+            *slot += 1;
+        }
         if let Err(why) = check(&cfg, &f, verdict, &out, &before, &after) {
             eprintln!(
                 "fuzz frame {n} (seed {seed}) broke an invariant: {why}\n verdict {}\n input:\n{}\n output:\n{}",
@@ -536,7 +878,8 @@ pub fn run(lab: &mut PacketLab, frames: u64, seed: u64, failures_dir: Option<&Pa
         }
         // Remember forwarded new flows to build replies and ICMP errors about.
         if verdict == XDP_REDIRECT
-            && let (Ok(i), Ok(o)) = (parse(&f), parse(&out))
+            && let (Ok(i), Ok(o)) = (flow(&f), flow(&out))
+            && matches!(i.proto, 6 | 17)
             && cfg.vips.contains(&i.dst)
             && cfg.nat_backends.contains(&o.dst)
         {
@@ -546,11 +889,12 @@ pub fn run(lab: &mut PacketLab, frames: u64, seed: u64, failures_dir: Option<&Pa
                 backend: o.dst,
                 proto: i.proto,
             };
-            if g.seen.len() < 512 {
-                g.seen.push(s);
+            let seen = &mut g.seen[usize::from(s.client.is_ipv6())];
+            if seen.len() < 512 {
+                seen.push(s);
             } else {
                 let k = g.rng.usize(..512);
-                g.seen[k] = s;
+                seen[k] = s;
             }
         }
         before = after;

@@ -5,7 +5,7 @@
 
 use std::{
     convert::Infallible,
-    net::{SocketAddr, SocketAddrV4},
+    net::SocketAddr,
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -24,7 +24,7 @@ pub const BIG_BODY: usize = 32 << 20;
 /// A running HTTP backend; stops on drop.
 pub struct HttpServer {
     pub name: String,
-    pub addr: SocketAddrV4,
+    pub addr: SocketAddr,
     /// Requests answered.
     pub requests: Arc<AtomicU64>,
     rt: Option<tokio::runtime::Runtime>,
@@ -32,7 +32,8 @@ pub struct HttpServer {
 
 impl HttpServer {
     /// Starts a backend named `name` on `addr` inside `ns`.
-    pub fn start(ns: &NetNs, addr: SocketAddrV4, name: &str) -> std::io::Result<Self> {
+    pub fn start(ns: &NetNs, addr: impl Into<SocketAddr>, name: &str) -> std::io::Result<Self> {
+        let addr = addr.into();
         let requests = Arc::new(AtomicU64::new(0));
         let (n, r) = (name.to_owned(), requests.clone());
         let rt = ns.run(move || {
@@ -40,7 +41,7 @@ impl HttpServer {
                 .worker_threads(2)
                 .enable_all()
                 .build()?;
-            let listener = rt.block_on(tokio::net::TcpListener::bind(SocketAddr::V4(addr)))?;
+            let listener = rt.block_on(tokio::net::TcpListener::bind(addr))?;
             rt.spawn(serve(listener, n, r));
             std::io::Result::Ok(rt)
         })?;
@@ -125,10 +126,11 @@ async fn serve(listener: tokio::net::TcpListener, name: String, requests: Arc<At
 /// (A plain HTTP/1.1 exchange with `Connection: close`, for the demo; the tests use reqwest.)
 pub fn get_once(
     ns: &NetNs,
-    vip: SocketAddrV4,
+    vip: impl Into<SocketAddr>,
     cookie: Option<&str>,
 ) -> std::io::Result<(String, Option<String>)> {
     use std::io::{Read as _, Write as _};
+    let vip: SocketAddr = vip.into();
     let mut s = ns.run(|| std::net::TcpStream::connect(vip))?;
     s.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
     let cookie = cookie

@@ -3,13 +3,14 @@
 //! ([`clb::control::Controller`] over the real maps).
 //!
 //! The program runs inside a private namespace whose routes and permanent neighbours make the
-//! datapath's FIB lookup succeed: `l0` (10.0.1.1/24) faces clients (10.0.1.2 and 10.2.0.0/16
-//! behind it), `l2` (10.1.0.1/24) faces backends 10.1.0.2-9 with fixed MACs
+//! datapath's FIB lookup succeed: `l0` (10.0.1.1/24, fd00:1::1/64) faces clients (10.0.1.2
+//! and 10.2.0.0/16 behind it; fd00:1::2 and fd00:2::/48 behind it), `l2` (10.1.0.1/24,
+//! fd00:10::1/64) faces backends 10.1.0.2-9 and fd00:10::2-9 with fixed MACs
 //! [`backend_mac`]. A forwarded packet therefore comes out as `XDP_REDIRECT` with the
 //! next hop's MAC, ready to compare byte for byte.
 
 use std::{
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
     os::fd::AsFd as _,
     path::PathBuf,
     sync::Arc,
@@ -35,8 +36,8 @@ use clb::{
     time::monotonic_ns,
 };
 use clb_common::{
-    ConnKey, ConnValue, HalfOpenValue, NS_PER_SEC, SessionKey, SessionValue, TrafficCounters,
-    XDP_PROGRAM,
+    ConnKey, ConnKey6, ConnValue, HalfOpenValue, NS_PER_SEC, SessionKey, SessionKey6, SessionValue,
+    TrafficCounters, XDP_PROGRAM,
 };
 
 use crate::{
@@ -73,6 +74,19 @@ pub fn backend(n: u8, port: u16) -> SocketAddrV4 {
     SocketAddrV4::new(Ipv4Addr::new(10, 1, 0, n), port)
 }
 
+/// Address `[fd00:10::n]:port` of a lab backend (the same MAC as `10.1.0.n`).
+pub fn backend6(n: u8, port: u16) -> SocketAddrV6 {
+    SocketAddrV6::new(
+        Ipv6Addr::new(0xfd00, 0x10, 0, 0, 0, 0, 0, u16::from(n)),
+        port,
+        0,
+        0,
+    )
+}
+
+/// The lab's IPv6 client next to the balancer, `fd00:1::2`.
+pub const CLIENT6: Ipv6Addr = Ipv6Addr::new(0xfd00, 1, 0, 0, 0, 0, 0, 2);
+
 /// The loaded program and the control plane over its maps, inside the lab namespace.
 pub struct PacketLab {
     pub ebpf: aya::Ebpf,
@@ -95,7 +109,30 @@ fn setup(ns: &NetNs) -> anyhow::Result<()> {
     }
     ns.ip(&["addr", "add", "10.0.1.1/24", "dev", "l0"])?;
     ns.ip(&["addr", "add", "10.1.0.1/24", "dev", "l2"])?;
+    ns.ip(&["addr", "add", "fd00:1::1/64", "dev", "l0", "nodad"])?;
+    ns.ip(&["addr", "add", "fd00:10::1/64", "dev", "l2", "nodad"])?;
     ns.sysctl("net.ipv4.ip_forward=1")?;
+    ns.sysctl("net.ipv6.conf.all.forwarding=1")?;
+    ns.ip(&[
+        "-6",
+        "neigh",
+        "replace",
+        &CLIENT6.to_string(),
+        "lladdr",
+        &fmt_mac(CLIENT_MAC),
+        "dev",
+        "l0",
+        "nud",
+        "permanent",
+    ])?;
+    ns.ip(&[
+        "-6",
+        "route",
+        "add",
+        "fd00:2::/48",
+        "via",
+        &CLIENT6.to_string(),
+    ])?;
     ns.ip(&[
         "neigh",
         "replace",
@@ -113,6 +150,18 @@ fn setup(ns: &NetNs) -> anyhow::Result<()> {
             "neigh",
             "replace",
             &format!("10.1.0.{n}"),
+            "lladdr",
+            &fmt_mac(backend_mac(n)),
+            "dev",
+            "l2",
+            "nud",
+            "permanent",
+        ])?;
+        ns.ip(&[
+            "-6",
+            "neigh",
+            "replace",
+            &backend6(n, 0).ip().to_string(),
             "lladdr",
             &fmt_mac(backend_mac(n)),
             "dev",
@@ -150,6 +199,9 @@ pub fn with_lab_tables<R: Send>(
             connections: tables.connections,
             half_open: tables.half_open,
             sessions: tables.sessions,
+            connections6: tables.connections6,
+            half_open6: tables.half_open6,
+            sessions6: tables.sessions6,
         };
         let loaded = loader::load(None, &sizes).expect("loading the XDP program");
         let reader = Arc::new(loaded.dataplane.reader().expect("reader"));
@@ -164,7 +216,12 @@ pub fn with_lab_tables<R: Send>(
             cfg,
             ControlOptions {
                 config_path: config.clone(),
-                local_addrs: vec![Ipv4Addr::new(10, 0, 1, 1), Ipv4Addr::new(10, 1, 0, 1)],
+                local_addrs: vec![
+                    IpAddr::V4(Ipv4Addr::new(10, 0, 1, 1)),
+                    IpAddr::V4(Ipv4Addr::new(10, 1, 0, 1)),
+                    "fd00:1::1".parse().unwrap(),
+                    "fd00:10::1".parse().unwrap(),
+                ],
                 cpus: 2,
                 info: DaemonInfo {
                     ifaces: vec!["l0".into(), "l2".into()],
@@ -342,7 +399,8 @@ impl PacketLab {
     }
 
     /// The datapath id of backend `addr` of listener `name`.
-    pub fn backend_id(&self, name: &str, addr: SocketAddrV4) -> u32 {
+    pub fn backend_id(&self, name: &str, addr: impl Into<SocketAddr>) -> u32 {
+        let addr = addr.into();
         self.ctl
             .snapshot()
             .listener(name)
@@ -402,6 +460,41 @@ impl PacketLab {
         reopen::<SessionKey, SessionValue>(self.tables().session_map_data(table))
             .insert(&key, &v, 0)
             .expect("session insert");
+    }
+
+    /// The IPv6 connection-table entry of `key`.
+    pub fn conn6(&self, key: &ConnKey6) -> Option<ConnValue> {
+        reopen::<ConnKey6, ConnValue>(self.tables().conn6_map())
+            .get(key, 0)
+            .ok()
+    }
+
+    /// Writes an IPv6 connection-table entry.
+    pub fn put_conn6(&self, key: ConnKey6, v: ConnValue) {
+        reopen::<ConnKey6, ConnValue>(self.tables().conn6_map())
+            .insert(&key, &v, 0)
+            .expect("conn6 insert");
+    }
+
+    /// The IPv6 half-open entry of `key`.
+    pub fn half_open6(&self, key: &ConnKey6) -> Option<HalfOpenValue> {
+        reopen::<ConnKey6, HalfOpenValue>(self.tables().half_open6_map())
+            .get(key, 0)
+            .ok()
+    }
+
+    /// The (verified or pending) IPv6 persistence entry of `key`.
+    pub fn session6(&self, table: SessionTable, key: &SessionKey6) -> Option<SessionValue> {
+        reopen::<SessionKey6, SessionValue>(self.tables().session6_map_data(table))
+            .get(key, 0)
+            .ok()
+    }
+
+    /// Writes an IPv6 persistence entry.
+    pub fn put_session6(&self, table: SessionTable, key: SessionKey6, v: SessionValue) {
+        reopen::<SessionKey6, SessionValue>(self.tables().session6_map_data(table))
+            .insert(&key, &v, 0)
+            .expect("session6 insert");
     }
 
     /// Writes many connection entries at once (benchmarks).

@@ -1,5 +1,5 @@
 //! clb's test harness: network namespaces and topologies ([`netns`]), hand-built frames
-//! ([`packet`]), the XDP program under `BPF_PROG_TEST_RUN` ([`lab`]), name-answering backends
+//! ([`packet`], [`packet6`]), the XDP program under `BPF_PROG_TEST_RUN` ([`lab`]), name-answering backends
 //! and clients ([`servers`]), the daemon and CLI as processes ([`daemon`]).
 
 pub mod bench;
@@ -13,6 +13,7 @@ pub mod http;
 pub mod lab;
 pub mod netns;
 pub mod packet;
+pub mod packet6;
 pub mod servers;
 
 use std::time::{Duration, Instant};

@@ -7,7 +7,7 @@
 
 use std::{
     fs::File,
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     os::fd::AsRawFd,
     process::Command,
     sync::atomic::{AtomicU32, Ordering},
@@ -203,9 +203,13 @@ pub fn fmt_mac(m: [u8; 6]) -> String {
 /// ```text
 ///  client ns                balancer ns                     backend ns i
 ///  eth0 10.0.1.2/24 ── c0 10.0.1.1/24    b<i> 10.0.<10+i>.1/24 ── eth0 10.0.<10+i>.2/24
-///  + extra clients 10.2.x.y/32           VIP 10.0.0.100/32 on lo
+///       fd00:1::2/64      fd00:1::1/64        fd00:<10+i>::1/64       fd00:<10+i>::2/64
+///  + extra clients 10.2.x.y/32           VIP 10.0.0.100/32, fd00::100/128 on lo
+///    (fd00:2::/64 routed to the client)
 /// ```
 ///
+/// Every link is dual-stack (IPv6 addresses without duplicate address detection, so they
+/// work at once; IPv6 forwarding on in the balancer).
 /// The balancer forwards (ip_forward=1) and has permanent neighbour entries for the client
 /// and the backends, so XDP's FIB lookup succeeds from the first packet. Every veth sends with
 /// checksum offload off (`tx off`): in native XDP a CHECKSUM_PARTIAL packet's partial state
@@ -227,6 +231,21 @@ pub struct Topology {
 
 /// The VIP of the topology.
 pub const VIP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 100);
+/// The IPv6 VIP of the topology.
+pub const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 0x100);
+/// The client's main IPv6 address.
+pub const CLIENT_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 1, 0, 0, 0, 0, 0, 2);
+
+/// IPv6 address of backend `i`.
+pub fn backend_ip6(i: usize) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0x10 + i as u16, 0, 0, 0, 0, 0, 2)
+}
+
+/// An extra IPv6 client address `fd00:2::n` (add it to the client's eth0 first, with
+/// `nodad`); routed to the client by the balancer.
+pub fn extra_client_ip6(n: u16) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 2, 0, 0, 0, 0, 0, n)
+}
 /// The client's main address.
 pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 2);
 /// The balancer's address on the client side.
@@ -312,6 +331,10 @@ impl Topology {
         self.client
             .ip(&["addr", "add", "10.0.1.2/24", "dev", "eth0"])?;
         self.lb.ip(&["addr", "add", "10.0.1.1/24", "dev", "c0"])?;
+        self.client
+            .ip(&["addr", "add", "fd00:1::2/64", "dev", "eth0", "nodad"])?;
+        self.lb
+            .ip(&["addr", "add", "fd00:1::1/64", "dev", "c0", "nodad"])?;
         for (i, b) in self.backends.iter().enumerate() {
             let dev = format!("b{i}");
             sh(&[
@@ -338,6 +361,22 @@ impl Topology {
             ])?;
             self.lb
                 .ip(&["addr", "add", &format!("10.0.{}.1/24", 10 + i), "dev", &dev])?;
+            b.ip(&[
+                "addr",
+                "add",
+                &format!("{}/64", backend_ip6(i)),
+                "dev",
+                "eth0",
+                "nodad",
+            ])?;
+            self.lb.ip(&[
+                "addr",
+                "add",
+                &format!("fd00:{:x}::1/64", 0x10 + i),
+                "dev",
+                &dev,
+                "nodad",
+            ])?;
             self.lb_ifaces.push(dev);
         }
         if let Some(a) = &self.attacker {
@@ -373,6 +412,8 @@ impl Topology {
         }
         self.client
             .ip(&["route", "add", "default", "via", "10.0.1.1"])?;
+        self.client
+            .ip(&["-6", "route", "add", "default", "via", "fd00:1::1"])?;
         for (i, b) in self.backends.iter().enumerate() {
             b.ip(&[
                 "route",
@@ -381,12 +422,25 @@ impl Topology {
                 "via",
                 &format!("10.0.{}.1", 10 + i),
             ])?;
+            b.ip(&[
+                "-6",
+                "route",
+                "add",
+                "default",
+                "via",
+                &format!("fd00:{:x}::1", 0x10 + i),
+            ])?;
         }
         self.lb
             .ip(&["addr", "add", &format!("{VIP}/32"), "dev", "lo"])?;
+        self.lb
+            .ip(&["addr", "add", &format!("{VIP6}/128"), "dev", "lo", "nodad"])?;
         self.lb.sysctl("net.ipv4.ip_forward=1")?;
+        self.lb.sysctl("net.ipv6.conf.all.forwarding=1")?;
         self.lb
             .ip(&["route", "add", "10.2.0.0/16", "via", "10.0.1.2"])?;
+        self.lb
+            .ip(&["-6", "route", "add", "fd00:2::/64", "via", "fd00:1::2"])?;
         if let Some(a) = &self.attacker {
             a.ip(&["route", "add", "default", "via", "10.0.2.1"])?;
             self.lb
@@ -425,21 +479,47 @@ impl Topology {
             "nud",
             "permanent",
         ])?;
+        self.lb.ip(&[
+            "-6",
+            "neigh",
+            "replace",
+            &CLIENT_IP6.to_string(),
+            "lladdr",
+            &cmac,
+            "dev",
+            "c0",
+            "nud",
+            "permanent",
+        ])?;
         for (i, b) in self.backends.iter().enumerate() {
             let m = fmt_mac(b.mac("eth0")?);
-            self.lb.ip(&[
-                "neigh",
-                "replace",
-                &backend_ip(i).to_string(),
-                "lladdr",
-                &m,
-                "dev",
-                &format!("b{i}"),
-                "nud",
-                "permanent",
-            ])?;
+            for addr in [backend_ip(i).to_string(), backend_ip6(i).to_string()] {
+                self.lb.ip(&[
+                    "neigh",
+                    "replace",
+                    &addr,
+                    "lladdr",
+                    &m,
+                    "dev",
+                    &format!("b{i}"),
+                    "nud",
+                    "permanent",
+                ])?;
+            }
         }
         Ok(())
+    }
+
+    /// Adds extra IPv6 client addresses `fd00:2::1` to `fd00:2::n` to the client's eth0 and
+    /// returns them.
+    pub fn add_clients6(&self, n: u16) -> anyhow::Result<Vec<Ipv6Addr>> {
+        let addrs: Vec<Ipv6Addr> = (1..=n).map(extra_client_ip6).collect();
+        let lines: Vec<String> = addrs
+            .iter()
+            .map(|a| format!("addr add {a}/128 dev eth0 nodad"))
+            .collect();
+        ip_batch(Some(self.client.name()), &lines)?;
+        Ok(addrs)
     }
 
     /// The balancer interfaces as `c0,b0,b1,...` (the daemon's `--iface`).

@@ -103,6 +103,11 @@ pub fn checksum(data: &[u8]) -> u16 {
     !fold(sum16(data, 0))
 }
 
+/// Internet checksum of `prefix` (an even length: a pseudo-header) followed by `data`.
+pub fn checksum_with(prefix: &[u8], data: &[u8]) -> u16 {
+    !fold(sum16(data, sum16(prefix, 0)))
+}
+
 fn pseudo(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, len: usize) -> u32 {
     let mut p = Vec::with_capacity(12);
     p.extend_from_slice(&src.octets());
@@ -262,8 +267,11 @@ pub fn parse(f: &[u8]) -> Result<Parsed, String> {
 }
 
 /// Recomputes the IPv4 header checksum and the TCP/UDP checksum of `f` from scratch and
-/// says which (if any) is wrong.
+/// says which (if any) is wrong. An IPv6 frame goes to [`crate::packet6::verify_checksums6`].
 pub fn verify_checksums(f: &[u8]) -> Result<(), String> {
+    if f.len() >= ETH_LEN && f[12..14] == [0x86, 0xdd] {
+        return crate::packet6::verify_checksums6(f);
+    }
     if f.len() < ETH_LEN + 20 {
         return Err("too short for IPv4".into());
     }

@@ -5,7 +5,7 @@
 
 use std::{
     io::{self, BufRead as _, BufReader, Write as _},
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket},
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -24,7 +24,7 @@ pub const IO_TIMEOUT: Duration = Duration::from_secs(3);
 /// A running name server; stops (closing its listener and connections) on drop.
 pub struct NameServer {
     pub name: String,
-    pub addr: SocketAddrV4,
+    pub addr: SocketAddr,
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
     conns: Arc<Mutex<Vec<TcpStream>>>,
@@ -33,12 +33,16 @@ pub struct NameServer {
 }
 
 impl NameServer {
-    /// A TCP name server on `addr` in `ns`.
-    pub fn tcp(ns: &NetNs, addr: SocketAddrV4, name: &str) -> io::Result<Self> {
+    /// A TCP name server on `addr` in `ns` (`[::]:port` serves both families).
+    pub fn tcp(ns: &NetNs, addr: impl Into<SocketAddr>, name: &str) -> io::Result<Self> {
+        let addr = addr.into();
         let listener = ns.run(|| {
-            let s = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
+            let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
             s.set_reuse_address(true)?;
-            s.bind(&SocketAddr::V4(addr).into())?;
+            if addr.is_ipv6() {
+                s.set_only_v6(false)?;
+            }
+            s.bind(&addr.into())?;
             s.listen(1024)?;
             io::Result::Ok(TcpListener::from(s))
         })?;
@@ -75,9 +79,17 @@ impl NameServer {
         })
     }
 
-    /// A UDP name server on `addr` in `ns`.
-    pub fn udp(ns: &NetNs, addr: SocketAddrV4, name: &str) -> io::Result<Self> {
-        let sock = ns.run(|| UdpSocket::bind(addr))?;
+    /// A UDP name server on `addr` in `ns` (`[::]:port` serves both families).
+    pub fn udp(ns: &NetNs, addr: impl Into<SocketAddr>, name: &str) -> io::Result<Self> {
+        let addr = addr.into();
+        let sock = ns.run(|| {
+            let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+            if addr.is_ipv6() {
+                s.set_only_v6(false)?;
+            }
+            s.bind(&addr.into())?;
+            io::Result::Ok(UdpSocket::from(s))
+        })?;
         sock.set_read_timeout(Some(Duration::from_millis(50)))?;
         let stop = Arc::new(AtomicBool::new(false));
         let served = Arc::new(AtomicU64::new(0));
@@ -150,13 +162,18 @@ fn serve_tcp(c: TcpStream, peer: SocketAddr, name: &str, served: &AtomicU64) {
 }
 
 /// Opens a TCP connection from `src` (port chosen by the kernel) to `dst`, inside `ns`.
-pub fn connect(ns: &NetNs, src: Ipv4Addr, dst: SocketAddrV4) -> io::Result<TcpStream> {
+pub fn connect(
+    ns: &NetNs,
+    src: impl Into<IpAddr>,
+    dst: impl Into<SocketAddr>,
+) -> io::Result<TcpStream> {
+    let (src, dst) = (SocketAddr::new(src.into(), 0), dst.into());
     let s = ns.run(|| {
-        let s = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
-        s.bind(&SocketAddr::V4(SocketAddrV4::new(src, 0)).into())?;
+        let s = Socket::new(Domain::for_address(dst), Type::STREAM, Some(Protocol::TCP))?;
+        s.bind(&src.into())?;
         io::Result::Ok(s)
     })?;
-    s.connect_timeout(&SocketAddr::V4(dst).into(), IO_TIMEOUT)?;
+    s.connect_timeout(&dst.into(), IO_TIMEOUT)?;
     let t = TcpStream::from(s);
     t.set_read_timeout(Some(IO_TIMEOUT))?;
     t.set_write_timeout(Some(IO_TIMEOUT))?;
@@ -183,21 +200,26 @@ pub fn ask(c: &mut TcpStream) -> io::Result<String> {
 }
 
 /// One request on a new connection from `src`; returns the backend's name.
-pub fn ask_once(ns: &NetNs, src: Ipv4Addr, dst: SocketAddrV4) -> io::Result<String> {
+pub fn ask_once(
+    ns: &NetNs,
+    src: impl Into<IpAddr>,
+    dst: impl Into<SocketAddr>,
+) -> io::Result<String> {
     let mut c = connect(ns, src, dst)?;
     ask(&mut c)
 }
 
 /// A UDP socket bound to `src` inside `ns`.
-pub fn udp_socket(ns: &NetNs, src: Ipv4Addr) -> io::Result<UdpSocket> {
-    let s = ns.run(|| UdpSocket::bind(SocketAddrV4::new(src, 0)))?;
+pub fn udp_socket(ns: &NetNs, src: impl Into<IpAddr>) -> io::Result<UdpSocket> {
+    let src = SocketAddr::new(src.into(), 0);
+    let s = ns.run(|| UdpSocket::bind(src))?;
     s.set_read_timeout(Some(IO_TIMEOUT))?;
     Ok(s)
 }
 
 /// One datagram exchange; returns the backend's name.
-pub fn udp_ask(s: &UdpSocket, dst: SocketAddrV4) -> io::Result<String> {
-    s.send_to(b"who\n", dst)?;
+pub fn udp_ask(s: &UdpSocket, dst: impl Into<SocketAddr>) -> io::Result<String> {
+    s.send_to(b"who\n", dst.into())?;
     let mut buf = [0u8; 512];
     let (n, _) = s.recv_from(&mut buf)?;
     Ok(String::from_utf8_lossy(&buf[..n])

@@ -23,7 +23,13 @@ fn per_packet_figures_are_produced() {
     let mut r = Report::default();
     perpacket::run(&Scale::TINY, &mut r).unwrap();
     finite(&r, "per-packet");
-    assert_eq!(r.rows.len(), 13);
+    assert_eq!(r.rows.len(), 17);
+    let v6 = r
+        .rows
+        .iter()
+        .filter(|row| row.figure.starts_with("IPv6 "))
+        .count();
+    assert_eq!(v6, 4, "IPv6 rows beside IPv4's");
 }
 
 #[test]

@@ -332,6 +332,58 @@ fn a_missing_config_path_is_refused_and_the_pinned_datapath_keeps_serving() {
 }
 
 #[test]
+fn pins_of_another_clb_version_are_refused_clearly_and_left_serving() {
+    // An older clb's connection table (another layout version under another name): made
+    // here by renaming this version's pin, as an upgrade over an older datapath would find.
+    let topo = Topology::new("ol", 2, 0).unwrap();
+    let _s = servers(&topo);
+    let mut d = Daemon::start(&topo, &two_listeners(2));
+    let mut c = connect(&topo.client, CLIENT_IP, vip()).unwrap();
+    let who = ask(&mut c).unwrap();
+    d.stop();
+    let maps = d.bpffs.join("maps");
+    let (mine, old) = (maps.join(clb_common::CONN_MAP), maps.join("CLB_CONN_V1"));
+    std::fs::rename(&mine, &old).unwrap();
+    let before: Vec<_> = std::fs::read_dir(&maps)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    let api = d.api.clone();
+    let o = d.run_other(
+        &api,
+        &[
+            "--config",
+            d.config.to_str().unwrap(),
+            "--iface",
+            d.ifaces(),
+            "--bpffs",
+            d.bpffs.to_str().unwrap(),
+        ],
+        Duration::from_secs(15),
+    );
+    assert!(!o.ok, "{o:?}");
+    assert!(
+        o.stderr
+            .contains("maps of another clb version (CLB_CONN_V1)")
+            && o.stderr.contains(clb_common::CONN_MAP)
+            && o.stderr.contains("clb teardown --bpffs"),
+        "{o:?}"
+    );
+    // Nothing was created or removed, and the attached datapath still forwards.
+    let after: Vec<_> = std::fs::read_dir(&maps)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(before.len(), after.len(), "{after:?}");
+    assert!(!mine.exists() && old.exists());
+    assert_eq!(ask(&mut c).unwrap(), who);
+    // Put back (the version that made it starts again): its flows were never touched.
+    std::fs::rename(&old, &mine).unwrap();
+    d.spawn();
+    assert_eq!(ask(&mut c).unwrap(), who);
+}
+
+#[test]
 fn the_cli_files_and_pipes_are_handled_with_care() {
     let topo = Topology::new("cf", 1, 0).unwrap();
     let d = Daemon::start(&topo, &two_listeners(1));

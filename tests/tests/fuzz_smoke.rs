@@ -31,12 +31,21 @@ fn a_hundred_thousand_fuzzed_frames_keep_every_invariant() {
         r.failures.len(),
         r.failures[0].0
     );
-    // Every verdict is exercised.
+    println!(
+        "IPv6: drop {} pass {} tx {} redirect {}",
+        r.verdicts6[1], r.verdicts6[2], r.verdicts6[3], r.verdicts6[4]
+    );
+    // Every verdict is exercised, in both families.
     for (v, name) in [(1, "drop"), (2, "pass"), (3, "tx"), (4, "redirect")] {
         assert!(
             r.verdicts[v] > 100,
             "only {} {name} verdicts",
             r.verdicts[v]
+        );
+        assert!(
+            r.verdicts6[v] > 50,
+            "only {} IPv6 {name} verdicts",
+            r.verdicts6[v]
         );
     }
 }

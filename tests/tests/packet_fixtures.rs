@@ -46,10 +46,7 @@ fn web(persist: u32) -> ListenerSpec {
     let mut l = ListenerSpec::new("web", sa(VIP), Proto::Tcp);
     l.persist = persist;
     l.backends = (2..=4)
-        .map(|n| BackendSpec {
-            addr: backend(n, 8080),
-            weight: 10,
-        })
+        .map(|n| BackendSpec::new(backend(n, 8080), 10))
         .collect();
     l
 }
@@ -57,10 +54,7 @@ fn web(persist: u32) -> ListenerSpec {
 fn dns() -> ListenerSpec {
     let mut l = ListenerSpec::new("dns", sa(UDP_VIP), Proto::Udp);
     l.backends = (5..=6)
-        .map(|n| BackendSpec {
-            addr: backend(n, 5353),
-            weight: 10,
-        })
+        .map(|n| BackendSpec::new(backend(n, 5353), 10))
         .collect();
     l
 }
@@ -324,7 +318,7 @@ fn a_quiescent_backend_gets_no_new_clients_but_keeps_its_flows() {
         let n = handshake(lab, client(43000));
         let mut cfg = web(600);
         for b in &mut cfg.backends {
-            if b.addr == backend(n, 8080) {
+            if b.addr == backend(n, 8080).into() {
                 b.weight = 0;
             }
         }
@@ -568,20 +562,11 @@ fn rsts_are_rate_limited() {
 fn every_spoof_rule_drops_before_any_state_is_written() {
     with_lab(|lab| {
         let mut l = web(600);
-        l.backends.push(BackendSpec {
-            addr: backend(7, 8080),
-            weight: 10,
-        });
+        l.backends.push(BackendSpec::new(backend(7, 8080), 10));
         let mut echo = ListenerSpec::new("echo", sa("10.0.0.100:7"), Proto::Udp);
         echo.backends = vec![
-            BackendSpec {
-                addr: backend(5, 7),
-                weight: 10,
-            },
-            BackendSpec {
-                addr: backend(6, 7),
-                weight: 10,
-            },
+            BackendSpec::new(backend(5, 7), 10),
+            BackendSpec::new(backend(6, 7), 10),
         ];
         lab.apply(vec![l, echo]);
         let syn = |src: &str| {
@@ -834,7 +819,7 @@ fn listeners_sharing_a_backend_keep_their_replies_apart_in_flood_mode() {
     with_lab_tables(tables, |lab| {
         let mut other = web(0);
         other.name = "web81".into();
-        other.vip = sa("10.0.0.100:81");
+        other.vip = sa("10.0.0.100:81").into();
         lab.apply(vec![web(0), other]);
         for p in 0..3u16 {
             lab.run(
@@ -941,10 +926,7 @@ fn dsr_rewrites_only_the_macs_and_its_flows_verify_on_the_client_side() {
         let mut l = ListenerSpec::new("dsr", sa(VIP), Proto::Tcp);
         l4(&mut l).forward = Forward::Dsr;
         l.backends = (2..=3)
-            .map(|n| BackendSpec {
-                addr: backend(n, 80),
-                weight: 10,
-            })
+            .map(|n| BackendSpec::new(backend(n, 80), 10))
             .collect();
         lab.apply(vec![l]);
         let c = client(50000);
@@ -994,7 +976,7 @@ fn maglev_picks_the_backend_user_space_predicts_and_adopts_unknown_flows() {
         let members: Vec<Member> = (2..=4u8)
             .map(|n| Member {
                 id: lab.backend_id("web", backend(n, 8080)),
-                addr: backend(n, 8080),
+                addr: backend(n, 8080).into(),
                 weight: 10,
             })
             .collect();
@@ -1007,13 +989,10 @@ fn maglev_picks_the_backend_user_space_predicts_and_adopts_unknown_flows() {
                 PROTO_TCP,
             );
             let id = table[(h as usize) % table.len()];
-            members
-                .iter()
-                .find(|m| m.id == id)
-                .unwrap()
-                .addr
-                .ip()
-                .octets()[3]
+            match members.iter().find(|m| m.id == id).unwrap().addr {
+                std::net::SocketAddr::V4(a) => a.ip().octets()[3],
+                std::net::SocketAddr::V6(_) => unreachable!("IPv4 members"),
+            }
         };
         let mut seen = std::collections::HashSet::new();
         for i in 0..30u8 {

@@ -8,7 +8,7 @@
 
 use std::{
     collections::{BTreeMap, HashSet},
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     sync::Arc,
     time::{Duration, Instant, SystemTime},
 };
@@ -23,7 +23,7 @@ use axum::{
 };
 use clb_common::{
     CONN_FIN, CONN_OPEN, CONN_RST, HALF_ADOPTED, HALF_SYN, NS_PER_SEC, conn_timeout_ns, counter,
-    ip_from_be, is_expired, port_from_be,
+    ip_from_be, ip6_from_be, is_expired, port_from_be,
 };
 use serde::{Deserialize, de::DeserializeOwned};
 
@@ -113,11 +113,13 @@ pub fn body<T: DeserializeOwned>(b: &Bytes) -> ApiResult<T> {
 }
 
 /// A backend address from a URL path segment.
-pub fn parse_addr(s: &str) -> ApiResult<SocketAddrV4> {
+pub fn parse_addr(s: &str) -> ApiResult<SocketAddr> {
     s.parse().map_err(|_| {
         ApiError(
             StatusCode::BAD_REQUEST,
-            format!("backend {s:?} is not an IPv4 address and port (IP:PORT)"),
+            format!(
+                "backend {s:?} is not an address and port (10.0.0.1:80 or [2001:db8::1]:80; in a URL path, percent-encode the brackets)"
+            ),
         )
     })
 }
@@ -242,7 +244,7 @@ pub async fn op_add_backend(api: &Api, name: String, spec: BackendSpec) -> ApiRe
 pub async fn op_set_weight(
     api: &Api,
     name: String,
-    addr: SocketAddrV4,
+    addr: SocketAddr,
     weight: u32,
 ) -> ApiResult<()> {
     let ctl = api.ctl.clone();
@@ -255,7 +257,7 @@ pub async fn op_set_weight(
     .await
 }
 
-pub async fn op_delete_backend(api: &Api, name: String, addr: SocketAddrV4) -> ApiResult<()> {
+pub async fn op_delete_backend(api: &Api, name: String, addr: SocketAddr) -> ApiResult<()> {
     let ctl = api.ctl.clone();
     blocking(move || {
         Ok(ctl.change(|c| {
@@ -271,7 +273,7 @@ pub async fn op_delete_backend(api: &Api, name: String, addr: SocketAddrV4) -> A
 pub async fn op_drain(
     api: &Api,
     name: String,
-    addr: SocketAddrV4,
+    addr: SocketAddr,
     req: DrainRequest,
 ) -> ApiResult<()> {
     let secs = req.timeout.unwrap_or(DEFAULT_DRAIN_SECS);
@@ -300,7 +302,7 @@ fn find<'a>(
 }
 
 /// The backend `addr` of listener `l`.
-fn find_backend(l: &mut ListenerSpec, addr: SocketAddrV4) -> Result<&mut BackendSpec, ConfigError> {
+fn find_backend(l: &mut ListenerSpec, addr: SocketAddr) -> Result<&mut BackendSpec, ConfigError> {
     let listener = l.name.clone();
     l.backends
         .iter_mut()
@@ -339,15 +341,9 @@ pub fn status_view(api: &Api) -> ApiResult<Status> {
     let ctl = &api.ctl;
     let info = ctl.info();
     let sweep = ctl.sweep_status();
-    let totals = sweep.last.totals();
     let tables = ctl.reader().table_info()?;
-    let names = ["connections", "half_open", "sessions", "pending_sessions"];
-    let live = [
-        totals.conns,
-        totals.half_open,
-        totals.sessions,
-        totals.pending,
-    ];
+    let names = crate::datapath::TABLE_NAMES;
+    let live = sweep.last.tables_live;
     Ok(Status {
         version: crate::version().into(),
         ifaces: info.ifaces.clone(),
@@ -498,10 +494,10 @@ pub struct ListQuery {
     pub limit: Option<u64>,
 }
 
-/// Which clients a query selects.
+/// Which clients a query selects: an address or a prefix of either family.
 struct ClientFilter {
-    net: u32,
-    mask: u32,
+    net: IpAddr,
+    bits: u8,
 }
 
 impl ClientFilter {
@@ -509,36 +505,93 @@ impl ClientFilter {
         let bad = || {
             ApiError(
                 StatusCode::BAD_REQUEST,
-                format!("client {s:?} is not an IPv4 address or prefix (a.b.c.d or a.b.c.d/n)"),
+                format!(
+                    "client {s:?} is not an IP address or prefix (a.b.c.d, a.b.c.d/n, 2001:db8::1 or 2001:db8::/n)"
+                ),
             )
         };
         let (addr, bits) = match s.split_once('/') {
-            Some((a, b)) => (a, b.parse::<u8>().map_err(|_| bad())?),
-            None => (s, 32),
+            Some((a, b)) => (a, Some(b.parse::<u8>().map_err(|_| bad())?)),
+            None => (s, None),
         };
-        if bits > 32 {
+        let net: IpAddr = addr.parse().map_err(|_| bad())?;
+        let max = if net.is_ipv4() { 32 } else { 128 };
+        let bits = bits.unwrap_or(max);
+        if bits > max {
             return Err(bad());
         }
-        let ip: Ipv4Addr = addr.parse().map_err(|_| bad())?;
-        let mask = if bits == 0 {
-            0
-        } else {
-            u32::MAX << (32 - bits)
-        };
-        Ok(Self {
-            net: u32::from(ip) & mask,
-            mask,
-        })
+        Ok(Self { net, bits })
     }
-    fn matches(&self, ip: Ipv4Addr) -> bool {
-        u32::from(ip) & self.mask == self.net
+    fn matches(&self, ip: IpAddr) -> bool {
+        match (self.net, ip) {
+            (IpAddr::V4(n), IpAddr::V4(a)) => {
+                let m = u32::MAX.checked_shl(32 - u32::from(self.bits)).unwrap_or(0);
+                u32::from(n) & m == u32::from(a) & m
+            }
+            (IpAddr::V6(n), IpAddr::V6(a)) => {
+                let m = u128::MAX
+                    .checked_shl(128 - u32::from(self.bits))
+                    .unwrap_or(0);
+                u128::from(n) & m == u128::from(a) & m
+            }
+            _ => false,
+        }
+    }
+}
+
+/// A flow-table key as the listings show it.
+trait KeyView: Copy {
+    fn listener(&self) -> u32;
+    /// The client (address and port) of a connection key.
+    fn client(&self) -> SocketAddr;
+}
+
+impl KeyView for clb_common::ConnKey {
+    fn listener(&self) -> u32 {
+        u32::from(self.listener)
+    }
+    fn client(&self) -> SocketAddr {
+        SocketAddr::new(
+            IpAddr::V4(Ipv4Addr::from(ip_from_be(self.client))),
+            port_from_be(self.client_port),
+        )
+    }
+}
+
+impl KeyView for clb_common::ConnKey6 {
+    fn listener(&self) -> u32 {
+        u32::from(self.listener)
+    }
+    fn client(&self) -> SocketAddr {
+        SocketAddr::new(
+            IpAddr::V6(Ipv6Addr::from(ip6_from_be(self.client))),
+            port_from_be(self.client_port),
+        )
+    }
+}
+
+impl KeyView for clb_common::SessionKey {
+    fn listener(&self) -> u32 {
+        u32::from(self.listener)
+    }
+    fn client(&self) -> SocketAddr {
+        SocketAddr::new(IpAddr::V4(Ipv4Addr::from(ip_from_be(self.client))), 0)
+    }
+}
+
+impl KeyView for clb_common::SessionKey6 {
+    fn listener(&self) -> u32 {
+        u32::from(self.listener)
+    }
+    fn client(&self) -> SocketAddr {
+        SocketAddr::new(IpAddr::V6(Ipv6Addr::from(ip6_from_be(self.client))), 0)
     }
 }
 
 struct Select {
     listener: Option<u32>,
     client: Option<ClientFilter>,
-    backend: Option<SocketAddrV4>,
+    backend: Option<SocketAddr>,
     offset: u64,
     limit: u64,
 }
@@ -597,41 +650,47 @@ impl<T> Pager<T> {
     }
 }
 
-fn v4(addr: u32, port: u16) -> SocketAddrV4 {
-    SocketAddrV4::new(Ipv4Addr::from(ip_from_be(addr)), port_from_be(port))
+/// What a listing of flows needs while it walks the tables.
+struct ConnWalk<'a> {
+    snap: &'a Snapshot,
+    sel: &'a Select,
+    now: u64,
+    pager: Pager<ConnView>,
 }
 
-/// Live flows (verified, then unverified), filtered and paged.
-pub fn list_conns(api: &Api, q: &ListQuery) -> ApiResult<Page<ConnView>> {
-    let snap = api.ctl.snapshot();
-    let sel = Select::new(&snap, q)?;
-    let now = monotonic_ns();
-    let mut pager = Pager::new(&sel);
-    let backend_of = |id: u32| snap.backend_by_id.get(&id).map(|(_, a)| *a);
-    let keep = |lid: u32, client: SocketAddrV4, backend: SocketAddrV4| {
-        sel.listener.is_none_or(|w| w == lid)
-            && sel.client.as_ref().is_none_or(|c| c.matches(*client.ip()))
-            && sel.backend.is_none_or(|b| b == backend)
-    };
-    let r = api.ctl.reader();
-    r.scan_conns(&mut |ks, vs| {
+impl ConnWalk<'_> {
+    fn keep(&self, lid: u32, client: SocketAddr, backend: SocketAddr) -> bool {
+        self.sel.listener.is_none_or(|w| w == lid)
+            && self
+                .sel
+                .client
+                .as_ref()
+                .is_none_or(|c| c.matches(client.ip()))
+            && self.sel.backend.is_none_or(|b| b == backend)
+    }
+
+    fn verified<K: KeyView>(&mut self, ks: &[K], vs: &[clb_common::ConnValue]) {
         for (k, v) in ks.iter().zip(vs) {
-            let lid = u32::from(k.listener);
-            let (Some(l), Some(backend)) = (snap.listener_by_id(lid), backend_of(v.backend)) else {
+            let lid = k.listener();
+            let (Some(l), Some((_, backend))) = (
+                self.snap.listener_by_id(lid),
+                self.snap.backend_by_id.get(&v.backend),
+            ) else {
                 continue;
             };
             let idle = u64::from(l.spec.idle_timeout_secs()) * NS_PER_SEC;
-            if is_expired(now, v.last_seen_ns, conn_timeout_ns(v.state, idle)) {
+            if is_expired(self.now, v.last_seen_ns, conn_timeout_ns(v.state, idle)) {
                 continue;
             }
-            let client = v4(k.client, k.client_port);
-            if keep(lid, client, backend) {
-                pager.push(|| ConnView {
+            let client = k.client();
+            if self.keep(lid, client, *backend) {
+                let now = self.now;
+                self.pager.push(|| ConnView {
                     listener: l.spec.name.clone(),
                     proto: l.spec.proto(),
                     client,
                     vip: l.spec.vip,
-                    backend,
+                    backend: *backend,
                     state: match v.state {
                         CONN_OPEN => "open",
                         CONN_FIN => "fin",
@@ -643,25 +702,29 @@ pub fn list_conns(api: &Api, q: &ListQuery) -> ApiResult<Page<ConnView>> {
                 });
             }
         }
-        true
-    })?;
-    r.scan_half_open(&mut |ks, vs| {
+    }
+
+    fn half_open<K: KeyView>(&mut self, ks: &[K], vs: &[clb_common::HalfOpenValue]) {
         for (k, v) in ks.iter().zip(vs) {
-            let lid = u32::from(k.listener);
-            let (Some(l), Some(backend)) = (snap.listener_by_id(lid), backend_of(v.backend)) else {
+            let lid = k.listener();
+            let (Some(l), Some((_, backend))) = (
+                self.snap.listener_by_id(lid),
+                self.snap.backend_by_id.get(&v.backend),
+            ) else {
                 continue;
             };
-            if is_expired(now, v.last_seen_ns, snap.policy.half_open_ns) {
+            if is_expired(self.now, v.last_seen_ns, self.snap.policy.half_open_ns) {
                 continue;
             }
-            let client = v4(k.client, k.client_port);
-            if keep(lid, client, backend) {
-                pager.push(|| ConnView {
+            let client = k.client();
+            if self.keep(lid, client, *backend) {
+                let now = self.now;
+                self.pager.push(|| ConnView {
                     listener: l.spec.name.clone(),
                     proto: l.spec.proto(),
                     client,
                     vip: l.spec.vip,
-                    backend,
+                    backend: *backend,
                     state: match v.kind {
                         HALF_SYN => "syn",
                         HALF_ADOPTED => "adopted",
@@ -672,61 +735,114 @@ pub fn list_conns(api: &Api, q: &ListQuery) -> ApiResult<Page<ConnView>> {
                 });
             }
         }
-        true
-    })?;
-    Ok(pager.page())
+    }
 }
 
-/// Live persistence entries (verified, then pending), filtered and paged.
+/// Live flows of both families (verified, then unverified), filtered and paged.
+pub fn list_conns(api: &Api, q: &ListQuery) -> ApiResult<Page<ConnView>> {
+    let snap = api.ctl.snapshot();
+    let sel = Select::new(&snap, q)?;
+    let mut w = ConnWalk {
+        snap: &snap,
+        sel: &sel,
+        now: monotonic_ns(),
+        pager: Pager::new(&sel),
+    };
+    let r = api.ctl.reader();
+    r.scan_conns(&mut |ks, vs| {
+        w.verified(ks, vs);
+        true
+    })?;
+    r.scan_conns6(&mut |ks, vs| {
+        w.verified(ks, vs);
+        true
+    })?;
+    r.scan_half_open(&mut |ks, vs| {
+        w.half_open(ks, vs);
+        true
+    })?;
+    r.scan_half_open6(&mut |ks, vs| {
+        w.half_open(ks, vs);
+        true
+    })?;
+    Ok(w.pager.page())
+}
+
+/// What a listing of persistence entries needs while it walks the tables.
+struct SessionWalk<'a> {
+    snap: &'a Snapshot,
+    sel: &'a Select,
+    now: u64,
+    pager: Pager<SessionView>,
+    /// Clients with a verified entry: listed once, as verified.
+    verified: HashSet<(u32, IpAddr)>,
+}
+
+impl SessionWalk<'_> {
+    fn rows<K: KeyView>(&mut self, table: SessionTable, ks: &[K], vs: &[clb_common::SessionValue]) {
+        for (k, v) in ks.iter().zip(vs) {
+            let lid = k.listener();
+            let (Some(l), Some((_, backend))) = (
+                self.snap.listener_by_id(lid),
+                self.snap.backend_by_id.get(&v.backend),
+            ) else {
+                continue;
+            };
+            let persist = u64::from(l.spec.persist) * NS_PER_SEC;
+            if persist == 0 || is_expired(self.now, v.last_seen_ns, persist) {
+                continue;
+            }
+            let client = k.client().ip();
+            if table == SessionTable::Pending && self.verified.contains(&(lid, client)) {
+                continue;
+            }
+            if table == SessionTable::Verified {
+                self.verified.insert((lid, client));
+            }
+            if self.sel.listener.is_some_and(|w| w != lid)
+                || self.sel.client.as_ref().is_some_and(|c| !c.matches(client))
+                || self.sel.backend.is_some_and(|b| b != *backend)
+            {
+                continue;
+            }
+            let idle = self.now.saturating_sub(v.last_seen_ns);
+            let full = if client.is_ipv4() { 32 } else { 128 };
+            self.pager.push(|| SessionView {
+                listener: l.spec.name.clone(),
+                client,
+                prefix: l.spec.l4().and_then(|k| k.persist_mask).unwrap_or(full),
+                backend: *backend,
+                idle_secs: idle / NS_PER_SEC,
+                expires_in_secs: persist.saturating_sub(idle).div_ceil(NS_PER_SEC),
+                pending: table == SessionTable::Pending,
+            });
+        }
+    }
+}
+
+/// Live persistence entries of both families (verified, then pending), filtered and paged.
 pub fn list_sessions(api: &Api, q: &ListQuery) -> ApiResult<Page<SessionView>> {
     let snap = api.ctl.snapshot();
     let sel = Select::new(&snap, q)?;
-    let now = monotonic_ns();
-    let mut pager = Pager::new(&sel);
-    let mut seen_verified: HashSet<(u16, u32)> = HashSet::new();
+    let mut w = SessionWalk {
+        snap: &snap,
+        sel: &sel,
+        now: monotonic_ns(),
+        pager: Pager::new(&sel),
+        verified: HashSet::new(),
+    };
+    let r = api.ctl.reader();
     for table in [SessionTable::Verified, SessionTable::Pending] {
-        api.ctl.reader().scan_sessions(table, &mut |ks, vs| {
-            for (k, v) in ks.iter().zip(vs) {
-                let lid = u32::from(k.listener);
-                let (Some(l), Some((_, backend))) =
-                    (snap.listener_by_id(lid), snap.backend_by_id.get(&v.backend))
-                else {
-                    continue;
-                };
-                let persist = u64::from(l.spec.persist) * NS_PER_SEC;
-                if persist == 0 || is_expired(now, v.last_seen_ns, persist) {
-                    continue;
-                }
-                // A client with a verified entry is listed once, as verified.
-                if table == SessionTable::Pending && seen_verified.contains(&(k.listener, k.client))
-                {
-                    continue;
-                }
-                if table == SessionTable::Verified {
-                    seen_verified.insert((k.listener, k.client));
-                }
-                let client = Ipv4Addr::from(ip_from_be(k.client));
-                if sel.listener.is_some_and(|w| w != lid)
-                    || sel.client.as_ref().is_some_and(|c| !c.matches(client))
-                    || sel.backend.is_some_and(|b| b != *backend)
-                {
-                    continue;
-                }
-                let idle = now.saturating_sub(v.last_seen_ns);
-                pager.push(|| SessionView {
-                    listener: l.spec.name.clone(),
-                    client,
-                    prefix: l.spec.l4().and_then(|k| k.persist_mask).unwrap_or(32),
-                    backend: *backend,
-                    idle_secs: idle / NS_PER_SEC,
-                    expires_in_secs: persist.saturating_sub(idle).div_ceil(NS_PER_SEC),
-                    pending: table == SessionTable::Pending,
-                });
-            }
+        r.scan_sessions(table, &mut |ks, vs| {
+            w.rows(table, ks, vs);
+            true
+        })?;
+        r.scan_sessions6(table, &mut |ks, vs| {
+            w.rows(table, ks, vs);
             true
         })?;
     }
-    Ok(pager.page())
+    Ok(w.pager.page())
 }
 
 // ---- handlers -------------------------------------------------------------------------------

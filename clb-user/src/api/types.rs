@@ -4,7 +4,7 @@
 //! listener's fields).
 
 use std::{
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, SocketAddr},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
@@ -24,7 +24,7 @@ use crate::{
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ListenerView {
     pub name: String,
-    pub vip: SocketAddrV4,
+    pub vip: SocketAddr,
     pub proto: Proto,
     /// Persistence, seconds (0 = off).
     pub persist: u32,
@@ -146,7 +146,7 @@ pub fn unix(t: SystemTime) -> u64 {
 /// A backend as `GET /v1/listeners/{name}/backends` shows it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BackendView {
-    pub addr: SocketAddrV4,
+    pub addr: SocketAddr,
     pub weight: u32,
     pub health: Health,
     /// Unix time (s) of the last health change (or of the backend's creation).
@@ -279,7 +279,7 @@ pub struct SweeperStatus {
 /// Counters of a backend.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct BackendStats {
-    pub addr: SocketAddrV4,
+    pub addr: SocketAddr,
     #[serde(flatten)]
     pub counters: TrafficCounters,
     pub live: Live,
@@ -300,7 +300,7 @@ pub struct ListenerStats {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct HealthTransitionCount {
     pub listener: String,
-    pub backend: SocketAddrV4,
+    pub backend: SocketAddr,
     pub to: Health,
     pub count: u64,
 }
@@ -325,9 +325,9 @@ pub struct StatsResponse {
 pub struct ConnView {
     pub listener: String,
     pub proto: Proto,
-    pub client: SocketAddrV4,
-    pub vip: SocketAddrV4,
-    pub backend: SocketAddrV4,
+    pub client: SocketAddr,
+    pub vip: SocketAddr,
+    pub backend: SocketAddr,
     /// Verified: "open", "fin", "rst"; unverified (half-open table): "syn", "udp", "adopted".
     pub state: String,
     pub idle_secs: u64,
@@ -338,10 +338,10 @@ pub struct ConnView {
 pub struct SessionView {
     pub listener: String,
     /// The client address (masked by the listener's persistence prefix).
-    pub client: Ipv4Addr,
+    pub client: IpAddr,
     /// The persistence prefix length (32: one address).
     pub prefix: u8,
-    pub backend: SocketAddrV4,
+    pub backend: SocketAddr,
     /// Seconds since the client's last packet.
     pub idle_secs: u64,
     /// Seconds until the entry expires without a new packet.

@@ -17,13 +17,14 @@ pub mod project;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     sync::Arc,
 };
 
 use clb_common::{
-    BackendAddrInfo, BackendAddrKey, BackendInfo, GlobalConfig, ListenerInfo, ListenerKey,
-    MAX_BACKENDS, MAX_LISTENERS, ip_from_be, port_from_be,
+    Addr6, BACKEND_F_V6, BackendAddrInfo, BackendAddrKey, BackendAddrKey6, BackendInfo,
+    GlobalConfig, ListenerInfo, ListenerInfo6, ListenerKey, ListenerKey6, MAX_BACKENDS,
+    MAX_LISTENERS, ip_from_be, ip6_from_be, port_from_be,
 };
 
 pub use self::project::{BackendPlan, GlobalPlan, ListenerPlan, Plan, SchedPlan};
@@ -54,20 +55,20 @@ pub enum BalancerError {
 /// Listener and backend ids, allocated next-fit so a freed id is reused as late as possible.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Ids {
-    listeners: BTreeMap<(SocketAddrV4, u8), u32>,
-    backends: BTreeMap<(u32, SocketAddrV4), u32>,
+    listeners: BTreeMap<(SocketAddr, u8), u32>,
+    backends: BTreeMap<(u32, SocketAddr), u32>,
     next_listener: u32,
     next_backend: u32,
 }
 
 impl Ids {
     /// The id of the L4 listener on `vip` for `proto`.
-    pub fn listener(&self, vip: SocketAddrV4, proto: u8) -> Option<u32> {
+    pub fn listener(&self, vip: SocketAddr, proto: u8) -> Option<u32> {
         self.listeners.get(&(vip, proto)).copied()
     }
 
     /// The id of backend `addr` of listener id `listener`.
-    pub fn backend(&self, listener: u32, addr: SocketAddrV4) -> Option<u32> {
+    pub fn backend(&self, listener: u32, addr: SocketAddr) -> Option<u32> {
         self.backends.get(&(listener, addr)).copied()
     }
 
@@ -76,13 +77,32 @@ impl Ids {
         let mut ids = Ids::default();
         for (k, id) in &c.listener_addr {
             if k.proto != 0 && c.listeners.contains_key(id) {
-                let vip =
-                    SocketAddrV4::new(Ipv4Addr::from(ip_from_be(k.vip)), port_from_be(k.port));
+                let vip = SocketAddr::new(
+                    IpAddr::V4(Ipv4Addr::from(ip_from_be(k.vip))),
+                    port_from_be(k.port),
+                );
+                ids.listeners.insert((vip, k.proto), *id);
+            }
+        }
+        for (k, id) in &c.listener_addr6 {
+            if k.proto != 0 && c.listeners.contains_key(id) {
+                let vip = SocketAddr::new(
+                    IpAddr::V6(Ipv6Addr::from(ip6_from_be(k.vip))),
+                    port_from_be(k.port),
+                );
                 ids.listeners.insert((vip, k.proto), *id);
             }
         }
         for (id, b) in &c.backends {
-            let addr = SocketAddrV4::new(Ipv4Addr::from(ip_from_be(b.addr)), port_from_be(b.port));
+            let ip = if b.flags & BACKEND_F_V6 != 0 {
+                match c.backends6.get(id) {
+                    Some(a) => IpAddr::V6(Ipv6Addr::from(ip6_from_be(*a))),
+                    None => continue,
+                }
+            } else {
+                IpAddr::V4(Ipv4Addr::from(ip_from_be(b.addr)))
+            };
+            let addr = SocketAddr::new(ip, port_from_be(b.port));
             ids.backends.insert((u32::from(b.listener), addr), *id);
         }
         ids.next_listener = ids.listeners.values().max().map_or(0, |m| m + 1) % MAX_LISTENERS;
@@ -142,12 +162,12 @@ impl Ids {
     }
 
     /// listener id → (VIP, proto).
-    pub fn listeners(&self) -> impl Iterator<Item = (u32, SocketAddrV4, u8)> + '_ {
+    pub fn listeners(&self) -> impl Iterator<Item = (u32, SocketAddr, u8)> + '_ {
         self.listeners.iter().map(|((v, p), id)| (*id, *v, *p))
     }
 
     /// backend id → (listener id, address).
-    pub fn backends(&self) -> impl Iterator<Item = (u32, u32, SocketAddrV4)> + '_ {
+    pub fn backends(&self) -> impl Iterator<Item = (u32, u32, SocketAddr)> + '_ {
         self.backends.iter().map(|((l, a), id)| (*id, *l, *a))
     }
 }
@@ -176,6 +196,11 @@ enum Op {
     BackendAddr(BackendAddrKey, Option<BackendAddrInfo>),
     Schedule(u32, Option<Arc<Vec<u32>>>),
     Denied(u32, Option<u32>),
+    ListenerAddr6(ListenerKey6, Option<u32>),
+    Listener6(u32, ListenerInfo6),
+    Backend6(u32, Addr6),
+    BackendAddr6(BackendAddrKey6, Option<BackendAddrInfo>),
+    Denied6(Addr6, Option<u32>),
 }
 
 impl Op {
@@ -188,6 +213,11 @@ impl Op {
             Op::BackendAddr(k, v) => dp.put_backend_addr(*k, v.as_ref()),
             Op::Schedule(id, v) => dp.put_schedule(*id, v.as_deref().map(Vec::as_slice)),
             Op::Denied(a, r) => dp.put_denied(*a, *r),
+            Op::ListenerAddr6(k, v) => dp.put_listener_addr6(*k, *v),
+            Op::Listener6(id, v) => dp.put_listener6(*id, v),
+            Op::Backend6(id, a) => dp.put_backend6(*id, a),
+            Op::BackendAddr6(k, v) => dp.put_backend_addr6(*k, v.as_ref()),
+            Op::Denied6(a, r) => dp.put_denied6(*a, *r),
         }
     }
 }
@@ -287,8 +317,59 @@ fn diff(old: &DpConfig, new: &DpConfig) -> Vec<(Op, Op)> {
             ops.push((6, Op::Listener(*id, none), Op::Listener(*id, *v)));
         }
     }
+    // IPv6: the same phases. A listener's IPv6 half is in place before the listener is
+    // active and goes after it is gone; a backend's address before its flags, and after.
+    keyed(
+        &mut ops,
+        &old.listener_addr6,
+        &new.listener_addr6,
+        (1, 11),
+        |k, v| Op::ListenerAddr6(*k, v.copied()),
+    );
+    keyed(
+        &mut ops,
+        &old.backend_addr6,
+        &new.backend_addr6,
+        (9, 3),
+        |k, v| Op::BackendAddr6(*k, v.copied()),
+    );
+    keyed(&mut ops, &old.denied6, &new.denied6, (10, 4), |k, v| {
+        Op::Denied6(*k, v.copied())
+    });
+    keyed(
+        &mut ops,
+        &old.listeners6,
+        &new.listeners6,
+        (7, 5),
+        |id, v| Op::Listener6(*id, v.copied().unwrap_or_default()),
+    );
+    keyed(&mut ops, &old.backends6, &new.backends6, (9, 1), |id, v| {
+        Op::Backend6(*id, v.copied().unwrap_or_default())
+    });
     ops.sort_by_key(|(phase, _, _)| *phase);
     ops.into_iter().map(|(_, op, undo)| (op, undo)).collect()
+}
+
+/// The writes (with undos) that turn map `old` into `new`: removals in phase `phases.0`,
+/// additions and changes in `phases.1`; `op(key, Some(value))` writes, `op(key, None)` removes.
+fn keyed<K: Ord, V: PartialEq>(
+    ops: &mut Vec<(u8, Op, Op)>,
+    old: &BTreeMap<K, V>,
+    new: &BTreeMap<K, V>,
+    phases: (u8, u8),
+    op: impl Fn(&K, Option<&V>) -> Op,
+) {
+    for (k, v) in old {
+        if !new.contains_key(k) {
+            ops.push((phases.0, op(k, None), op(k, Some(v))));
+        }
+    }
+    for (k, v) in new {
+        let prev = old.get(k);
+        if prev != Some(v) {
+            ops.push((phases.1, op(k, Some(v)), op(k, prev)));
+        }
+    }
 }
 
 /// What a commit did.
@@ -407,7 +488,7 @@ mod tests {
     use super::*;
     use crate::datapath::mem::MemDataplane;
 
-    fn sa(s: &str) -> SocketAddrV4 {
+    fn sa(s: &str) -> SocketAddr {
         s.parse().unwrap()
     }
 
@@ -433,7 +514,7 @@ mod tests {
 
     fn plan(listeners: Vec<ListenerPlan>) -> Plan {
         Plan {
-            vips: listeners.iter().map(|l| *l.vip.ip()).collect(),
+            vips: listeners.iter().map(|l| l.vip.ip()).collect(),
             listeners,
             local_addrs: vec![],
             global: GlobalPlan {
@@ -462,7 +543,7 @@ mod tests {
         let s = dp.state();
         let c = &s.config;
         assert_eq!(
-            c.listener_addr[&project::listener_key(sa("10.0.0.100:80"), 6)],
+            c.listener_addr[&project::listener_key(sa("10.0.0.100:80"), 6).unwrap()],
             id
         );
         assert!(
@@ -532,7 +613,7 @@ mod tests {
         });
         q.listeners
             .push(listener("10.0.0.101:80", &[("10.1.0.4:80", 5)]));
-        q.vips.push(Ipv4Addr::new(10, 0, 0, 101));
+        q.vips.push(Ipv4Addr::new(10, 0, 0, 101).into());
         // Fail at every possible write in turn: each time, nothing changed.
         let total = {
             let (mut probe, _) = self::lb();

@@ -1,10 +1,7 @@
 //! The command line's definition (clap). Also the source of the man page and the shell
 //! completions (`clb man`, `clb completions SHELL`).
 
-use std::{
-    net::{SocketAddr, SocketAddrV4},
-    path::PathBuf,
-};
+use std::{net::SocketAddr, path::PathBuf};
 
 use clap::{Args, Parser, Subcommand};
 
@@ -137,7 +134,7 @@ pub struct ListenerOpts {
     /// L4: forwarding: nat (default) or dsr (direct server return; backend port = VIP port).
     #[arg(long, value_parser = parse_forward)]
     pub forward: Option<Forward>,
-    /// L4: clients in one prefix of this length share one persistence entry (1-32, default 32).
+    /// L4: clients in one prefix of this length share one persistence entry (1-32 IPv4, 1-128 IPv6; default: the whole address).
     #[arg(long)]
     pub persist_mask: Option<u8>,
     /// L4 maglev: lookup-table size, a prime (default 65537).
@@ -256,9 +253,9 @@ pub enum ListenerCmd {
     /// Add a listener.
     Add {
         name: String,
-        /// Virtual IP and port.
+        /// Virtual IP and port: 10.0.0.100:80, or [2001:db8::100]:80 for IPv6.
         #[arg(long)]
-        vip: SocketAddrV4,
+        vip: SocketAddr,
         #[arg(long, value_parser = |s: &str| s.parse::<Proto>())]
         proto: Proto,
         #[command(flatten)]
@@ -284,7 +281,7 @@ pub enum BackendCmd {
     /// Add a backend to a listener.
     Add {
         listener: String,
-        addr: SocketAddrV4,
+        addr: SocketAddr,
         /// Weight 0-100 (0 = quiescent), default 10.
         #[arg(long)]
         weight: Option<u32>,
@@ -292,19 +289,16 @@ pub enum BackendCmd {
     /// Change a backend's weight (ends a drain).
     Set {
         listener: String,
-        addr: SocketAddrV4,
+        addr: SocketAddr,
         #[arg(long)]
         weight: u32,
     },
     /// Remove a backend (its connections are cut: drain it first for a graceful exit).
-    Rm {
-        listener: String,
-        addr: SocketAddrV4,
-    },
+    Rm { listener: String, addr: SocketAddr },
     /// Drain a backend: no new connections or persisted clients; its connections are cut after the timeout.
     Drain {
         listener: String,
-        addr: SocketAddrV4,
+        addr: SocketAddr,
         /// Seconds until remaining connections are cut (0-3600, default 300).
         #[arg(long)]
         timeout: Option<u32>,
@@ -325,12 +319,12 @@ pub enum TableCmd {
     /// List live entries.
     Ls {
         listener: Option<String>,
-        /// Only this client address, or prefix a.b.c.d/n.
+        /// Only this client address, or prefix (10.2.0.0/16, 2001:db8::/64).
         #[arg(long)]
         client: Option<String>,
         /// Only entries on this backend (IP:PORT).
         #[arg(long)]
-        backend: Option<SocketAddrV4>,
+        backend: Option<SocketAddr>,
         /// At most this many entries.
         #[arg(long)]
         limit: Option<u64>,

@@ -198,7 +198,7 @@ async fn listener(c: &Client<'_>, cmd: ListenerCmd) -> Result<(), ClientError> {
 }
 
 async fn backend(c: &Client<'_>, cmd: BackendCmd) -> Result<(), ClientError> {
-    let path = |l: &str, a: &std::net::SocketAddrV4| {
+    let path = |l: &str, a: &std::net::SocketAddr| {
         format!("/v1/listeners/{}/backends/{}", seg(l), seg(&a.to_string()))
     };
     match cmd {

@@ -18,7 +18,7 @@ pub mod state;
 pub mod status;
 
 use std::{
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, SocketAddr},
     path::PathBuf,
     sync::{Arc, Mutex, MutexGuard, PoisonError},
     time::{Instant, SystemTime},
@@ -92,7 +92,7 @@ struct Writer {
 pub struct ControlOptions {
     pub config_path: PathBuf,
     /// The balancer's own addresses (refused as sources of packets to a VIP).
-    pub local_addrs: Vec<Ipv4Addr>,
+    pub local_addrs: Vec<IpAddr>,
     /// CPUs the datapath runs on.
     pub cpus: u32,
     pub info: DaemonInfo,
@@ -313,7 +313,7 @@ impl Controller {
     pub fn set_health(
         &self,
         listener: &str,
-        addr: SocketAddrV4,
+        addr: SocketAddr,
         health: Health,
     ) -> Result<bool, ChangeError> {
         self.runtime_change(|s| {
@@ -339,7 +339,7 @@ impl Controller {
     pub fn drain(
         &self,
         listener: &str,
-        addr: SocketAddrV4,
+        addr: SocketAddr,
         deadline: Option<Instant>,
     ) -> Result<(), ChangeError> {
         self.runtime_change(|s| {
@@ -401,7 +401,7 @@ impl Controller {
     }
 }
 
-fn unknown(s: &State, listener: &str, addr: SocketAddrV4) -> ConfigError {
+fn unknown(s: &State, listener: &str, addr: SocketAddr) -> ConfigError {
     if s.config.listeners.iter().any(|l| l.name == listener) {
         ConfigError::UnknownBackend {
             listener: listener.into(),

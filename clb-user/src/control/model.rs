@@ -8,7 +8,7 @@
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
 };
 
 use clb_common::{
@@ -288,8 +288,8 @@ impl HealthCheckSpec {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BackendSpec {
-    /// Backend IPv4 address and port.
-    pub addr: SocketAddrV4,
+    /// Backend address (IPv4 or IPv6, the VIP's family for L4 listeners) and port.
+    pub addr: SocketAddr,
     /// Weight 0–100; 0 = quiescent (no new connections or persisted clients).
     #[serde(default = "default_weight")]
     pub weight: u32,
@@ -297,6 +297,16 @@ pub struct BackendSpec {
 
 fn default_weight() -> u32 {
     DEFAULT_WEIGHT
+}
+
+impl BackendSpec {
+    /// A backend at `addr` with weight `weight`.
+    pub fn new(addr: impl Into<SocketAddr>, weight: u32) -> Self {
+        Self {
+            addr: addr.into(),
+            weight,
+        }
+    }
 }
 
 /// Default HTTP keep-alive idle timeout, seconds.
@@ -315,7 +325,7 @@ pub struct ListenerSpec {
     /// Unique name: letters, digits, `-`, `_`, `.`; 1–64 characters.
     pub name: String,
     /// Virtual IP and port.
-    pub vip: SocketAddrV4,
+    pub vip: SocketAddr,
     /// Session persistence, seconds: 0 = off; 1–3600 for tcp/udp, 30–3600 for http.
     pub persist: u32,
     pub kind: Kind,
@@ -325,7 +335,7 @@ pub struct ListenerSpec {
 
 impl ListenerSpec {
     /// A listener with defaults for everything but name, VIP and protocol.
-    pub fn new(name: &str, vip: SocketAddrV4, proto: Proto) -> Self {
+    pub fn new(name: &str, vip: impl Into<SocketAddr>, proto: Proto) -> Self {
         let kind = match proto {
             Proto::Tcp => Kind::L4(L4Spec::default()),
             Proto::Udp => Kind::L4(L4Spec {
@@ -336,7 +346,7 @@ impl ListenerSpec {
         };
         Self {
             name: name.into(),
-            vip,
+            vip: vip.into(),
             persist: 0,
             health_check: HealthCheckSpec::of(default_check(proto)),
             kind,
@@ -396,7 +406,7 @@ impl ListenerSpec {
                 allowed: "a port 1-65535",
             });
         }
-        check_unicast("vip", *self.vip.ip())?;
+        check_unicast("vip", self.vip.ip())?;
         match &self.kind {
             Kind::L4(l) => {
                 range(
@@ -416,7 +426,35 @@ impl ListenerSpec {
                     )?;
                 }
                 if let Some(m) = l.persist_mask {
-                    range("persist_mask", u32::from(m), 1, 32, "1-32 (prefix length)")?;
+                    if self.vip.is_ipv4() {
+                        range(
+                            "persist_mask",
+                            u32::from(m),
+                            1,
+                            32,
+                            "1-32 (IPv4 prefix length)",
+                        )?;
+                    } else {
+                        range(
+                            "persist_mask",
+                            u32::from(m),
+                            1,
+                            128,
+                            "1-128 (IPv6 prefix length)",
+                        )?;
+                    }
+                }
+                if let Some(b) = self
+                    .backends
+                    .iter()
+                    .find(|b| b.addr.is_ipv4() != self.vip.is_ipv4())
+                {
+                    return Err(ConfigError::Invalid(format!(
+                        "backend {} of listener {:?} is not of the VIP's address family ({}): an L4 listener NATs between addresses of one family",
+                        b.addr,
+                        self.name,
+                        if self.vip.is_ipv4() { "IPv4" } else { "IPv6" }
+                    )));
                 }
                 if let Some(m) = l.maglev_size {
                     if l.sched != Sched::Maglev {
@@ -534,10 +572,32 @@ pub fn validate_backend(b: &BackendSpec) -> Result<(), ConfigError> {
             allowed: "a port 1-65535",
         });
     }
-    check_unicast("backend", *b.addr.ip())
+    check_unicast("backend", b.addr.ip())
 }
 
-fn check_unicast(field: &'static str, ip: Ipv4Addr) -> Result<(), ConfigError> {
+fn check_unicast(field: &'static str, ip: IpAddr) -> Result<(), ConfigError> {
+    match ip {
+        IpAddr::V4(v4) => check_unicast4(field, v4),
+        IpAddr::V6(v6) => {
+            let s = v6.segments();
+            if v6.is_unspecified()
+                || v6.is_loopback()
+                || v6.is_multicast()
+                || (s[0] & 0xffc0) == 0xfe80
+                || v6.to_ipv4_mapped().is_some()
+            {
+                return Err(ConfigError::Range {
+                    field,
+                    value: ip.to_string(),
+                    allowed: "a unicast IPv6 address (not ::, loopback, multicast, link-local fe80::/10 or IPv4-mapped)",
+                });
+            }
+            Ok(())
+        }
+    }
+}
+
+fn check_unicast4(field: &'static str, ip: Ipv4Addr) -> Result<(), ConfigError> {
     if ip.is_unspecified()
         || ip.is_broadcast()
         || ip.is_multicast()
@@ -597,9 +657,9 @@ pub fn validate_all(listeners: &[ListenerSpec]) -> Result<(), ConfigError> {
     }
     let mut names = HashSet::new();
     // Two listeners may share a VIP:port only with different IP protocols (tcp + udp).
-    let mut addrs: HashMap<(SocketAddrV4, u8), &str> = HashMap::new();
-    let vips: HashSet<Ipv4Addr> = listeners.iter().map(|l| *l.vip.ip()).collect();
-    let mut backend_addrs: BTreeMap<(SocketAddrV4, u8), usize> = BTreeMap::new();
+    let mut addrs: HashMap<(SocketAddr, u8), &str> = HashMap::new();
+    let vips: HashSet<IpAddr> = listeners.iter().map(|l| l.vip.ip()).collect();
+    let mut backend_addrs: BTreeMap<(SocketAddr, u8), usize> = BTreeMap::new();
     let mut total_backends = 0usize;
     for l in listeners {
         l.validate()?;
@@ -615,7 +675,7 @@ pub fn validate_all(listeners: &[ListenerSpec]) -> Result<(), ConfigError> {
         }
         total_backends += l.backends.len();
         for b in &l.backends {
-            if vips.contains(b.addr.ip()) {
+            if vips.contains(&b.addr.ip()) {
                 return Err(ConfigError::Invalid(format!(
                     "backend {} of listener {:?} is a VIP address: a backend cannot be a VIP (its packets would loop through the balancer)",
                     b.addr, l.name
@@ -656,6 +716,10 @@ pub struct TablesSpec {
     pub sessions: u32,
     /// Half-open table entries (unverified flows), also the pending-persistence table's size.
     pub half_open: u32,
+    /// The IPv6 tables' sizes (IPv6 flows have tables of their own).
+    pub connections6: u32,
+    pub sessions6: u32,
+    pub half_open6: u32,
     /// New unverified flows per second (all CPUs) above which flood mode starts; default: the
     /// half-open table's size (its entries would then live less than a second); 0 = never.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -670,6 +734,9 @@ impl Default for TablesSpec {
             connections: DEFAULT_CONNS,
             sessions: DEFAULT_SESSIONS,
             half_open: DEFAULT_HALF_OPEN,
+            connections6: clb_common::DEFAULT_CONNS6,
+            sessions6: clb_common::DEFAULT_SESSIONS6,
+            half_open6: clb_common::DEFAULT_HALF_OPEN6,
             flood_threshold: None,
             rst_per_sec: DEFAULT_RST_PER_SEC,
         }
@@ -700,6 +767,13 @@ impl TablesSpec {
             MAX_TABLE,
             ALLOWED,
         )?;
+        for (field, v) in [
+            ("tables.connections6", self.connections6),
+            ("tables.sessions6", self.sessions6),
+            ("tables.half_open6", self.half_open6),
+        ] {
+            range(field, v, MIN_TABLE, MAX_TABLE, ALLOWED)?;
+        }
         range(
             "tables.rst_per_sec",
             self.rst_per_sec,
@@ -783,7 +857,7 @@ impl BgpSpec {
         };
         asn("bgp.local_as", self.local_as)?;
         if let Some(id) = self.router_id {
-            check_unicast("bgp.router_id", id)?;
+            check_unicast4("bgp.router_id", id)?;
         }
         range(
             "bgp.bfd_interval_ms",
@@ -802,7 +876,7 @@ impl BgpSpec {
         let mut seen = HashSet::new();
         for p in &self.peers {
             asn("bgp.peer.remote_as", p.remote_as)?;
-            check_unicast("bgp.peer.address", p.address)?;
+            check_unicast4("bgp.peer.address", p.address)?;
             if !seen.insert(p.address) {
                 return Err(ConfigError::Invalid(format!(
                     "bgp: peer {} is listed twice",
@@ -839,22 +913,16 @@ pub enum ConfigError {
     DuplicateListener(String),
     #[error("vip {vip} ({proto}) is already used by listener {other:?}")]
     DuplicateVip {
-        vip: SocketAddrV4,
+        vip: SocketAddr,
         proto: Proto,
         other: String,
     },
     #[error("backend {addr} is already in listener {listener:?}")]
-    DuplicateBackend {
-        listener: String,
-        addr: SocketAddrV4,
-    },
+    DuplicateBackend { listener: String, addr: SocketAddr },
     #[error("no listener named {0:?}")]
     UnknownListener(String),
     #[error("listener {listener:?} has no backend {addr}")]
-    UnknownBackend {
-        listener: String,
-        addr: SocketAddrV4,
-    },
+    UnknownBackend { listener: String, addr: SocketAddr },
     #[error("capacity exceeded: at most {max} {what}")]
     Capacity { what: &'static str, max: usize },
     #[error("{0}")]
@@ -870,7 +938,7 @@ pub enum ConfigError {
 #[serde(deny_unknown_fields)]
 pub struct WireListener {
     pub name: String,
-    pub vip: SocketAddrV4,
+    pub vip: SocketAddr,
     pub proto: Option<Proto>,
     #[serde(default)]
     pub persist: u32,
@@ -1051,7 +1119,7 @@ mod tests {
     use super::*;
 
     fn l(name: &str, vip: &str) -> ListenerSpec {
-        ListenerSpec::new(name, vip.parse().unwrap(), Proto::Tcp)
+        ListenerSpec::new(name, vip.parse::<SocketAddr>().unwrap(), Proto::Tcp)
     }
 
     fn with_backend(mut x: ListenerSpec, addr: &str) -> ListenerSpec {
@@ -1060,6 +1128,61 @@ mod tests {
             weight: 10,
         });
         x
+    }
+
+    #[test]
+    fn ipv6_listeners_validate_family_addresses_and_mask() {
+        // An IPv6 L4 listener with IPv6 backends is fine, and a mask up to /128.
+        let mut ok = with_backend(l("v6", "[fd00::100]:80"), "[fd00:10::2]:8080");
+        if let Kind::L4(k) = &mut ok.kind {
+            k.persist_mask = Some(64);
+        }
+        validate_all(&[ok.clone(), l("v4", "10.0.0.100:80")]).unwrap();
+        if let Kind::L4(k) = &mut ok.kind {
+            k.persist_mask = Some(129);
+        }
+        let e = ok.validate().unwrap_err().to_string();
+        assert!(e.contains("persist_mask"), "{e}");
+        // L4 NAT does not cross families.
+        let e = with_backend(l("x", "[fd00::100]:80"), "10.1.0.2:80")
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("address family"), "{e}");
+        let e = with_backend(l("x", "10.0.0.100:80"), "[fd00:10::2]:80")
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("address family"), "{e}");
+        // An HTTP listener proxies across families.
+        let mut h = ListenerSpec::new(
+            "h",
+            "10.0.0.100:80".parse::<SocketAddr>().unwrap(),
+            Proto::Http,
+        );
+        h.backends.push(BackendSpec::new(
+            "[fd00:10::2]:80".parse::<SocketAddr>().unwrap(),
+            10,
+        ));
+        h.validate().unwrap();
+        // Not unicast.
+        for vip in [
+            "[::]:80",
+            "[::1]:80",
+            "[ff02::1]:80",
+            "[fe80::1]:80",
+            "[::ffff:10.0.0.1]:80",
+        ] {
+            assert!(l("x", vip).validate().is_err(), "{vip} accepted");
+        }
+        // A backend on another listener's IPv6 VIP.
+        let e = validate_all(&[
+            l("a", "[fd00::100]:80"),
+            with_backend(l("b", "[fd00::101]:80"), "[fd00::100]:8080"),
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("is a VIP address"), "{e}");
     }
 
     #[test]
@@ -1098,7 +1221,11 @@ mod tests {
 
     #[test]
     fn http_persist_range_is_30_to_3600_or_off() {
-        let mut x = ListenerSpec::new("h", "10.0.0.1:80".parse().unwrap(), Proto::Http);
+        let mut x = ListenerSpec::new(
+            "h",
+            "10.0.0.1:80".parse::<SocketAddr>().unwrap(),
+            Proto::Http,
+        );
         x.persist = 10;
         assert!(x.validate().unwrap_err().to_string().contains("30-3600"));
         x.persist = 0;

@@ -63,7 +63,11 @@ mod tests {
     use crate::control::model::{CheckKind, Proto};
 
     fn web() -> ListenerSpec {
-        ListenerSpec::new("web", "10.0.0.1:80".parse().unwrap(), Proto::Tcp)
+        ListenerSpec::new(
+            "web",
+            "10.0.0.1:80".parse::<std::net::SocketAddr>().unwrap(),
+            Proto::Tcp,
+        )
     }
 
     #[test]

@@ -4,7 +4,7 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, SocketAddr},
     sync::Arc,
     time::{Instant, SystemTime},
 };
@@ -56,10 +56,10 @@ impl BackendRuntime {
 }
 
 /// (listener name, backend address).
-pub type BackendKey = (String, SocketAddrV4);
+pub type BackendKey = (String, SocketAddr);
 
 /// Health transitions since the daemon started: (listener, backend, to) → count.
-pub type Transitions = BTreeMap<(String, SocketAddrV4, Health), u64>;
+pub type Transitions = BTreeMap<(String, SocketAddr, Health), u64>;
 
 /// Everything the writer owns.
 #[derive(Clone, Debug)]
@@ -67,12 +67,12 @@ pub struct State {
     pub config: ConfigFile,
     pub runtime: HashMap<BackendKey, BackendRuntime>,
     pub transitions: Transitions,
-    pub local_addrs: Vec<Ipv4Addr>,
+    pub local_addrs: Vec<IpAddr>,
     pub cpus: u32,
 }
 
 impl State {
-    pub fn new(config: ConfigFile, local_addrs: Vec<Ipv4Addr>, cpus: u32) -> Self {
+    pub fn new(config: ConfigFile, local_addrs: Vec<IpAddr>, cpus: u32) -> Self {
         let mut s = Self {
             config,
             runtime: HashMap::new(),
@@ -164,7 +164,9 @@ impl State {
                     }
                 },
                 dsr: k.forward == Forward::Dsr,
-                persist_mask: k.persist_mask.unwrap_or(32),
+                persist_mask: k
+                    .persist_mask
+                    .unwrap_or(if l.vip.is_ipv4() { 32 } else { 128 }),
                 backends: l
                     .backends
                     .iter()
@@ -177,7 +179,7 @@ impl State {
                     .collect(),
             });
         }
-        let mut vips: Vec<Ipv4Addr> = self.config.listeners.iter().map(|l| *l.vip.ip()).collect();
+        let mut vips: Vec<IpAddr> = self.config.listeners.iter().map(|l| l.vip.ip()).collect();
         vips.sort_unstable();
         vips.dedup();
         let t = &self.config.tables;
@@ -282,7 +284,8 @@ pub struct ListenerState {
 }
 
 impl ListenerState {
-    pub fn backend(&self, addr: SocketAddrV4) -> Option<&BackendState> {
+    pub fn backend(&self, addr: impl Into<SocketAddr>) -> Option<&BackendState> {
+        let addr = addr.into();
         self.backends.iter().find(|b| b.spec.addr == addr)
     }
 }
@@ -299,7 +302,7 @@ pub struct Snapshot {
     /// Datapath listener id → index into `listeners`.
     pub by_id: HashMap<u32, usize>,
     /// Datapath backend id → (listener name, address).
-    pub backend_by_id: HashMap<u32, (String, SocketAddrV4)>,
+    pub backend_by_id: HashMap<u32, (String, SocketAddr)>,
     /// What the sweeper expires entries by.
     pub policy: Arc<SweepPolicy>,
     pub transitions: Transitions,

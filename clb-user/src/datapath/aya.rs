@@ -13,16 +13,19 @@ use aya::{
     sys::SyscallError,
 };
 use clb_common::{
-    BACKEND_ADDR_MAP, BACKEND_F_PRESENT, BACKEND_MAP, BACKEND_STATS_MAP, BPF_F_INNER_MAP,
-    BackendAddrInfo, BackendAddrKey, BackendInfo, CONN_MAP, COUNTER_MAP, CURSOR_MAP, ConnKey,
-    ConnValue, DENY_SRC_MAP, DEVICE_MAP, GLOBAL_MAP, GlobalConfig, HALF_OPEN_MAP, HalfOpenValue,
-    LISTENER_ADDR_MAP, LISTENER_F_ACTIVE, LISTENER_MAP, LISTENER_STATS_MAP, ListenerInfo,
-    ListenerKey, ListenerRef, MAX_LISTENERS, NUM_COUNTERS, PENDING_SESSION_MAP, SCHED_MAP,
-    SESSION_MAP, SHARED_STATE_MAP, SessionKey, SessionValue, SharedState, TrafficCounters,
+    Addr6, BACKEND_ADDR_MAP, BACKEND_ADDR6_MAP, BACKEND_F_PRESENT, BACKEND_F_V6, BACKEND_MAP,
+    BACKEND_STATS_MAP, BACKEND6_MAP, BPF_F_INNER_MAP, BackendAddrInfo, BackendAddrKey,
+    BackendAddrKey6, BackendInfo, CONN_MAP, CONN6_MAP, COUNTER_MAP, CURSOR_MAP, ConnKey, ConnKey6,
+    ConnValue, DENY_SRC_MAP, DENY_SRC6_MAP, DEVICE_MAP, GLOBAL_MAP, GlobalConfig, HALF_OPEN_MAP,
+    HALF_OPEN6_MAP, HalfOpenValue, LISTENER_ADDR_MAP, LISTENER_ADDR6_MAP, LISTENER_F_ACTIVE,
+    LISTENER_F_V6, LISTENER_MAP, LISTENER_STATS_MAP, LISTENER6_MAP, ListenerInfo, ListenerInfo6,
+    ListenerKey, ListenerKey6, ListenerRef, MAX_LISTENERS, NUM_COUNTERS, PENDING_SESSION_MAP,
+    PENDING_SESSION6_MAP, SCHED_MAP, SESSION_MAP, SESSION6_MAP, SHARED_STATE_MAP, SessionKey,
+    SessionKey6, SessionValue, SharedState, TrafficCounters,
 };
 
 use super::{
-    Dataplane, Decide, DpConfig, DpError, Reader, SWEEP_BATCH, SessionTable, TABLE_BATCH,
+    Dataplane, Decide, DpConfig, DpError, Reader, SWEEP_BATCH, Scan, SessionTable, TABLE_BATCH,
     TableInfo, Tables, batch,
 };
 
@@ -63,15 +66,74 @@ pub struct AyaTables {
     half_open: MapData,
     sessions: MapData,
     pending: MapData,
+    conns6: MapData,
+    half_open6: MapData,
+    sessions6: MapData,
+    pending6: MapData,
 }
 
+/// The flow tables' names, in `AyaTables`'s field order.
+const TABLE_MAPS: [&str; 8] = [
+    CONN_MAP,
+    HALF_OPEN_MAP,
+    SESSION_MAP,
+    PENDING_SESSION_MAP,
+    CONN6_MAP,
+    HALF_OPEN6_MAP,
+    SESSION6_MAP,
+    PENDING_SESSION6_MAP,
+];
+
 impl AyaTables {
-    fn reopen(&self) -> Result<Self, DpError> {
+    /// Takes the tables out of a loaded program.
+    fn take(ebpf: &mut Ebpf) -> Result<Self, DpError> {
+        let mut m = TABLE_MAPS
+            .iter()
+            .map(
+                |name| match ebpf.take_map(name).ok_or(DpError::Missing(name))? {
+                    Map::LruHashMap(m) | Map::HashMap(m) => Ok(m),
+                    _ => Err(DpError::Missing(name)),
+                },
+            )
+            .collect::<Result<Vec<_>, _>>()?
+            .into_iter();
+        let mut next = || m.next().ok_or(DpError::Missing(CONN_MAP));
         Ok(Self {
-            conns: reopen(&self.conns, CONN_MAP)?,
-            half_open: reopen(&self.half_open, HALF_OPEN_MAP)?,
-            sessions: reopen(&self.sessions, SESSION_MAP)?,
-            pending: reopen(&self.pending, PENDING_SESSION_MAP)?,
+            conns: next()?,
+            half_open: next()?,
+            sessions: next()?,
+            pending: next()?,
+            conns6: next()?,
+            half_open6: next()?,
+            sessions6: next()?,
+            pending6: next()?,
+        })
+    }
+
+    fn all(&self) -> [&MapData; 8] {
+        [
+            &self.conns,
+            &self.half_open,
+            &self.sessions,
+            &self.pending,
+            &self.conns6,
+            &self.half_open6,
+            &self.sessions6,
+            &self.pending6,
+        ]
+    }
+
+    fn reopen(&self) -> Result<Self, DpError> {
+        let [a, b, c, d, e, f, g, h] = self.all();
+        Ok(Self {
+            conns: reopen(a, CONN_MAP)?,
+            half_open: reopen(b, HALF_OPEN_MAP)?,
+            sessions: reopen(c, SESSION_MAP)?,
+            pending: reopen(d, PENDING_SESSION_MAP)?,
+            conns6: reopen(e, CONN6_MAP)?,
+            half_open6: reopen(f, HALF_OPEN6_MAP)?,
+            sessions6: reopen(g, SESSION6_MAP)?,
+            pending6: reopen(h, PENDING_SESSION6_MAP)?,
         })
     }
 
@@ -80,6 +142,21 @@ impl AyaTables {
             SessionTable::Verified => (&self.sessions, SESSION_MAP),
             SessionTable::Pending => (&self.pending, PENDING_SESSION_MAP),
         }
+    }
+
+    fn session_map6(&self, t: SessionTable) -> (&MapData, &'static str) {
+        match t {
+            SessionTable::Verified => (&self.sessions6, SESSION6_MAP),
+            SessionTable::Pending => (&self.pending6, PENDING_SESSION6_MAP),
+        }
+    }
+
+    /// The handle of the flow table called `name` (one of the `*_MAP` names of clb-common).
+    pub fn by_name(&self, name: &str) -> Option<&MapData> {
+        TABLE_MAPS
+            .iter()
+            .position(|n| *n == name)
+            .map(|i| self.all()[i])
     }
 
     /// The map handles (memory accounting, batch fills in tests and benchmarks).
@@ -91,6 +168,16 @@ impl AyaTables {
     }
     pub fn session_map_data(&self, t: SessionTable) -> &MapData {
         self.session_map(t).0
+    }
+    /// The IPv6 tables' handles.
+    pub fn conn6_map(&self) -> &MapData {
+        &self.conns6
+    }
+    pub fn half_open6_map(&self) -> &MapData {
+        &self.half_open6
+    }
+    pub fn session6_map_data(&self, t: SessionTable) -> &MapData {
+        self.session_map6(t).0
     }
 }
 
@@ -140,22 +227,16 @@ fn prune<K: aya::Pod + bytemuck::Pod, V: aya::Pod + bytemuck::Pod>(
 }
 
 impl Tables for AyaTables {
-    fn scan_conns(
-        &self,
-        f: &mut dyn FnMut(&[ConnKey], &[ConnValue]) -> bool,
-    ) -> Result<(), DpError> {
+    fn scan_conns(&self, f: &mut Scan<'_, ConnKey, ConnValue>) -> Result<(), DpError> {
         scan(&self.conns, CONN_MAP, f)
     }
-    fn scan_half_open(
-        &self,
-        f: &mut dyn FnMut(&[ConnKey], &[HalfOpenValue]) -> bool,
-    ) -> Result<(), DpError> {
+    fn scan_half_open(&self, f: &mut Scan<'_, ConnKey, HalfOpenValue>) -> Result<(), DpError> {
         scan(&self.half_open, HALF_OPEN_MAP, f)
     }
     fn scan_sessions(
         &self,
         table: SessionTable,
-        f: &mut dyn FnMut(&[SessionKey], &[SessionValue]) -> bool,
+        f: &mut Scan<'_, SessionKey, SessionValue>,
     ) -> Result<(), DpError> {
         let (m, name) = self.session_map(table);
         scan(m, name, f)
@@ -183,6 +264,43 @@ impl Tables for AyaTables {
         let (m, name) = self.session_map(table);
         prune(m, name, pause, decide)
     }
+    fn scan_conns6(&self, f: &mut Scan<'_, ConnKey6, ConnValue>) -> Result<(), DpError> {
+        scan(&self.conns6, CONN6_MAP, f)
+    }
+    fn scan_half_open6(&self, f: &mut Scan<'_, ConnKey6, HalfOpenValue>) -> Result<(), DpError> {
+        scan(&self.half_open6, HALF_OPEN6_MAP, f)
+    }
+    fn scan_sessions6(
+        &self,
+        table: SessionTable,
+        f: &mut Scan<'_, SessionKey6, SessionValue>,
+    ) -> Result<(), DpError> {
+        let (m, name) = self.session_map6(table);
+        scan(m, name, f)
+    }
+    fn prune_conns6(
+        &self,
+        pause: std::time::Duration,
+        decide: &mut Decide<'_, ConnKey6, ConnValue>,
+    ) -> Result<(u64, u64), DpError> {
+        prune(&self.conns6, CONN6_MAP, pause, decide)
+    }
+    fn prune_half_open6(
+        &self,
+        pause: std::time::Duration,
+        decide: &mut Decide<'_, ConnKey6, HalfOpenValue>,
+    ) -> Result<(u64, u64), DpError> {
+        prune(&self.half_open6, HALF_OPEN6_MAP, pause, decide)
+    }
+    fn prune_sessions6(
+        &self,
+        table: SessionTable,
+        pause: std::time::Duration,
+        decide: &mut Decide<'_, SessionKey6, SessionValue>,
+    ) -> Result<(u64, u64), DpError> {
+        let (m, name) = self.session_map6(table);
+        prune(m, name, pause, decide)
+    }
 }
 
 /// The writer: the configuration maps of a loaded program, and handles on its tables.
@@ -195,6 +313,11 @@ pub struct AyaDataplane {
     /// A second handle on the schedule map, for deletes (aya offers none on arrays of maps).
     sched_raw: MapData,
     denied: AyaHashMap<MapData, u32, u32>,
+    listener_addr6: AyaHashMap<MapData, ListenerKey6, ListenerRef>,
+    listeners6: Array<MapData, ListenerInfo6>,
+    backends6: Array<MapData, Addr6>,
+    backend_addr6: AyaHashMap<MapData, BackendAddrKey6, BackendAddrInfo>,
+    denied6: AyaHashMap<MapData, Addr6, u32>,
     global: Array<MapData, GlobalConfig>,
     devices: DevMapHash<MapData>,
     tables: AyaTables,
@@ -232,14 +355,14 @@ impl AyaDataplane {
             sched: ArrayOfMaps::try_from(sched_map).map_err(map_err(SCHED_MAP))?,
             sched_raw,
             denied: take!(ebpf, DENY_SRC_MAP),
+            listener_addr6: take!(ebpf, LISTENER_ADDR6_MAP),
+            listeners6: take!(ebpf, LISTENER6_MAP),
+            backends6: take!(ebpf, BACKEND6_MAP),
+            backend_addr6: take!(ebpf, BACKEND_ADDR6_MAP),
+            denied6: take!(ebpf, DENY_SRC6_MAP),
             global: take!(ebpf, GLOBAL_MAP),
             devices: take!(ebpf, DEVICE_MAP),
-            tables: AyaTables {
-                conns: raw(ebpf, CONN_MAP)?,
-                half_open: raw(ebpf, HALF_OPEN_MAP)?,
-                sessions: raw(ebpf, SESSION_MAP)?,
-                pending: raw(ebpf, PENDING_SESSION_MAP)?,
-            },
+            tables: AyaTables::take(ebpf)?,
             listener_stats: raw(ebpf, LISTENER_STATS_MAP)?,
             backend_stats: raw(ebpf, BACKEND_STATS_MAP)?,
             counters: raw(ebpf, COUNTER_MAP)?,
@@ -338,6 +461,30 @@ impl Dataplane for AyaDataplane {
             let (k, v) = r.map_err(map_err(DENY_SRC_MAP))?;
             c.denied.insert(k, v);
         }
+        for r in self.listener_addr6.iter() {
+            let (k, v) = r.map_err(map_err(LISTENER_ADDR6_MAP))?;
+            c.listener_addr6.insert(k, v.id);
+        }
+        for (id, l) in &c.listeners {
+            if l.flags & LISTENER_F_V6 != 0 {
+                let v = self.listeners6.get(id, 0).map_err(map_err(LISTENER6_MAP))?;
+                c.listeners6.insert(*id, v);
+            }
+        }
+        for (id, b) in &c.backends {
+            if b.flags & BACKEND_F_V6 != 0 {
+                let a = self.backends6.get(id, 0).map_err(map_err(BACKEND6_MAP))?;
+                c.backends6.insert(*id, a);
+            }
+        }
+        for r in self.backend_addr6.iter() {
+            let (k, v) = r.map_err(map_err(BACKEND_ADDR6_MAP))?;
+            c.backend_addr6.insert(k, v);
+        }
+        for r in self.denied6.iter() {
+            let (k, v) = r.map_err(map_err(DENY_SRC6_MAP))?;
+            c.denied6.insert(k, v);
+        }
         c.global = self.global.get(&0, 0).map_err(map_err(GLOBAL_MAP))?;
         Ok(c)
     }
@@ -412,6 +559,52 @@ impl Dataplane for AyaDataplane {
         }
     }
 
+    fn put_listener_addr6(&mut self, key: ListenerKey6, id: Option<u32>) -> Result<(), DpError> {
+        match id {
+            Some(id) => self
+                .listener_addr6
+                .insert(&key, &ListenerRef { id }, 0)
+                .map_err(map_err(LISTENER_ADDR6_MAP)),
+            None => ignore_missing(self.listener_addr6.remove(&key), LISTENER_ADDR6_MAP),
+        }
+    }
+
+    fn put_listener6(&mut self, id: u32, info: &ListenerInfo6) -> Result<(), DpError> {
+        self.listeners6
+            .set(id, info, 0)
+            .map_err(map_err(LISTENER6_MAP))
+    }
+
+    fn put_backend6(&mut self, id: u32, addr: &Addr6) -> Result<(), DpError> {
+        self.backends6
+            .set(id, addr, 0)
+            .map_err(map_err(BACKEND6_MAP))
+    }
+
+    fn put_backend_addr6(
+        &mut self,
+        key: BackendAddrKey6,
+        v: Option<&BackendAddrInfo>,
+    ) -> Result<(), DpError> {
+        match v {
+            Some(v) => self
+                .backend_addr6
+                .insert(&key, v, 0)
+                .map_err(map_err(BACKEND_ADDR6_MAP)),
+            None => ignore_missing(self.backend_addr6.remove(&key), BACKEND_ADDR6_MAP),
+        }
+    }
+
+    fn put_denied6(&mut self, addr: Addr6, reason: Option<u32>) -> Result<(), DpError> {
+        match reason {
+            Some(r) => self
+                .denied6
+                .insert(&addr, &r, 0)
+                .map_err(map_err(DENY_SRC6_MAP)),
+            None => ignore_missing(self.denied6.remove(&addr), DENY_SRC6_MAP),
+        }
+    }
+
     fn put_global(&mut self, g: &GlobalConfig) -> Result<(), DpError> {
         self.global.set(0, g, 0).map_err(map_err(GLOBAL_MAP))
     }
@@ -454,49 +647,91 @@ fn sum_percpu<T: aya::Pod + Default>(
     acc
 }
 
-impl Tables for AyaReader {
-    fn scan_conns(
-        &self,
-        f: &mut dyn FnMut(&[ConnKey], &[ConnValue]) -> bool,
-    ) -> Result<(), DpError> {
-        self.tables.scan_conns(f)
-    }
-    fn scan_half_open(
-        &self,
-        f: &mut dyn FnMut(&[ConnKey], &[HalfOpenValue]) -> bool,
-    ) -> Result<(), DpError> {
-        self.tables.scan_half_open(f)
-    }
-    fn scan_sessions(
-        &self,
-        table: SessionTable,
-        f: &mut dyn FnMut(&[SessionKey], &[SessionValue]) -> bool,
-    ) -> Result<(), DpError> {
-        self.tables.scan_sessions(table, f)
-    }
-    fn prune_conns(
-        &self,
-        pause: std::time::Duration,
-        decide: &mut Decide<'_, ConnKey, ConnValue>,
-    ) -> Result<(u64, u64), DpError> {
-        self.tables.prune_conns(pause, decide)
-    }
-    fn prune_half_open(
-        &self,
-        pause: std::time::Duration,
-        decide: &mut Decide<'_, ConnKey, HalfOpenValue>,
-    ) -> Result<(u64, u64), DpError> {
-        self.tables.prune_half_open(pause, decide)
-    }
-    fn prune_sessions(
-        &self,
-        table: SessionTable,
-        pause: std::time::Duration,
-        decide: &mut Decide<'_, SessionKey, SessionValue>,
-    ) -> Result<(u64, u64), DpError> {
-        self.tables.prune_sessions(table, pause, decide)
-    }
+/// `Tables` by delegation to a field.
+macro_rules! delegate_tables {
+    ($t:ty, $field:ident) => {
+        impl Tables for $t {
+            fn scan_conns(&self, f: &mut Scan<'_, ConnKey, ConnValue>) -> Result<(), DpError> {
+                self.$field.scan_conns(f)
+            }
+            fn scan_half_open(
+                &self,
+                f: &mut Scan<'_, ConnKey, HalfOpenValue>,
+            ) -> Result<(), DpError> {
+                self.$field.scan_half_open(f)
+            }
+            fn scan_sessions(
+                &self,
+                table: SessionTable,
+                f: &mut Scan<'_, SessionKey, SessionValue>,
+            ) -> Result<(), DpError> {
+                self.$field.scan_sessions(table, f)
+            }
+            fn prune_conns(
+                &self,
+                pause: std::time::Duration,
+                decide: &mut Decide<'_, ConnKey, ConnValue>,
+            ) -> Result<(u64, u64), DpError> {
+                self.$field.prune_conns(pause, decide)
+            }
+            fn prune_half_open(
+                &self,
+                pause: std::time::Duration,
+                decide: &mut Decide<'_, ConnKey, HalfOpenValue>,
+            ) -> Result<(u64, u64), DpError> {
+                self.$field.prune_half_open(pause, decide)
+            }
+            fn prune_sessions(
+                &self,
+                table: SessionTable,
+                pause: std::time::Duration,
+                decide: &mut Decide<'_, SessionKey, SessionValue>,
+            ) -> Result<(u64, u64), DpError> {
+                self.$field.prune_sessions(table, pause, decide)
+            }
+            fn scan_conns6(&self, f: &mut Scan<'_, ConnKey6, ConnValue>) -> Result<(), DpError> {
+                self.$field.scan_conns6(f)
+            }
+            fn scan_half_open6(
+                &self,
+                f: &mut Scan<'_, ConnKey6, HalfOpenValue>,
+            ) -> Result<(), DpError> {
+                self.$field.scan_half_open6(f)
+            }
+            fn scan_sessions6(
+                &self,
+                table: SessionTable,
+                f: &mut Scan<'_, SessionKey6, SessionValue>,
+            ) -> Result<(), DpError> {
+                self.$field.scan_sessions6(table, f)
+            }
+            fn prune_conns6(
+                &self,
+                pause: std::time::Duration,
+                decide: &mut Decide<'_, ConnKey6, ConnValue>,
+            ) -> Result<(u64, u64), DpError> {
+                self.$field.prune_conns6(pause, decide)
+            }
+            fn prune_half_open6(
+                &self,
+                pause: std::time::Duration,
+                decide: &mut Decide<'_, ConnKey6, HalfOpenValue>,
+            ) -> Result<(u64, u64), DpError> {
+                self.$field.prune_half_open6(pause, decide)
+            }
+            fn prune_sessions6(
+                &self,
+                table: SessionTable,
+                pause: std::time::Duration,
+                decide: &mut Decide<'_, SessionKey6, SessionValue>,
+            ) -> Result<(u64, u64), DpError> {
+                self.$field.prune_sessions6(table, pause, decide)
+            }
+        }
+    };
 }
+
+delegate_tables!(AyaReader, tables);
 
 impl Reader for AyaReader {
     fn listener_stats(&self, id: u32) -> Result<TrafficCounters, DpError> {
@@ -549,7 +784,7 @@ impl Reader for AyaReader {
         self.shared.get(&0, 0).map_err(map_err(SHARED_STATE_MAP))
     }
 
-    fn table_info(&self) -> Result<[TableInfo; 4], DpError> {
+    fn table_info(&self) -> Result<[TableInfo; 8], DpError> {
         let info = |m: &MapData, name: &'static str| -> Result<TableInfo, DpError> {
             let capacity = m.info().map_err(map_err(name))?.max_entries();
             let memory_bytes = batch::memlock(m.fd().as_fd()).unwrap_or(0);
@@ -558,12 +793,10 @@ impl Reader for AyaReader {
                 memory_bytes,
             })
         };
-        let t = &self.tables;
-        Ok([
-            info(&t.conns, CONN_MAP)?,
-            info(&t.half_open, HALF_OPEN_MAP)?,
-            info(&t.sessions, SESSION_MAP)?,
-            info(&t.pending, PENDING_SESSION_MAP)?,
-        ])
+        let mut out = [TableInfo::default(); 8];
+        for ((slot, m), name) in out.iter_mut().zip(self.tables.all()).zip(TABLE_MAPS) {
+            *slot = info(m, name)?;
+        }
+        Ok(out)
     }
 }

@@ -25,12 +25,13 @@ use aya::{
     },
 };
 use clb_common::{
-    ALL_MAPS, CONN_MAP, HALF_OPEN_MAP, PASS_PROGRAM, PENDING_SESSION_MAP, PROGRAM_MAP, SESSION_MAP,
+    ALL_MAPS, CONN_MAP, CONN6_MAP, HALF_OPEN_MAP, HALF_OPEN6_MAP, PASS_PROGRAM,
+    PENDING_SESSION_MAP, PENDING_SESSION6_MAP, PROGRAM_MAP, SESSION_MAP, SESSION6_MAP,
     TAIL_PROGRAMS, XDP_PROGRAM, XDP6_ICMP_PROGRAM, XDP6_PROGRAM,
 };
 use tracing::{info, warn};
 
-use super::{SessionTable, aya::AyaDataplane};
+use super::aya::AyaDataplane;
 use crate::EBPF_OBJECT;
 
 /// `statfs` magic of bpffs.
@@ -56,6 +57,10 @@ pub struct TableSizes {
     pub connections: u32,
     pub half_open: u32,
     pub sessions: u32,
+    /// The IPv6 tables (sized on their own: a dual-stack listener's flows split by family).
+    pub connections6: u32,
+    pub half_open6: u32,
+    pub sessions6: u32,
 }
 
 impl Default for TableSizes {
@@ -64,18 +69,25 @@ impl Default for TableSizes {
             connections: clb_common::DEFAULT_CONNS,
             half_open: clb_common::DEFAULT_HALF_OPEN,
             sessions: clb_common::DEFAULT_SESSIONS,
+            connections6: clb_common::DEFAULT_CONNS6,
+            half_open6: clb_common::DEFAULT_HALF_OPEN6,
+            sessions6: clb_common::DEFAULT_SESSIONS6,
         }
     }
 }
 
 impl TableSizes {
-    /// (map name, entries) of each sized table.
-    fn maps(&self) -> [(&'static str, u32); 4] {
+    /// (map name, entries, `[tables]` setting) of each sized table.
+    fn maps(&self) -> [(&'static str, u32, &'static str); 8] {
         [
-            (CONN_MAP, self.connections),
-            (HALF_OPEN_MAP, self.half_open),
-            (SESSION_MAP, self.sessions),
-            (PENDING_SESSION_MAP, self.half_open),
+            (CONN_MAP, self.connections, "connections"),
+            (HALF_OPEN_MAP, self.half_open, "half_open"),
+            (SESSION_MAP, self.sessions, "sessions"),
+            (PENDING_SESSION_MAP, self.half_open, "half_open"),
+            (CONN6_MAP, self.connections6, "connections6"),
+            (HALF_OPEN6_MAP, self.half_open6, "half_open6"),
+            (SESSION6_MAP, self.sessions6, "sessions6"),
+            (PENDING_SESSION6_MAP, self.half_open6, "half_open6"),
         ]
     }
 }
@@ -130,7 +142,7 @@ fn load_inner(pin_dir: Option<&Path>, sizes: &TableSizes, small: bool) -> anyhow
             loader.map_max_entries(name, 1);
         }
     } else {
-        for (name, n) in sizes.maps() {
+        for (name, n, _) in sizes.maps() {
             loader.map_max_entries(name, n);
         }
     }
@@ -140,6 +152,7 @@ fn load_inner(pin_dir: Option<&Path>, sizes: &TableSizes, small: bool) -> anyhow
     let mut maps_dir_created = false;
     if let Some(dir) = pin_dir {
         let maps = dir.join("maps");
+        refuse_other_layouts(&maps)?;
         maps_dir_created = !maps.exists();
         std::fs::create_dir_all(&maps).with_context(|| format!("creating {}", maps.display()))?;
         created = ALL_MAPS
@@ -147,7 +160,7 @@ fn load_inner(pin_dir: Option<&Path>, sizes: &TableSizes, small: bool) -> anyhow
             .map(|name| maps.join(name))
             .filter(|p| !p.exists())
             .collect();
-        for (name, to) in sizes.maps() {
+        for (name, to, _) in sizes.maps() {
             let pin = maps.join(name);
             let aside = maps.join(format!("{RESIZE_PREFIX}{name}"));
             if aside.exists() {
@@ -235,12 +248,9 @@ fn load_inner(pin_dir: Option<&Path>, sizes: &TableSizes, small: bool) -> anyhow
     let dataplane = AyaDataplane::from_ebpf(&mut ebpf)?;
     let tables = dataplane.aya_tables();
     for r in &mut resized {
-        let m = match r.name {
-            CONN_MAP => tables.conn_map(),
-            HALF_OPEN_MAP => tables.half_open_map(),
-            SESSION_MAP => tables.session_map_data(SessionTable::Verified),
-            _ => tables.session_map_data(SessionTable::Pending),
-        };
+        let m = tables
+            .by_name(r.name)
+            .ok_or_else(|| anyhow!("table {} missing from the object", r.name))?;
         let id = m.info()?.id();
         r.new = Some(MapData::from_id(id)?);
     }
@@ -299,13 +309,8 @@ fn explain_load_error(e: aya::EbpfError, sizes: &TableSizes) -> anyhow::Error {
     ]
     .iter()
     .any(|m| text.contains(m));
-    for (name, n) in sizes.maps() {
+    for (name, n, setting) in sizes.maps() {
         if refused && text.contains(&format!("`{name}`")) {
-            let setting = match name {
-                CONN_MAP => "connections",
-                SESSION_MAP => "sessions",
-                _ => "half_open",
-            };
             return anyhow!(
                 "the kernel refused the memory for table {name} ({n} entries, about {} MB; [tables] {setting}): {text}. Nothing was changed; configure a smaller [tables] {setting}, or give the daemon more memory (its cgroup's limit, or RLIMIT_MEMLOCK on kernels before 5.11)",
                 u64::from(n) * 100 / 1_000_000
@@ -547,6 +552,62 @@ pub enum NotPinDir {
 /// Name prefix of a table moved aside while being resized (bpffs allows no dots in names).
 const RESIZE_PREFIX: &str = "RESIZE_";
 
+/// Pins under `maps` whose names are clb's but not this version's layouts: maps of an older
+/// (or newer) clb. Their entries cannot be read with this version's types, and the flows they
+/// hold would be silently dropped by starting over them, so the load is refused instead.
+pub fn other_layouts(maps: &Path) -> Vec<String> {
+    let Ok(dir) = std::fs::read_dir(maps) else {
+        return Vec::new();
+    };
+    let mut v: Vec<String> = dir
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| {
+            let base = n.strip_prefix(RESIZE_PREFIX).unwrap_or(n);
+            is_clb_map_pin(n) && !ALL_MAPS.contains(&base)
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+fn refuse_other_layouts(maps: &Path) -> anyhow::Result<()> {
+    let other = other_layouts(maps);
+    if other.is_empty() {
+        return Ok(());
+    }
+    let dir = maps.parent().unwrap_or(maps);
+    bail!(
+        "{} holds maps of another clb version ({}): this clb reads other layouts ({}) and would \
+         lose the flows and persisted clients they hold. Start the clb version that made them, \
+         or remove that datapath first with `clb teardown --bpffs {}` (its connections break), \
+         or use another --bpffs directory",
+        dir.display(),
+        other.join(", "),
+        layout_hint(&other),
+        dir.display()
+    )
+}
+
+/// This version's names for the tables in `other` (same name without the version suffix).
+fn layout_hint(other: &[String]) -> String {
+    let stem = |n: &str| n.rsplit_once("_V").map(|(s, _)| s.to_owned());
+    let mine: Vec<&str> = ALL_MAPS
+        .iter()
+        .copied()
+        .filter(|m| {
+            other
+                .iter()
+                .any(|o| stem(o).is_some() && stem(o) == stem(m))
+        })
+        .collect();
+    if mine.is_empty() {
+        ALL_MAPS.join(", ")
+    } else {
+        mine.join(", ")
+    }
+}
+
 /// Whether `name` is a map pin clb creates (any layout version, or a table being resized).
 fn is_clb_map_pin(name: &str) -> bool {
     let n = name.strip_prefix(RESIZE_PREFIX).unwrap_or(name);
@@ -643,4 +704,39 @@ pub fn teardown(dir: &Path) -> anyhow::Result<Teardown> {
 /// Whether the datapath pinned under `dir` is still attached: its link pins exist.
 pub fn attached(dir: &Path) -> bool {
     std::fs::read_dir(dir.join("links")).is_ok_and(|mut r| r.next().is_some())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pins_of_another_layout_version_are_named_and_refused() {
+        let dir = std::env::temp_dir().join(format!("clb-layouts-{}", std::process::id()));
+        let maps = dir.join("maps");
+        std::fs::create_dir_all(&maps).unwrap();
+        for n in [CONN_MAP, SESSION_MAP, "RESIZE_CLB_SESS_V2"] {
+            std::fs::write(maps.join(n), b"").unwrap();
+        }
+        assert!(
+            other_layouts(&maps).is_empty(),
+            "this version's pins are its own"
+        );
+        assert!(refuse_other_layouts(&maps).is_ok());
+        std::fs::write(maps.join("CLB_CONN_V1"), b"").unwrap();
+        std::fs::write(maps.join("CLB_SESS_V1"), b"").unwrap();
+        assert_eq!(other_layouts(&maps), ["CLB_CONN_V1", "CLB_SESS_V1"]);
+        let e = refuse_other_layouts(&maps).unwrap_err().to_string();
+        assert!(
+            e.contains("another clb version (CLB_CONN_V1, CLB_SESS_V1)"),
+            "{e}"
+        );
+        assert!(e.contains(&format!("({CONN_MAP}, {SESSION_MAP})")), "{e}");
+        assert!(e.contains("clb teardown --bpffs"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(
+            other_layouts(&maps).is_empty(),
+            "no directory: nothing pinned yet"
+        );
+    }
 }

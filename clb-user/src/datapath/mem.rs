@@ -11,12 +11,12 @@ use std::{
 };
 
 use clb_common::{
-    BackendAddrInfo, BackendAddrKey, BackendInfo, ConnKey, ConnValue, GlobalConfig, HalfOpenValue,
-    ListenerInfo, ListenerKey, NUM_COUNTERS, SessionKey, SessionValue, SharedState,
-    TrafficCounters,
+    Addr6, BackendAddrInfo, BackendAddrKey, BackendAddrKey6, BackendInfo, ConnKey, ConnKey6,
+    ConnValue, GlobalConfig, HalfOpenValue, ListenerInfo, ListenerInfo6, ListenerKey, ListenerKey6,
+    NUM_COUNTERS, SessionKey, SessionKey6, SessionValue, SharedState, TrafficCounters,
 };
 
-use super::{Dataplane, Decide, DpConfig, DpError, Reader, SessionTable, TableInfo, Tables};
+use super::{Dataplane, Decide, DpConfig, DpError, Reader, Scan, SessionTable, TableInfo, Tables};
 
 /// Everything the maps hold.
 #[derive(Clone, Debug, Default)]
@@ -27,6 +27,10 @@ pub struct MemState {
     pub half_open: HashMap<ConnKey, HalfOpenValue>,
     pub sessions: HashMap<SessionKey, SessionValue>,
     pub pending: HashMap<SessionKey, SessionValue>,
+    pub conns6: HashMap<ConnKey6, ConnValue>,
+    pub half_open6: HashMap<ConnKey6, HalfOpenValue>,
+    pub sessions6: HashMap<SessionKey6, SessionValue>,
+    pub pending6: HashMap<SessionKey6, SessionValue>,
     pub listener_stats: HashMap<u32, TrafficCounters>,
     pub backend_stats: HashMap<u32, TrafficCounters>,
     /// Map writes so far (schedules count once per replacement).
@@ -147,6 +151,31 @@ impl Dataplane for MemDataplane {
     fn put_denied(&mut self, addr: u32, reason: Option<u32>) -> Result<(), DpError> {
         self.write("denied", |s| put(&mut s.config.denied, addr, reason))
     }
+    fn put_listener_addr6(&mut self, key: ListenerKey6, id: Option<u32>) -> Result<(), DpError> {
+        self.write("listener_addr6", |s| {
+            put(&mut s.config.listener_addr6, key, id)
+        })
+    }
+    fn put_listener6(&mut self, id: u32, info: &ListenerInfo6) -> Result<(), DpError> {
+        let v = (*info != ListenerInfo6::default()).then_some(*info);
+        self.write("listeners6", |s| put(&mut s.config.listeners6, id, v))
+    }
+    fn put_backend6(&mut self, id: u32, addr: &Addr6) -> Result<(), DpError> {
+        let v = (*addr != Addr6::default()).then_some(*addr);
+        self.write("backends6", |s| put(&mut s.config.backends6, id, v))
+    }
+    fn put_backend_addr6(
+        &mut self,
+        key: BackendAddrKey6,
+        v: Option<&BackendAddrInfo>,
+    ) -> Result<(), DpError> {
+        self.write("backend_addr6", |s| {
+            put(&mut s.config.backend_addr6, key, v.copied())
+        })
+    }
+    fn put_denied6(&mut self, addr: Addr6, reason: Option<u32>) -> Result<(), DpError> {
+        self.write("denied6", |s| put(&mut s.config.denied6, addr, reason))
+    }
     fn put_global(&mut self, g: &GlobalConfig) -> Result<(), DpError> {
         self.write("global", |s| s.config.global = *g)
     }
@@ -176,63 +205,64 @@ fn scan_map<K: Copy, V: Copy>(m: &HashMap<K, V>, f: &mut dyn FnMut(&[K], &[V]) -
     }
 }
 
-impl Tables for MemDataplane {
-    fn scan_conns(
-        &self,
-        f: &mut dyn FnMut(&[ConnKey], &[ConnValue]) -> bool,
-    ) -> Result<(), DpError> {
-        let m = self.state().conns.clone();
-        scan_map(&m, f);
-        Ok(())
-    }
-    fn scan_half_open(
-        &self,
-        f: &mut dyn FnMut(&[ConnKey], &[HalfOpenValue]) -> bool,
-    ) -> Result<(), DpError> {
-        let m = self.state().half_open.clone();
-        scan_map(&m, f);
-        Ok(())
-    }
-    fn scan_sessions(
-        &self,
-        table: SessionTable,
-        f: &mut dyn FnMut(&[SessionKey], &[SessionValue]) -> bool,
-    ) -> Result<(), DpError> {
-        let m = match table {
-            SessionTable::Verified => self.state().sessions.clone(),
-            SessionTable::Pending => self.state().pending.clone(),
-        };
-        scan_map(&m, f);
-        Ok(())
-    }
-    fn prune_conns(
-        &self,
-        _pause: std::time::Duration,
-        decide: &mut Decide<'_, ConnKey, ConnValue>,
-    ) -> Result<(u64, u64), DpError> {
-        Ok(prune_map(&mut self.state().conns, decide))
-    }
-    fn prune_half_open(
-        &self,
-        _pause: std::time::Duration,
-        decide: &mut Decide<'_, ConnKey, HalfOpenValue>,
-    ) -> Result<(u64, u64), DpError> {
-        Ok(prune_map(&mut self.state().half_open, decide))
-    }
-    fn prune_sessions(
-        &self,
-        table: SessionTable,
-        _pause: std::time::Duration,
-        decide: &mut Decide<'_, SessionKey, SessionValue>,
-    ) -> Result<(u64, u64), DpError> {
-        let mut s = self.state();
-        let m = match table {
-            SessionTable::Verified => &mut s.sessions,
-            SessionTable::Pending => &mut s.pending,
-        };
-        Ok(prune_map(m, decide))
-    }
+/// `Tables` over the in-memory tables: `$(method, field, key, value)` per table.
+macro_rules! mem_tables {
+    ($($scan:ident $prune:ident $field:ident $k:ty, $v:ty;)* | $($sscan:ident $sprune:ident $verified:ident $pending:ident $sk:ty;)*) => {
+        impl Tables for MemDataplane {
+            $(
+                fn $scan(&self, f: &mut Scan<'_, $k, $v>) -> Result<(), DpError> {
+                    let m = self.state().$field.clone();
+                    scan_map(&m, f);
+                    Ok(())
+                }
+                fn $prune(
+                    &self,
+                    _pause: std::time::Duration,
+                    decide: &mut Decide<'_, $k, $v>,
+                ) -> Result<(u64, u64), DpError> {
+                    Ok(prune_map(&mut self.state().$field, decide))
+                }
+            )*
+            $(
+                fn $sscan(
+                    &self,
+                    table: SessionTable,
+                    f: &mut Scan<'_, $sk, SessionValue>,
+                ) -> Result<(), DpError> {
+                    let m = match table {
+                        SessionTable::Verified => self.state().$verified.clone(),
+                        SessionTable::Pending => self.state().$pending.clone(),
+                    };
+                    scan_map(&m, f);
+                    Ok(())
+                }
+                fn $sprune(
+                    &self,
+                    table: SessionTable,
+                    _pause: std::time::Duration,
+                    decide: &mut Decide<'_, $sk, SessionValue>,
+                ) -> Result<(u64, u64), DpError> {
+                    let mut s = self.state();
+                    let m = match table {
+                        SessionTable::Verified => &mut s.$verified,
+                        SessionTable::Pending => &mut s.$pending,
+                    };
+                    Ok(prune_map(m, decide))
+                }
+            )*
+        }
+    };
 }
+
+mem_tables!(
+    scan_conns prune_conns conns ConnKey, ConnValue;
+    scan_half_open prune_half_open half_open ConnKey, HalfOpenValue;
+    scan_conns6 prune_conns6 conns6 ConnKey6, ConnValue;
+    scan_half_open6 prune_half_open6 half_open6 ConnKey6, HalfOpenValue;
+    |
+    scan_sessions prune_sessions sessions pending SessionKey;
+    scan_sessions6 prune_sessions6 sessions6 pending6 SessionKey6;
+);
 
 impl Reader for MemDataplane {
     fn listener_stats(&self, id: u32) -> Result<TrafficCounters, DpError> {
@@ -257,7 +287,7 @@ impl Reader for MemDataplane {
     fn shared_state(&self) -> Result<SharedState, DpError> {
         Ok(SharedState::default())
     }
-    fn table_info(&self) -> Result<[TableInfo; 4], DpError> {
-        Ok([TableInfo::default(); 4])
+    fn table_info(&self) -> Result<[TableInfo; 8], DpError> {
+        Ok([TableInfo::default(); 8])
     }
 }

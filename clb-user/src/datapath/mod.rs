@@ -21,9 +21,9 @@ pub mod sweep;
 use std::{collections::BTreeMap, sync::Arc};
 
 use clb_common::{
-    BackendAddrInfo, BackendAddrKey, BackendInfo, ConnKey, ConnValue, GlobalConfig, HalfOpenValue,
-    ListenerInfo, ListenerKey, NUM_COUNTERS, SessionKey, SessionValue, SharedState,
-    TrafficCounters,
+    Addr6, BackendAddrInfo, BackendAddrKey, BackendAddrKey6, BackendInfo, ConnKey, ConnKey6,
+    ConnValue, GlobalConfig, HalfOpenValue, ListenerInfo, ListenerInfo6, ListenerKey, ListenerKey6,
+    NUM_COUNTERS, SessionKey, SessionKey6, SessionValue, SharedState, TrafficCounters,
 };
 
 /// A dataplane operation failed.
@@ -66,6 +66,14 @@ pub struct DpConfig {
     /// Source address → `DENY_*` reason.
     pub denied: BTreeMap<u32, u32>,
     pub global: GlobalConfig,
+    /// IPv6: (VIP, port, proto) → listener id, with the VIP markers.
+    pub listener_addr6: BTreeMap<ListenerKey6, u32>,
+    /// IPv6 listeners' VIP and persistence mask, by listener id.
+    pub listeners6: BTreeMap<u32, ListenerInfo6>,
+    /// IPv6 backends' addresses, by backend id.
+    pub backends6: BTreeMap<u32, Addr6>,
+    pub backend_addr6: BTreeMap<BackendAddrKey6, BackendAddrInfo>,
+    pub denied6: BTreeMap<Addr6, u32>,
 }
 
 /// Which half-open-sized or persistence table.
@@ -94,6 +102,15 @@ pub trait Dataplane: Send {
     /// Replaces listener `id`'s schedule whole (atomically for the datapath), or removes it.
     fn put_schedule(&mut self, id: u32, slots: Option<&[u32]>) -> Result<(), DpError>;
     fn put_denied(&mut self, addr: u32, reason: Option<u32>) -> Result<(), DpError>;
+    fn put_listener_addr6(&mut self, key: ListenerKey6, id: Option<u32>) -> Result<(), DpError>;
+    fn put_listener6(&mut self, id: u32, info: &ListenerInfo6) -> Result<(), DpError>;
+    fn put_backend6(&mut self, id: u32, addr: &Addr6) -> Result<(), DpError>;
+    fn put_backend_addr6(
+        &mut self,
+        key: BackendAddrKey6,
+        v: Option<&BackendAddrInfo>,
+    ) -> Result<(), DpError>;
+    fn put_denied6(&mut self, addr: Addr6, reason: Option<u32>) -> Result<(), DpError>;
     fn put_global(&mut self, g: &GlobalConfig) -> Result<(), DpError>;
     /// Registers an interface the datapath may redirect to.
     fn put_device(&mut self, ifindex: u32) -> Result<(), DpError>;
@@ -111,21 +128,43 @@ pub const TABLE_BATCH: usize = 8192;
 /// a CPU for long (a batch is not preempted part way; 1024 entries are ~0.3 ms of kernel work).
 pub const SWEEP_BATCH: usize = 1024;
 
-/// The four flow tables: walked and pruned by the sweeper, listed by the API, purged by the
-/// control plane. Each walk is in batches; `f` returning false stops it.
+/// A flow-table key: which listener its entry belongs to.
+pub trait FlowKey: Copy + Send + Sync + 'static {
+    fn listener(&self) -> u32;
+}
+impl FlowKey for ConnKey {
+    fn listener(&self) -> u32 {
+        u32::from(self.listener)
+    }
+}
+impl FlowKey for ConnKey6 {
+    fn listener(&self) -> u32 {
+        u32::from(self.listener)
+    }
+}
+impl FlowKey for SessionKey {
+    fn listener(&self) -> u32 {
+        u32::from(self.listener)
+    }
+}
+impl FlowKey for SessionKey6 {
+    fn listener(&self) -> u32 {
+        u32::from(self.listener)
+    }
+}
+
+/// Walks table `$t` of `Tables` with callback `f`.
+type Scan<'a, K, V> = dyn FnMut(&[K], &[V]) -> bool + 'a;
+
+/// The flow tables, IPv4 and IPv6 (four each): walked and pruned by the sweeper, listed by
+/// the API, purged by the control plane. Each walk is in batches; `f` returning false stops it.
 pub trait Tables: Send + Sync {
-    fn scan_conns(
-        &self,
-        f: &mut dyn FnMut(&[ConnKey], &[ConnValue]) -> bool,
-    ) -> Result<(), DpError>;
-    fn scan_half_open(
-        &self,
-        f: &mut dyn FnMut(&[ConnKey], &[HalfOpenValue]) -> bool,
-    ) -> Result<(), DpError>;
+    fn scan_conns(&self, f: &mut Scan<'_, ConnKey, ConnValue>) -> Result<(), DpError>;
+    fn scan_half_open(&self, f: &mut Scan<'_, ConnKey, HalfOpenValue>) -> Result<(), DpError>;
     fn scan_sessions(
         &self,
         table: SessionTable,
-        f: &mut dyn FnMut(&[SessionKey], &[SessionValue]) -> bool,
+        f: &mut Scan<'_, SessionKey, SessionValue>,
     ) -> Result<(), DpError>;
     /// Walks the connection table; `decide` picks the keys of a batch to delete, which are
     /// deleted before the next batch is read; then waits `pause` (pacing). Returns
@@ -146,6 +185,30 @@ pub trait Tables: Send + Sync {
         pause: std::time::Duration,
         decide: &mut Decide<'_, SessionKey, SessionValue>,
     ) -> Result<(u64, u64), DpError>;
+
+    fn scan_conns6(&self, f: &mut Scan<'_, ConnKey6, ConnValue>) -> Result<(), DpError>;
+    fn scan_half_open6(&self, f: &mut Scan<'_, ConnKey6, HalfOpenValue>) -> Result<(), DpError>;
+    fn scan_sessions6(
+        &self,
+        table: SessionTable,
+        f: &mut Scan<'_, SessionKey6, SessionValue>,
+    ) -> Result<(), DpError>;
+    fn prune_conns6(
+        &self,
+        pause: std::time::Duration,
+        decide: &mut Decide<'_, ConnKey6, ConnValue>,
+    ) -> Result<(u64, u64), DpError>;
+    fn prune_half_open6(
+        &self,
+        pause: std::time::Duration,
+        decide: &mut Decide<'_, ConnKey6, HalfOpenValue>,
+    ) -> Result<(u64, u64), DpError>;
+    fn prune_sessions6(
+        &self,
+        table: SessionTable,
+        pause: std::time::Duration,
+        decide: &mut Decide<'_, SessionKey6, SessionValue>,
+    ) -> Result<(u64, u64), DpError>;
 }
 
 /// Size and memory of one table.
@@ -163,67 +226,62 @@ pub trait Reader: Tables {
     fn backend_stats(&self, id: u32) -> Result<TrafficCounters, DpError>;
     fn counters(&self) -> Result<[u64; NUM_COUNTERS as usize], DpError>;
     fn shared_state(&self) -> Result<SharedState, DpError>;
-    /// (connections, half-open, sessions, pending sessions).
-    fn table_info(&self) -> Result<[TableInfo; 4], DpError>;
+    /// (connections, half-open, sessions, pending sessions), then the same for IPv6.
+    fn table_info(&self) -> Result<[TableInfo; 8], DpError>;
 }
 
-/// Deletes every flow-table entry for which `gone(listener id, backend id)`.
+/// Names of the tables `Reader::table_info` describes, in its order.
+pub const TABLE_NAMES: [&str; 8] = [
+    "connections",
+    "half_open",
+    "sessions",
+    "pending_sessions",
+    "connections6",
+    "half_open6",
+    "sessions6",
+    "pending_sessions6",
+];
+
+/// A `Decide` that deletes the entries for which `gone(listener id, backend id)`.
+fn pick<'a, K: FlowKey, V>(
+    gone: &'a dyn Fn(u32, u32) -> bool,
+    backend: impl Fn(&V) -> u32 + 'a,
+) -> impl FnMut(&[K], &[V], &mut Vec<K>) + 'a {
+    move |ks, vs, dead| {
+        for (k, v) in ks.iter().zip(vs) {
+            if gone(k.listener(), backend(v)) {
+                dead.push(*k);
+            }
+        }
+    }
+}
+
+/// Deletes the connection and half-open entries (both families) for which
+/// `gone(listener id, backend id)`.
+fn purge_flows(t: &dyn Tables, gone: &dyn Fn(u32, u32) -> bool) -> Result<u64, DpError> {
+    let zero = std::time::Duration::ZERO;
+    let conn = |v: &ConnValue| v.backend;
+    let half = |v: &HalfOpenValue| v.backend;
+    Ok(t.prune_conns(zero, &mut pick(gone, conn))?.1
+        + t.prune_half_open(zero, &mut pick(gone, half))?.1
+        + t.prune_conns6(zero, &mut pick(gone, conn))?.1
+        + t.prune_half_open6(zero, &mut pick(gone, half))?.1)
+}
+
+/// Deletes every flow-table entry (both families) for which `gone(listener id, backend id)`.
 pub fn purge(t: &dyn Tables, gone: &dyn Fn(u32, u32) -> bool) -> Result<u64, DpError> {
     let zero = std::time::Duration::ZERO;
-    let mut n = 0;
-    n += t
-        .prune_conns(zero, &mut |ks, vs, dead| {
-            for (k, v) in ks.iter().zip(vs) {
-                if gone(u32::from(k.listener), v.backend) {
-                    dead.push(*k);
-                }
-            }
-        })?
-        .1;
-    n += t
-        .prune_half_open(zero, &mut |ks, vs, dead| {
-            for (k, v) in ks.iter().zip(vs) {
-                if gone(u32::from(k.listener), v.backend) {
-                    dead.push(*k);
-                }
-            }
-        })?
-        .1;
+    let sess = |v: &SessionValue| v.backend;
+    let mut n = purge_flows(t, gone)?;
     for table in [SessionTable::Verified, SessionTable::Pending] {
-        n += t
-            .prune_sessions(table, zero, &mut |ks, vs, dead| {
-                for (k, v) in ks.iter().zip(vs) {
-                    if gone(u32::from(k.listener), v.backend) {
-                        dead.push(*k);
-                    }
-                }
-            })?
-            .1;
+        n += t.prune_sessions(table, zero, &mut pick(gone, sess))?.1;
+        n += t.prune_sessions6(table, zero, &mut pick(gone, sess))?.1;
     }
     Ok(n)
 }
 
-/// Deletes the connection-table entries (verified and half-open) naming one of `backends`: a
-/// drained backend's remaining connections are cut.
+/// Deletes the connection-table entries (verified and half-open, both families) naming one of
+/// `backends`: a drained backend's remaining connections are cut.
 pub fn cut_connections(t: &dyn Tables, backends: &dyn Fn(u32) -> bool) -> Result<u64, DpError> {
-    let zero = std::time::Duration::ZERO;
-    let a = t
-        .prune_conns(zero, &mut |ks, vs, dead| {
-            for (k, v) in ks.iter().zip(vs) {
-                if backends(v.backend) {
-                    dead.push(*k);
-                }
-            }
-        })?
-        .1;
-    let b = t
-        .prune_half_open(zero, &mut |ks, vs, dead| {
-            for (k, v) in ks.iter().zip(vs) {
-                if backends(v.backend) {
-                    dead.push(*k);
-                }
-            }
-        })?
-        .1;
-    Ok(a + b)
+    purge_flows(t, &|_, b| backends(b))
 }

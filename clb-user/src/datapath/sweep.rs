@@ -1,4 +1,5 @@
-//! The sweeper's walk: removes expired entries from the four flow tables and, in the same
+//! The sweeper's walk: removes expired entries from the flow tables (IPv4 and IPv6, four each)
+//! and, in the same
 //! walk, counts the live ones per listener and backend. Those counts are what `clb stats`,
 //! `backend ls` and `/metrics` show, so no reader ever walks a million-entry table itself.
 //!
@@ -18,7 +19,7 @@ use std::{collections::HashMap, sync::Arc, time::Instant};
 use clb_common::{conn_timeout_ns, is_expired};
 use serde::{Deserialize, Serialize};
 
-use super::{DpError, SessionTable, Tables};
+use super::{DpError, FlowKey, SessionTable, Tables};
 
 /// Timeouts per listener id.
 #[derive(Clone, Debug, Default)]
@@ -50,6 +51,8 @@ pub struct SweepReport {
     pub pending_scanned: u64,
     pub pending_removed: u64,
     pub micros: u64,
+    /// Live entries per table, in `TABLE_NAMES` order (IPv4 four, then IPv6 four).
+    pub tables_live: [u64; 8],
     /// Live entries per listener id.
     #[serde(skip)]
     pub by_listener: HashMap<u32, Live>,
@@ -72,6 +75,79 @@ impl SweepReport {
     }
 }
 
+/// Counts of one sweep in progress.
+struct Walk<'a> {
+    policy: &'a dyn Fn() -> Arc<SweepPolicy>,
+    now_ns: u64,
+    by_l: HashMap<u32, Live>,
+    by_b: HashMap<u32, Live>,
+}
+
+impl Walk<'_> {
+    fn live(&mut self, l: u32, b: u32, f: fn(&mut Live)) {
+        f(self.by_l.entry(l).or_default());
+        f(self.by_b.entry(b).or_default());
+    }
+
+    /// Connection entries: expired by idle timeout or FIN/RST aging.
+    fn conns<K: FlowKey>(&mut self, ks: &[K], vs: &[clb_common::ConnValue], dead: &mut Vec<K>) {
+        let p = (self.policy)();
+        for (k, v) in ks.iter().zip(vs) {
+            let lid = k.listener();
+            if let Some((idle, _)) = p.listeners.get(&lid) {
+                if is_expired(self.now_ns, v.last_seen_ns, conn_timeout_ns(v.state, *idle)) {
+                    dead.push(*k);
+                } else {
+                    self.live(lid, v.backend, |c| c.conns += 1);
+                }
+            }
+        }
+    }
+
+    /// Half-open entries: expired by the half-open timeout.
+    fn half_open<K: FlowKey>(
+        &mut self,
+        ks: &[K],
+        vs: &[clb_common::HalfOpenValue],
+        dead: &mut Vec<K>,
+    ) {
+        let p = (self.policy)();
+        for (k, v) in ks.iter().zip(vs) {
+            let lid = k.listener();
+            if p.listeners.contains_key(&lid) {
+                if is_expired(self.now_ns, v.last_seen_ns, p.half_open_ns) {
+                    dead.push(*k);
+                } else {
+                    self.live(lid, v.backend, |c| c.half_open += 1);
+                }
+            }
+        }
+    }
+
+    /// Persistence entries: expired by the listener's duration (all, with persistence off).
+    fn sessions<K: FlowKey>(
+        &mut self,
+        table: SessionTable,
+        ks: &[K],
+        vs: &[clb_common::SessionValue],
+        dead: &mut Vec<K>,
+    ) {
+        let p = (self.policy)();
+        for (k, v) in ks.iter().zip(vs) {
+            let lid = k.listener();
+            if let Some((_, persist)) = p.listeners.get(&lid) {
+                if *persist == 0 || is_expired(self.now_ns, v.last_seen_ns, *persist) {
+                    dead.push(*k);
+                } else if table == SessionTable::Verified {
+                    self.live(lid, v.backend, |c| c.sessions += 1);
+                } else {
+                    self.live(lid, v.backend, |c| c.pending += 1);
+                }
+            }
+        }
+    }
+}
+
 /// Sweeps the tables once at `now_ns`, waiting `pause` after each batch (pacing).
 pub fn sweep(
     t: &dyn Tables,
@@ -81,62 +157,57 @@ pub fn sweep(
 ) -> Result<SweepReport, DpError> {
     let started = Instant::now();
     let mut r = SweepReport::default();
-    let mut by_l: HashMap<u32, Live> = HashMap::new();
-    let mut by_b: HashMap<u32, Live> = HashMap::new();
-    let mut live = |l: u32, b: u32, f: fn(&mut Live)| {
-        f(by_l.entry(l).or_default());
-        f(by_b.entry(b).or_default());
+    let mut w = Walk {
+        policy,
+        now_ns,
+        by_l: HashMap::new(),
+        by_b: HashMap::new(),
     };
-    (r.conns_scanned, r.conns_removed) = t.prune_conns(pause, &mut |ks, vs, dead| {
-        let p = policy();
-        for (k, v) in ks.iter().zip(vs) {
-            let lid = u32::from(k.listener);
-            if let Some((idle, _)) = p.listeners.get(&lid) {
-                if is_expired(now_ns, v.last_seen_ns, conn_timeout_ns(v.state, *idle)) {
-                    dead.push(*k);
-                } else {
-                    live(lid, v.backend, |c| c.conns += 1);
-                }
+    // Per table: (scanned, removed), then the live count is the walk's difference.
+    let add = |r: &mut SweepReport, slot: usize, (scanned, removed): (u64, u64)| {
+        r.tables_live[slot] = scanned.saturating_sub(removed);
+        match slot % 4 {
+            0 => {
+                r.conns_scanned += scanned;
+                r.conns_removed += removed;
+            }
+            1 => {
+                r.half_open_scanned += scanned;
+                r.half_open_removed += removed;
+            }
+            2 => {
+                r.sessions_scanned += scanned;
+                r.sessions_removed += removed;
+            }
+            _ => {
+                r.pending_scanned += scanned;
+                r.pending_removed += removed;
             }
         }
-    })?;
-    (r.half_open_scanned, r.half_open_removed) =
-        t.prune_half_open(pause, &mut |ks, vs, dead| {
-            let p = policy();
-            for (k, v) in ks.iter().zip(vs) {
-                let lid = u32::from(k.listener);
-                if p.listeners.contains_key(&lid) {
-                    if is_expired(now_ns, v.last_seen_ns, p.half_open_ns) {
-                        dead.push(*k);
-                    } else {
-                        live(lid, v.backend, |c| c.half_open += 1);
-                    }
-                }
-            }
+    };
+    let c4 = t.prune_conns(pause, &mut |ks, vs, dead| w.conns(ks, vs, dead))?;
+    add(&mut r, 0, c4);
+    let h4 = t.prune_half_open(pause, &mut |ks, vs, dead| w.half_open(ks, vs, dead))?;
+    add(&mut r, 1, h4);
+    let c6 = t.prune_conns6(pause, &mut |ks, vs, dead| w.conns(ks, vs, dead))?;
+    add(&mut r, 4, c6);
+    let h6 = t.prune_half_open6(pause, &mut |ks, vs, dead| w.half_open(ks, vs, dead))?;
+    add(&mut r, 5, h6);
+    for (i, table) in [SessionTable::Verified, SessionTable::Pending]
+        .into_iter()
+        .enumerate()
+    {
+        let s4 = t.prune_sessions(table, pause, &mut |ks, vs, dead| {
+            w.sessions(table, ks, vs, dead)
         })?;
-    for table in [SessionTable::Verified, SessionTable::Pending] {
-        let counted = t.prune_sessions(table, pause, &mut |ks, vs, dead| {
-            let p = policy();
-            for (k, v) in ks.iter().zip(vs) {
-                let lid = u32::from(k.listener);
-                if let Some((_, persist)) = p.listeners.get(&lid) {
-                    if *persist == 0 || is_expired(now_ns, v.last_seen_ns, *persist) {
-                        dead.push(*k);
-                    } else if table == SessionTable::Verified {
-                        live(lid, v.backend, |c| c.sessions += 1);
-                    } else {
-                        live(lid, v.backend, |c| c.pending += 1);
-                    }
-                }
-            }
+        add(&mut r, 2 + i, s4);
+        let s6 = t.prune_sessions6(table, pause, &mut |ks, vs, dead| {
+            w.sessions(table, ks, vs, dead)
         })?;
-        match table {
-            SessionTable::Verified => (r.sessions_scanned, r.sessions_removed) = counted,
-            SessionTable::Pending => (r.pending_scanned, r.pending_removed) = counted,
-        }
+        add(&mut r, 6 + i, s6);
     }
-    r.by_listener = by_l;
-    r.by_backend = by_b;
+    r.by_listener = w.by_l;
+    r.by_backend = w.by_b;
     r.micros = started.elapsed().as_micros() as u64;
     Ok(r)
 }

@@ -6,7 +6,7 @@
 //! left alone) and is logged. Checks read the controller's snapshot and report transitions
 //! through it; they never hold a lock while they wait.
 
-use std::{collections::HashMap, net::SocketAddrV4, sync::Arc, time::Duration};
+use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Duration};
 
 use http_body_util::Empty;
 use hyper::body::Bytes;
@@ -20,38 +20,52 @@ use crate::control::{
     state::Health,
 };
 
-type Key = (String, SocketAddrV4);
+type Key = (String, SocketAddr);
 
 /// How often [`warm_neighbours`] touches DSR backends.
 pub const NEIGHBOUR_EVERY: Duration = Duration::from_secs(5);
 
-/// Keeps the kernel's neighbour (ARP) entries of DSR backends resolved: the datapath sends a
-/// DSR packet to the backend's MAC from the neighbour table, and, unlike a NATed packet, cannot
-/// hand it to the stack to resolve (the stack would deliver it locally, to the VIP). Health
-/// checks resolve a checked backend anyway; for the others (UDP listeners check nothing by
-/// default) an empty datagram to the backend's discard port (9) every few seconds does.
+/// Keeps the kernel's neighbour (ARP, NDP) entries of DSR backends resolved: the datapath
+/// sends a DSR packet to the backend's MAC from the neighbour table, and, unlike a NATed
+/// packet, cannot hand it to the stack to resolve (the stack would deliver it locally, to the
+/// VIP). An empty datagram to each DSR backend's discard port (9) makes the kernel resolve it:
+/// at once after every configuration change (a backend just added is reachable before its
+/// first health check) and every few seconds after.
 pub async fn warm_neighbours(ctl: Arc<Controller>) -> anyhow::Result<()> {
-    let sock = tokio::net::UdpSocket::bind("0.0.0.0:0").await?;
+    let v4 = tokio::net::UdpSocket::bind("0.0.0.0:0").await?;
+    // A host without IPv6 has no IPv6 backends either.
+    let v6 = tokio::net::UdpSocket::bind("[::]:0").await.ok();
+    let mut changes = ctl.subscribe();
     loop {
         let snap = ctl.snapshot();
-        let mut addrs: Vec<std::net::Ipv4Addr> = snap
+        let mut addrs: Vec<std::net::IpAddr> = snap
             .listeners
             .iter()
-            .filter(|l| {
-                l.spec.l4().is_some_and(|k| k.forward == Forward::Dsr)
-                    && l.spec.health_check.kind == CheckKind::None
-            })
-            .flat_map(|l| l.backends.iter().map(|b| *b.spec.addr.ip()))
+            .filter(|l| l.spec.l4().is_some_and(|k| k.forward == Forward::Dsr))
+            .flat_map(|l| l.backends.iter().map(|b| b.spec.addr.ip()))
             .collect();
         addrs.sort_unstable();
         addrs.dedup();
         for a in addrs {
+            let sock = match a {
+                std::net::IpAddr::V4(_) => Some(&v4),
+                std::net::IpAddr::V6(_) => v6.as_ref(),
+            };
             // A failure (no route yet) shows as the datapath's no-next-hop drops; retried.
-            if let Err(e) = sock.send_to(&[], (a, 9)).await {
+            if let Some(sock) = sock
+                && let Err(e) = sock.send_to(&[], (a, 9)).await
+            {
                 tracing::debug!(backend = %a, "neighbour probe: {e}");
             }
         }
-        tokio::time::sleep(NEIGHBOUR_EVERY).await;
+        tokio::select! {
+            () = tokio::time::sleep(NEIGHBOUR_EVERY) => {}
+            r = changes.changed() => {
+                if r.is_err() {
+                    return Ok(());
+                }
+            }
+        }
     }
 }
 
@@ -122,7 +136,7 @@ async fn sync(ctl: &Arc<Controller>, tasks: &mut HashMap<Key, (HealthCheckSpec, 
     }
 }
 
-async fn set(ctl: &Arc<Controller>, listener: &str, addr: SocketAddrV4, h: Health, why: &str) {
+async fn set(ctl: &Arc<Controller>, listener: &str, addr: SocketAddr, h: Health, why: &str) {
     let (c, l) = (ctl.clone(), listener.to_owned());
     let changed = tokio::task::spawn_blocking(move || c.set_health(&l, addr, h)).await;
     match changed {
@@ -142,10 +156,10 @@ async fn set(ctl: &Arc<Controller>, listener: &str, addr: SocketAddrV4, h: Healt
 async fn check_loop(
     ctl: Arc<Controller>,
     listener: String,
-    addr: SocketAddrV4,
+    addr: SocketAddr,
     spec: HealthCheckSpec,
 ) {
-    let target = SocketAddrV4::new(*addr.ip(), spec.port.unwrap_or(addr.port()));
+    let target = SocketAddr::new(addr.ip(), spec.port.unwrap_or(addr.port()));
     let interval = Duration::from_secs(u64::from(spec.interval));
     let timeout = Duration::from_secs(u64::from(spec.timeout));
     // First check at a random point of the first interval, then every interval ± 10 %.
@@ -185,7 +199,7 @@ async fn check_loop(
 /// One check: `Ok` if the backend passed.
 pub async fn check(
     spec: &HealthCheckSpec,
-    target: SocketAddrV4,
+    target: SocketAddr,
     timeout: Duration,
 ) -> Result<(), String> {
     let fut = async {

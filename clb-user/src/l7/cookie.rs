@@ -10,7 +10,7 @@
 //!
 //! The key is 32 random bytes the daemon keeps across restarts ([`load_or_create_key`]).
 
-use std::{io::Write as _, net::SocketAddrV4, os::unix::fs::OpenOptionsExt as _, path::Path};
+use std::{io::Write as _, net::SocketAddr, os::unix::fs::OpenOptionsExt as _, path::Path};
 
 use anyhow::Context as _;
 use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
@@ -44,7 +44,7 @@ impl CookieKey {
     }
 
     /// The opaque name of `backend` within `listener`.
-    pub fn tag(&self, listener: &str, backend: SocketAddrV4) -> [u8; 8] {
+    pub fn tag(&self, listener: &str, backend: SocketAddr) -> [u8; 8] {
         let out = self
             .mac(&[b"tag", listener.as_bytes(), backend.to_string().as_bytes()])
             .finalize()
@@ -134,7 +134,7 @@ mod tests {
     #[test]
     fn round_trip_and_expiry() {
         let k = key();
-        let b: SocketAddrV4 = "10.0.10.2:8080".parse().unwrap();
+        let b: SocketAddr = "10.0.10.2:8080".parse().unwrap();
         let tag = k.tag("shop", b);
         let v = k.encode("shop", tag, 1000);
         assert_eq!(v.len(), 43);

@@ -13,7 +13,7 @@ pub mod proxy;
 
 use std::{
     collections::HashMap,
-    net::{SocketAddr, SocketAddrV4},
+    net::SocketAddr,
     sync::{Arc, Mutex, atomic::Ordering},
 };
 
@@ -35,7 +35,7 @@ use crate::control::{
 /// One backend of an HTTP listener, as the control plane sees it now.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct L7Backend {
-    pub addr: SocketAddrV4,
+    pub addr: SocketAddr,
     pub weight: u32,
     /// Takes new clients (weight > 0, not draining, healthy or all unhealthy).
     pub accepting: bool,
@@ -45,7 +45,7 @@ pub struct L7Backend {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct L7Config {
     pub name: String,
-    pub vip: SocketAddrV4,
+    pub vip: SocketAddr,
     /// Cookie persistence, seconds; 0 = off.
     pub persist: u32,
     /// Keep-alive idle timeout, seconds; 0 = close after each response.
@@ -61,7 +61,7 @@ pub struct L7Config {
 /// Counters of one backend of an HTTP listener.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct L7BackendStats {
-    pub addr: SocketAddrV4,
+    pub addr: SocketAddr,
     pub requests: u64,
 }
 
@@ -93,7 +93,7 @@ pub struct L7ListenerStats {
 }
 
 struct Running {
-    vip: SocketAddrV4,
+    vip: SocketAddr,
     state: Arc<ListenerState>,
     stop: watch::Sender<bool>,
     task: JoinHandle<()>,
@@ -269,22 +269,27 @@ pub async fn run(ctl: Arc<Controller>, proxies: Arc<Proxies>) {
 
 /// A listening socket on the VIP, with `IP_FREEBIND` so the VIP need not be configured on an
 /// interface yet (it usually sits on `lo` of the balancer).
-fn bind(vip: SocketAddrV4) -> anyhow::Result<TcpListener> {
+fn bind(vip: SocketAddr) -> anyhow::Result<TcpListener> {
     let s = socket2::Socket::new(
-        socket2::Domain::IPV4,
+        socket2::Domain::for_address(vip),
         socket2::Type::STREAM,
         Some(socket2::Protocol::TCP),
     )?;
     s.set_reuse_address(true)?;
-    s.set_freebind_v4(true)?;
+    if vip.is_ipv4() {
+        s.set_freebind_v4(true)?;
+    } else {
+        s.set_freebind_v6(true)?;
+        s.set_only_v6(true)?;
+    }
     s.set_nonblocking(true)?;
-    s.bind(&SocketAddr::V4(vip).into())?;
+    s.bind(&vip.into())?;
     s.listen(1024)?;
     Ok(TcpListener::from_std(s.into())?)
 }
 
 /// Whether an HTTP listener could bind `vip` now (the API refuses one that could not).
-pub async fn check_bindable(vip: SocketAddrV4) -> Result<(), String> {
+pub async fn check_bindable(vip: SocketAddr) -> Result<(), String> {
     match bind(vip) {
         Ok(l) => {
             drop(l);

@@ -21,7 +21,7 @@
 use std::{
     collections::HashMap,
     convert::Infallible,
-    net::{SocketAddr, SocketAddrV4},
+    net::SocketAddr,
     pin::Pin,
     sync::{
         Arc, Mutex,
@@ -119,7 +119,7 @@ pub struct Counters {
     pub upstream_errors: AtomicU64,
     pub client_errors: AtomicU64,
     pub timeouts: AtomicU64,
-    pub per_backend: Mutex<HashMap<SocketAddrV4, u64>>,
+    pub per_backend: Mutex<HashMap<SocketAddr, u64>>,
 }
 
 /// Shared state of one running listener.
@@ -631,7 +631,12 @@ async fn route(req: Request<Incoming>, peer: SocketAddr, st: &ListenerState) -> 
         Some(prev) => format!("{prev}, {client_ip}"),
         None => client_ip.clone(),
     };
-    let fwd = format!("for={client_ip};proto=http;by=\"{}\"", cfg.vip);
+    // RFC 7239: an IPv6 node is bracketed and quoted.
+    let for_node = match peer.ip() {
+        std::net::IpAddr::V4(a) => a.to_string(),
+        std::net::IpAddr::V6(a) => format!("\"[{a}]\""),
+    };
+    let fwd = format!("for={for_node};proto=http;by=\"{}\"", cfg.vip);
     let fwd = match parts.headers.get("forwarded").and_then(|v| v.to_str().ok()) {
         Some(prev) => format!("{prev}, {fwd}"),
         None => fwd,

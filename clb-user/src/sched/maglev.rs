@@ -42,11 +42,14 @@ fn fmix64(mut k: u64) -> u64 {
     k
 }
 
-/// The backend's identity bytes: IPv4 address and port, network byte order.
-fn identity(m: &Member) -> [u8; 6] {
-    let mut b = [0u8; 6];
-    b[..4].copy_from_slice(&m.addr.ip().octets());
-    b[4..].copy_from_slice(&m.addr.port().to_be_bytes());
+/// The backend's identity bytes: address and port, network byte order (6 bytes for IPv4, as
+/// they always were, so IPv4 tables do not change; 18 for IPv6).
+fn identity(m: &Member) -> Vec<u8> {
+    let mut b = match m.addr.ip() {
+        std::net::IpAddr::V4(ip) => ip.octets().to_vec(),
+        std::net::IpAddr::V6(ip) => ip.octets().to_vec(),
+    };
+    b.extend_from_slice(&m.addr.port().to_be_bytes());
     b
 }
 
@@ -56,7 +59,7 @@ pub fn table(members: &[Member], size: u32) -> Vec<u32> {
     if ms.is_empty() || size == 0 {
         return Vec::new();
     }
-    ms.sort_by_key(|m| (m.addr.ip().octets(), m.addr.port()));
+    ms.sort_by_key(|m| (m.addr.ip(), m.addr.port()));
     let m = u64::from(size);
     let perm: Vec<(u64, u64)> = ms
         .iter()
@@ -108,7 +111,7 @@ mod tests {
         (0..n)
             .map(|i| Member {
                 id: 100 + i,
-                addr: std::net::SocketAddrV4::new(Ipv4Addr::new(10, 0, 10 + i as u8, 2), 8080),
+                addr: std::net::SocketAddr::from((Ipv4Addr::new(10, 0, 10 + i as u8, 2), 8080)),
                 weight: weight(i),
             })
             .collect()

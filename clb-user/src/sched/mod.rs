@@ -9,7 +9,7 @@
 pub mod maglev;
 pub mod wrr;
 
-use std::net::SocketAddrV4;
+use std::net::SocketAddr;
 
 /// One accepting backend as a scheduler sees it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -17,7 +17,7 @@ pub struct Member {
     /// The node-local id the schedule holds.
     pub id: u32,
     /// The identity every node agrees on.
-    pub addr: SocketAddrV4,
+    pub addr: SocketAddr,
     /// Weight, > 0.
     pub weight: u32,
 }

@@ -39,7 +39,7 @@ fn thread_cpu() -> Duration {
 pub fn run(scale: &Scale, report: &mut Report) -> anyhow::Result<()> {
     let rows = with_lab_tables(TablesSpec::default(), |lab| -> anyhow::Result<Vec<Row>> {
         let mut rows = Vec::new();
-        let [conns, _, sessions, _] = lab.reader().table_info()?;
+        let [conns, _, sessions, ..] = lab.reader().table_info()?;
         let conn_bytes = conns.memory_bytes as f64 / f64::from(conns.capacity);
         let sess_bytes = sessions.memory_bytes as f64 / f64::from(sessions.capacity);
         rows.push(Row {
@@ -64,7 +64,7 @@ pub fn run(scale: &Scale, report: &mut Report) -> anyhow::Result<()> {
             SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 100), 80),
             Proto::Tcp,
             60,
-            &["10.1.0.2:80".parse()?],
+            &["10.1.0.2:80".parse::<std::net::SocketAddr>()?],
         );
         if let Kind::L4(k) = &mut l.kind {
             k.idle_timeout = Some(10);
@@ -72,7 +72,7 @@ pub fn run(scale: &Scale, report: &mut Report) -> anyhow::Result<()> {
         lab.apply(vec![l]);
         let (lid, bid) = (
             lab.listener_id("web"),
-            lab.backend_id("web", "10.1.0.2:80".parse()?),
+            lab.backend_id("web", "10.1.0.2:80".parse::<std::net::SocketAddr>()?),
         );
         let n = scale
             .sweep_entries

@@ -113,7 +113,7 @@ pub fn median(v: &mut [f64]) -> f64 {
     }
 }
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::Ipv4Addr;
 
 use std::{path::PathBuf, sync::Arc, time::Instant};
 
@@ -138,23 +138,17 @@ use crate::netns::Topology;
 
 /// A listener without health checks (the benchmarks' backends are sinks or fixed servers)
 /// over `backends`, weight 10 each.
-pub fn listener(
+pub fn listener<A: Into<std::net::SocketAddr> + Copy>(
     name: &str,
-    vip: SocketAddrV4,
+    vip: impl Into<std::net::SocketAddr>,
     proto: Proto,
     persist: u32,
-    backends: &[SocketAddrV4],
+    backends: &[A],
 ) -> ListenerSpec {
     let mut l = ListenerSpec::new(name, vip, proto);
     l.persist = persist;
     l.health_check = HealthCheckSpec::of(CheckKind::None);
-    l.backends = backends
-        .iter()
-        .map(|a| BackendSpec {
-            addr: *a,
-            weight: 10,
-        })
-        .collect();
+    l.backends = backends.iter().map(|a| BackendSpec::new(*a, 10)).collect();
     l
 }
 
@@ -199,6 +193,9 @@ pub fn start_clb_on(
             connections: tables.connections,
             half_open: tables.half_open,
             sessions: tables.sessions,
+            connections6: tables.connections6,
+            half_open6: tables.half_open6,
+            sessions6: tables.sessions6,
         };
         let Loaded {
             mut ebpf,

@@ -9,7 +9,7 @@
 //! cross several nodes yet reach one backend; a node dies silently and comes back.
 
 use std::{
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4},
     sync::atomic::{AtomicBool, Ordering},
     time::Duration,
 };
@@ -18,7 +18,7 @@ use clb_tests::{
     daemon::Daemon,
     fleet::{self, Fleet, RouterBird},
     http::{HttpServer, get_once},
-    netns::{CLIENT_IP, Topology, VIP, backend_ip},
+    netns::{CLIENT_IP, CLIENT_IP6, Topology, VIP, VIP6, backend_ip, backend_ip6},
     servers::{NameServer, ask, ask_once, connect},
 };
 
@@ -257,14 +257,15 @@ fn single_demo(keep: bool) -> anyhow::Result<()> {
         .iter()
         .enumerate()
         .map(|(i, ns)| {
+            // [::]:8080 takes IPv4 and IPv6 connections alike.
             NameServer::tcp(
                 ns,
-                SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 8080),
+                SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), 8080),
                 &format!("backend-{i}"),
             )
         })
         .collect::<Result<_, _>>()?;
-    println!("backends answer with their name on :8080");
+    println!("backends answer with their name on :8080 (IPv4 and IPv6)");
     let d = Daemon::start(&topo, "");
     println!(
         "clb daemon running in the balancer namespace on {} (native XDP)",
@@ -315,6 +316,31 @@ fn single_demo(keep: bool) -> anyhow::Result<()> {
     }
     cli(&d, &["session", "ls"]);
     cli(&d, &["conn", "ls"]);
+
+    println!(
+        "\n-- IPv6: a listener on [{VIP6}]:80 beside the IPv4 one, 6 connections from {CLIENT_IP6} --"
+    );
+    let vip6 = SocketAddr::new(VIP6.into(), 80);
+    let vip6_arg = vip6.to_string();
+    cli(
+        &d,
+        &[
+            "listener", "add", "web6", "--vip", &vip6_arg, "--proto", "tcp",
+        ],
+    );
+    for i in 0..3 {
+        let b = SocketAddr::new(backend_ip6(i).into(), 8080).to_string();
+        cli(&d, &["backend", "add", "web6", &b]);
+    }
+    for n in 1..=6 {
+        if stopped() {
+            break;
+        }
+        let who = ask_once(&topo.client, CLIENT_IP6, vip6)
+            .map_err(|e| anyhow::anyhow!("IPv6 connection {n}: {e}"))?;
+        println!("  connection {n} -> {who}");
+    }
+    cli(&d, &["conn", "ls", "--client", "fd00:1::/64"]);
 
     println!("\n-- HTTP listener with cookie persistence (backends answer on :8081) --");
     let http: Vec<HttpServer> = topo

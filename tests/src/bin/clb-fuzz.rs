@@ -37,6 +37,9 @@ fn main() -> ExitCode {
         for (t, v) in total.verdicts.iter_mut().zip(r.verdicts) {
             *t += v;
         }
+        for (t, v) in total.verdicts6.iter_mut().zip(r.verdicts6) {
+            *t += v;
+        }
         total.failures.extend(r.failures);
         left -= n;
         chunk += 1;
@@ -48,7 +51,7 @@ fn main() -> ExitCode {
         );
     }
     println!(
-        "{} frames in {:.1} s: {:.0} frames/s; verdicts: aborted {} drop {} pass {} tx {} redirect {}; invariant violations: {}",
+        "{} frames in {:.1} s: {:.0} frames/s; verdicts: aborted {} drop {} pass {} tx {} redirect {} (IPv6: drop {} pass {} tx {} redirect {}); invariant violations: {}",
         total.frames,
         total.seconds,
         total.frames_per_sec(),
@@ -57,6 +60,10 @@ fn main() -> ExitCode {
         total.verdicts[2],
         total.verdicts[3],
         total.verdicts[4],
+        total.verdicts6[1],
+        total.verdicts6[2],
+        total.verdicts6[3],
+        total.verdicts6[4],
         total.failures.len()
     );
     if total.failures.is_empty() {

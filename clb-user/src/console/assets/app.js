@@ -17,8 +17,9 @@
   const PALETTE = ['#2563eb', '#16a34a', '#dc2626', '#d97706', '#7c3aed',
     '#0891b2', '#db2777', '#65a30d', '#ea580c', '#475569'];
   const FONT = '-apple-system, BlinkMacSystemFont, "Segoe UI", Roboto, "Helvetica Neue", Arial, sans-serif';
-  const CLIENT_RE = /^\d{1,3}(\.\d{1,3}){3}(\/\d{1,2})?$/;
-  const ADDR_RE = /^\d{1,3}(\.\d{1,3}){3}:\d{1,5}$/;
+  // Shape checks only (the daemon validates): IPv4 or IPv6, a prefix, an address and port.
+  const CLIENT_RE = /^(\d{1,3}(\.\d{1,3}){3}(\/\d{1,2})?|[0-9a-fA-F:.]*:[0-9a-fA-F:.]*(\/\d{1,3})?)$/;
+  const ADDR_RE = /^(\d{1,3}(\.\d{1,3}){3}|\[[0-9a-fA-F:.]*:[0-9a-fA-F:.]*\]):\d{1,5}$/;
 
   const $ = (id) => document.getElementById(id);
 
@@ -727,7 +728,7 @@
     const addr = $('add-backend-addr').value.trim();
     const rawWeight = $('add-backend-weight').value.trim();
     if (!ADDR_RE.test(addr)) {
-      setText('backends-error', 'Enter the backend as IPv4:port, e.g. 10.0.10.9:8080.');
+      setText('backends-error', 'Enter the backend as address:port, e.g. 10.0.10.9:8080 or [2001:db8::9]:8080.');
       return;
     }
     if (!/^\d+$/.test(rawWeight) || Number(rawWeight) > 100) {
@@ -806,7 +807,7 @@
     const ex = state.explorers[kind];
     const def = EXPLORERS[kind];
     if (ex.client && !CLIENT_RE.test(ex.client)) {
-      setText(`${kind}-error`, 'Enter a client IPv4 address or prefix, e.g. 10.2.0.1 or 10.2.0.0/16.');
+      setText(`${kind}-error`, 'Enter a client address or prefix, e.g. 10.2.0.1, 10.2.0.0/16 or 2001:db8::/64.');
       return;
     }
     const seq = ++ex.seq; // only the latest request's answer is shown
