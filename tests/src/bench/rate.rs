@@ -351,7 +351,7 @@ pub fn run(scale: &Scale, report: &mut Report) -> anyhow::Result<()> {
             &syn,
             5.0,
             format!(
-                "{} distinct source address/port pairs, each a new connection entry (clb: and a persistence entry, persist 600 s)",
+                "{} distinct source address/port pairs, each a new flow (clb: a half-open entry and, persist 600 s, a pending-persistence entry; nft: a conntrack entry)",
                 u64::from(scale.sources) * u64::from(scale.syn_ports)
             ),
         ),
