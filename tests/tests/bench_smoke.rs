@@ -67,6 +67,12 @@ fn memory_and_sweep_figures_are_produced() {
     let mut r = Report::default();
     memory::run(&Scale::TINY, &mut r).unwrap();
     finite(&r, "memory");
+    let v6 = r
+        .rows
+        .iter()
+        .find(|row| row.figure.starts_with("IPv6: map memory"))
+        .expect("no IPv6 memory row");
+    assert!(v6.clb > 0.0, "IPv6 entries cost no memory?");
     finite(&r, "sweeper");
 }
 

@@ -39,7 +39,7 @@ fn thread_cpu() -> Duration {
 pub fn run(scale: &Scale, report: &mut Report) -> anyhow::Result<()> {
     let rows = with_lab_tables(TablesSpec::default(), |lab| -> anyhow::Result<Vec<Row>> {
         let mut rows = Vec::new();
-        let [conns, _, sessions, ..] = lab.reader().table_info()?;
+        let [conns, _, sessions, _, conns6, _, sessions6, _] = lab.reader().table_info()?;
         let conn_bytes = conns.memory_bytes as f64 / f64::from(conns.capacity);
         let sess_bytes = sessions.memory_bytes as f64 / f64::from(sessions.capacity);
         rows.push(Row {
@@ -55,6 +55,25 @@ pub fn run(scale: &Scale, report: &mut Report) -> anyhow::Result<()> {
             note: format!(
                 "memlock ÷ max_entries: {} B / {} (sessions {} B / {}); 12 B key + 16 B value + kernel element header + bucket",
                 conns.memory_bytes, conns.capacity, sessions.memory_bytes, sessions.capacity
+            ),
+        });
+
+        let conn6_bytes = conns6.memory_bytes as f64 / f64::from(conns6.capacity);
+        let sess6_bytes = sessions6.memory_bytes as f64 / f64::from(sessions6.capacity);
+        rows.push(Row {
+            section: "memory".into(),
+            figure: "IPv6: map memory per connection entry".into(),
+            unit: "B".into(),
+            clb: conn6_bytes,
+            peers: vec![
+                ("per session entry".into(), sess6_bytes),
+                ("IPv4".into(), conn_bytes),
+            ],
+            ratio: None,
+            target: None,
+            note: format!(
+                "memlock ÷ max_entries: {} B / {} (sessions {} B / {}); 24 B key (128-bit client) + 16 B value + kernel element header + bucket",
+                conns6.memory_bytes, conns6.capacity, sessions6.memory_bytes, sessions6.capacity
             ),
         });
 
