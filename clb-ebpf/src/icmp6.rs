@@ -9,7 +9,7 @@
 
 use aya_ebpf::{bindings::xdp_action, helpers::bpf_ktime_get_ns, programs::XdpContext};
 use clb_common::{
-    Addr6, LISTENER_F_DSR, ListenerKey6, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, addr6_eq, counter,
+    LISTENER_F_DSR, ListenerKey6, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, addr6_eq, counter,
     ip6_from_be, ip6_to_be,
 };
 use network_types::ip::Ipv6Hdr;
@@ -18,8 +18,8 @@ use crate::{
     backends, conntrack, csum, drop,
     family::{Family, V6},
     halfopen,
-    maps::{CLB_ICMP6_SCRATCH_V1, CLB_LSN_ADDR6_V1, CLB_LSN_V2},
-    parse::{Pkt, ptr_at},
+    maps::{CLB_ICMP6_SCRATCH_V1, CLB_LSN_ADDR6_V1, CLB_LSN_V2, Quote},
+    parse::ptr_at,
     parse6::{self, Parsed6},
     stats,
 };
@@ -29,27 +29,6 @@ const DEST_UNREACH: u8 = 1;
 const PACKET_TOO_BIG: u8 = 2;
 const TIME_EXCEEDED: u8 = 3;
 const PARAM_PROBLEM: u8 = 4;
-
-/// The quoted flow of an ICMPv6 error and the backend it belongs to. Kept in a per-CPU map
-/// slot ([`CLB_ICMP6_SCRATCH_V1`]), not on the stack, which the lookups' keys fill.
-#[repr(C)]
-pub struct Quote {
-    /// The packet as the parser and the FIB lookup see it.
-    pub pkt: Pkt<V6>,
-    /// Offsets of the ICMPv6 header, of the quoted transport header, and the packet's end.
-    pub off: usize,
-    pub inner_l4: usize,
-    pub end: usize,
-    /// The quoted source: the VIP and its port.
-    pub vip: Addr6,
-    /// The backend's address and port.
-    pub addr: Addr6,
-    pub vip_port: u16,
-    pub port: u16,
-    pub iproto: u8,
-    /// Whether the listener is DSR.
-    pub dsr: u8,
-}
 
 /// Handles an IPv6 packet in the ICMPv6 program: an ICMPv6 message to a VIP goes to
 /// [`to_vip`], anything else passes (the program is only tail-called for those).

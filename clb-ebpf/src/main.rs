@@ -28,6 +28,8 @@ mod forward;
 mod halfopen;
 mod icmp;
 mod icmp6;
+mod ipv4;
+mod ipv6;
 mod maps;
 mod nat;
 mod nat6;

@@ -19,6 +19,8 @@ use clb_common::{
     SCHED_TEMPLATE_SLOTS, SessionKey, SessionKey6, SessionValue, SharedState, TrafficCounters,
 };
 
+use crate::family::{Pkt, V6};
+
 const LISTENERS: usize = MAX_LISTENERS as usize;
 const BACKENDS: usize = MAX_BACKENDS as usize;
 /// `BPF_F_NO_COMMON_LRU`: one LRU list per CPU.
@@ -195,4 +197,25 @@ pub static CLB_PROGS_V1: ProgramArray<{ clb_common::TAIL_SLOTS as usize }> = Pro
 
 /// Per-CPU scratch of the ICMPv6 program (the quote of an ICMPv6 error being handled).
 #[btf_map]
-pub static CLB_ICMP6_SCRATCH_V1: PerCpuArray<crate::icmp6::Quote, 1> = PerCpuArray::new();
+pub static CLB_ICMP6_SCRATCH_V1: PerCpuArray<Quote, 1> = PerCpuArray::new();
+
+/// The quoted flow of an ICMPv6 error and the backend it belongs to. Kept in a per-CPU map
+/// slot ([`CLB_ICMP6_SCRATCH_V1`]), not on the stack, which the lookups' keys fill.
+#[repr(C)]
+pub struct Quote {
+    /// The packet as the parser and the FIB lookup see it.
+    pub pkt: Pkt<V6>,
+    /// Offsets of the ICMPv6 header, of the quoted transport header, and the packet's end.
+    pub off: usize,
+    pub inner_l4: usize,
+    pub end: usize,
+    /// The quoted source: the VIP and its port.
+    pub vip: Addr6,
+    /// The backend's address and port.
+    pub addr: Addr6,
+    pub vip_port: u16,
+    pub port: u16,
+    pub iproto: u8,
+    /// Whether the listener is DSR.
+    pub dsr: u8,
+}

@@ -23,14 +23,7 @@ const BPF_FIB_LKUP_RET_SUCCESS: i64 = 0;
 const BPF_FIB_LKUP_RET_NO_NEIGH: i64 = 7;
 const BPF_FIB_LKUP_RET_FRAG_NEEDED: i64 = 8;
 
-/// Which end of the packet to rewrite.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub enum End {
-    /// Destination: client → VIP becomes client → backend.
-    Dst,
-    /// Source: backend → client becomes VIP → client.
-    Src,
-}
+pub use crate::family::End;
 
 /// Rewrites one end's address and port (network byte order), updating the IPv4 checksum and
 /// the TCP/UDP checksum (pseudo-header address + port) incrementally. A UDP checksum of 0

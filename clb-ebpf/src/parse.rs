@@ -7,19 +7,11 @@ use aya_ebpf::programs::XdpContext;
 use clb_common::{PROTO_TCP, PROTO_UDP, counter};
 use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
 
-use crate::{
-    Verdict,
-    family::{Family, V4},
-};
+pub use crate::family::{Pkt, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
+use crate::{Verdict, family::V4};
 
 /// EtherType IPv4 as it sits in memory.
 const ETH_P_IP: u16 = u16::from_ne_bytes([0x08, 0x00]);
-/// TCP flag bits (byte 13 of the TCP header).
-pub const TCP_FIN: u8 = 0x01;
-pub const TCP_SYN: u8 = 0x02;
-pub const TCP_RST: u8 = 0x04;
-pub const TCP_ACK: u8 = 0x10;
-
 /// Offset of the IPv4 header (no VLAN support: tagged frames are not IPv4 and pass).
 pub const IP_OFF: usize = EthHdr::LEN;
 
@@ -44,56 +36,6 @@ pub fn ipv4(ctx: &XdpContext) -> Option<*mut Ipv4Hdr> {
         return None;
     }
     ptr_at(ctx, IP_OFF).ok()
-}
-
-/// What the datapath needs of a TCP/UDP packet. Addresses and ports in network byte order.
-pub struct Pkt<F: Family> {
-    /// Offset of the L4 header.
-    pub l4_off: usize,
-    /// The IP packet's length, header included (host order).
-    pub ip_len: u16,
-    pub saddr: F::Addr,
-    pub daddr: F::Addr,
-    pub sport: u16,
-    pub dport: u16,
-    pub proto: u8,
-    /// TCP flags, 0 for UDP.
-    pub tcp_flags: u8,
-}
-
-impl<F: Family> Clone for Pkt<F> {
-    #[inline(always)]
-    fn clone(&self) -> Self {
-        *self
-    }
-}
-impl<F: Family> Copy for Pkt<F> {}
-
-impl<F: Family> Pkt<F> {
-    #[inline(always)]
-    pub fn is_tcp(&self) -> bool {
-        self.proto == PROTO_TCP
-    }
-    /// A connection opener: SYN without ACK.
-    #[inline(always)]
-    pub fn is_syn(&self) -> bool {
-        self.is_tcp() && self.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
-    }
-    /// Any segment with SYN set (a SYN or a SYN-ACK): never a handshake's completion.
-    #[inline(always)]
-    pub fn has_syn(&self) -> bool {
-        self.is_tcp() && self.tcp_flags & TCP_SYN != 0
-    }
-    /// A TCP reset.
-    #[inline(always)]
-    pub fn is_rst(&self) -> bool {
-        self.is_tcp() && self.tcp_flags & TCP_RST != 0
-    }
-    /// A TCP segment with ACK and without SYN or RST: what completes a handshake.
-    #[inline(always)]
-    pub fn is_plain_ack(&self) -> bool {
-        self.is_tcp() && self.tcp_flags & (TCP_SYN | TCP_RST | TCP_ACK) == TCP_ACK
-    }
 }
 
 /// Outcome of parsing a packet's L4 header.
