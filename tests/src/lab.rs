@@ -277,6 +277,18 @@ fn reopen<K: aya::Pod, V: aya::Pod>(m: &MapData) -> AyaHashMap<MapData, K, V> {
     AyaHashMap::try_from(Map::LruHashMap(m)).expect("hash map")
 }
 
+/// The entry of `key` in the hash map `m`.
+fn entry<K: aya::Pod, V: aya::Pod>(m: &MapData, key: &K) -> Option<V> {
+    reopen::<K, V>(m).get(key, 0).ok()
+}
+
+/// Writes `key` → `v` into the hash map `m` (`what` names it in a failure).
+fn put_entry<K: aya::Pod, V: aya::Pod>(m: &MapData, key: &K, v: &V, what: &str) {
+    reopen::<K, V>(m)
+        .insert(key, v, 0)
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+}
+
 /// A timestamp `secs` seconds ago on the datapath's clock. Fixtures backdate entries by
 /// at most 30 s, so this never needs a machine up for long (the suite runs minutes after
 /// boot at the earliest: the build alone takes that).
@@ -422,79 +434,72 @@ impl PacketLab {
 
     /// The connection-table entry of `key`.
     pub fn conn(&self, key: &ConnKey) -> Option<ConnValue> {
-        reopen::<ConnKey, ConnValue>(self.tables().conn_map())
-            .get(key, 0)
-            .ok()
+        entry::<ConnKey, ConnValue>(self.tables().conn_map(), key)
     }
 
     /// Writes a connection-table entry.
     pub fn put_conn(&self, key: ConnKey, v: ConnValue) {
-        reopen::<ConnKey, ConnValue>(self.tables().conn_map())
-            .insert(&key, &v, 0)
-            .expect("conn insert");
+        put_entry::<ConnKey, ConnValue>(self.tables().conn_map(), &key, &v, "conn insert");
     }
 
     /// The half-open entry of `key`.
     pub fn half_open(&self, key: &ConnKey) -> Option<HalfOpenValue> {
-        reopen::<ConnKey, HalfOpenValue>(self.tables().half_open_map())
-            .get(key, 0)
-            .ok()
+        entry::<ConnKey, HalfOpenValue>(self.tables().half_open_map(), key)
     }
 
     /// Writes a half-open entry.
     pub fn put_half_open(&self, key: ConnKey, v: HalfOpenValue) {
-        reopen::<ConnKey, HalfOpenValue>(self.tables().half_open_map())
-            .insert(&key, &v, 0)
-            .expect("half-open insert");
+        put_entry::<ConnKey, HalfOpenValue>(
+            self.tables().half_open_map(),
+            &key,
+            &v,
+            "half-open insert",
+        );
     }
 
     /// The (verified or pending) persistence entry of `key`.
     pub fn session(&self, table: SessionTable, key: &SessionKey) -> Option<SessionValue> {
-        reopen::<SessionKey, SessionValue>(self.tables().session_map_data(table))
-            .get(key, 0)
-            .ok()
+        entry::<SessionKey, SessionValue>(self.tables().session_map_data(table), key)
     }
 
     /// Writes a persistence entry.
     pub fn put_session(&self, table: SessionTable, key: SessionKey, v: SessionValue) {
-        reopen::<SessionKey, SessionValue>(self.tables().session_map_data(table))
-            .insert(&key, &v, 0)
-            .expect("session insert");
+        put_entry::<SessionKey, SessionValue>(
+            self.tables().session_map_data(table),
+            &key,
+            &v,
+            "session insert",
+        );
     }
 
     /// The IPv6 connection-table entry of `key`.
     pub fn conn6(&self, key: &ConnKey6) -> Option<ConnValue> {
-        reopen::<ConnKey6, ConnValue>(self.tables().conn6_map())
-            .get(key, 0)
-            .ok()
+        entry::<ConnKey6, ConnValue>(self.tables().conn6_map(), key)
     }
 
     /// Writes an IPv6 connection-table entry.
     pub fn put_conn6(&self, key: ConnKey6, v: ConnValue) {
-        reopen::<ConnKey6, ConnValue>(self.tables().conn6_map())
-            .insert(&key, &v, 0)
-            .expect("conn6 insert");
+        put_entry::<ConnKey6, ConnValue>(self.tables().conn6_map(), &key, &v, "conn6 insert");
     }
 
     /// The IPv6 half-open entry of `key`.
     pub fn half_open6(&self, key: &ConnKey6) -> Option<HalfOpenValue> {
-        reopen::<ConnKey6, HalfOpenValue>(self.tables().half_open6_map())
-            .get(key, 0)
-            .ok()
+        entry::<ConnKey6, HalfOpenValue>(self.tables().half_open6_map(), key)
     }
 
     /// The (verified or pending) IPv6 persistence entry of `key`.
     pub fn session6(&self, table: SessionTable, key: &SessionKey6) -> Option<SessionValue> {
-        reopen::<SessionKey6, SessionValue>(self.tables().session6_map_data(table))
-            .get(key, 0)
-            .ok()
+        entry::<SessionKey6, SessionValue>(self.tables().session6_map_data(table), key)
     }
 
     /// Writes an IPv6 persistence entry.
     pub fn put_session6(&self, table: SessionTable, key: SessionKey6, v: SessionValue) {
-        reopen::<SessionKey6, SessionValue>(self.tables().session6_map_data(table))
-            .insert(&key, &v, 0)
-            .expect("session6 insert");
+        put_entry::<SessionKey6, SessionValue>(
+            self.tables().session6_map_data(table),
+            &key,
+            &v,
+            "session6 insert",
+        );
     }
 
     /// Writes many connection entries at once (benchmarks).
