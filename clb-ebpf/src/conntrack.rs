@@ -130,9 +130,3 @@ pub fn insert<F: Family>(key: &F::Key, backend: u32, p: &Pkt<F>, now: u64) -> Re
         Err(())
     }
 }
-
-/// Removes a stale entry (a SYN reusing the ports of a closed connection starts over).
-#[inline(always)]
-pub fn remove<F: Family>(key: &F::Key) {
-    F::conn_remove(key);
-}

@@ -50,7 +50,6 @@ pub trait Family: Sized + Copy {
 
     fn conn(k: &Self::Key) -> Option<*mut ConnValue>;
     fn conn_insert(k: &Self::Key, v: &ConnValue) -> bool;
-    fn conn_remove(k: &Self::Key);
     fn half(k: &Self::Key) -> Option<*mut HalfOpenValue>;
     fn half_insert(k: &Self::Key, v: &HalfOpenValue) -> bool;
     fn half_remove(k: &Self::Key);

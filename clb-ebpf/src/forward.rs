@@ -2,9 +2,12 @@
 //! new flow goes, then NAT (or, on DSR listeners, only re-address the frame) and forward.
 //!
 //! The state machine, per packet without a verified entry (docs/datapath.md tells it whole):
-//! - TCP SYN: a half-open entry (retransmission) keeps its backend; otherwise the backend is
-//!   chosen (persistence entry, pending entry, schedule) and only the half-open and pending
-//!   tables are written — or nothing at all in flood mode, where the stateless hash decides.
+//! - TCP SYN (never looked up in the connection table): a half-open entry (retransmission)
+//!   keeps its backend; otherwise the backend is chosen (persistence entry, pending entry,
+//!   schedule) and only the half-open and pending tables are written — or nothing at all
+//!   in flood mode, where the stateless hash decides.
+//! - A packet of a closed (FIN/RST) connection whose ports a new handshake (a half-open SYN
+//!   entry) took: the new handshake's path below.
 //! - TCP ACK completing a handshake (half-open SYN entry): promoted to the connection table,
 //!   the client's persistence committed.
 //! - Other TCP without state: a Maglev listener, a persisted client or flood mode give a
@@ -16,7 +19,7 @@
 
 use aya_ebpf::{bindings::xdp_action, helpers::bpf_ktime_get_ns, programs::XdpContext};
 use clb_common::{
-    HALF_ADOPTED, HALF_F_HASHED, HALF_F_REPLIED, HALF_SYN, HALF_UDP, LISTENER_F_ACTIVE,
+    CONN_OPEN, HALF_ADOPTED, HALF_F_HASHED, HALF_F_REPLIED, HALF_SYN, HALF_UDP, LISTENER_F_ACTIVE,
     LISTENER_F_DSR, LISTENER_F_MAGLEV, LISTENER_F_SHARED_BACKENDS, ListenerInfo, counter,
 };
 
@@ -78,10 +81,18 @@ pub fn client_packet<F: Family>(ctx: &XdpContext, ip: *mut F::Hdr, p: &Pkt<F>, i
     let key = flow.key(id);
     let dsr = lsn.flags & LISTENER_F_DSR != 0;
 
-    if let Some(c) = conntrack::live::<F>(&key, lsn, now) {
-        if p.is_syn() && c.state != clb_common::CONN_OPEN {
-            // A SYN reusing the ports of a closed connection starts a new flow.
-            conntrack::remove::<F>(&key);
+    // A SYN starts a flow: it never looks at the connection table (as in Katran), which
+    // saves a lookup into the largest table on the path floods take. A handshake on the ports
+    // of a closed connection takes over from it at its ACK (below).
+    if !p.is_syn()
+        && let Some(c) = conntrack::live::<F>(&key, lsn, now)
+    {
+        if c.state != CONN_OPEN
+            && p.is_tcp()
+            && halfopen::live::<F>(&key, now).is_some_and(|h| h.kind == HALF_SYN)
+        {
+            // The flow closed and its client began a new one on the same ports: the new
+            // handshake's state decides (its ACK promotes it over the closed entry).
         } else if backends::present(c.backend).is_some() {
             let backend = c.backend;
             let refreshed = conntrack::track(c, p, now, Dir::Fwd, !dsr);

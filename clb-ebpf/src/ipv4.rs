@@ -85,11 +85,6 @@ impl Family for V4 {
         CLB_CONN_V2.insert(k, v, BPF_ANY).is_ok()
     }
     #[inline(always)]
-    fn conn_remove(k: &ConnKey) {
-        // A missing key is fine: another CPU removed it first.
-        let _gone = CLB_CONN_V2.remove(k).is_ok();
-    }
-    #[inline(always)]
     fn half(k: &ConnKey) -> Option<*mut HalfOpenValue> {
         CLB_HALF_V1.get_ptr_mut(k)
     }

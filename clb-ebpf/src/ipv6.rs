@@ -101,11 +101,6 @@ impl Family for V6 {
         CLB_CONN6_V1.insert(k, v, BPF_ANY).is_ok()
     }
     #[inline(always)]
-    fn conn_remove(k: &ConnKey6) {
-        // A missing key is fine: another CPU removed it first.
-        let _gone = CLB_CONN6_V1.remove(k).is_ok();
-    }
-    #[inline(always)]
     fn half(k: &ConnKey6) -> Option<*mut HalfOpenValue> {
         CLB_HALF6_V1.get_ptr_mut(k)
     }

@@ -416,11 +416,38 @@ fn idle_timeout_and_closing_states_expire_connections() {
         )]);
         let key2 = conn_key(lab, "web", c2, PROTO_TCP);
         assert_eq!(lab.conn(&key2).unwrap().state, CONN_FIN);
-        // A SYN reusing the ports of a closed connection starts a new flow.
+        // A SYN reusing the ports of a closed connection starts a new flow: SYNs never look
+        // at the connection table, so the closed entry stays until the new handshake's ACK
+        // replaces it with the backend the SYN chose.
+        let old_backend = lab.conn(&key2).unwrap().backend;
         let (v, _) = lab.run(&FrameSpec::tcp(c2, sa(VIP), SYN).build());
         assert_eq!(v, XDP_REDIRECT);
-        assert!(lab.conn(&key2).is_none(), "the closed entry is gone");
-        assert_eq!(lab.half_open(&key2).unwrap().kind, HALF_SYN);
+        let half = lab
+            .half_open(&key2)
+            .expect("the new handshake's half-open entry");
+        assert_eq!(half.kind, HALF_SYN);
+        assert_eq!(
+            lab.conn(&key2).unwrap().state,
+            CONN_FIN,
+            "untouched until the ACK"
+        );
+        let (v, out) = lab.run(&FrameSpec::tcp(c2, sa(VIP), ACK).build());
+        assert_eq!(v, XDP_REDIRECT);
+        let reused = lab.conn(&key2).expect("promoted");
+        assert_eq!(
+            (reused.state, reused.backend),
+            (CONN_OPEN, half.backend),
+            "the new handshake's ACK took over the closed entry (it was on {old_backend})"
+        );
+        let chosen = (2..=4)
+            .map(|n| backend(n, 8080))
+            .find(|b| lab.backend_id("web", *b) == half.backend);
+        assert_eq!(
+            Some(parse(&out).unwrap().dst),
+            chosen,
+            "the ACK went where the new SYN went"
+        );
+        assert!(lab.half_open(&key2).is_none());
     });
 }
 

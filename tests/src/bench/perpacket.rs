@@ -62,6 +62,17 @@ fn source(base: u8, i: usize) -> SocketAddrV4 {
     SocketAddrV4::new(Ipv4Addr::from(ip), 1024 + (i % 50_000) as u16)
 }
 
+/// Source, destination and TCP flags of a test frame, for error messages.
+fn describe(f: &[u8]) -> String {
+    match parse(f) {
+        Ok(p) => format!("{} → {} flags {:#04x}", p.src, p.dst, p.tcp_flags),
+        Err(_) => match parse6(f) {
+            Ok(p) => format!("{} → {} flags {:#04x}", p.src, p.dst, p.tcp_flags),
+            Err(e) => e,
+        },
+    }
+}
+
 /// One figure: (median ns of the path, median ns of XDP_PASS, median ratio).
 struct Timing {
     path_ns: f64,
@@ -91,7 +102,8 @@ fn measure(
             let (v, _, ns) = lab.run_prog(XDP_PROGRAM, ingress, &f);
             anyhow::ensure!(
                 v == expect,
-                "run {i}: verdict {v}, expected {expect}: the path was not taken"
+                "run {i}: verdict {v}, expected {expect}: the path was not taken (frame {})",
+                describe(&f)
             );
             path_total += ns;
         }
