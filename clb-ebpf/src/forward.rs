@@ -86,21 +86,15 @@ pub fn client_packet<F: Family>(ctx: &XdpContext, ip: *mut F::Hdr, p: &Pkt<F>, i
     // of a closed connection takes over from it at its ACK (below).
     if !p.is_syn()
         && let Some(c) = conntrack::live::<F>(&key, lsn, now)
+        && backends::present(c.backend).is_some()
+        && !reopened::<F>(c.state, p, &key, now)
     {
-        if c.state != CONN_OPEN
-            && p.is_tcp()
-            && halfopen::live::<F>(&key, now).is_some_and(|h| h.kind == HALF_SYN)
-        {
-            // The flow closed and its client began a new one on the same ports: the new
-            // handshake's state decides (its ACK promotes it over the closed entry).
-        } else if backends::present(c.backend).is_some() {
-            let backend = c.backend;
-            let refreshed = conntrack::track(c, p, now, Dir::Fwd, !dsr);
-            if refreshed && lsn.persist_ns != 0 {
-                persist::touch::<F>(&persist::key::<F>(lsn, p.saddr, id), lsn, backend, now);
-            }
-            return send(ctx, ip, p, lsn, id, backend, now);
+        let backend = c.backend;
+        let refreshed = conntrack::track(c, p, now, Dir::Fwd, !dsr);
+        if refreshed && lsn.persist_ns != 0 {
+            persist::touch::<F>(&persist::key::<F>(lsn, p.saddr, id), lsn, backend, now);
         }
+        return send(ctx, ip, p, lsn, id, backend, now);
     }
     // No verified flow: a martian or looping source gets no further.
     if let Err(reason) = F::spoof(p.saddr) {
@@ -111,6 +105,16 @@ pub fn client_packet<F: Family>(ctx: &XdpContext, ip: *mut F::Hdr, p: &Pkt<F>, i
     } else {
         udp_unverified(ctx, ip, p, lsn, id, &flow, &key, now)
     }
+}
+
+/// Whether a TCP packet of a connection in `state` belongs to a new handshake on the same
+/// ports instead: the connection is closing (FIN/RST) and the key has a live SYN half-open
+/// entry, whose path (its ACK promotes it over the closed entry) decides.
+#[inline(always)]
+fn reopened<F: Family>(state: u8, p: &Pkt<F>, key: &F::Key, now: u64) -> bool {
+    state != CONN_OPEN
+        && p.is_tcp()
+        && halfopen::live::<F>(key, now).is_some_and(|h| h.kind == HALF_SYN)
 }
 
 #[inline(always)]
