@@ -73,6 +73,9 @@ enum Cmd {
         /// Short run for smoke checks (< 2 minutes).
         #[arg(long)]
         quick: bool,
+        /// Only these sections, comma-separated (perpacket, rate, conns, dsr, flood, l7, memory).
+        #[arg(long, value_name = "SECTIONS")]
+        only: Option<String>,
     },
     /// rustfmt --check, clippy (user space), clippy (eBPF crate).
     Lint,
@@ -182,7 +185,7 @@ fn main() -> anyhow::Result<()> {
             println!("xtask: test took {:.1} s", t0.elapsed().as_secs_f64());
             r
         }
-        Cmd::Bench { quick } => {
+        Cmd::Bench { quick, only } => {
             setup(&root, false, true)?;
             cargo(
                 &root,
@@ -202,6 +205,9 @@ fn main() -> anyhow::Result<()> {
                 .arg(root.join("target/bench"));
             if quick {
                 cmd.arg("--quick");
+            }
+            if let Some(only) = only {
+                cmd.arg("--only").arg(only);
             }
             run_foreground(cmd)
         }
