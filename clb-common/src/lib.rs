@@ -17,6 +17,9 @@
 
 use bytemuck::{Pod, Zeroable};
 
+pub mod slots;
+pub use slots::{HalfSlot, HalfSlot6, PendSlot, PendSlot6, SLOT_WAYS, slot_sets};
+
 // ---------------------------------------------------------------------------------------------
 // Capacities. User space rejects configuration that would overflow them with a clear error.
 // ---------------------------------------------------------------------------------------------
@@ -31,15 +34,20 @@ pub const DEFAULT_CONNS: u32 = 1 << 20;
 /// Default size of the persistence table (clients with a verified flow). LRU.
 pub const DEFAULT_SESSIONS: u32 = 1 << 20;
 /// Default size of the half-open table (unverified flows: TCP before the handshake completes,
-/// UDP before a two-way exchange, adopted mid-stream flows) and of the pending-session table.
-pub const DEFAULT_HALF_OPEN: u32 = 1 << 16;
+/// UDP before a two-way exchange, adopted mid-stream flows) and of the pending-session table,
+/// in slots (in-place tables, see [`slots`]: 32 bytes a slot). Sets of 8 ways overflow long
+/// before a table is full, so it is sized for live handshakes to fill a few per cent of it:
+/// with 262 144 slots and 5 000 live handshakes (50 000 new flows/s at 100 ms round trips) a
+/// set overflows with a live entry about once in 10^11 SYNs; with 25 000 (250 000/s), once in
+/// 700 000.
+pub const DEFAULT_HALF_OPEN: u32 = 1 << 18;
 /// Default sizes of the IPv6 tables (their own maps: a 16-byte address makes every key larger,
 /// and IPv4 entries stay as small as they are); `[tables] connections6` etc.
 pub const DEFAULT_CONNS6: u32 = 1 << 18;
 /// Default size of the IPv6 persistence table.
 pub const DEFAULT_SESSIONS6: u32 = 1 << 18;
-/// Default size of the IPv6 half-open and pending-session tables.
-pub const DEFAULT_HALF_OPEN6: u32 = 1 << 16;
+/// Default size of the IPv6 half-open and pending-session tables (48 bytes a slot).
+pub const DEFAULT_HALF_OPEN6: u32 = 1 << 18;
 /// Smallest table the operator may configure.
 pub const MIN_TABLE: u32 = 1024;
 /// Largest table the operator may configure (the kernel may refuse less).
@@ -133,13 +141,13 @@ pub const BACKEND_MAP: &str = "CLB_BE_V1";
 pub const BACKEND_ADDR_MAP: &str = "CLB_BE_ADDR_V1";
 /// [`ConnKey`] → [`ConnValue`], the connection table: verified flows (LRU).
 pub const CONN_MAP: &str = "CLB_CONN_V2";
-/// [`ConnKey`] → [`HalfOpenValue`], the half-open table: unverified flows (LRU).
-pub const HALF_OPEN_MAP: &str = "CLB_HALF_V1";
+/// [`HalfSlot`]s, the half-open table: unverified flows (an in-place table, see [`slots`]).
+pub const HALF_OPEN_MAP: &str = "CLB_HALF_V2";
 /// [`SessionKey`] → [`SessionValue`], the persistence table: clients with a verified flow (LRU).
 pub const SESSION_MAP: &str = "CLB_SESS_V2";
-/// [`SessionKey`] → [`SessionValue`], pending persistence: clients seen only in unverified
-/// flows, so parallel SYNs of one new client land on one backend (LRU, half-open sized).
-pub const PENDING_SESSION_MAP: &str = "CLB_PSESS_V1";
+/// [`PendSlot`]s, pending persistence: clients seen only in unverified flows, so parallel
+/// SYNs of one new client land on one backend (in-place, sized like the half-open table).
+pub const PENDING_SESSION_MAP: &str = "CLB_PSESS_V2";
 /// listener id → inner array: slot 0 = length `n`, slots `1..=n` = backend ids (a weighted
 /// round-robin sequence or a Maglev lookup table). Replaced whole, atomically.
 pub const SCHED_MAP: &str = "CLB_SCHED_V2";
@@ -174,12 +182,12 @@ pub const BACKEND6_MAP: &str = "CLB_BE6_V1";
 pub const BACKEND_ADDR6_MAP: &str = "CLB_BE_ADDR6_V1";
 /// [`ConnKey6`] → [`ConnValue`]: verified IPv6 flows (LRU).
 pub const CONN6_MAP: &str = "CLB_CONN6_V1";
-/// [`ConnKey6`] → [`HalfOpenValue`]: unverified IPv6 flows (LRU).
-pub const HALF_OPEN6_MAP: &str = "CLB_HALF6_V1";
+/// [`HalfSlot6`]s: unverified IPv6 flows (in-place).
+pub const HALF_OPEN6_MAP: &str = "CLB_HALF6_V2";
 /// [`SessionKey6`] → [`SessionValue`]: IPv6 clients with a verified flow (LRU).
 pub const SESSION6_MAP: &str = "CLB_SESS6_V1";
-/// [`SessionKey6`] → [`SessionValue`]: pending IPv6 persistence (LRU).
-pub const PENDING_SESSION6_MAP: &str = "CLB_PSESS6_V1";
+/// [`PendSlot6`]s: pending IPv6 persistence (in-place).
+pub const PENDING_SESSION6_MAP: &str = "CLB_PSESS6_V2";
 /// IPv6 source ([`Addr6`]) → `DENY_*` reason.
 pub const DENY_SRC6_MAP: &str = "CLB_NOSRC6_V1";
 /// Per-CPU IPv6 next-hop cache ([`NextHop6`] per slot).
@@ -228,6 +236,14 @@ pub const ALL_MAPS: [&str; 32] = [
     SHARED_STATE_MAP,
     CPU_STATE_MAP,
 ];
+
+/// `BPF_F_MMAPABLE`: the in-place tables are arrays user space maps into its memory, so it
+/// reads and writes slots with the same atomic protocol as the datapath.
+pub const BPF_F_MMAPABLE: u32 = 1 << 10;
+/// Global variable of the object (set at load time): sets of the IPv4 in-place tables.
+pub const SLOT_SETS_GLOBAL: &str = "CLB_SLOT_SETS";
+/// Global variable of the object: sets of the IPv6 in-place tables.
+pub const SLOT_SETS6_GLOBAL: &str = "CLB_SLOT_SETS6";
 
 /// Name of the load-balancing XDP program.
 pub const XDP_PROGRAM: &str = "clb_xdp";
@@ -974,6 +990,15 @@ pub mod counter {
     pub const DSR_FORWARDED: u32 = 19;
     /// Half-open entries removed because the client reset the flow.
     pub const HALF_OPEN_CLOSED: u32 = 20;
+    /// Live half-open entries pushed out by a new flow in their set (the oldest of its ways):
+    /// the table churns, so flood mode is switched on (their handshakes, if placed by the
+    /// stateless hash, still complete).
+    pub const HALF_OPEN_EVICTED: u32 = 21;
+    /// Live pending-persistence entries pushed out by a new client in their set.
+    pub const PENDING_EVICTED: u32 = 22;
+    /// New unverified flows whose set another CPU was writing at that instant: placed by the
+    /// stateless hash without state (flood mode switched on so their next packets agree).
+    pub const SLOT_BUSY: u32 = 24;
 
     /// First drop reason: IPv4 header length below 20 bytes.
     pub const DROP_BAD_IHL: u32 = 32;
@@ -1048,6 +1073,9 @@ pub mod counter {
         n[ICMP_NATED as usize] = "icmp_nated";
         n[DSR_FORWARDED as usize] = "dsr_forwarded";
         n[HALF_OPEN_CLOSED as usize] = "half_open_closed";
+        n[HALF_OPEN_EVICTED as usize] = "half_open_evicted";
+        n[PENDING_EVICTED as usize] = "pending_evicted";
+        n[SLOT_BUSY as usize] = "slot_busy";
         n[DROP_BAD_IHL as usize] = "drop_bad_ihl";
         n[DROP_TRUNCATED_IP as usize] = "drop_truncated_ip";
         n[DROP_TRUNCATED_L4 as usize] = "drop_truncated_l4";
@@ -1113,6 +1141,10 @@ mod user {
         HalfOpenValue,
         SessionKey,
         SessionValue,
+        HalfSlot,
+        HalfSlot6,
+        PendSlot,
+        PendSlot6,
         TrafficCounters,
         GlobalConfig,
         SharedState,

@@ -8,6 +8,7 @@
 use aya_ebpf::programs::XdpContext;
 use clb_common::{
     BackendAddrInfo, BackendInfo, ConnValue, HalfOpenValue, ListenerInfo, PROTO_TCP, SessionValue,
+    slots::Slot,
 };
 
 /// TCP flag bits (byte 13 of the TCP header).
@@ -26,6 +27,10 @@ pub trait Family: Sized + Copy {
     type Key;
     /// Key of the persistence tables.
     type SKey;
+    /// The half-open table (in-place, `clb_common::slots`).
+    type Half: crate::slots::Table<S: Slot<Key = Self::Key, Val = HalfOpenValue>>;
+    /// The pending-persistence table (in-place).
+    type Pend: crate::slots::Table<S: Slot<Key = Self::SKey, Val = SessionValue>>;
 
     fn key(client: Self::Addr, port: u16, listener: u32, proto: u8) -> Self::Key;
     fn skey(masked_client: Self::Addr, listener: u32) -> Self::SKey;
@@ -50,13 +55,8 @@ pub trait Family: Sized + Copy {
 
     fn conn(k: &Self::Key) -> Option<*mut ConnValue>;
     fn conn_insert(k: &Self::Key, v: &ConnValue) -> bool;
-    fn half(k: &Self::Key) -> Option<*mut HalfOpenValue>;
-    fn half_insert(k: &Self::Key, v: &HalfOpenValue) -> bool;
-    fn half_remove(k: &Self::Key);
     fn sess(k: &Self::SKey) -> Option<*mut SessionValue>;
     fn sess_insert(k: &Self::SKey, v: &SessionValue) -> bool;
-    fn psess(k: &Self::SKey) -> Option<*mut SessionValue>;
-    fn psess_insert(k: &Self::SKey, v: &SessionValue, flags: u64) -> bool;
 
     /// The TTL / hop limit.
     fn ttl(ip: *const Self::Hdr) -> u8;

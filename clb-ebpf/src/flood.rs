@@ -3,9 +3,9 @@
 //! Each CPU counts the new unverified flows it sees per `FLOOD_WINDOW_NS`; above the
 //! threshold user space set (derived from the half-open table's size: the rate at which its
 //! entries would be evicted before a handshake completes) it switches flood mode on for all
-//! CPUs until `FLOOD_HOLD_NS` after the last window over it. In flood mode new TCP flows are
-//! placed by the stateless hash and write nothing; their ACKs and replies recompute the same
-//! backend. The shared word is written at most once per window per CPU during a flood, never
+//! CPUs until `FLOOD_HOLD_NS` after the last window over it; a new flow that finds its
+//! half-open set full switches it on too. In flood mode new flows are placed by the stateless
+//! hash (TCP SYNs write nothing); their next packets and replies recompute the same backend. The shared word is written at most once per window per CPU during a flood, never
 //! otherwise.
 
 use clb_common::{
@@ -46,15 +46,31 @@ pub fn note_new_flow(now: u64) -> bool {
     }
     c.window_new += 1;
     if threshold != 0 && c.window_new > threshold {
-        let until = now + FLOOD_HOLD_NS;
-        if s.flood_until_ns <= now {
-            stats::count(counter::FLOOD_ENTERED);
-            s.flood_until_ns = until;
-        } else if until >= s.flood_until_ns + FLOOD_WINDOW_NS {
-            s.flood_until_ns = until;
-        }
+        hold(s, now);
     }
     now < s.flood_until_ns
+}
+
+/// Switches flood mode on (or keeps it on) from `now`: a new flow found no room for its
+/// state, so it and the flows after it are placed where their next packets can recompute.
+#[inline(always)]
+pub fn enter(now: u64) {
+    if let Some(s) = shared() {
+        hold(s, now);
+    }
+}
+
+/// Flood mode until `FLOOD_HOLD_NS` after `now` (the shared word is written at most once
+/// per window).
+#[inline(always)]
+fn hold(s: &mut SharedState, now: u64) {
+    let until = now + FLOOD_HOLD_NS;
+    if s.flood_until_ns <= now {
+        stats::count(counter::FLOOD_ENTERED);
+        s.flood_until_ns = until;
+    } else if until >= s.flood_until_ns + FLOOD_WINDOW_NS {
+        s.flood_until_ns = until;
+    }
 }
 
 /// Whether flows may be resolved by the stateless hash now (flood mode, or its grace).

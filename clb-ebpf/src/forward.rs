@@ -114,7 +114,7 @@ pub fn client_packet<F: Family>(ctx: &XdpContext, ip: *mut F::Hdr, p: &Pkt<F>, i
 fn reopened<F: Family>(state: u8, p: &Pkt<F>, key: &F::Key, now: u64) -> bool {
     state != CONN_OPEN
         && p.is_tcp()
-        && halfopen::live::<F>(key, now).is_some_and(|h| h.kind == HALF_SYN)
+        && halfopen::live::<F>(key, now).is_some_and(|h| h.val().kind == HALF_SYN)
 }
 
 #[inline(always)]
@@ -135,44 +135,51 @@ fn tcp_unverified<F: Family>(
     let dsr = lsn.flags & LISTENER_F_DSR != 0;
     let half = halfopen::live::<F>(key, now);
     if p.is_syn() {
-        if let Some(h) = half
-            && h.kind == HALF_SYN
-            && backends::present(h.backend).is_some()
+        if let Some(h) = &half
+            && h.val().kind == HALF_SYN
+            && backends::present(h.val().backend).is_some()
         {
             // A retransmitted SYN: the handshake stays where it began.
-            halfopen::touch(h, now);
-            let b = h.backend;
+            halfopen::touch::<F>(h, now);
+            let b = h.val().backend;
             return send(ctx, ip, p, lsn, id, b, now);
         }
         let flood = flood::note_new_flow(now);
-        let b = match choose(lsn, id, flow, now, flood) {
+        let mut b = match choose(lsn, id, flow, now, flood) {
             Ok(b) => b,
             Err(reason) => return reset(ctx, p, id, reason, now),
         };
         if flood {
             stats::count(counter::FLOOD_HASHED);
         }
-        if !flood || lsn.flags & LISTENER_F_SHARED_BACKENDS != 0 {
-            halfopen::insert::<F>(key, b, HALF_SYN, if flood { HALF_F_HASHED } else { 0 }, now);
+        if (!flood || lsn.flags & LISTENER_F_SHARED_BACKENDS != 0)
+            && !halfopen::insert::<F>(key, b, HALF_SYN, if flood { HALF_F_HASHED } else { 0 }, now)
+            && !flood
+        {
+            // Its state could not be written: placed as in flood mode (now on), where its
+            // ACK looks.
+            b = match stateless_backend(lsn, id, flow, now) {
+                Ok(b) => b,
+                Err(reason) => return reset(ctx, p, id, reason, now),
+            };
         }
         stats::both(id, b, |c| c.new_conns += 1);
         return send(ctx, ip, p, lsn, id, b, now);
     }
-    if let Some(h) = half
-        && backends::present(h.backend).is_some()
+    if let Some(h) = &half
+        && backends::present(h.val().backend).is_some()
     {
-        let b = h.backend;
+        let b = h.val().backend;
         if p.is_rst() {
             // The client gave up on the handshake (or a spoofer tried): forget it.
-            halfopen::remove::<F>(key);
+            halfopen::remove::<F>(h);
             stats::count(counter::HALF_OPEN_CLOSED);
-        } else if (h.kind == HALF_SYN && p.is_plain_ack())
-            || (h.kind == HALF_ADOPTED && dsr && h.packets >= 1)
+        } else if (h.val().kind == HALF_SYN && p.is_plain_ack())
+            || (h.val().kind == HALF_ADOPTED && dsr && h.val().packets >= 1)
         {
-            promote(key, lsn, id, flow, b, p, now);
+            promote(key, Some(h), lsn, id, flow, b, p, now);
         } else {
-            halfopen::touch(h, now);
-            h.packets = h.packets.saturating_add(1);
+            halfopen::note_packet::<F>(h, now);
         }
         return send(ctx, ip, p, lsn, id, b, now);
     }
@@ -196,7 +203,8 @@ fn tcp_unverified<F: Family>(
                 stats::count(counter::HALF_OPEN_MISS_HASHED);
             }
             stats::count(counter::ADOPTED);
-            halfopen::insert::<F>(
+            // Without room its next packets adopt it again, the same way.
+            let _tracked = halfopen::insert::<F>(
                 key,
                 b,
                 HALF_ADOPTED,
@@ -226,24 +234,31 @@ fn udp_unverified<F: Family>(
 ) -> u32 {
     let dsr = lsn.flags & LISTENER_F_DSR != 0;
     if let Some(h) = halfopen::live::<F>(key, now)
-        && h.kind == HALF_UDP
-        && backends::present(h.backend).is_some()
+        && h.val().kind == HALF_UDP
+        && backends::present(h.val().backend).is_some()
     {
-        let b = h.backend;
-        if h.flags & HALF_F_REPLIED != 0 || (dsr && h.packets >= 1) {
-            promote(key, lsn, id, flow, b, p, now);
+        let b = h.val().backend;
+        if h.val().flags & HALF_F_REPLIED != 0 || (dsr && h.val().packets >= 1) {
+            promote(key, Some(&h), lsn, id, flow, b, p, now);
         } else {
-            halfopen::touch(h, now);
-            h.packets = h.packets.saturating_add(1);
+            halfopen::note_packet::<F>(&h, now);
         }
         return send(ctx, ip, p, lsn, id, b, now);
     }
-    flood::note_new_flow(now);
-    let b = match choose(lsn, id, flow, now, false) {
+    // In flood mode a new UDP flow is placed by the stateless hash, so that its datagrams
+    // agree on a backend even when there is no room to remember it.
+    let flood = flood::note_new_flow(now) || flood::recent(now);
+    let mut b = match choose(lsn, id, flow, now, flood) {
         Ok(b) => b,
         Err(reason) => return drop(reason),
     };
-    halfopen::insert::<F>(key, b, HALF_UDP, 0, now);
+    let flags = if flood { HALF_F_HASHED } else { 0 };
+    if !halfopen::insert::<F>(key, b, HALF_UDP, flags, now) && !flood {
+        b = match stateless_backend(lsn, id, flow, now) {
+            Ok(b) => b,
+            Err(reason) => return drop(reason),
+        };
+    }
     stats::both(id, b, |c| c.new_conns += 1);
     send(ctx, ip, p, lsn, id, b, now)
 }
@@ -271,15 +286,25 @@ fn choose<F: Family>(
         stats::both(id, b, |c| c.session_hits += 1);
         return Ok(b);
     }
-    if stateless || lsn.flags & LISTENER_F_MAGLEV != 0 {
-        let b = schedule::hashed(id, hash(lsn, id, flow))?;
-        if stateless {
-            return Ok(b);
-        }
-        return Ok(persist::remember_pending::<F>(&k, b, now));
+    let hashed = stateless || lsn.flags & LISTENER_F_MAGLEV != 0;
+    let b = if hashed {
+        schedule::hashed(id, hash(lsn, id, flow))?
+    } else {
+        schedule::round_robin(id)?
+    };
+    if stateless {
+        return Ok(b);
     }
-    let b = schedule::round_robin(id)?;
-    Ok(persist::remember_pending::<F>(&k, b, now))
+    match persist::remember_pending::<F>(&k, lsn, b, now, halfopen::timeout_ns()) {
+        Some(b) => Ok(b),
+        // Other CPUs kept the set busy, nothing remembers the choice: the client hash, which
+        // its parallel flows agree on.
+        None if hashed => Ok(b),
+        None => {
+            stats::count(counter::SLOT_BUSY);
+            schedule::hashed(id, hash(lsn, id, flow))
+        }
+    }
 }
 
 /// The backend a flow without any state belongs to, computed without writing anything: the
@@ -312,11 +337,16 @@ fn hash<F: Family>(lsn: &ListenerInfo, id: u32, flow: &Flow<F>) -> u32 {
     }
 }
 
-/// An unverified flow proved real: it moves to the connection table, and its client's choice
-/// to the persistence table.
+/// An unverified flow proved real: it moves to the connection table (its half-open entry
+/// `half`, if it had one, goes), and its client's choice to the persistence table.
 #[inline(always)]
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one packet's context, passed down once"
+)]
 pub fn promote<F: Family>(
     key: &F::Key,
+    half: Option<&halfopen::Half<F>>,
     lsn: &ListenerInfo,
     id: u32,
     flow: &Flow<F>,
@@ -328,7 +358,9 @@ pub fn promote<F: Family>(
         stats::count(counter::DROP_CONN_TABLE);
         return;
     }
-    halfopen::remove::<F>(key);
+    if let Some(h) = half {
+        halfopen::remove::<F>(h);
+    }
     stats::count(counter::HALF_OPEN_PROMOTE);
     if lsn.persist_ns != 0 {
         persist::commit::<F>(

@@ -1,29 +1,43 @@
 //! The half-open table: unverified flows. A TCP SYN, a first UDP datagram and an adopted
-//! mid-stream packet create state only here; a small LRU table that a flood may churn without
-//! touching the connection table. What the SYN decided holds for the whole handshake
-//! (retransmitted SYNs find the entry); when a flood evicts it, the stateless hash recomputes
-//! the same choice (see `forward::stateless_backend`).
+//! mid-stream packet create state only here, an in-place table (`clb_common::slots`) that a
+//! flood may churn without touching the connection table. What the SYN decided holds for the
+//! whole handshake (retransmitted SYNs find the entry); when a flood evicts it, the stateless
+//! hash recomputes the same choice (see `forward::stateless_backend`).
+//!
+//! An entry is read as a copy ([`Half`]); every change goes back through the table's sequence
+//! lock and is skipped if another CPU changed the slot in between (a lost refresh or packet
+//! count only: the next packet writes it).
 
-use clb_common::{HalfOpenValue, REFRESH_NS, counter, is_expired};
+use clb_common::{
+    HALF_F_REPLIED, HalfOpenValue, REFRESH_NS, counter, is_expired,
+    slots::{self, Entry, Mem},
+};
 
-use crate::{family::Family, maps::CLB_GLOBAL_V1, stats};
+use crate::{
+    family::Family,
+    flood,
+    maps::CLB_GLOBAL_V1,
+    slots::{Placed, Table},
+    stats,
+};
+
+/// A live half-open entry as read, with the handle to change it.
+pub type Half<F> = Entry<<<F as Family>::Half as Mem>::S>;
 
 /// The half-open timeout in effect, ns.
 #[inline(always)]
-fn timeout_ns() -> u64 {
+pub fn timeout_ns() -> u64 {
     match CLB_GLOBAL_V1.get(0) {
         Some(g) if g.half_open_timeout_ns != 0 => g.half_open_timeout_ns,
         _ => u64::from(clb_common::HALF_OPEN_TIMEOUT_SECS) * clb_common::NS_PER_SEC,
     }
 }
 
-/// A live half-open entry for `key`.
+/// The live half-open entry of `key`.
 #[inline(always)]
-pub fn live<F: Family>(key: &F::Key, now: u64) -> Option<&'static mut HalfOpenValue> {
-    let h = F::half(key)?;
-    // SAFETY: a map value pointer; concurrent writers only touch timestamps and flag bits.
-    let h = unsafe { &mut *h };
-    if is_expired(now, h.last_seen_ns, timeout_ns()) {
+pub fn live<F: Family>(key: &F::Key, now: u64) -> Option<Half<F>> {
+    let h = F::Half::find(key)?;
+    if is_expired(now, h.val().last_seen_ns, timeout_ns()) {
         return None;
     }
     Some(h)
@@ -31,15 +45,41 @@ pub fn live<F: Family>(key: &F::Key, now: u64) -> Option<&'static mut HalfOpenVa
 
 /// Refreshes an entry's timestamp (at most every `REFRESH_NS`).
 #[inline(always)]
-pub fn touch(h: &mut HalfOpenValue, now: u64) {
-    if now >= h.last_seen_ns + REFRESH_NS {
-        h.last_seen_ns = now;
+pub fn touch<F: Family>(h: &Half<F>, now: u64) {
+    if now >= h.val().last_seen_ns + REFRESH_NS {
+        slots::update::<F::Half>(h, |v| v.last_seen_ns = now);
     }
 }
 
-/// Records a new unverified flow of `kind` on `backend`.
+/// Counts a client packet of an unverified flow (and refreshes it).
 #[inline(always)]
-pub fn insert<F: Family>(key: &F::Key, backend: u32, kind: u8, flags: u8, now: u64) {
+pub fn note_packet<F: Family>(h: &Half<F>, now: u64) {
+    let v = h.val();
+    if v.packets < u8::MAX || now >= v.last_seen_ns + REFRESH_NS {
+        slots::update::<F::Half>(h, |v| {
+            v.packets = v.packets.saturating_add(1);
+            if now >= v.last_seen_ns + REFRESH_NS {
+                v.last_seen_ns = now;
+            }
+        });
+    }
+}
+
+/// Marks a UDP flow answered by its backend (its next client packet promotes it).
+#[inline(always)]
+pub fn note_reply<F: Family>(h: &Half<F>) {
+    if h.val().flags & HALF_F_REPLIED == 0 {
+        slots::update::<F::Half>(h, |v| v.flags |= HALF_F_REPLIED);
+    }
+}
+
+/// Records a new unverified flow of `kind` on `backend` (over any entry of the same key, else
+/// in an empty way, else over its set's oldest entry). Pushing out a live entry means the
+/// table churns: flood mode goes on. Returns false, with flood mode on, if other CPUs kept
+/// the set busy: the caller then places the flow by the stateless hash, which its next packets
+/// recompute.
+#[inline(always)]
+pub fn insert<F: Family>(key: &F::Key, backend: u32, kind: u8, flags: u8, now: u64) -> bool {
     let v = HalfOpenValue {
         last_seen_ns: now,
         backend,
@@ -48,13 +88,27 @@ pub fn insert<F: Family>(key: &F::Key, backend: u32, kind: u8, flags: u8, now: u
         packets: 1,
         _pad: 0,
     };
-    if F::half_insert(key, &v) {
-        stats::count(counter::HALF_OPEN_INSERT);
+    match F::Half::put(key, &v, now, timeout_ns(), 0) {
+        Placed::Stored { evicted } => {
+            stats::count(counter::HALF_OPEN_INSERT);
+            if evicted {
+                stats::count(counter::HALF_OPEN_EVICTED);
+                flood::enter(now);
+            }
+            true
+        }
+        Placed::Existing(_) => true,
+        Placed::Busy => {
+            stats::count(counter::SLOT_BUSY);
+            flood::enter(now);
+            false
+        }
     }
 }
 
-/// Forgets an unverified flow (promoted, or its client reset it).
+/// Forgets an unverified flow (promoted, or its client reset it). Absent already (evicted,
+/// or another CPU promoted it): nothing to do.
 #[inline(always)]
-pub fn remove<F: Family>(key: &F::Key) {
-    F::half_remove(key);
+pub fn remove<F: Family>(h: &Half<F>) {
+    slots::remove::<F::Half>(h);
 }

@@ -2,14 +2,14 @@
 
 use aya_ebpf::programs::XdpContext;
 use clb_common::{
-    BackendAddrInfo, BackendAddrKey, BackendInfo, ConnKey, ConnValue, HalfOpenValue, ListenerInfo,
-    SessionKey, SessionValue, client_hash, flow_hash,
+    BackendAddrInfo, BackendAddrKey, BackendInfo, ConnKey, ConnValue, ListenerInfo, SessionKey,
+    SessionValue, client_hash, flow_hash,
 };
 use network_types::ip::Ipv4Hdr;
 
 use crate::{
     family::{BPF_ANY, End, Family, Pkt, V4},
-    maps::{CLB_BE_ADDR_V1, CLB_CONN_V2, CLB_HALF_V1, CLB_PSESS_V1, CLB_SESS_V2},
+    maps::{CLB_BE_ADDR_V1, CLB_CONN_V2, CLB_SESS_V2},
     nat, rst, spoof,
 };
 
@@ -18,6 +18,8 @@ impl Family for V4 {
     type Hdr = Ipv4Hdr;
     type Key = ConnKey;
     type SKey = SessionKey;
+    type Half = crate::slots::Half4;
+    type Pend = crate::slots::Pend4;
 
     #[inline(always)]
     fn key(client: u32, port: u16, listener: u32, proto: u8) -> ConnKey {
@@ -85,33 +87,12 @@ impl Family for V4 {
         CLB_CONN_V2.insert(k, v, BPF_ANY).is_ok()
     }
     #[inline(always)]
-    fn half(k: &ConnKey) -> Option<*mut HalfOpenValue> {
-        CLB_HALF_V1.get_ptr_mut(k)
-    }
-    #[inline(always)]
-    fn half_insert(k: &ConnKey, v: &HalfOpenValue) -> bool {
-        CLB_HALF_V1.insert(k, v, BPF_ANY).is_ok()
-    }
-    #[inline(always)]
-    fn half_remove(k: &ConnKey) {
-        // Absent already (evicted, or another CPU promoted it): nothing to do.
-        let _gone = CLB_HALF_V1.remove(k).is_ok();
-    }
-    #[inline(always)]
     fn sess(k: &SessionKey) -> Option<*mut SessionValue> {
         CLB_SESS_V2.get_ptr_mut(k)
     }
     #[inline(always)]
     fn sess_insert(k: &SessionKey, v: &SessionValue) -> bool {
         CLB_SESS_V2.insert(k, v, BPF_ANY).is_ok()
-    }
-    #[inline(always)]
-    fn psess(k: &SessionKey) -> Option<*mut SessionValue> {
-        CLB_PSESS_V1.get_ptr_mut(k)
-    }
-    #[inline(always)]
-    fn psess_insert(k: &SessionKey, v: &SessionValue, flags: u64) -> bool {
-        CLB_PSESS_V1.insert(k, v, flags).is_ok()
     }
     #[inline(always)]
     fn ttl(ip: *const Ipv4Hdr) -> u8 {

@@ -3,17 +3,13 @@
 use aya_ebpf::programs::XdpContext;
 use clb_common::{
     Addr6, BACKEND_F_V6, BackendAddrInfo, BackendAddrKey6, BackendInfo, ConnKey6, ConnValue,
-    HalfOpenValue, ListenerInfo, SessionKey6, SessionValue, addr6_eq, client_hash6, flow_hash6,
-    mask6,
+    ListenerInfo, SessionKey6, SessionValue, addr6_eq, client_hash6, flow_hash6, mask6,
 };
 use network_types::ip::Ipv6Hdr;
 
 use crate::{
     family::{BPF_ANY, End, Family, Pkt, V6},
-    maps::{
-        CLB_BE_ADDR6_V1, CLB_BE6_V1, CLB_CONN6_V1, CLB_HALF6_V1, CLB_LSN6_V1, CLB_PSESS6_V1,
-        CLB_SESS6_V1,
-    },
+    maps::{CLB_BE_ADDR6_V1, CLB_BE6_V1, CLB_CONN6_V1, CLB_LSN6_V1, CLB_SESS6_V1},
     nat6, rst, spoof,
 };
 
@@ -22,6 +18,8 @@ impl Family for V6 {
     type Hdr = Ipv6Hdr;
     type Key = ConnKey6;
     type SKey = SessionKey6;
+    type Half = crate::slots::Half6;
+    type Pend = crate::slots::Pend6;
 
     #[inline(always)]
     fn key(client: Addr6, port: u16, listener: u32, proto: u8) -> ConnKey6 {
@@ -101,33 +99,12 @@ impl Family for V6 {
         CLB_CONN6_V1.insert(k, v, BPF_ANY).is_ok()
     }
     #[inline(always)]
-    fn half(k: &ConnKey6) -> Option<*mut HalfOpenValue> {
-        CLB_HALF6_V1.get_ptr_mut(k)
-    }
-    #[inline(always)]
-    fn half_insert(k: &ConnKey6, v: &HalfOpenValue) -> bool {
-        CLB_HALF6_V1.insert(k, v, BPF_ANY).is_ok()
-    }
-    #[inline(always)]
-    fn half_remove(k: &ConnKey6) {
-        // Absent already: nothing to do.
-        let _gone = CLB_HALF6_V1.remove(k).is_ok();
-    }
-    #[inline(always)]
     fn sess(k: &SessionKey6) -> Option<*mut SessionValue> {
         CLB_SESS6_V1.get_ptr_mut(k)
     }
     #[inline(always)]
     fn sess_insert(k: &SessionKey6, v: &SessionValue) -> bool {
         CLB_SESS6_V1.insert(k, v, BPF_ANY).is_ok()
-    }
-    #[inline(always)]
-    fn psess(k: &SessionKey6) -> Option<*mut SessionValue> {
-        CLB_PSESS6_V1.get_ptr_mut(k)
-    }
-    #[inline(always)]
-    fn psess_insert(k: &SessionKey6, v: &SessionValue, flags: u64) -> bool {
-        CLB_PSESS6_V1.insert(k, v, flags).is_ok()
     }
     #[inline(always)]
     fn ttl(ip: *const Ipv6Hdr) -> u8 {

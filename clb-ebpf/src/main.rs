@@ -39,6 +39,7 @@ mod persist;
 mod reply;
 mod rst;
 mod schedule;
+mod slots;
 mod spoof;
 mod stats;
 

@@ -11,20 +11,35 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use clb_common::{
-    Addr6, BPF_F_INNER_MAP, BackendAddrInfo, BackendAddrKey, BackendAddrKey6, BackendInfo, ConnKey,
-    ConnKey6, ConnValue, CpuState, DEFAULT_CONNS, DEFAULT_CONNS6, DEFAULT_HALF_OPEN,
-    DEFAULT_HALF_OPEN6, DEFAULT_SESSIONS, DEFAULT_SESSIONS6, GlobalConfig, HalfOpenValue,
-    ListenerInfo, ListenerInfo6, ListenerKey, ListenerKey6, ListenerRef, MAX_BACKENDS,
-    MAX_DENIED_SOURCES, MAX_DEVICES, MAX_LISTENERS, NH_SLOTS, NUM_COUNTERS, NextHop, NextHop6,
-    SCHED_TEMPLATE_SLOTS, SessionKey, SessionKey6, SessionValue, SharedState, TrafficCounters,
+    Addr6, BPF_F_INNER_MAP, BPF_F_MMAPABLE, BackendAddrInfo, BackendAddrKey, BackendAddrKey6,
+    BackendInfo, ConnKey, ConnKey6, ConnValue, CpuState, DEFAULT_CONNS, DEFAULT_CONNS6,
+    DEFAULT_HALF_OPEN, DEFAULT_HALF_OPEN6, DEFAULT_SESSIONS, DEFAULT_SESSIONS6, GlobalConfig,
+    HalfSlot, HalfSlot6, ListenerInfo, ListenerInfo6, ListenerKey, ListenerKey6, ListenerRef,
+    MAX_BACKENDS, MAX_DENIED_SOURCES, MAX_DEVICES, MAX_LISTENERS, NH_SLOTS, NUM_COUNTERS, NextHop,
+    NextHop6, PendSlot, PendSlot6, SCHED_TEMPLATE_SLOTS, SLOT_WAYS, SessionKey, SessionKey6,
+    SessionValue, SharedState, TrafficCounters,
 };
 
 use crate::family::{Pkt, V6};
 
 const LISTENERS: usize = MAX_LISTENERS as usize;
 const BACKENDS: usize = MAX_BACKENDS as usize;
-/// `BPF_F_NO_COMMON_LRU`: one LRU list per CPU.
-const NO_COMMON_LRU: usize = 2;
+/// The in-place tables are mapped into user space's memory (see `clb_common::slots`).
+const MMAPABLE: usize = BPF_F_MMAPABLE as usize;
+/// Slots per set: an in-place table's map value is one set.
+const WAYS: usize = SLOT_WAYS as usize;
+
+/// Sets of the IPv4 in-place tables (half-open, pending persistence): `slot_sets` of their
+/// size, set by the loader (`clb_common::SLOT_SETS_GLOBAL`), a constant to the verifier.
+///
+/// The initial value is a sentinel no other constant has: LLVM merges identical constants,
+/// and with `0` here a promoted `&0` (a map key) became a reference to this global — which
+/// the loader then overwrote (every schedule lookup asked for slot 16384).
+#[unsafe(no_mangle)]
+pub static CLB_SLOT_SETS: u32 = 0xc1b5_e7a4;
+/// Sets of the IPv6 in-place tables (`clb_common::SLOT_SETS6_GLOBAL`); a sentinel as above.
+#[unsafe(no_mangle)]
+pub static CLB_SLOT_SETS6: u32 = 0xc1b5_e7a6;
 
 /// (VIP, port, proto) → listener id; (VIP, 0, 0) says "this address is a VIP".
 #[btf_map]
@@ -44,8 +59,9 @@ pub static CLB_BE_ADDR_V1: HashMap<BackendAddrKey, BackendAddrInfo, BACKENDS> = 
 
 // The verified tables use one LRU list shared by all CPUs, not `BPF_F_NO_COMMON_LRU`: per-CPU
 // lists split the capacity between CPUs (the CPU of one busy RX queue would evict at
-// max_entries / CPUs), so "1 M entries" would not mean 1 M. The half-open tables churn by
-// design and take the faster per-CPU lists (~20 % cheaper inserts, measured).
+// max_entries / CPUs), so "1 M entries" would not mean 1 M. The unverified tables, which a
+// flood churns and every SYN writes, are in-place arrays instead (`clb_common::slots`): a
+// hash-map update is a helper call of ~200 ns, an in-place write ~20 ns.
 
 /// Connection table, verified flows: (client, client port, listener, proto) → backend, last
 /// seen, state. Only a completed handshake or a two-way UDP exchange writes it, so floods of
@@ -54,14 +70,11 @@ pub static CLB_BE_ADDR_V1: HashMap<BackendAddrKey, BackendAddrInfo, BACKENDS> = 
 pub static CLB_CONN_V2: LruHashMap<ConnKey, ConnValue, { DEFAULT_CONNS as usize }> =
     LruHashMap::new();
 
-/// Half-open table, unverified flows: SYN seen, new UDP flow, adopted mid-stream flow.
+/// Half-open table, unverified flows: SYN seen, new UDP flow, adopted mid-stream flow. An
+/// in-place table: sets of [`HalfSlot`]s.
 #[btf_map]
-pub static CLB_HALF_V1: LruHashMap<
-    ConnKey,
-    HalfOpenValue,
-    { DEFAULT_HALF_OPEN as usize },
-    NO_COMMON_LRU,
-> = LruHashMap::new();
+pub static CLB_HALF_V2: Array<[HalfSlot; WAYS], { DEFAULT_HALF_OPEN as usize / WAYS }, MMAPABLE> =
+    Array::new();
 
 /// Persistence table: (masked client IP, listener) → backend, last seen; clients with at
 /// least one verified flow.
@@ -70,14 +83,10 @@ pub static CLB_SESS_V2: LruHashMap<SessionKey, SessionValue, { DEFAULT_SESSIONS 
     LruHashMap::new();
 
 /// Pending persistence: clients seen only in unverified flows (parallel SYNs of one new
-/// client find the backend the first one chose here).
+/// client find the backend the first one chose here). In-place, sized like the half-open table.
 #[btf_map]
-pub static CLB_PSESS_V1: LruHashMap<
-    SessionKey,
-    SessionValue,
-    { DEFAULT_HALF_OPEN as usize },
-    NO_COMMON_LRU,
-> = LruHashMap::new();
+pub static CLB_PSESS_V2: Array<[PendSlot; WAYS], { DEFAULT_HALF_OPEN as usize / WAYS }, MMAPABLE> =
+    Array::new();
 
 /// Listener id → its schedule, an inner array replaced whole by user space: slot 0 = length,
 /// then backend ids (a weighted round-robin sequence or a Maglev table). Inner maps may differ
@@ -154,28 +163,26 @@ pub static CLB_BE_ADDR6_V1: HashMap<BackendAddrKey6, BackendAddrInfo, BACKENDS> 
 pub static CLB_CONN6_V1: LruHashMap<ConnKey6, ConnValue, { DEFAULT_CONNS6 as usize }> =
     LruHashMap::new();
 
-/// Unverified IPv6 flows.
+/// Unverified IPv6 flows (in-place).
 #[btf_map]
-pub static CLB_HALF6_V1: LruHashMap<
-    ConnKey6,
-    HalfOpenValue,
-    { DEFAULT_HALF_OPEN6 as usize },
-    NO_COMMON_LRU,
-> = LruHashMap::new();
+pub static CLB_HALF6_V2: Array<
+    [HalfSlot6; WAYS],
+    { DEFAULT_HALF_OPEN6 as usize / WAYS },
+    MMAPABLE,
+> = Array::new();
 
 /// IPv6 persistence: clients with a verified flow.
 #[btf_map]
 pub static CLB_SESS6_V1: LruHashMap<SessionKey6, SessionValue, { DEFAULT_SESSIONS6 as usize }> =
     LruHashMap::new();
 
-/// IPv6 pending persistence.
+/// IPv6 pending persistence (in-place).
 #[btf_map]
-pub static CLB_PSESS6_V1: LruHashMap<
-    SessionKey6,
-    SessionValue,
-    { DEFAULT_HALF_OPEN6 as usize },
-    NO_COMMON_LRU,
-> = LruHashMap::new();
+pub static CLB_PSESS6_V2: Array<
+    [PendSlot6; WAYS],
+    { DEFAULT_HALF_OPEN6 as usize / WAYS },
+    MMAPABLE,
+> = Array::new();
 
 /// IPv6 source → reason it never opens a flow to a VIP.
 #[btf_map]

@@ -8,14 +8,14 @@
 //! opens land on one backend. Both are keyed by the client address masked by the listener's
 //! persistence mask (`--persist-mask`), so a prefix shares one entry.
 
-use clb_common::{ListenerInfo, REFRESH_NS, SessionValue, is_expired};
+use clb_common::{ListenerInfo, REFRESH_NS, SessionValue, counter, is_expired, slots};
 
-use crate::{backends, family::Family, stats};
-
-/// `BPF_NOEXIST`: insert only if absent.
-const BPF_NOEXIST: u64 = 1;
-/// `BPF_ANY`.
-const BPF_ANY: u64 = 0;
+use crate::{
+    backends,
+    family::Family,
+    slots::{Placed, Table},
+    stats,
+};
 
 /// The persistence key of `client` on listener `id`.
 #[inline(always)]
@@ -23,10 +23,23 @@ pub fn key<F: Family>(lsn: &ListenerInfo, client: F::Addr, id: u32) -> F::SKey {
     F::skey(F::masked(client, lsn, id), id)
 }
 
-/// The backend of a live entry `s`, refreshing it, if it accepts new connections (or, with
-/// `any_present`, if it is configured at all: for packets of flows already under way).
+/// Whether entry `v` is live and its backend usable: accepting new connections or, with
+/// `any_present`, configured at all (for packets of flows already under way).
 #[inline(always)]
-fn live_in(
+fn usable(v: &SessionValue, lsn: &ListenerInfo, now: u64, any_present: bool) -> bool {
+    if is_expired(now, v.last_seen_ns, lsn.persist_ns) {
+        return false;
+    }
+    if any_present {
+        backends::present(v.backend).is_some()
+    } else {
+        backends::accepting(v.backend)
+    }
+}
+
+/// The backend of the verified entry `s` if usable, refreshing it.
+#[inline(always)]
+fn verified(
     s: Option<*mut SessionValue>,
     lsn: &ListenerInfo,
     now: u64,
@@ -34,21 +47,28 @@ fn live_in(
 ) -> Option<u32> {
     // SAFETY: map value pointer; concurrent writers only move `last_seen_ns` forward.
     let s = unsafe { &mut *s? };
-    if is_expired(now, s.last_seen_ns, lsn.persist_ns) {
-        return None;
-    }
-    let usable = if any_present {
-        backends::present(s.backend).is_some()
-    } else {
-        backends::accepting(s.backend)
-    };
-    if !usable {
+    if !usable(s, lsn, now, any_present) {
         return None;
     }
     if now >= s.last_seen_ns + REFRESH_NS {
         s.last_seen_ns = now;
     }
     Some(s.backend)
+}
+
+/// The backend of the client's pending entry if usable, refreshing it.
+#[inline(always)]
+fn pending<F: Family>(k: &F::SKey, lsn: &ListenerInfo, now: u64, any_present: bool) -> Option<u32> {
+    let e = <F::Pend as Table>::find(k)?;
+    let v = e.val();
+    if !usable(v, lsn, now, any_present) {
+        return None;
+    }
+    let backend = v.backend;
+    if now >= v.last_seen_ns + REFRESH_NS {
+        slots::update::<F::Pend>(&e, |v| v.last_seen_ns = now);
+    }
+    Some(backend)
 }
 
 /// The client's persisted backend: its verified entry, else its pending one.
@@ -59,36 +79,45 @@ pub fn lookup<F: Family>(
     now: u64,
     any_present: bool,
 ) -> Option<u32> {
-    if let Some(b) = live_in(F::sess(k), lsn, now, any_present) {
+    if let Some(b) = verified(F::sess(k), lsn, now, any_present) {
         return Some(b);
     }
-    live_in(F::psess(k), lsn, now, any_present)
+    pending::<F>(k, lsn, now, any_present)
 }
 
-/// Records `backend` as the pending choice of a client with no entry yet. If another CPU
-/// wrote one meanwhile, its choice wins (both flows land on one backend): returns the backend
-/// to use.
+/// Records `backend` as the pending choice of a client without a usable entry. If another
+/// CPU wrote a usable one meanwhile, its choice wins (both flows land on one backend): returns
+/// the backend to use; `None` if the entry's set has no room (every way refreshed within the
+/// half-open timeout) or was held by another CPU, so nothing remembers the choice.
 #[inline(always)]
-pub fn remember_pending<F: Family>(k: &F::SKey, backend: u32, now: u64) -> u32 {
+pub fn remember_pending<F: Family>(
+    k: &F::SKey,
+    lsn: &ListenerInfo,
+    backend: u32,
+    now: u64,
+    live_ns: u64,
+) -> Option<u32> {
     let v = SessionValue {
         last_seen_ns: now,
         backend,
         _pad: 0,
     };
-    if !F::psess_insert(k, &v, BPF_NOEXIST) {
-        match F::psess(k) {
-            // SAFETY: map value pointer.
-            Some(s) if backends::accepting(unsafe { (*s).backend }) => {
-                // SAFETY: as above.
-                return unsafe { (*s).backend };
-            }
-            // Expired or its backend stopped accepting: replace it.
-            _ => {
-                let _replaced = F::psess_insert(k, &v, BPF_ANY);
-            }
+    let stored = |evicted: bool| {
+        if evicted {
+            stats::count(counter::PENDING_EVICTED);
         }
+        Some(backend)
+    };
+    match F::Pend::put(k, &v, now, live_ns, lsn.persist_ns) {
+        Placed::Existing(b) if backends::accepting(b) => Some(b),
+        // Its backend stopped accepting: this choice replaces it.
+        Placed::Existing(_) => match F::Pend::put(k, &v, now, live_ns, 0) {
+            Placed::Stored { evicted } => stored(evicted),
+            _ => None,
+        },
+        Placed::Stored { evicted } => stored(evicted),
+        Placed::Busy => None,
     }
-    backend
 }
 
 /// Commits `backend` as the client's persisted backend (a flow of it was verified).

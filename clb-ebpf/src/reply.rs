@@ -7,8 +7,7 @@
 
 use aya_ebpf::{bindings::xdp_action, helpers::bpf_ktime_get_ns, programs::XdpContext};
 use clb_common::{
-    HALF_ADOPTED, HALF_F_REPLIED, HALF_UDP, LISTENER_F_DSR, MAX_LISTENERS_PER_BACKEND_ADDR,
-    NO_LISTENER, counter,
+    HALF_ADOPTED, HALF_UDP, LISTENER_F_DSR, MAX_LISTENERS_PER_BACKEND_ADDR, NO_LISTENER, counter,
 };
 
 use crate::{
@@ -73,16 +72,14 @@ pub fn backend_packet<F: Family>(ctx: &XdpContext, ip: *mut F::Hdr, p: &Pkt<F>) 
             return answer(ctx, ip, p, id, b, F::vip(lsn, id), lsn.port, now);
         }
         if let Some(h) = halfopen::live::<F>(&key, now)
-            && ours(h.backend)
+            && ours(h.val().backend)
         {
-            let b = h.backend;
+            let b = h.val().backend;
             if !p.is_rst() {
-                if h.kind == HALF_UDP {
-                    if h.flags & HALF_F_REPLIED == 0 {
-                        h.flags |= HALF_F_REPLIED;
-                    }
-                } else if h.kind == HALF_ADOPTED && !p.has_syn() {
-                    forward::promote(&key, lsn, id, &flow, b, p, now);
+                if h.val().kind == HALF_UDP {
+                    halfopen::note_reply::<F>(&h);
+                } else if h.val().kind == HALF_ADOPTED && !p.has_syn() {
+                    forward::promote(&key, Some(&h), lsn, id, &flow, b, p, now);
                 }
             }
             return answer(ctx, ip, p, id, b, F::vip(lsn, id), lsn.port, now);
@@ -99,7 +96,7 @@ pub fn backend_packet<F: Family>(ctx: &XdpContext, ip: *mut F::Hdr, p: &Pkt<F>) 
             stats::count(counter::HALF_OPEN_MISS_HASHED);
             // A SYN-ACK answers a SYN that may have been spoofed: it verifies nothing.
             if !p.has_syn() {
-                forward::promote(&key, lsn, id, &flow, b, p, now);
+                forward::promote(&key, None, lsn, id, &flow, b, p, now);
             }
             return answer(ctx, ip, p, id, b, F::vip(lsn, id), lsn.port, now);
         }

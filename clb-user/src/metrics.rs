@@ -357,10 +357,17 @@ impl Collector for Scrape {
         )?;
         family(
             &mut enc,
-            "clb_half_open_evictions_estimated",
-            "Half-open entries evicted by the LRU (inserts - promotions - closed - swept - live).",
-            MetricType::Gauge,
-            [(vec![], st.flood.half_open_evictions_estimate)],
+            "clb_half_open_evictions",
+            "Live half-open entries pushed out by new flows (each switches flood mode on).",
+            MetricType::Counter,
+            [(vec![], st.flood.half_open_evictions)],
+        )?;
+        family(
+            &mut enc,
+            "clb_pending_evictions",
+            "Live pending-persistence entries pushed out by new clients.",
+            MetricType::Counter,
+            [(vec![], st.flood.pending_evictions)],
         )?;
         let names = crate::datapath::TABLE_NAMES;
         family(

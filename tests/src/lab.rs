@@ -444,32 +444,41 @@ impl PacketLab {
 
     /// The half-open entry of `key`.
     pub fn half_open(&self, key: &ConnKey) -> Option<HalfOpenValue> {
-        entry::<ConnKey, HalfOpenValue>(self.tables().half_open_map(), key)
+        self.tables().half_open().get(key)
     }
 
     /// Writes a half-open entry.
     pub fn put_half_open(&self, key: ConnKey, v: HalfOpenValue) {
-        put_entry::<ConnKey, HalfOpenValue>(
-            self.tables().half_open_map(),
-            &key,
-            &v,
-            "half-open insert",
+        assert!(
+            self.tables().half_open().put(&key, &v),
+            "half-open insert: its set is full or stayed busy"
         );
     }
 
     /// The (verified or pending) persistence entry of `key`.
     pub fn session(&self, table: SessionTable, key: &SessionKey) -> Option<SessionValue> {
-        entry::<SessionKey, SessionValue>(self.tables().session_map_data(table), key)
+        match table {
+            SessionTable::Verified => {
+                entry::<SessionKey, SessionValue>(self.tables().session_map(), key)
+            }
+            SessionTable::Pending => self.tables().pending().get(key),
+        }
     }
 
     /// Writes a persistence entry.
     pub fn put_session(&self, table: SessionTable, key: SessionKey, v: SessionValue) {
-        put_entry::<SessionKey, SessionValue>(
-            self.tables().session_map_data(table),
-            &key,
-            &v,
-            "session insert",
-        );
+        match table {
+            SessionTable::Verified => put_entry::<SessionKey, SessionValue>(
+                self.tables().session_map(),
+                &key,
+                &v,
+                "session insert",
+            ),
+            SessionTable::Pending => assert!(
+                self.tables().pending().put(&key, &v),
+                "pending-session insert: its set is full or stayed busy"
+            ),
+        }
     }
 
     /// The IPv6 connection-table entry of `key`.
@@ -484,22 +493,33 @@ impl PacketLab {
 
     /// The IPv6 half-open entry of `key`.
     pub fn half_open6(&self, key: &ConnKey6) -> Option<HalfOpenValue> {
-        entry::<ConnKey6, HalfOpenValue>(self.tables().half_open6_map(), key)
+        self.tables().half_open6().get(key)
     }
 
     /// The (verified or pending) IPv6 persistence entry of `key`.
     pub fn session6(&self, table: SessionTable, key: &SessionKey6) -> Option<SessionValue> {
-        entry::<SessionKey6, SessionValue>(self.tables().session6_map_data(table), key)
+        match table {
+            SessionTable::Verified => {
+                entry::<SessionKey6, SessionValue>(self.tables().session6_map(), key)
+            }
+            SessionTable::Pending => self.tables().pending6().get(key),
+        }
     }
 
     /// Writes an IPv6 persistence entry.
     pub fn put_session6(&self, table: SessionTable, key: SessionKey6, v: SessionValue) {
-        put_entry::<SessionKey6, SessionValue>(
-            self.tables().session6_map_data(table),
-            &key,
-            &v,
-            "session6 insert",
-        );
+        match table {
+            SessionTable::Verified => put_entry::<SessionKey6, SessionValue>(
+                self.tables().session6_map(),
+                &key,
+                &v,
+                "session6 insert",
+            ),
+            SessionTable::Pending => assert!(
+                self.tables().pending6().put(&key, &v),
+                "pending-session6 insert: its set is full or stayed busy"
+            ),
+        }
     }
 
     /// Writes many connection entries at once (benchmarks).
@@ -507,34 +527,31 @@ impl PacketLab {
         clb::datapath::batch::update(self.tables().conn_map().fd().as_fd(), keys, vals)
     }
 
-    /// Writes many half-open entries at once (benchmarks).
-    pub fn fill_half_open(
-        &self,
-        keys: &[ConnKey],
-        vals: &[HalfOpenValue],
-    ) -> std::io::Result<usize> {
-        clb::datapath::batch::update(self.tables().half_open_map().fd().as_fd(), keys, vals)
+    /// Writes many half-open entries (benchmarks); returns how many were written.
+    pub fn fill_half_open(&self, keys: &[ConnKey], vals: &[HalfOpenValue]) -> usize {
+        let t = self.tables().half_open();
+        keys.iter().zip(vals).filter(|(k, v)| t.put(k, v)).count()
     }
 
-    /// Writes many persistence entries at once (benchmarks).
+    /// Writes many verified persistence entries at once (benchmarks).
     pub fn fill_sessions(
         &self,
-        table: SessionTable,
         keys: &[SessionKey],
         vals: &[SessionValue],
     ) -> std::io::Result<usize> {
-        clb::datapath::batch::update(
-            self.tables().session_map_data(table).fd().as_fd(),
-            keys,
-            vals,
-        )
+        clb::datapath::batch::update(self.tables().session_map().fd().as_fd(), keys, vals)
     }
 
     /// Entries in `table`.
     pub fn count_sessions(&self, table: SessionTable) -> usize {
-        reopen::<SessionKey, SessionValue>(self.tables().session_map_data(table))
-            .keys()
-            .count()
+        match table {
+            SessionTable::Verified => {
+                reopen::<SessionKey, SessionValue>(self.tables().session_map())
+                    .keys()
+                    .count()
+            }
+            SessionTable::Pending => self.tables().pending().len(),
+        }
     }
 
     /// Entries in the connection table.
@@ -546,9 +563,7 @@ impl PacketLab {
 
     /// Entries in the half-open table.
     pub fn count_half_open(&self) -> usize {
-        reopen::<ConnKey, HalfOpenValue>(self.tables().half_open_map())
-            .keys()
-            .count()
+        self.tables().half_open().len()
     }
 }
 

@@ -13,8 +13,9 @@ use clb::{
     sched::{Member, maglev},
 };
 use clb_common::{
-    CONN_FIN, CONN_OPEN, CONN_RST, ConnKey, ConnValue, HALF_ADOPTED, HALF_SYN, HALF_UDP, PROTO_TCP,
-    PROTO_UDP, SessionKey, client_hash, ip_to_be, port_to_be, prefix_mask_be,
+    CONN_FIN, CONN_OPEN, CONN_RST, ConnKey, ConnValue, HALF_ADOPTED, HALF_SYN, HALF_UDP, HalfSlot,
+    PROTO_TCP, PROTO_UDP, SLOT_WAYS, SessionKey, client_hash, ip_to_be, port_to_be, prefix_mask_be,
+    slot_sets, slots::Slot,
 };
 use clb_tests::{
     lab::{
@@ -783,6 +784,55 @@ fn a_flood_of_new_sources_evicts_no_verified_state() {
         }
         assert_eq!(lab.count_conns(), 20);
         assert_eq!(lab.count_sessions(SessionTable::Verified), 20);
+    });
+}
+
+#[test]
+fn a_full_half_open_set_gives_up_its_oldest_entry_and_turns_flood_mode_on() {
+    // 1024 slots: 128 sets of 8. Flood mode by rate is off: only the set's overflow turns it on.
+    let tables = TablesSpec {
+        half_open: 1024,
+        flood_threshold: Some(0),
+        ..TablesSpec::default()
+    };
+    with_lab_tables(tables, |lab| {
+        lab.apply(vec![web(0)]);
+        // Nine handshakes of one client whose keys share a set, found as the datapath places
+        // them (`clb_common::slots`, the code both sides run).
+        let set = |c: SocketAddrV4| HalfSlot::hash(&conn_key(lab, "web", c, PROTO_TCP)) % 128;
+        assert_eq!(slot_sets(1024), 128);
+        let target = set(client(20000));
+        let ports: Vec<SocketAddrV4> = (20000..60000u16)
+            .map(client)
+            .filter(|c| set(*c) == target)
+            .take(SLOT_WAYS as usize + 1)
+            .collect();
+        assert_eq!(ports.len(), 9);
+        for c in &ports[..8] {
+            let (v, _) = lab.run(&FrameSpec::tcp(*c, sa(VIP), SYN).build());
+            assert_eq!(v, XDP_REDIRECT);
+            // Distinct timestamps: the first is the oldest.
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        assert_eq!(lab.count_half_open(), 8);
+        assert_eq!(lab.counter("half_open_evicted"), 0);
+        assert_eq!(lab.counter("flood_entered"), 0, "no churn yet");
+        // The ninth takes the oldest way: counted, and flood mode goes on.
+        let (v, _) = lab.run(&FrameSpec::tcp(ports[8], sa(VIP), SYN).build());
+        assert_eq!(v, XDP_REDIRECT);
+        assert_eq!(lab.counter("half_open_evicted"), 1);
+        assert_eq!(lab.counter("flood_entered"), 1);
+        assert_eq!(lab.count_half_open(), 8);
+        let key = |c: SocketAddrV4| conn_key(lab, "web", c, PROTO_TCP);
+        assert!(lab.half_open(&key(ports[0])).is_none(), "the oldest went");
+        for c in &ports[1..] {
+            assert!(lab.half_open(&key(*c)).is_some(), "{c} kept its entry");
+        }
+        // The others' handshakes complete on their entries, as before.
+        let (v, _) = lab.run(&FrameSpec::tcp(ports[1], sa(VIP), ACK).build());
+        assert_eq!(v, XDP_REDIRECT);
+        assert!(lab.conn(&key(ports[1])).is_some(), "promoted");
+        assert_eq!(lab.counter("half_open_promote"), 1);
     });
 }
 

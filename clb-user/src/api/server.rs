@@ -381,13 +381,8 @@ fn flood_view(api: &Api) -> ApiResult<FloodStatus> {
     let s = api.ctl.reader().shared_state()?;
     let c = api.ctl.reader().counters()?;
     let now = monotonic_ns();
-    let sweep = api.ctl.sweep_status();
     let w = api.ctl.flood();
     let get = |i: u32| c[i as usize];
-    let gone = get(counter::HALF_OPEN_PROMOTE)
-        + get(counter::HALF_OPEN_CLOSED)
-        + sweep.half_open_removed_total
-        + sweep.last.totals().half_open;
     Ok(FloodStatus {
         active: now < s.flood_until_ns,
         remaining_secs: s.flood_until_ns.saturating_sub(now).div_ceil(NS_PER_SEC),
@@ -396,7 +391,8 @@ fn flood_view(api: &Api) -> ApiResult<FloodStatus> {
         transitions_off: w.left.load(std::sync::atomic::Ordering::Relaxed),
         half_open_inserts: get(counter::HALF_OPEN_INSERT),
         half_open_promotions: get(counter::HALF_OPEN_PROMOTE),
-        half_open_evictions_estimate: get(counter::HALF_OPEN_INSERT).saturating_sub(gone),
+        half_open_evictions: get(counter::HALF_OPEN_EVICTED),
+        pending_evictions: get(counter::PENDING_EVICTED),
         half_open_misses_hashed: get(counter::HALF_OPEN_MISS_HASHED),
     })
 }

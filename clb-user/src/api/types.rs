@@ -232,9 +232,11 @@ pub struct FloodStatus {
     pub half_open_inserts: u64,
     /// Unverified flows promoted to the connection table.
     pub half_open_promotions: u64,
-    /// Half-open entries that left the table without being promoted, closed or swept: evicted
-    /// by the LRU under pressure (an estimate: inserts − promotions − closed − swept − live).
-    pub half_open_evictions_estimate: u64,
+    /// Live half-open entries pushed out by new flows (the table churns; each one switches
+    /// flood mode on). Exact: the datapath counts them.
+    pub half_open_evictions: u64,
+    /// Live pending-persistence entries pushed out by new clients.
+    pub pending_evictions: u64,
     /// Packets whose half-open entry was gone, resolved by the stateless hash.
     pub half_open_misses_hashed: u64,
 }

@@ -222,7 +222,7 @@ pub fn status(s: &Status) -> String {
     let f = &s.flood;
     writeln!(
         out,
-        "flood mode: {}{} (on {} / off {} times); half-open: {} inserted, {} promoted, ~{} evicted, {} resolved by hash",
+        "flood mode: {}{} (on {} / off {} times); half-open: {} inserted, {} promoted, {} evicted, {} resolved by hash",
         if f.active { "ON" } else { "off" },
         if f.active {
             format!(", {}s left", f.remaining_secs)
@@ -233,7 +233,7 @@ pub fn status(s: &Status) -> String {
         f.transitions_off,
         f.half_open_inserts,
         f.half_open_promotions,
-        f.half_open_evictions_estimate,
+        f.half_open_evictions,
         f.half_open_misses_hashed
     )
     .ok();

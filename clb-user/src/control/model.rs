@@ -714,7 +714,8 @@ pub struct TablesSpec {
     pub connections: u32,
     /// Persistence table entries (clients with a verified flow).
     pub sessions: u32,
-    /// Half-open table entries (unverified flows), also the pending-persistence table's size.
+    /// Half-open table slots (unverified flows; in-place, 8-way sets: rounded down to a
+    /// multiple of 8), also the pending-persistence table's size.
     pub half_open: u32,
     /// The IPv6 tables' sizes (IPv6 flows have tables of their own).
     pub connections6: u32,

@@ -17,16 +17,17 @@ use clb_common::{
     BACKEND_STATS_MAP, BACKEND6_MAP, BPF_F_INNER_MAP, BackendAddrInfo, BackendAddrKey,
     BackendAddrKey6, BackendInfo, CONN_MAP, CONN6_MAP, COUNTER_MAP, CURSOR_MAP, ConnKey, ConnKey6,
     ConnValue, DENY_SRC_MAP, DENY_SRC6_MAP, DEVICE_MAP, GLOBAL_MAP, GlobalConfig, HALF_OPEN_MAP,
-    HALF_OPEN6_MAP, HalfOpenValue, LISTENER_ADDR_MAP, LISTENER_ADDR6_MAP, LISTENER_F_ACTIVE,
-    LISTENER_F_V6, LISTENER_MAP, LISTENER_STATS_MAP, LISTENER6_MAP, ListenerInfo, ListenerInfo6,
-    ListenerKey, ListenerKey6, ListenerRef, MAX_LISTENERS, NUM_COUNTERS, PENDING_SESSION_MAP,
-    PENDING_SESSION6_MAP, SCHED_MAP, SESSION_MAP, SESSION6_MAP, SHARED_STATE_MAP, SessionKey,
-    SessionKey6, SessionValue, SharedState, TrafficCounters,
+    HALF_OPEN6_MAP, HalfOpenValue, HalfSlot, HalfSlot6, LISTENER_ADDR_MAP, LISTENER_ADDR6_MAP,
+    LISTENER_F_ACTIVE, LISTENER_F_V6, LISTENER_MAP, LISTENER_STATS_MAP, LISTENER6_MAP,
+    ListenerInfo, ListenerInfo6, ListenerKey, ListenerKey6, ListenerRef, MAX_LISTENERS,
+    NUM_COUNTERS, PENDING_SESSION_MAP, PENDING_SESSION6_MAP, PendSlot, PendSlot6, SCHED_MAP,
+    SESSION_MAP, SESSION6_MAP, SHARED_STATE_MAP, SessionKey, SessionKey6, SessionValue,
+    SharedState, TrafficCounters,
 };
 
 use super::{
     Dataplane, Decide, DpConfig, DpError, Reader, SWEEP_BATCH, Scan, SessionTable, TABLE_BATCH,
-    TableInfo, Tables, batch,
+    TableInfo, Tables, batch, slots::SlotTable,
 };
 
 fn map_err(map: &'static str) -> impl FnOnce(MapError) -> DpError {
@@ -60,16 +61,17 @@ fn reopen(m: &MapData, name: &'static str) -> Result<MapData, DpError> {
     MapData::from_id(id).map_err(map_err(name))
 }
 
-/// The flow tables as raw map handles (batch syscalls work on the fd).
+/// The flow tables: the verified ones (LRU hash maps) as raw map handles (batch syscalls work
+/// on the fd), the unverified ones (in-place tables) mapped into memory.
 pub struct AyaTables {
     conns: MapData,
-    half_open: MapData,
+    half_open: SlotTable<HalfSlot>,
     sessions: MapData,
-    pending: MapData,
+    pending: SlotTable<PendSlot>,
     conns6: MapData,
-    half_open6: MapData,
+    half_open6: SlotTable<HalfSlot6>,
     sessions6: MapData,
-    pending6: MapData,
+    pending6: SlotTable<PendSlot6>,
 }
 
 /// The flow tables' names, in `AyaTables`'s field order.
@@ -84,6 +86,14 @@ const TABLE_MAPS: [&str; 8] = [
     PENDING_SESSION6_MAP,
 ];
 
+/// Maps an in-place table.
+fn slot_table<S: clb_common::slots::Slot>(
+    m: MapData,
+    name: &'static str,
+) -> Result<SlotTable<S>, DpError> {
+    SlotTable::new(m).map_err(|source| DpError::Io { map: name, source })
+}
+
 impl AyaTables {
     /// Takes the tables out of a loaded program.
     fn take(ebpf: &mut Ebpf) -> Result<Self, DpError> {
@@ -91,7 +101,7 @@ impl AyaTables {
             .iter()
             .map(
                 |name| match ebpf.take_map(name).ok_or(DpError::Missing(name))? {
-                    Map::LruHashMap(m) | Map::HashMap(m) => Ok(m),
+                    Map::LruHashMap(m) | Map::HashMap(m) | Map::Array(m) => Ok(m),
                     _ => Err(DpError::Missing(name)),
                 },
             )
@@ -100,26 +110,26 @@ impl AyaTables {
         let mut next = || m.next().ok_or(DpError::Missing(CONN_MAP));
         Ok(Self {
             conns: next()?,
-            half_open: next()?,
+            half_open: slot_table(next()?, HALF_OPEN_MAP)?,
             sessions: next()?,
-            pending: next()?,
+            pending: slot_table(next()?, PENDING_SESSION_MAP)?,
             conns6: next()?,
-            half_open6: next()?,
+            half_open6: slot_table(next()?, HALF_OPEN6_MAP)?,
             sessions6: next()?,
-            pending6: next()?,
+            pending6: slot_table(next()?, PENDING_SESSION6_MAP)?,
         })
     }
 
     fn all(&self) -> [&MapData; 8] {
         [
             &self.conns,
-            &self.half_open,
+            self.half_open.map(),
             &self.sessions,
-            &self.pending,
+            self.pending.map(),
             &self.conns6,
-            &self.half_open6,
+            self.half_open6.map(),
             &self.sessions6,
-            &self.pending6,
+            self.pending6.map(),
         ]
     }
 
@@ -127,28 +137,14 @@ impl AyaTables {
         let [a, b, c, d, e, f, g, h] = self.all();
         Ok(Self {
             conns: reopen(a, CONN_MAP)?,
-            half_open: reopen(b, HALF_OPEN_MAP)?,
+            half_open: slot_table(reopen(b, HALF_OPEN_MAP)?, HALF_OPEN_MAP)?,
             sessions: reopen(c, SESSION_MAP)?,
-            pending: reopen(d, PENDING_SESSION_MAP)?,
+            pending: slot_table(reopen(d, PENDING_SESSION_MAP)?, PENDING_SESSION_MAP)?,
             conns6: reopen(e, CONN6_MAP)?,
-            half_open6: reopen(f, HALF_OPEN6_MAP)?,
+            half_open6: slot_table(reopen(f, HALF_OPEN6_MAP)?, HALF_OPEN6_MAP)?,
             sessions6: reopen(g, SESSION6_MAP)?,
-            pending6: reopen(h, PENDING_SESSION6_MAP)?,
+            pending6: slot_table(reopen(h, PENDING_SESSION6_MAP)?, PENDING_SESSION6_MAP)?,
         })
-    }
-
-    fn session_map(&self, t: SessionTable) -> (&MapData, &'static str) {
-        match t {
-            SessionTable::Verified => (&self.sessions, SESSION_MAP),
-            SessionTable::Pending => (&self.pending, PENDING_SESSION_MAP),
-        }
-    }
-
-    fn session_map6(&self, t: SessionTable) -> (&MapData, &'static str) {
-        match t {
-            SessionTable::Verified => (&self.sessions6, SESSION6_MAP),
-            SessionTable::Pending => (&self.pending6, PENDING_SESSION6_MAP),
-        }
     }
 
     /// The handle of the flow table called `name` (one of the `*_MAP` names of clb-common).
@@ -159,25 +155,31 @@ impl AyaTables {
             .map(|i| self.all()[i])
     }
 
-    /// The map handles (memory accounting, batch fills in tests and benchmarks).
+    /// The verified tables' handles (memory accounting, batch fills in tests and benchmarks).
     pub fn conn_map(&self) -> &MapData {
         &self.conns
     }
-    pub fn half_open_map(&self) -> &MapData {
-        &self.half_open
+    pub fn session_map(&self) -> &MapData {
+        &self.sessions
     }
-    pub fn session_map_data(&self, t: SessionTable) -> &MapData {
-        self.session_map(t).0
-    }
-    /// The IPv6 tables' handles.
     pub fn conn6_map(&self) -> &MapData {
         &self.conns6
     }
-    pub fn half_open6_map(&self) -> &MapData {
+    pub fn session6_map(&self) -> &MapData {
+        &self.sessions6
+    }
+    /// The in-place tables.
+    pub fn half_open(&self) -> &SlotTable<HalfSlot> {
+        &self.half_open
+    }
+    pub fn pending(&self) -> &SlotTable<PendSlot> {
+        &self.pending
+    }
+    pub fn half_open6(&self) -> &SlotTable<HalfSlot6> {
         &self.half_open6
     }
-    pub fn session6_map_data(&self, t: SessionTable) -> &MapData {
-        self.session_map6(t).0
+    pub fn pending6(&self) -> &SlotTable<PendSlot6> {
+        &self.pending6
     }
 }
 
@@ -226,20 +228,65 @@ fn prune<K: aya::Pod + bytemuck::Pod, V: aya::Pod + bytemuck::Pod>(
     Ok((scanned, deleted))
 }
 
+/// Walks the in-place table `t` in batches.
+fn scan_slots<S: clb_common::slots::Slot>(
+    t: &SlotTable<S>,
+    f: &mut Scan<'_, S::Key, S::Val>,
+) -> Result<(), DpError> {
+    t.walk(TABLE_BATCH, |k, v, _| f(k, v));
+    Ok(())
+}
+
+/// Walks the in-place table `t`, emptying after each batch the slots of the keys `decide`
+/// picks (unless the datapath rewrote them meanwhile).
+fn prune_slots<S: clb_common::slots::Slot>(
+    t: &SlotTable<S>,
+    pause: std::time::Duration,
+    decide: &mut Decide<'_, S::Key, S::Val>,
+) -> Result<(u64, u64), DpError> {
+    let (mut scanned, mut deleted) = (0u64, 0u64);
+    let mut dead = Vec::new();
+    t.walk(SWEEP_BATCH, |ks, vs, handles| {
+        scanned += ks.len() as u64;
+        dead.clear();
+        decide(ks, vs, &mut dead);
+        // `decide` picks keys in the batch's order: one pass pairs them with their slots.
+        let mut next = 0;
+        for (k, h) in ks.iter().zip(handles) {
+            let picked = if dead.get(next) == Some(k) {
+                next += 1;
+                true
+            } else {
+                dead[next..].contains(k)
+            };
+            if picked && t.remove(h) {
+                deleted += 1;
+            }
+        }
+        if !pause.is_zero() {
+            std::thread::sleep(pause);
+        }
+        true
+    });
+    Ok((scanned, deleted))
+}
+
 impl Tables for AyaTables {
     fn scan_conns(&self, f: &mut Scan<'_, ConnKey, ConnValue>) -> Result<(), DpError> {
         scan(&self.conns, CONN_MAP, f)
     }
     fn scan_half_open(&self, f: &mut Scan<'_, ConnKey, HalfOpenValue>) -> Result<(), DpError> {
-        scan(&self.half_open, HALF_OPEN_MAP, f)
+        scan_slots(&self.half_open, f)
     }
     fn scan_sessions(
         &self,
         table: SessionTable,
         f: &mut Scan<'_, SessionKey, SessionValue>,
     ) -> Result<(), DpError> {
-        let (m, name) = self.session_map(table);
-        scan(m, name, f)
+        match table {
+            SessionTable::Verified => scan(&self.sessions, SESSION_MAP, f),
+            SessionTable::Pending => scan_slots(&self.pending, f),
+        }
     }
     fn prune_conns(
         &self,
@@ -253,7 +300,7 @@ impl Tables for AyaTables {
         pause: std::time::Duration,
         decide: &mut Decide<'_, ConnKey, HalfOpenValue>,
     ) -> Result<(u64, u64), DpError> {
-        prune(&self.half_open, HALF_OPEN_MAP, pause, decide)
+        prune_slots(&self.half_open, pause, decide)
     }
     fn prune_sessions(
         &self,
@@ -261,22 +308,26 @@ impl Tables for AyaTables {
         pause: std::time::Duration,
         decide: &mut Decide<'_, SessionKey, SessionValue>,
     ) -> Result<(u64, u64), DpError> {
-        let (m, name) = self.session_map(table);
-        prune(m, name, pause, decide)
+        match table {
+            SessionTable::Verified => prune(&self.sessions, SESSION_MAP, pause, decide),
+            SessionTable::Pending => prune_slots(&self.pending, pause, decide),
+        }
     }
     fn scan_conns6(&self, f: &mut Scan<'_, ConnKey6, ConnValue>) -> Result<(), DpError> {
         scan(&self.conns6, CONN6_MAP, f)
     }
     fn scan_half_open6(&self, f: &mut Scan<'_, ConnKey6, HalfOpenValue>) -> Result<(), DpError> {
-        scan(&self.half_open6, HALF_OPEN6_MAP, f)
+        scan_slots(&self.half_open6, f)
     }
     fn scan_sessions6(
         &self,
         table: SessionTable,
         f: &mut Scan<'_, SessionKey6, SessionValue>,
     ) -> Result<(), DpError> {
-        let (m, name) = self.session_map6(table);
-        scan(m, name, f)
+        match table {
+            SessionTable::Verified => scan(&self.sessions6, SESSION6_MAP, f),
+            SessionTable::Pending => scan_slots(&self.pending6, f),
+        }
     }
     fn prune_conns6(
         &self,
@@ -290,7 +341,7 @@ impl Tables for AyaTables {
         pause: std::time::Duration,
         decide: &mut Decide<'_, ConnKey6, HalfOpenValue>,
     ) -> Result<(u64, u64), DpError> {
-        prune(&self.half_open6, HALF_OPEN6_MAP, pause, decide)
+        prune_slots(&self.half_open6, pause, decide)
     }
     fn prune_sessions6(
         &self,
@@ -298,8 +349,10 @@ impl Tables for AyaTables {
         pause: std::time::Duration,
         decide: &mut Decide<'_, SessionKey6, SessionValue>,
     ) -> Result<(u64, u64), DpError> {
-        let (m, name) = self.session_map6(table);
-        prune(m, name, pause, decide)
+        match table {
+            SessionTable::Verified => prune(&self.sessions6, SESSION6_MAP, pause, decide),
+            SessionTable::Pending => prune_slots(&self.pending6, pause, decide),
+        }
     }
 }
 
@@ -796,6 +849,16 @@ impl Reader for AyaReader {
         let mut out = [TableInfo::default(); 8];
         for ((slot, m), name) in out.iter_mut().zip(self.tables.all()).zip(TABLE_MAPS) {
             *slot = info(m, name)?;
+        }
+        // The in-place tables' map entries are sets: their capacity is in slots.
+        let t = &self.tables;
+        for (i, slots) in [
+            (1, t.half_open.capacity()),
+            (3, t.pending.capacity()),
+            (5, t.half_open6.capacity()),
+            (7, t.pending6.capacity()),
+        ] {
+            out[i].capacity = slots;
         }
         Ok(out)
     }

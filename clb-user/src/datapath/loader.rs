@@ -25,13 +25,14 @@ use aya::{
     },
 };
 use clb_common::{
-    ALL_MAPS, CONN_MAP, CONN6_MAP, HALF_OPEN_MAP, HALF_OPEN6_MAP, PASS_PROGRAM,
-    PENDING_SESSION_MAP, PENDING_SESSION6_MAP, PROGRAM_MAP, SESSION_MAP, SESSION6_MAP,
-    TAIL_PROGRAMS, XDP_PROGRAM, XDP6_ICMP_PROGRAM, XDP6_PROGRAM,
+    ALL_MAPS, CONN_MAP, CONN6_MAP, HALF_OPEN_MAP, HALF_OPEN6_MAP, HalfSlot, HalfSlot6,
+    PASS_PROGRAM, PENDING_SESSION_MAP, PENDING_SESSION6_MAP, PROGRAM_MAP, PendSlot, PendSlot6,
+    SESSION_MAP, SESSION6_MAP, SLOT_SETS_GLOBAL, SLOT_SETS6_GLOBAL, TAIL_PROGRAMS, XDP_PROGRAM,
+    XDP6_ICMP_PROGRAM, XDP6_PROGRAM, slot_sets, slots::Slot,
 };
 use tracing::{info, warn};
 
-use super::aya::AyaDataplane;
+use super::{aya::AyaDataplane, slots::SlotTable};
 use crate::EBPF_OBJECT;
 
 /// `statfs` magic of bpffs.
@@ -76,18 +77,65 @@ impl Default for TableSizes {
     }
 }
 
+/// One sized table as the loader creates it.
+struct Sized {
+    name: &'static str,
+    /// The map's `max_entries`: entries of a hash map, sets of an in-place table.
+    max_entries: u32,
+    /// The `[tables]` setting and its value (entries).
+    setting: &'static str,
+    entries: u32,
+    /// Kernel memory per entry, about.
+    entry_bytes: u64,
+}
+
 impl TableSizes {
-    /// (map name, entries, `[tables]` setting) of each sized table.
-    fn maps(&self) -> [(&'static str, u32, &'static str); 8] {
+    /// Each sized table: the LRU hash maps of verified flows, and the in-place tables of
+    /// unverified ones (`clb_common::slots`: their map entries are sets of slots).
+    fn maps(&self) -> [Sized; 8] {
+        let lru = |name, entries, setting, entry_bytes| Sized {
+            name,
+            max_entries: entries,
+            setting,
+            entries,
+            entry_bytes,
+        };
+        let slots = |name, entries, setting, slot: usize| Sized {
+            name,
+            max_entries: slot_sets(entries),
+            setting,
+            entries,
+            entry_bytes: slot as u64,
+        };
         [
-            (CONN_MAP, self.connections, "connections"),
-            (HALF_OPEN_MAP, self.half_open, "half_open"),
-            (SESSION_MAP, self.sessions, "sessions"),
-            (PENDING_SESSION_MAP, self.half_open, "half_open"),
-            (CONN6_MAP, self.connections6, "connections6"),
-            (HALF_OPEN6_MAP, self.half_open6, "half_open6"),
-            (SESSION6_MAP, self.sessions6, "sessions6"),
-            (PENDING_SESSION6_MAP, self.half_open6, "half_open6"),
+            lru(CONN_MAP, self.connections, "connections", 96),
+            slots(
+                HALF_OPEN_MAP,
+                self.half_open,
+                "half_open",
+                size_of::<HalfSlot>(),
+            ),
+            lru(SESSION_MAP, self.sessions, "sessions", 88),
+            slots(
+                PENDING_SESSION_MAP,
+                self.half_open,
+                "half_open",
+                size_of::<PendSlot>(),
+            ),
+            lru(CONN6_MAP, self.connections6, "connections6", 104),
+            slots(
+                HALF_OPEN6_MAP,
+                self.half_open6,
+                "half_open6",
+                size_of::<HalfSlot6>(),
+            ),
+            lru(SESSION6_MAP, self.sessions6, "sessions6", 104),
+            slots(
+                PENDING_SESSION6_MAP,
+                self.half_open6,
+                "half_open6",
+                size_of::<PendSlot6>(),
+            ),
         ]
     }
 }
@@ -124,7 +172,7 @@ pub struct Loaded {
 /// configured size is created, and its live entries are copied over — once now, before the
 /// new program replaces the old one on the interfaces, and once more after (entries created
 /// in between), by [`copy_resized`]. A smaller table keeps what fits (the LRU evicts
-/// the rest). The kernel refusing the memory is an error that names the table and its size.
+/// the rest; an in-place table keeps the newest entries of each set). The kernel refusing the memory is an error that names the table and its size.
 pub fn load(pin_dir: Option<&Path>, sizes: &TableSizes) -> anyhow::Result<Loaded> {
     load_inner(pin_dir, sizes, false)
 }
@@ -137,13 +185,23 @@ pub fn load_small() -> anyhow::Result<Loaded> {
 
 fn load_inner(pin_dir: Option<&Path>, sizes: &TableSizes, small: bool) -> anyhow::Result<Loaded> {
     let mut loader = EbpfLoader::new();
+    // The in-place tables' geometry, a constant of this program (each loaded program keeps
+    // its own, matching the tables it was loaded with).
+    let (sets, sets6) = if small {
+        (0, 0)
+    } else {
+        (slot_sets(sizes.half_open), slot_sets(sizes.half_open6))
+    };
+    loader
+        .override_global(SLOT_SETS_GLOBAL, &sets, true)
+        .override_global(SLOT_SETS6_GLOBAL, &sets6, true);
     if small {
         for name in ALL_MAPS {
             loader.map_max_entries(name, 1);
         }
     } else {
-        for (name, n, _) in sizes.maps() {
-            loader.map_max_entries(name, n);
+        for t in sizes.maps() {
+            loader.map_max_entries(t.name, t.max_entries);
         }
     }
     let mut resized = Vec::new();
@@ -160,7 +218,12 @@ fn load_inner(pin_dir: Option<&Path>, sizes: &TableSizes, small: bool) -> anyhow
             .map(|name| maps.join(name))
             .filter(|p| !p.exists())
             .collect();
-        for (name, to, _) in sizes.maps() {
+        for Sized {
+            name,
+            max_entries: to,
+            ..
+        } in sizes.maps()
+        {
             let pin = maps.join(name);
             let aside = maps.join(format!("{RESIZE_PREFIX}{name}"));
             if aside.exists() {
@@ -309,11 +372,12 @@ fn explain_load_error(e: aya::EbpfError, sizes: &TableSizes) -> anyhow::Error {
     ]
     .iter()
     .any(|m| text.contains(m));
-    for (name, n, setting) in sizes.maps() {
+    for t in sizes.maps() {
+        let (name, n, setting) = (t.name, t.entries, t.setting);
         if refused && text.contains(&format!("`{name}`")) {
             return anyhow!(
                 "the kernel refused the memory for table {name} ({n} entries, about {} MB; [tables] {setting}): {text}. Nothing was changed; configure a smaller [tables] {setting}, or give the daemon more memory (its cgroup's limit, or RLIMIT_MEMLOCK on kernels before 5.11)",
-                u64::from(n) * 100 / 1_000_000
+                (u64::from(n) * t.entry_bytes).div_ceil(1_000_000)
             );
         }
     }
@@ -328,7 +392,7 @@ pub fn copy_resized(resized: &mut Vec<Resize>, after_attach: bool) -> anyhow::Re
         let Some(new) = &r.new else {
             continue;
         };
-        let n = copy_entries(&r.old, new, after_attach)
+        let n = copy_table(r.name, &r.old, new, after_attach)
             .with_context(|| format!("copying entries of {} into its resized table", r.name))?;
         r.copied += n;
         if after_attach {
@@ -346,6 +410,42 @@ pub fn copy_resized(resized: &mut Vec<Resize>, after_attach: bool) -> anyhow::Re
         resized.clear();
     }
     Ok(())
+}
+
+/// Copies the live entries of table `name` from `from` into `to`: hash maps entry by entry, the
+/// in-place tables by placing each entry anew (their geometry changed with their size).
+fn copy_table(
+    name: &str,
+    from: &MapData,
+    to: &MapData,
+    missing_only: bool,
+) -> std::io::Result<u64> {
+    match name {
+        HALF_OPEN_MAP => copy_slots::<HalfSlot>(from, to, missing_only),
+        HALF_OPEN6_MAP => copy_slots::<HalfSlot6>(from, to, missing_only),
+        PENDING_SESSION_MAP => copy_slots::<PendSlot>(from, to, missing_only),
+        PENDING_SESSION6_MAP => copy_slots::<PendSlot6>(from, to, missing_only),
+        _ => copy_entries(from, to, missing_only),
+    }
+}
+
+/// [`copy_table`] of an in-place table with slots `S`.
+fn copy_slots<S: Slot>(from: &MapData, to: &MapData, missing_only: bool) -> std::io::Result<u64> {
+    let handle = |m: &MapData| -> std::io::Result<SlotTable<S>> {
+        let id = m.info().map_err(std::io::Error::other)?.id();
+        SlotTable::new(MapData::from_id(id).map_err(std::io::Error::other)?)
+    };
+    let (from, to) = (handle(from)?, handle(to)?);
+    let mut n = 0u64;
+    from.walk(8192, |keys, vals, _| {
+        for (k, v) in keys.iter().zip(vals) {
+            if (!missing_only || to.get(k).is_none()) && to.put(k, v) {
+                n += 1;
+            }
+        }
+        true
+    });
+    Ok(n)
 }
 
 /// Copies every entry of hash map `from` into `to` (same key/value sizes); with `missing_only`,
@@ -708,7 +808,77 @@ pub fn attached(dir: &Path) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use aya::maps::{Array, IterableMap as _};
+    use clb_common::{BPF_F_MMAPABLE, ConnKey, HalfOpenValue, SLOT_WAYS};
+
     use super::*;
+
+    type HalfSet = [HalfSlot; SLOT_WAYS as usize];
+
+    /// A standalone in-place half-open table of `slots` slots (needs root, as the suite does).
+    fn half_table(slots: u32) -> Array<MapData, HalfSet> {
+        Array::create(slot_sets(slots), BPF_F_MMAPABLE).expect("creating an mmapable array")
+    }
+
+    fn key(i: u32) -> ConnKey {
+        ConnKey {
+            client: clb_common::ip_to_be([10, 9, (i >> 8) as u8, i as u8]),
+            client_port: clb_common::port_to_be(40000 + (i % 7) as u16),
+            listener: 3,
+            proto: 6,
+            _pad: [0; 3],
+        }
+    }
+
+    fn val(i: u32) -> HalfOpenValue {
+        HalfOpenValue {
+            last_seen_ns: 1_000 + u64::from(i),
+            backend: i,
+            kind: clb_common::HALF_SYN,
+            flags: 0,
+            packets: 1,
+            _pad: 0,
+        }
+    }
+
+    fn slots_of(a: &Array<MapData, HalfSet>) -> SlotTable<HalfSlot> {
+        let id = a.map().info().unwrap().id();
+        SlotTable::new(MapData::from_id(id).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn a_resized_in_place_table_gets_every_live_entry_placed_anew() {
+        let (old, new, small) = (half_table(1024), half_table(4096), half_table(1024));
+        let from = slots_of(&old);
+        for i in 0..300 {
+            assert!(from.put(&key(i), &val(i)));
+        }
+        assert_eq!(from.len(), 300);
+        // Bigger: all of them, each where the new geometry puts it.
+        let n = copy_table(HALF_OPEN_MAP, old.map(), new.map(), false).unwrap();
+        assert_eq!(n, 300);
+        let to = slots_of(&new);
+        assert_eq!(to.capacity(), 4096);
+        for i in 0..300 {
+            assert_eq!(to.get(&key(i)).map(|v| v.backend), Some(i), "entry {i}");
+        }
+        // The second pass copies only what the new table lacks.
+        assert_eq!(
+            copy_table(HALF_OPEN_MAP, old.map(), new.map(), true).unwrap(),
+            0
+        );
+        // Smaller than what it holds: what fits stays, the newest of each set.
+        let big = slots_of(&new);
+        for i in 300..3000 {
+            assert!(big.put(&key(i), &val(i)));
+        }
+        copy_table(HALF_OPEN_MAP, new.map(), small.map(), false).unwrap();
+        let kept = slots_of(&small).len();
+        assert!(
+            (900..=1024).contains(&kept),
+            "kept {kept} of 3000 in 1024 slots"
+        );
+    }
 
     #[test]
     fn pins_of_another_layout_version_are_named_and_refused() {

@@ -16,6 +16,7 @@ pub mod batch;
 pub mod loader;
 pub mod lock;
 pub mod mem;
+pub mod slots;
 pub mod sweep;
 
 use std::{collections::BTreeMap, sync::Arc};

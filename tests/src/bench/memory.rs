@@ -13,7 +13,7 @@ use std::{
 
 use clb::{
     control::model::{Kind, Proto, TablesSpec},
-    datapath::{Reader as _, SessionTable, sweep::sweep},
+    datapath::{Reader as _, sweep::sweep},
     time::monotonic_ns,
 };
 use clb_common::{DEFAULT_CONNS, DEFAULT_SESSIONS, NS_PER_SEC, PROTO_TCP, PROTO_UDP};
@@ -99,7 +99,7 @@ pub fn run(scale: &Scale, report: &mut Report) -> anyhow::Result<()> {
         let old = monotonic_ns().saturating_sub(100 * NS_PER_SEC);
         let (ck, cv, sk, sv) = entries(n, lid, bid, PROTO_TCP, old);
         lab.fill_conns(&ck, &cv)?;
-        lab.fill_sessions(SessionTable::Verified, &sk, &sv)?;
+        lab.fill_sessions(&sk, &sv)?;
         let (c0, t0) = (thread_cpu(), Instant::now());
         let r = sweep(
             lab.reader(),

@@ -11,7 +11,6 @@ use std::net::{Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6};
 
 use clb::{
     control::model::{Kind, ListenerSpec, Proto, Sched, TablesSpec},
-    datapath::SessionTable,
     time::monotonic_ns,
 };
 use clb_common::{
@@ -164,7 +163,7 @@ fn fill(lab: &PacketLab, n: usize) -> anyhow::Result<()> {
     let bid = lab.backend_id("web", backend(2, 8080));
     let (ck, cv, sk, sv) = entries(n, lid, bid, PROTO_TCP, monotonic_ns());
     lab.fill_conns(&ck, &cv)?;
-    lab.fill_sessions(SessionTable::Verified, &sk, &sv)?;
+    lab.fill_sessions(&sk, &sv)?;
     Ok(())
 }
 
@@ -196,7 +195,11 @@ fn half_open_for(lab: &PacketLab, base: u8, n: usize) -> anyhow::Result<()> {
         };
         n
     ];
-    lab.fill_half_open(&keys, &vals)?;
+    let written = lab.fill_half_open(&keys, &vals);
+    anyhow::ensure!(
+        written == n,
+        "{written} of {n} half-open entries written (a set stayed busy)"
+    );
     Ok(())
 }
 
