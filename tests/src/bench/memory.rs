@@ -39,7 +39,8 @@ fn thread_cpu() -> Duration {
 pub fn run(scale: &Scale, report: &mut Report) -> anyhow::Result<()> {
     let rows = with_lab_tables(TablesSpec::default(), |lab| -> anyhow::Result<Vec<Row>> {
         let mut rows = Vec::new();
-        let [conns, _, sessions, _, conns6, _, sessions6, _] = lab.reader().table_info()?;
+        let [conns, half, sessions, pending, conns6, half6, sessions6, _] =
+            lab.reader().table_info()?;
         let conn_bytes = conns.memory_bytes as f64 / f64::from(conns.capacity);
         let sess_bytes = sessions.memory_bytes as f64 / f64::from(sessions.capacity);
         rows.push(Row {
@@ -74,6 +75,30 @@ pub fn run(scale: &Scale, report: &mut Report) -> anyhow::Result<()> {
             note: format!(
                 "memlock ÷ max_entries: {} B / {} (sessions {} B / {}); 24 B key (128-bit client) + 16 B value + kernel element header + bucket",
                 conns6.memory_bytes, conns6.capacity, sessions6.memory_bytes, sessions6.capacity
+            ),
+        });
+
+        let per = |t: &clb::datapath::TableInfo| t.memory_bytes as f64 / f64::from(t.capacity);
+        rows.push(Row {
+            section: "memory".into(),
+            figure: "map memory per half-open slot (in-place table)".into(),
+            unit: "B".into(),
+            clb: per(&half),
+            peers: vec![
+                ("per pending-session slot".into(), per(&pending)),
+                ("IPv6".into(), per(&half6)),
+                ("LRU connection entry".into(), conn_bytes),
+            ],
+            ratio: None,
+            target: None,
+            note: format!(
+                "memlock ÷ slots: {} B / {} (pending {} B / {}, IPv6 {} B / {}); a slot is its 12 B key, 16 B value and a 4 B sequence word, 8 slots an array element, no kernel element header",
+                half.memory_bytes,
+                half.capacity,
+                pending.memory_bytes,
+                pending.capacity,
+                half6.memory_bytes,
+                half6.capacity
             ),
         });
 

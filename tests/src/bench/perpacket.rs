@@ -61,6 +61,14 @@ fn source(base: u8, i: usize) -> SocketAddrV4 {
     SocketAddrV4::new(Ipv4Addr::from(ip), 1024 + (i % 50_000) as u16)
 }
 
+/// A client of its own for the i-th new flow of a figure: a new client every run.
+fn new_client(base: u8, i: usize) -> SocketAddrV4 {
+    SocketAddrV4::new(
+        Ipv4Addr::from((u32::from(base) << 24) | (i as u32 + 1)),
+        40000,
+    )
+}
+
 /// Source, destination and TCP flags of a test frame, for error messages.
 fn describe(f: &[u8]) -> String {
     match parse(f) {
@@ -290,7 +298,7 @@ pub fn run(scale: &Scale, report: &mut Report) -> anyhow::Result<()> {
             let syn_pending = measure(lab, scale, XDP_REDIRECT, |i| {
                 (
                     lab.client_if,
-                    FrameSpec::tcp(source(base + 2, i), VIP, SYN).build(),
+                    FrameSpec::tcp(new_client(base + 2, i), VIP, SYN).build(),
                 )
             })?;
             by_size.push(AtSize {
