@@ -1,5 +1,5 @@
 //! A spoofed SYN flood at the generator's best rate, from a million sources on an attacker's
-//! own link, against clb (default tables: 1 M connections and sessions, 64 k half-open) and
+//! own link, against clb (default tables: 1 M connections and sessions, 256 k half-open slots) and
 //! against nftables DNAT with conntrack (the kernel's table, `nf_conntrack_max`): how many of
 //! 100 idle established connections (50 on a round-robin listener, 50 on a persistent one) and
 //! 50 persisted clients survive, and how many real clients' connections succeed during it.
@@ -279,7 +279,8 @@ pub fn rows(r: &[(&'static str, Outcome)], report: &mut Report) {
         })
         .collect();
     let note = format!(
-        "spoofed SYNs from 2^20 sources on the attacker's own link, unpaced (the generator's best rate); clb tables 1 M connections/sessions, 64 k half-open; nf_conntrack_max {conntrack_max}; {}",
+        "spoofed SYNs from 2^20 sources on the attacker's own link, unpaced (the generator's best rate); clb tables 1 M connections/sessions, {} k half-open slots; nf_conntrack_max {conntrack_max}; {}",
+        clb_common::DEFAULT_HALF_OPEN / 1024,
         rates.join("; ")
     );
     type Get = fn(&Outcome) -> f64;
