@@ -4,9 +4,9 @@
 //! whole handshake (retransmitted SYNs find the entry); when a flood evicts it, the stateless
 //! hash recomputes the same choice (see `forward::stateless_backend`).
 //!
-//! An entry is read as a copy ([`Half`]); every change goes back through the table's sequence
-//! lock and is skipped if another CPU changed the slot in between (a lost refresh or packet
-//! count only: the next packet writes it).
+//! An entry is found under the table's sequence lock and read in place ([`Half`]); every
+//! change goes through the lock again and is skipped if another CPU changed the slot in
+//! between (a lost refresh or packet count only: the next packet writes it).
 
 use clb_common::{
     HALF_F_REPLIED, HalfOpenValue, REFRESH_NS, counter, is_expired,

@@ -5,8 +5,9 @@
 //! Two tables: the persistence table holds clients with a verified flow (written only by a
 //! promotion, so a flood of spoofed sources cannot evict them); the pending table holds the
 //! choice made for a client whose flows are all unverified yet, so the parallel SYNs a browser
-//! opens land on one backend. Both are keyed by the client address masked by the listener's
-//! persistence mask (`--persist-mask`), so a prefix shares one entry.
+//! opens land on one backend (an in-place table, `clb_common::slots`: a new client's SYN writes
+//! it without a map-update call). Both are keyed by the client address masked by the
+//! listener's persistence mask (`--persist-mask`), so a prefix shares one entry.
 
 use clb_common::{ListenerInfo, REFRESH_NS, SessionValue, counter, is_expired, slots};
 
@@ -87,8 +88,8 @@ pub fn lookup<F: Family>(
 
 /// Records `backend` as the pending choice of a client without a usable entry. If another
 /// CPU wrote a usable one meanwhile, its choice wins (both flows land on one backend): returns
-/// the backend to use; `None` if the entry's set has no room (every way refreshed within the
-/// half-open timeout) or was held by another CPU, so nothing remembers the choice.
+/// the backend to use; `None` if other CPUs kept the entry's set busy, so nothing remembers
+/// the choice. An entry pushed out that was seen within `live_ns` is counted.
 #[inline(always)]
 pub fn remember_pending<F: Family>(
     k: &F::SKey,

@@ -33,45 +33,21 @@ pub enum Placed {
 /// A set of a table: one map value, [`SLOT_WAYS`] slots.
 pub type Set<S> = [S; SLOT_WAYS as usize];
 
-/// A table's lookup and insert, through its global functions. The `_in` forms take the key's
-/// set, found once by [`Table::set_for`] (a SYN looks for a retransmission, then writes).
+/// A table's lookup and insert, through its global functions.
 pub trait Table: Mem + Default {
-    /// The set of `k`.
-    fn set_for(k: &<Self::S as Slot>::Key) -> Option<*mut Set<Self::S>>;
-    /// [`slots::find`] in `k`'s set.
-    fn find_in(set: *mut Set<Self::S>, k: &<Self::S as Slot>::Key) -> Option<Entry<Self::S>>;
-    /// [`slots::insert`] of `v` into `k`'s set, entries seen within `live_ns` kept. With
-    /// `persist_ns` ≠ 0 an entry of the key seen within that is kept and returned instead (a
-    /// pending choice another flow made; whether its backend still accepts is the caller's to
-    /// judge, so the function makes no helper call and needs almost no stack of its own).
-    fn put_in(
-        set: *mut Set<Self::S>,
-        k: &<Self::S as Slot>::Key,
-        v: &<Self::S as Slot>::Val,
-        now: u64,
-        live_ns: u64,
-        persist_ns: u64,
-    ) -> Placed;
-
     /// [`slots::find`].
-    #[inline(always)]
-    fn find(k: &<Self::S as Slot>::Key) -> Option<Entry<Self::S>> {
-        Self::find_in(Self::set_for(k)?, k)
-    }
-    /// [`Table::put_in`] of `k`'s set.
-    #[inline(always)]
+    fn find(k: &<Self::S as Slot>::Key) -> Option<Entry<Self::S>>;
+    /// [`slots::insert`] of `v` into `k`'s set, entries seen within `live_ns` counted live.
+    /// With `persist_ns` ≠ 0 an entry of the key seen within that is kept and returned instead
+    /// (a pending choice another flow made; whether its backend still accepts is the caller's
+    /// to judge, so the function makes no helper call and needs almost no stack of its own).
     fn put(
         k: &<Self::S as Slot>::Key,
         v: &<Self::S as Slot>::Val,
         now: u64,
         live_ns: u64,
         persist_ns: u64,
-    ) -> Placed {
-        match Self::set_for(k) {
-            Some(set) => Self::put_in(set, k, v, now, live_ns, persist_ns),
-            None => Placed::Busy,
-        }
-    }
+    ) -> Placed;
 }
 
 /// Declares the zero-sized [`Mem`] of one table and its global functions. These take the
@@ -168,11 +144,8 @@ macro_rules! table {
 
         impl Table for $name {
             #[inline(always)]
-            fn set_for(k: &$key) -> Option<*mut Set<$slot>> {
-                $map.get_ptr_mut(slots::set_of(&$name, k)?)
-            }
-            #[inline(always)]
-            fn find_in(set: *mut Set<$slot>, k: &$key) -> Option<Entry<$slot>> {
+            fn find(k: &$key) -> Option<Entry<$slot>> {
+                let set = $map.get_ptr_mut(slots::set_of(&$name, k)?)?;
                 let r = $locate(set, k);
                 if r == 0 {
                     return None;
@@ -185,14 +158,10 @@ macro_rules! table {
                 })
             }
             #[inline(always)]
-            fn put_in(
-                set: *mut Set<$slot>,
-                k: &$key,
-                v: &$val,
-                now: u64,
-                live_ns: u64,
-                persist_ns: u64,
-            ) -> Placed {
+            fn put(k: &$key, v: &$val, now: u64, live_ns: u64, persist_ns: u64) -> Placed {
+                let Some(set) = slots::set_of(&$name, k).and_then(|i| $map.get_ptr_mut(i)) else {
+                    return Placed::Busy;
+                };
                 let [v0, v1]: [u64; 2] = bytemuck::cast(*v);
                 let live_from = now.saturating_sub(live_ns);
                 let keep = if persist_ns != 0 { KEEP } else { 0 };
