@@ -308,6 +308,9 @@ fn load_inner(pin_dir: Option<&Path>, sizes: &TableSizes, small: bool) -> anyhow
     if !small {
         fill_tail_calls(&mut ebpf)?;
     }
+    if let Some(dir) = pin_dir {
+        drop_superseded_transient(&dir.join("maps"));
+    }
     let dataplane = AyaDataplane::from_ebpf(&mut ebpf)?;
     let tables = dataplane.aya_tables();
     for r in &mut resized {
@@ -671,8 +674,43 @@ pub fn other_layouts(maps: &Path) -> Vec<String> {
     v
 }
 
+/// Tables of unverified flows whose layout an older clb had: they only steer handshakes in
+/// flight (the half-open table, pending persistence), so a newer daemon takes over from them
+/// instead of refusing to start: established connections and persisted clients, in the
+/// verified tables, stay; a handshake under way restarts.
+const SUPERSEDED_TRANSIENT: [&str; 4] = [
+    "CLB_HALF_V1",
+    "CLB_PSESS_V1",
+    "CLB_HALF6_V1",
+    "CLB_PSESS6_V1",
+];
+
+/// Whether the pin `name` is a superseded table of unverified flows (or one being resized).
+fn superseded_transient(name: &str) -> bool {
+    SUPERSEDED_TRANSIENT.contains(&name.strip_prefix(RESIZE_PREFIX).unwrap_or(name))
+}
+
+/// Removes the pins of superseded tables of unverified flows, once this version's tables
+/// are loaded (the old program keeps its maps until it is replaced on the interfaces).
+fn drop_superseded_transient(maps: &Path) {
+    for name in other_layouts(maps) {
+        if superseded_transient(&name) {
+            match std::fs::remove_file(maps.join(&name)) {
+                Ok(()) => warn!(
+                    table = name,
+                    "replaced the table of unverified flows of an older clb (handshakes in flight restart; connections and persisted clients stay)"
+                ),
+                Err(e) => warn!(table = name, "removing an older clb's table: {e}"),
+            }
+        }
+    }
+}
+
 fn refuse_other_layouts(maps: &Path) -> anyhow::Result<()> {
-    let other = other_layouts(maps);
+    let other: Vec<String> = other_layouts(maps)
+        .into_iter()
+        .filter(|n| !superseded_transient(n))
+        .collect();
     if other.is_empty() {
         return Ok(());
     }
@@ -893,6 +931,14 @@ mod tests {
             "this version's pins are its own"
         );
         assert!(refuse_other_layouts(&maps).is_ok());
+        // An older half-open table is taken over, not a reason to refuse.
+        std::fs::write(maps.join("CLB_HALF_V1"), b"").unwrap();
+        assert!(refuse_other_layouts(&maps).is_ok());
+        drop_superseded_transient(&maps);
+        assert!(
+            !maps.join("CLB_HALF_V1").exists(),
+            "the older half-open pin goes"
+        );
         std::fs::write(maps.join("CLB_CONN_V1"), b"").unwrap();
         std::fs::write(maps.join("CLB_SESS_V1"), b"").unwrap();
         assert_eq!(other_layouts(&maps), ["CLB_CONN_V1", "CLB_SESS_V1"]);
