@@ -128,6 +128,19 @@ fn json<T: serde::Serialize>(v: T) -> Response {
     axum::Json(v).into_response()
 }
 
+/// Runs a change (blocking control-plane work) off the async threads, and answers once the
+/// HTTP listeners route by it too.
+pub async fn applied<T: Send + 'static>(
+    api: &Api,
+    f: impl FnOnce() -> ApiResult<T> + Send + 'static,
+) -> ApiResult<T> {
+    let r = blocking(f).await?;
+    api.l7
+        .caught_up(api.ctl.snapshot().generation, crate::l7::CATCH_UP)
+        .await;
+    Ok(r)
+}
+
 /// Runs blocking control-plane work off the async threads.
 pub async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> ApiResult<T> + Send + 'static,
@@ -183,7 +196,7 @@ pub async fn op_add_listener(api: &Api, spec: ListenerSpec) -> ApiResult<()> {
             .map_err(|e| ApiError(StatusCode::CONFLICT, e))?;
     }
     let ctl = api.ctl.clone();
-    blocking(move || {
+    applied(api, move || {
         Ok(ctl.change(|c| {
             if c.listeners.iter().any(|x| x.name == spec.name) {
                 return Err(ConfigError::DuplicateListener(spec.name.clone()));
@@ -198,7 +211,7 @@ pub async fn op_add_listener(api: &Api, spec: ListenerSpec) -> ApiResult<()> {
 /// Applies a JSON merge patch to a listener.
 pub async fn op_patch_listener(api: &Api, name: String, p: serde_json::Value) -> ApiResult<()> {
     let ctl = api.ctl.clone();
-    blocking(move || {
+    applied(api, move || {
         Ok(ctl.change(|c| {
             let l = find(&mut c.listeners, &name)?;
             *l = patch::apply(l, &p)?;
@@ -210,7 +223,7 @@ pub async fn op_patch_listener(api: &Api, name: String, p: serde_json::Value) ->
 
 pub async fn op_delete_listener(api: &Api, name: String) -> ApiResult<()> {
     let ctl = api.ctl.clone();
-    blocking(move || {
+    applied(api, move || {
         Ok(ctl.change(|c| {
             let before = c.listeners.len();
             c.listeners.retain(|x| x.name != name);
@@ -225,7 +238,7 @@ pub async fn op_delete_listener(api: &Api, name: String) -> ApiResult<()> {
 
 pub async fn op_add_backend(api: &Api, name: String, spec: BackendSpec) -> ApiResult<()> {
     let ctl = api.ctl.clone();
-    blocking(move || {
+    applied(api, move || {
         Ok(ctl.change(|c| {
             let l = find(&mut c.listeners, &name)?;
             if l.backends.iter().any(|x| x.addr == spec.addr) {
@@ -248,7 +261,7 @@ pub async fn op_set_weight(
     weight: u32,
 ) -> ApiResult<()> {
     let ctl = api.ctl.clone();
-    blocking(move || {
+    applied(api, move || {
         Ok(ctl.change(|c| {
             find_backend(find(&mut c.listeners, &name)?, addr)?.weight = weight;
             Ok(())
@@ -259,7 +272,7 @@ pub async fn op_set_weight(
 
 pub async fn op_delete_backend(api: &Api, name: String, addr: SocketAddr) -> ApiResult<()> {
     let ctl = api.ctl.clone();
-    blocking(move || {
+    applied(api, move || {
         Ok(ctl.change(|c| {
             let l = find(&mut c.listeners, &name)?;
             find_backend(l, addr)?;
@@ -287,7 +300,7 @@ pub async fn op_drain(
     }
     let deadline = (!req.now).then(|| Instant::now() + Duration::from_secs(u64::from(secs)));
     let ctl = api.ctl.clone();
-    blocking(move || Ok(ctl.drain(&name, addr, deadline)?)).await
+    applied(api, move || Ok(ctl.drain(&name, addr, deadline)?)).await
 }
 
 /// The listener named `name` in `specs`.
@@ -982,6 +995,6 @@ async fn stats(State(api): State<Api>) -> ApiResult<Response> {
 
 async fn reload(State(api): State<Api>) -> ApiResult<Response> {
     let ctl = api.ctl.clone();
-    blocking(move || Ok(ctl.reload()?)).await?;
+    applied(&api, move || Ok(ctl.reload()?)).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }

@@ -14,7 +14,10 @@ pub mod proxy;
 use std::{
     collections::HashMap,
     net::SocketAddr,
-    sync::{Arc, Mutex, atomic::Ordering},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
 };
 
 use anyhow::Context as _;
@@ -105,7 +108,15 @@ pub struct Proxies {
     running: Mutex<HashMap<String, Running>>,
     /// Listeners that could not start: name → why.
     failed: Mutex<HashMap<String, String>>,
+    /// The controller generation the listeners route by (see [`Proxies::caught_up`]).
+    synced: watch::Sender<u64>,
+    /// Whether [`run`] keeps them in line (a control plane without HTTP listeners' loop,
+    /// as in unit tests, has nothing to wait for).
+    following: AtomicBool,
 }
+
+/// How long an API change waits for the HTTP listeners to route by it.
+pub const CATCH_UP: std::time::Duration = std::time::Duration::from_secs(2);
 
 impl Proxies {
     pub fn new(key: CookieKey) -> Self {
@@ -113,7 +124,21 @@ impl Proxies {
             key,
             running: Mutex::new(HashMap::new()),
             failed: Mutex::new(HashMap::new()),
+            synced: watch::Sender::new(0),
+            following: AtomicBool::new(false),
         }
+    }
+
+    /// Waits, at most `timeout`, until the listeners route by the controller's snapshot of
+    /// `generation` (or a later one): an API change answers once HTTP traffic follows it,
+    /// as L4 traffic does once its maps are written.
+    pub async fn caught_up(&self, generation: u64, timeout: std::time::Duration) {
+        if !self.following.load(Ordering::Acquire) {
+            return;
+        }
+        let mut rx = self.synced.subscribe();
+        // A timeout only means the loop is slow or restarting: the change stands either way.
+        let _caught = tokio::time::timeout(timeout, rx.wait_for(|g| *g >= generation)).await;
     }
 
     /// "serving", or why listener `name` is not.
@@ -215,10 +240,9 @@ impl Proxies {
     }
 }
 
-/// The HTTP listeners' configurations in `ctl`'s latest snapshot.
-fn configs(ctl: &Controller) -> Vec<L7Config> {
-    ctl.snapshot()
-        .listeners
+/// The HTTP listeners' configurations in snapshot `snap`.
+fn configs(snap: &crate::control::state::Snapshot) -> Vec<L7Config> {
+    snap.listeners
         .iter()
         .filter_map(|l| {
             let h = l.spec.http()?;
@@ -255,8 +279,11 @@ pub const BIND_RETRY: std::time::Duration = std::time::Duration::from_secs(5);
 /// controller goes away; retries listeners that could not bind.
 pub async fn run(ctl: Arc<Controller>, proxies: Arc<Proxies>) {
     let mut rx = ctl.subscribe();
+    proxies.following.store(true, Ordering::Release);
     loop {
-        proxies.sync(configs(&ctl));
+        let snap = ctl.snapshot();
+        proxies.sync(configs(&snap));
+        proxies.synced.send_replace(snap.generation);
         let retry = !lock(&proxies.failed).is_empty();
         tokio::select! {
             r = rx.changed() => if r.is_err() {
