@@ -147,6 +147,18 @@ impl AyaTables {
         })
     }
 
+    /// The slots of the in-place table called `name` (its map entries are sets of slots);
+    /// `None` for a hash map, whose capacity is its `max_entries`.
+    fn slot_capacity(&self, name: &str) -> Option<u32> {
+        match name {
+            HALF_OPEN_MAP => Some(self.half_open.capacity()),
+            PENDING_SESSION_MAP => Some(self.pending.capacity()),
+            HALF_OPEN6_MAP => Some(self.half_open6.capacity()),
+            PENDING_SESSION6_MAP => Some(self.pending6.capacity()),
+            _ => None,
+        }
+    }
+
     /// The handle of the flow table called `name` (one of the `*_MAP` names of clb-common).
     pub fn by_name(&self, name: &str) -> Option<&MapData> {
         TABLE_MAPS
@@ -839,7 +851,10 @@ impl Reader for AyaReader {
 
     fn table_info(&self) -> Result<[TableInfo; 8], DpError> {
         let info = |m: &MapData, name: &'static str| -> Result<TableInfo, DpError> {
-            let capacity = m.info().map_err(map_err(name))?.max_entries();
+            let capacity = match self.tables.slot_capacity(name) {
+                Some(slots) => slots,
+                None => m.info().map_err(map_err(name))?.max_entries(),
+            };
             let memory_bytes = batch::memlock(m.fd().as_fd()).unwrap_or(0);
             Ok(TableInfo {
                 capacity,
@@ -849,16 +864,6 @@ impl Reader for AyaReader {
         let mut out = [TableInfo::default(); 8];
         for ((slot, m), name) in out.iter_mut().zip(self.tables.all()).zip(TABLE_MAPS) {
             *slot = info(m, name)?;
-        }
-        // The in-place tables' map entries are sets: their capacity is in slots.
-        let t = &self.tables;
-        for (i, slots) in [
-            (1, t.half_open.capacity()),
-            (3, t.pending.capacity()),
-            (5, t.half_open6.capacity()),
-            (7, t.pending6.capacity()),
-        ] {
-            out[i].capacity = slots;
         }
         Ok(out)
     }

@@ -172,7 +172,8 @@ pub struct Loaded {
 /// configured size is created, and its live entries are copied over — once now, before the
 /// new program replaces the old one on the interfaces, and once more after (entries created
 /// in between), by [`copy_resized`]. A smaller table keeps what fits (the LRU evicts
-/// the rest; an in-place table keeps the newest entries of each set). The kernel refusing the memory is an error that names the table and its size.
+/// the rest; an in-place table keeps the newest entries of each set). The kernel refusing the
+/// memory is an error that names the table and its size.
 pub fn load(pin_dir: Option<&Path>, sizes: &TableSizes) -> anyhow::Result<Loaded> {
     load_inner(pin_dir, sizes, false)
 }
@@ -434,11 +435,7 @@ fn copy_table(
 
 /// [`copy_table`] of an in-place table with slots `S`.
 fn copy_slots<S: Slot>(from: &MapData, to: &MapData, missing_only: bool) -> std::io::Result<u64> {
-    let handle = |m: &MapData| -> std::io::Result<SlotTable<S>> {
-        let id = m.info().map_err(std::io::Error::other)?.id();
-        SlotTable::new(MapData::from_id(id).map_err(std::io::Error::other)?)
-    };
-    let (from, to) = (handle(from)?, handle(to)?);
+    let (from, to) = (SlotTable::<S>::of(from)?, SlotTable::<S>::of(to)?);
     let mut n = 0u64;
     from.walk(8192, |keys, vals, _| {
         for (k, v) in keys.iter().zip(vals) {
@@ -880,8 +877,7 @@ mod tests {
     }
 
     fn slots_of(a: &Array<MapData, HalfSet>) -> SlotTable<HalfSlot> {
-        let id = a.map().info().unwrap().id();
-        SlotTable::new(MapData::from_id(id).unwrap()).unwrap()
+        SlotTable::of(a.map()).unwrap()
     }
 
     #[test]

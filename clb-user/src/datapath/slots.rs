@@ -11,7 +11,7 @@ use std::{
 };
 
 use aya::maps::MapData;
-use clb_common::slots::{self, Entry, Mem, Put, SLOT_WAYS, Slot, slot_sets};
+use clb_common::slots::{self, Entry, Mem, Put, SLOT_WAYS, Slot};
 
 /// Times a user-space insert retries a set the datapath holds at that instant.
 const PUT_TRIES: u32 = 1000;
@@ -20,7 +20,8 @@ const PUT_TRIES: u32 = 1000;
 pub struct SlotTable<S: Slot> {
     map: MapData,
     base: *mut S,
-    slots: u32,
+    /// Sets of [`SLOT_WAYS`] slots: the map's `max_entries`.
+    sets: u32,
     bytes: usize,
 }
 
@@ -45,10 +46,10 @@ impl<S: Slot> SlotTable<S> {
                 ),
             ));
         }
-        let slots = info.max_entries() * SLOT_WAYS;
+        let sets = info.max_entries();
         // SAFETY: sysconf has no preconditions.
         let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
-        let bytes = (slots as usize * size_of::<S>()).next_multiple_of(page);
+        let bytes = (sets as usize * set).next_multiple_of(page);
         // SAFETY: a fresh shared mapping of the map's fd; the kernel checks the size and that
         // the map is mmapable.
         let p = unsafe {
@@ -67,9 +68,15 @@ impl<S: Slot> SlotTable<S> {
         Ok(Self {
             map,
             base: p.cast(),
-            slots,
+            sets,
             bytes,
         })
+    }
+
+    /// Maps the table behind `map` through a handle of its own (by map id).
+    pub fn of(map: &MapData) -> io::Result<Self> {
+        let id = map.info().map_err(io::Error::other)?.id();
+        Self::new(MapData::from_id(id).map_err(io::Error::other)?)
     }
 
     /// The map handle (memory accounting, ids).
@@ -79,13 +86,13 @@ impl<S: Slot> SlotTable<S> {
 
     /// Slots the table has.
     pub fn capacity(&self) -> u32 {
-        self.slots
+        self.sets * SLOT_WAYS
     }
 
     /// Walks every non-empty slot, `batch` slots at a time: `f(keys, values, handles)` of the
     /// batch's non-empty slots; stops when `f` returns false.
     pub fn walk(&self, batch: usize, mut f: impl FnMut(&[S::Key], &[S::Val], &[Entry<S>]) -> bool) {
-        let used = self.slots;
+        let used = self.capacity();
         let (mut keys, mut vals, mut handles) = (Vec::new(), Vec::new(), Vec::new());
         let mut i = 0;
         while i < used {
@@ -168,7 +175,7 @@ impl<S: Slot> Mem for SlotTable<S> {
         (i < self.sets()).then(|| unsafe { self.base.add((i * SLOT_WAYS) as usize) })
     }
     fn sets(&self) -> u32 {
-        slot_sets(self.slots)
+        self.sets
     }
     unsafe fn fetch_or(p: *mut u32, v: u32) -> u32 {
         // SAFETY: `p` is a slot's 4-byte aligned `seq` in the mapping (caller); every access to
