@@ -5,8 +5,8 @@
 //! entries would be evicted before a handshake completes) it switches flood mode on for all
 //! CPUs until `FLOOD_HOLD_NS` after the last window over it; a new flow that finds its
 //! half-open set full switches it on too. In flood mode new flows are placed by the stateless
-//! hash (TCP SYNs write nothing); their next packets and replies recompute the same backend. The shared word is written at most once per window per CPU during a flood, never
-//! otherwise.
+//! hash (TCP SYNs write nothing); their next packets and replies recompute the same backend.
+//! The shared word is written at most once per window per CPU during a flood, never otherwise.
 
 use clb_common::{
     CpuState, FLOOD_HOLD_NS, FLOOD_WINDOW_NS, NS_PER_SEC, RST_TOKEN_SCALE, SharedState, counter,

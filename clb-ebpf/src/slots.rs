@@ -118,7 +118,7 @@ macro_rules! table {
             live_from: u64,
         ) -> u64 {
             // SAFETY: as above.
-            let (Some(set), Some(k)) = (unsafe { (set.as_mut(), k.as_ref()) }) else {
+            let (Some(set), Some(k)) = (unsafe { set.as_mut() }, unsafe { k.as_ref() }) else {
                 return 1;
             };
             let v: $val = bytemuck::cast([v0, v1]);
