@@ -142,7 +142,7 @@ pub const BACKEND_ADDR_MAP: &str = "CLB_BE_ADDR_V1";
 /// [`ConnKey`] → [`ConnValue`], the connection table: verified flows (LRU).
 pub const CONN_MAP: &str = "CLB_CONN_V2";
 /// [`HalfSlot`]s, the half-open table: unverified flows (an in-place table, see [`slots`]).
-pub const HALF_OPEN_MAP: &str = "CLB_HALF_V2";
+pub const HALF_OPEN_MAP: &str = "CLB_HALF_V3";
 /// [`SessionKey`] → [`SessionValue`], the persistence table: clients with a verified flow (LRU).
 pub const SESSION_MAP: &str = "CLB_SESS_V2";
 /// [`PendSlot`]s, pending persistence: clients seen only in unverified flows, so parallel
@@ -183,7 +183,7 @@ pub const BACKEND_ADDR6_MAP: &str = "CLB_BE_ADDR6_V1";
 /// [`ConnKey6`] → [`ConnValue`]: verified IPv6 flows (LRU).
 pub const CONN6_MAP: &str = "CLB_CONN6_V1";
 /// [`HalfSlot6`]s: unverified IPv6 flows (in-place).
-pub const HALF_OPEN6_MAP: &str = "CLB_HALF6_V2";
+pub const HALF_OPEN6_MAP: &str = "CLB_HALF6_V3";
 /// [`SessionKey6`] → [`SessionValue`]: IPv6 clients with a verified flow (LRU).
 pub const SESSION6_MAP: &str = "CLB_SESS6_V1";
 /// [`PendSlot6`]s: pending IPv6 persistence (in-place).
@@ -676,28 +676,39 @@ pub const HALF_UDP: u8 = 2;
 /// (DSR) promotes it.
 pub const HALF_ADOPTED: u8 = 3;
 
-/// Half-open flag: a normal backend packet was seen (NAT).
+/// Half-open flag: the backend answered (NAT): a UDP flow's backend sent a datagram, or a TCP
+/// SYN entry's backend sent its SYN-ACK, whose initial sequence number is then in
+/// [`HalfOpenValue::backend_isn`].
 pub const HALF_F_REPLIED: u8 = 1;
 /// Half-open flag: the backend was picked by the stateless hash (flood mode).
 pub const HALF_F_HASHED: u8 = 2;
+/// Half-open flag (DSR, TCP SYN entries): the client's handshake-completing ACK was seen. On a
+/// DSR listener that ACK proves nothing (clb never sees the backend's SYN-ACK, so it cannot
+/// check the acknowledged number): the flow is promoted on a later client segment carrying
+/// data.
+pub const HALF_F_ACKED: u8 = 4;
 
-/// Value of [`HALF_OPEN_MAP`].
+/// Value of [`HALF_OPEN_MAP`] (16 bytes: an in-place slot stays 32, and an insert passes it
+/// in two registers).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct HalfOpenValue {
     /// Last packet, `CLOCK_MONOTONIC` ns.
     pub last_seen_ns: u64,
-    /// Backend id.
-    pub backend: u32,
+    /// TCP on a NAT listener: the backend's initial sequence number (host order), from its
+    /// SYN-ACK, valid once [`HALF_F_REPLIED`] is set. The client's ACK completes the handshake
+    /// only if it acknowledges exactly this number + 1: proof that the client received the
+    /// SYN-ACK, which an off-path sender of spoofed packets never sees.
+    pub backend_isn: u32,
+    /// Backend id (below [`MAX_BACKENDS`], so 16 bits hold it).
+    pub backend: u16,
     /// `HALF_*` kind.
     pub kind: u8,
     /// `HALF_F_*` bits.
     pub flags: u8,
-    /// Client packets seen.
-    pub packets: u8,
-    pub _pad: u8,
 }
 const _: () = assert!(core::mem::size_of::<HalfOpenValue>() == 16);
+const _: () = assert!(MAX_BACKENDS <= 1 << 16);
 
 /// Key of [`SESSION_MAP`] and [`PENDING_SESSION_MAP`].
 #[repr(C)]
@@ -999,6 +1010,9 @@ pub mod counter {
     /// New unverified flows whose set another CPU was writing at that instant: placed by the
     /// stateless hash without state (flood mode switched on so their next packets agree).
     pub const SLOT_BUSY: u32 = 24;
+    /// Handshake-completing ACKs (NAT) that did not acknowledge the backend's SYN-ACK (no
+    /// SYN-ACK seen, or another number): sent blind, so they verify nothing.
+    pub const HALF_OPEN_UNPROVEN: u32 = 25;
 
     /// First drop reason: IPv4 header length below 20 bytes.
     pub const DROP_BAD_IHL: u32 = 32;
@@ -1076,6 +1090,7 @@ pub mod counter {
         n[HALF_OPEN_EVICTED as usize] = "half_open_evicted";
         n[PENDING_EVICTED as usize] = "pending_evicted";
         n[SLOT_BUSY as usize] = "slot_busy";
+        n[HALF_OPEN_UNPROVEN as usize] = "half_open_unproven";
         n[DROP_BAD_IHL as usize] = "drop_bad_ihl";
         n[DROP_TRUNCATED_IP as usize] = "drop_truncated_ip";
         n[DROP_TRUNCATED_L4 as usize] = "drop_truncated_l4";

@@ -638,11 +638,10 @@ mod tests {
     fn val(t: u64, backend: u32) -> HalfOpenValue {
         HalfOpenValue {
             last_seen_ns: t,
-            backend,
+            backend_isn: 0,
+            backend: backend as u16,
             kind: 1,
             flags: 0,
-            packets: 1,
-            _pad: 0,
         }
     }
 
@@ -657,11 +656,11 @@ mod tests {
         ));
         assert_eq!(t.get(&k).map(|v| v.backend), Some(3));
         let e = find(&t, &k).unwrap();
-        assert!(update::<Table>(&e, |v| v.packets = 9));
-        assert_eq!(t.get(&k).map(|v| v.packets), Some(9));
+        assert!(update::<Table>(&e, |v| v.backend_isn = 9));
+        assert_eq!(t.get(&k).map(|v| v.backend_isn), Some(9));
         // `e` is stale now: a change through it is refused.
-        assert!(!update::<Table>(&e, |v| v.packets = 1));
-        assert_eq!(t.get(&k).map(|v| v.packets), Some(9));
+        assert!(!update::<Table>(&e, |v| v.backend_isn = 1));
+        assert_eq!(t.get(&k).map(|v| v.backend_isn), Some(9));
         let e = find(&t, &k).unwrap();
         assert!(remove::<Table>(&e));
         assert!(find(&t, &k).is_none());
@@ -738,7 +737,7 @@ mod tests {
 
     #[test]
     fn concurrent_writers_never_tear_an_entry_and_one_insert_wins() {
-        // Writers rewrite a few keys with values whose backend mirrors their time; readers
+        // Writers rewrite a few keys with values whose sequence number mirrors their time; readers
         // must only ever see matching pairs. Separately, racing "insert unless present"
         // calls for one key all end up with the first one's value.
         let t = Table::new(64);
@@ -752,11 +751,15 @@ mod tests {
                     while !stop.load(Ordering::Relaxed) {
                         let stamp = i * 4 + w;
                         let k = key((i % 5) as u32, 1);
-                        insert(t, &k, &val(stamp, stamp as u32), u64::MAX, |_| false);
+                        let v = HalfOpenValue {
+                            backend_isn: stamp as u32,
+                            ..val(stamp, 0)
+                        };
+                        insert(t, &k, &v, u64::MAX, |_| false);
                         if let Some(e) = find(t, &k) {
                             update::<Table>(&e, |v| {
                                 v.last_seen_ns += 1;
-                                v.backend += 1;
+                                v.backend_isn += 1;
                             });
                         }
                         i += 1;
@@ -769,7 +772,7 @@ mod tests {
                 for _ in 0..200_000 {
                     for c in 0..5u32 {
                         if let Some(v) = t.get(&key(c, 1)) {
-                            assert_eq!(v.last_seen_ns as u32, v.backend, "torn entry {v:?}");
+                            assert_eq!(v.last_seen_ns as u32, v.backend_isn, "torn entry {v:?}");
                             seen += 1;
                         }
                     }
@@ -792,7 +795,7 @@ mod tests {
                             loop {
                                 match insert(t, &k, &val(1, b), u64::MAX, |_| true) {
                                     Put::Inserted { .. } => return b,
-                                    Put::Existing(e) => return e.val().backend,
+                                    Put::Existing(e) => return u32::from(e.val().backend),
                                     Put::Busy => std::hint::spin_loop(),
                                 }
                             }

@@ -150,4 +150,41 @@ impl<F: Family> Pkt<F> {
     pub fn is_plain_ack(&self) -> bool {
         self.is_tcp() && self.tcp_flags & (TCP_SYN | TCP_RST | TCP_ACK) == TCP_ACK
     }
+    /// A SYN-ACK: a backend's answer to a SYN.
+    #[inline(always)]
+    pub fn is_syn_ack(&self) -> bool {
+        self.is_tcp() && self.tcp_flags & (TCP_SYN | TCP_RST | TCP_ACK) == TCP_SYN | TCP_ACK
+    }
+    /// The TCP segment's sequence number (host order); 0 if the header cannot be read (it was
+    /// parsed before, so it always can).
+    #[inline(always)]
+    pub fn tcp_seq(&self, ctx: &XdpContext) -> u32 {
+        self.tcp_word(ctx, 4)
+    }
+    /// The TCP segment's acknowledgment number (host order).
+    #[inline(always)]
+    pub fn tcp_ack(&self, ctx: &XdpContext) -> u32 {
+        self.tcp_word(ctx, 8)
+    }
+    /// Whether the TCP segment carries data (the IP packet ends past its TCP header).
+    #[inline(always)]
+    pub fn tcp_has_data(&self, ctx: &XdpContext) -> bool {
+        let Ok(b) = crate::parse::ptr_at::<[u8; 13]>(ctx, self.l4_off) else {
+            return false;
+        };
+        // SAFETY: `ptr_at` checked the frame holds these 13 bytes.
+        let doff = usize::from(unsafe { (*b)[12] } >> 4) * 4;
+        crate::parse::IP_OFF + usize::from(self.ip_len) > self.l4_off + doff
+    }
+    #[inline(always)]
+    fn tcp_word(&self, ctx: &XdpContext, at: usize) -> u32 {
+        // Read on the few paths that need them, not parsed for every packet.
+        match crate::parse::ptr_at::<[u8; 12]>(ctx, self.l4_off) {
+            // SAFETY: `ptr_at` checked the frame holds these 12 bytes.
+            Ok(b) => unsafe {
+                u32::from_be_bytes([(*b)[at], (*b)[at + 1], (*b)[at + 2], (*b)[at + 3]])
+            },
+            Err(()) => 0,
+        }
+    }
 }

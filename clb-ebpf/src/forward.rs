@@ -8,7 +8,8 @@
 //!   in flood mode, where the stateless hash decides.
 //! - A packet of a closed (FIN/RST) connection whose ports a new handshake (a half-open SYN
 //!   entry) took: the new handshake's path below.
-//! - TCP ACK completing a handshake (half-open SYN entry): promoted to the connection table,
+//! - TCP ACK completing a handshake (half-open SYN entry) that proves it (NAT: it acknowledges
+//!   the backend's SYN-ACK; DSR: a data segment after it): promoted to the connection table,
 //!   the client's persistence committed.
 //! - Other TCP without state: a Maglev listener, a persisted client or flood mode give a
 //!   backend (the one the flow began on, unless the backend set changed); the flow is adopted
@@ -19,8 +20,9 @@
 
 use aya_ebpf::{bindings::xdp_action, helpers::bpf_ktime_get_ns, programs::XdpContext};
 use clb_common::{
-    CONN_OPEN, HALF_ADOPTED, HALF_F_HASHED, HALF_F_REPLIED, HALF_SYN, HALF_UDP, LISTENER_F_ACTIVE,
-    LISTENER_F_DSR, LISTENER_F_MAGLEV, LISTENER_F_SHARED_BACKENDS, ListenerInfo, counter,
+    CONN_OPEN, HALF_ADOPTED, HALF_F_ACKED, HALF_F_HASHED, HALF_F_REPLIED, HALF_SYN, HALF_UDP,
+    HalfOpenValue, LISTENER_F_ACTIVE, LISTENER_F_DSR, LISTENER_F_MAGLEV,
+    LISTENER_F_SHARED_BACKENDS, ListenerInfo, counter,
 };
 
 use crate::{
@@ -107,6 +109,30 @@ pub fn client_packet<F: Family>(ctx: &XdpContext, ip: *mut F::Hdr, p: &Pkt<F>, i
     }
 }
 
+/// Whether a client's TCP packet (not an RST) proves its unverified flow `v` real, so that the
+/// flow may enter the verified tables (docs/datapath.md, "Verification"):
+/// - NAT, a SYN entry: an ACK that acknowledges the backend's SYN-ACK (its initial sequence
+///   number + 1). The SYN-ACK went to the client's address, so only a sender who receives at
+///   that address knows the number: a spoofed SYN's blind ACK guesses one of 2^32.
+/// - DSR, a SYN entry: clb never sees the SYN-ACK, so no number can be checked. The
+///   handshake's ACK only marks the entry ([`HALF_F_ACKED`]); a later segment carrying data
+///   promotes it. A bare SYN + ACK pair never does; an off-path sender needs a third packet.
+/// - DSR, an adopted flow: a segment carrying data after its first packet.
+///
+/// (NAT adopted flows are proven by their backend's answer, on the reply path.)
+#[inline(always)]
+fn proven<F: Family>(ctx: &XdpContext, p: &Pkt<F>, v: &HalfOpenValue, dsr: bool) -> bool {
+    match v.kind {
+        HALF_SYN if !p.is_plain_ack() => false,
+        HALF_SYN if dsr => v.flags & HALF_F_ACKED != 0 && p.tcp_has_data(ctx),
+        HALF_SYN => {
+            v.flags & HALF_F_REPLIED != 0 && p.tcp_ack(ctx) == v.backend_isn.wrapping_add(1)
+        }
+        HALF_ADOPTED => dsr && p.tcp_has_data(ctx),
+        _ => false,
+    }
+}
+
 /// Whether a TCP packet of a connection in `state` belongs to a new handshake on the same
 /// ports instead: the connection is closing (FIN/RST) and the key has a live SYN half-open
 /// entry, whose path (its ACK promotes it over the closed entry) decides.
@@ -137,11 +163,11 @@ fn tcp_unverified<F: Family>(
     if p.is_syn() {
         if let Some(h) = &half
             && h.val().kind == HALF_SYN
-            && backends::present(h.val().backend).is_some()
+            && backends::present(u32::from(h.val().backend)).is_some()
         {
             // A retransmitted SYN: the handshake stays where it began.
             halfopen::touch::<F>(h, now);
-            let b = h.val().backend;
+            let b = u32::from(h.val().backend);
             return send(ctx, ip, p, lsn, id, b, now);
         }
         let flood = flood::note_new_flow(now);
@@ -167,19 +193,29 @@ fn tcp_unverified<F: Family>(
         return send(ctx, ip, p, lsn, id, b, now);
     }
     if let Some(h) = &half
-        && backends::present(h.val().backend).is_some()
+        && backends::present(u32::from(h.val().backend)).is_some()
     {
-        let b = h.val().backend;
+        let b = u32::from(h.val().backend);
         if p.is_rst() {
             // The client gave up on the handshake (or a spoofer tried): forget it.
             halfopen::remove::<F>(h);
             stats::count(counter::HALF_OPEN_CLOSED);
-        } else if (h.val().kind == HALF_SYN && p.is_plain_ack())
-            || (h.val().kind == HALF_ADOPTED && dsr && h.val().packets >= 1)
-        {
+        } else if proven(ctx, p, h.val(), dsr) {
             promote(key, Some(h), lsn, id, flow, b, p, now);
         } else {
-            halfopen::note_packet::<F>(h, now);
+            let v = h.val();
+            let mut flags = 0;
+            if v.kind == HALF_SYN && p.is_plain_ack() {
+                if dsr {
+                    flags = HALF_F_ACKED;
+                } else {
+                    // A handshake's ACK that does not acknowledge the backend's SYN-ACK: sent
+                    // blind (its sender never saw it). It goes on to the backend, which
+                    // answers it with an RST; it proves nothing.
+                    stats::count(counter::HALF_OPEN_UNPROVEN);
+                }
+            }
+            halfopen::note_packet::<F>(h, now, flags);
         }
         return send(ctx, ip, p, lsn, id, b, now);
     }
@@ -235,13 +271,13 @@ fn udp_unverified<F: Family>(
     let dsr = lsn.flags & LISTENER_F_DSR != 0;
     if let Some(h) = halfopen::live::<F>(key, now)
         && h.val().kind == HALF_UDP
-        && backends::present(h.val().backend).is_some()
+        && backends::present(u32::from(h.val().backend)).is_some()
     {
-        let b = h.val().backend;
-        if h.val().flags & HALF_F_REPLIED != 0 || (dsr && h.val().packets >= 1) {
+        let b = u32::from(h.val().backend);
+        if h.val().flags & HALF_F_REPLIED != 0 || dsr {
             promote(key, Some(&h), lsn, id, flow, b, p, now);
         } else {
-            halfopen::note_packet::<F>(&h, now);
+            halfopen::note_packet::<F>(&h, now, 0);
         }
         return send(ctx, ip, p, lsn, id, b, now);
     }

@@ -51,16 +51,31 @@ pub fn touch<F: Family>(h: &Half<F>, now: u64) {
     }
 }
 
-/// Counts a client packet of an unverified flow (and refreshes it).
+/// Notes a client packet of an unverified flow: refreshes it (at most every `REFRESH_NS`) and
+/// sets `flags`.
 #[inline(always)]
-pub fn note_packet<F: Family>(h: &Half<F>, now: u64) {
+pub fn note_packet<F: Family>(h: &Half<F>, now: u64, flags: u8) {
     let v = h.val();
-    if v.packets < u8::MAX || now >= v.last_seen_ns + REFRESH_NS {
+    if now >= v.last_seen_ns + REFRESH_NS || v.flags & flags != flags {
         slots::update::<F::Half>(h, |v| {
-            v.packets = v.packets.saturating_add(1);
+            v.flags |= flags;
             if now >= v.last_seen_ns + REFRESH_NS {
                 v.last_seen_ns = now;
             }
+        });
+    }
+}
+
+/// Records a backend's SYN-ACK on a SYN entry: its initial sequence number, which the client's
+/// handshake-completing ACK must acknowledge. A retransmitted SYN-ACK carries the same number;
+/// a new one (the client's port reused) replaces it.
+#[inline(always)]
+pub fn note_syn_ack<F: Family>(h: &Half<F>, isn: u32) {
+    let v = h.val();
+    if v.flags & HALF_F_REPLIED == 0 || v.backend_isn != isn {
+        slots::update::<F::Half>(h, |v| {
+            v.flags |= HALF_F_REPLIED;
+            v.backend_isn = isn;
         });
     }
 }
@@ -82,11 +97,11 @@ pub fn note_reply<F: Family>(h: &Half<F>) {
 pub fn insert<F: Family>(key: &F::Key, backend: u32, kind: u8, flags: u8, now: u64) -> bool {
     let v = HalfOpenValue {
         last_seen_ns: now,
-        backend,
+        backend_isn: 0,
+        // Backend ids are below `MAX_BACKENDS` (2^16).
+        backend: backend as u16,
         kind,
         flags,
-        packets: 1,
-        _pad: 0,
     };
     match F::Half::put(key, &v, now, timeout_ns(), 0) {
         Placed::Stored { evicted } => {

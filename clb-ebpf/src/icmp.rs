@@ -102,7 +102,7 @@ pub fn to_vip(ctx: &XdpContext, ip: *mut Ipv4Hdr) -> u32 {
     let backend = match conntrack::live::<V4>(&key, lsn, now) {
         Some(c) => c.backend,
         None => match halfopen::live::<V4>(&key, now) {
-            Some(h) => h.val().backend,
+            Some(h) => u32::from(h.val().backend),
             None => return xdp_action::XDP_PASS,
         },
     };

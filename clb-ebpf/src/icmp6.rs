@@ -152,7 +152,7 @@ fn find(ctx: &XdpContext, ip: *const Ipv6Hdr, q: &mut Quote) -> u32 {
     let backend = match conntrack::live::<V6>(&key, lsn, now) {
         Some(c) => c.backend,
         None => match halfopen::live::<V6>(&key, now) {
-            Some(h) => h.val().backend,
+            Some(h) => u32::from(h.val().backend),
             None => return PASS,
         },
     };

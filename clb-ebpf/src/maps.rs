@@ -73,7 +73,7 @@ pub static CLB_CONN_V2: LruHashMap<ConnKey, ConnValue, { DEFAULT_CONNS as usize 
 /// Half-open table, unverified flows: SYN seen, new UDP flow, adopted mid-stream flow. An
 /// in-place table: sets of [`HalfSlot`]s.
 #[btf_map]
-pub static CLB_HALF_V2: Array<[HalfSlot; WAYS], { DEFAULT_HALF_OPEN as usize / WAYS }, MMAPABLE> =
+pub static CLB_HALF_V3: Array<[HalfSlot; WAYS], { DEFAULT_HALF_OPEN as usize / WAYS }, MMAPABLE> =
     Array::new();
 
 /// Persistence table: (masked client IP, listener) → backend, last seen; clients with at
@@ -165,7 +165,7 @@ pub static CLB_CONN6_V1: LruHashMap<ConnKey6, ConnValue, { DEFAULT_CONNS6 as usi
 
 /// Unverified IPv6 flows (in-place).
 #[btf_map]
-pub static CLB_HALF6_V2: Array<
+pub static CLB_HALF6_V3: Array<
     [HalfSlot6; WAYS],
     { DEFAULT_HALF_OPEN6 as usize / WAYS },
     MMAPABLE,

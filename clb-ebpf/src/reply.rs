@@ -1,13 +1,15 @@
 //! Backend → client packets (NAT listeners): find the flow they answer, NAT the source back to
 //! the VIP, forward. A normal answer is also what verifies an unverified flow: a UDP flow is
-//! marked answered (its next client packet promotes it), an adopted TCP flow is promoted at
-//! once. A backend's RST verifies nothing (a spoofed mid-stream packet is answered by one),
-//! nor does its SYN-ACK (a spoofed SYN is answered by one).
+//! marked answered (its next client packet promotes it), an adopted TCP flow or a handshake
+//! is promoted at once. A backend's SYN-ACK records its initial sequence number, which the
+//! client's ACK must acknowledge to complete the handshake; it verifies nothing itself (a
+//! spoofed SYN is answered by one), nor does an RST (a spoofed mid-stream packet is answered
+//! by one).
 //! Anything else from a backend address passes to the stack untouched.
 
 use aya_ebpf::{bindings::xdp_action, helpers::bpf_ktime_get_ns, programs::XdpContext};
 use clb_common::{
-    HALF_ADOPTED, HALF_UDP, LISTENER_F_DSR, MAX_LISTENERS_PER_BACKEND_ADDR, NO_LISTENER, counter,
+    HALF_SYN, HALF_UDP, LISTENER_F_DSR, MAX_LISTENERS_PER_BACKEND_ADDR, NO_LISTENER, counter,
 };
 
 use crate::{
@@ -72,15 +74,23 @@ pub fn backend_packet<F: Family>(ctx: &XdpContext, ip: *mut F::Hdr, p: &Pkt<F>) 
             return answer(ctx, ip, p, id, b, F::vip(lsn, id), lsn.port, now);
         }
         if let Some(h) = halfopen::live::<F>(&key, now)
-            && ours(h.val().backend)
+            && ours(u32::from(h.val().backend))
         {
-            let b = h.val().backend;
-            if !p.is_rst() {
-                if h.val().kind == HALF_UDP {
-                    halfopen::note_reply::<F>(&h);
-                } else if h.val().kind == HALF_ADOPTED && !p.has_syn() {
-                    forward::promote(&key, Some(&h), lsn, id, &flow, b, p, now);
-                }
+            let b = u32::from(h.val().backend);
+            let kind = h.val().kind;
+            if kind == HALF_SYN && p.is_syn_ack() {
+                // The number the client's ACK must acknowledge to prove itself.
+                halfopen::note_syn_ack::<F>(&h, p.tcp_seq(ctx));
+            } else if p.is_rst() {
+                // Verifies nothing (a spoofed flow's packets are answered by one), and ends
+                // nothing: a spoofed ACK on a real client's handshake is answered by an RST
+                // too, while the client's own ACK still completes it.
+            } else if kind == HALF_UDP {
+                halfopen::note_reply::<F>(&h);
+            } else if !p.has_syn() {
+                // A backend's normal segment on a SYN or adopted entry: its connection is
+                // established, which a spoofed handshake never gets to.
+                forward::promote(&key, Some(&h), lsn, id, &flow, b, p, now);
             }
             return answer(ctx, ip, p, id, b, F::vip(lsn, id), lsn.port, now);
         }

@@ -17,7 +17,7 @@ use clb_common::{
 };
 
 use crate::maps::{
-    CLB_HALF_V2, CLB_HALF6_V2, CLB_PSESS_V2, CLB_PSESS6_V2, CLB_SLOT_SETS, CLB_SLOT_SETS6,
+    CLB_HALF_V3, CLB_HALF6_V3, CLB_PSESS_V2, CLB_PSESS6_V2, CLB_SLOT_SETS, CLB_SLOT_SETS6,
 };
 
 /// What [`Table::put`] did.
@@ -205,7 +205,7 @@ table!(
     HalfSlot,
     ConnKey,
     HalfOpenValue,
-    CLB_HALF_V2,
+    CLB_HALF_V3,
     CLB_SLOT_SETS,
     clb_locate_half,
     clb_insert_half
@@ -216,7 +216,7 @@ table!(
     HalfSlot6,
     ConnKey6,
     HalfOpenValue,
-    CLB_HALF6_V2,
+    CLB_HALF6_V3,
     CLB_SLOT_SETS6,
     clb_locate_half6,
     clb_insert_half6

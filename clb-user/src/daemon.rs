@@ -149,6 +149,64 @@ fn cpus() -> u32 {
     u32::try_from(n).unwrap_or(1).max(1)
 }
 
+/// File descriptors kept for the control plane whatever the HTTP clients take: the API and its
+/// clients, the config file, the pins and map handles, health checks, BIRD, the console.
+pub const CONTROL_FDS: u64 = 256;
+
+/// Raises the soft limit of open files to the hard one (a shell's `ulimit -n 1024` is often
+/// far below what the host allows); returns the soft limit in force.
+fn raise_nofile() -> u64 {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain syscalls on a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) != 0 {
+            warn!(
+                "getrlimit(RLIMIT_NOFILE): {}",
+                std::io::Error::last_os_error()
+            );
+            return 1024;
+        }
+        if r.rlim_cur < r.rlim_max {
+            let want = libc::rlimit {
+                rlim_cur: r.rlim_max,
+                rlim_max: r.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &want) == 0 {
+                info!(
+                    from = r.rlim_cur,
+                    to = r.rlim_max,
+                    "raised the open-files limit to its hard limit"
+                );
+                r.rlim_cur = r.rlim_max;
+            } else {
+                warn!(
+                    "could not raise the open-files limit from {}: {}",
+                    r.rlim_cur,
+                    std::io::Error::last_os_error()
+                );
+            }
+        }
+    }
+    r.rlim_cur
+}
+
+/// Client connections the HTTP listeners may hold at once under an open-files limit of
+/// `nofile`: two descriptors each (client and backend), after [`CONTROL_FDS`] (and an eighth
+/// of the limit, for idle backend connections in the pools) are set aside.
+fn http_connection_budget(nofile: u64) -> usize {
+    let reserve = CONTROL_FDS + nofile / 8;
+    let budget = nofile.saturating_sub(reserve) / 2;
+    info!(
+        nofile,
+        http_connections = budget,
+        "HTTP listeners hold at most this many client connections at once (2 descriptors each; the rest is the control plane's)"
+    );
+    usize::try_from(budget).unwrap_or(usize::MAX)
+}
+
 /// Tells systemd (`Type=notify`) the daemon's state, if it runs under it.
 fn sd_notify(state: &str) {
     let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
@@ -181,6 +239,7 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
         bail!("--iface needs at least one interface");
     }
     let cfg = read_config(&opts)?;
+    let http_budget = http_connection_budget(raise_nofile());
     if loader::ensure_bpffs(&opts.bpffs)? {
         info!(dir = %opts.bpffs.display(), "bpffs was not mounted; mounted it");
     }
@@ -273,7 +332,10 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
     let key_path = opts.state_dir.join("cookie.key");
     let cookie_key = l7::load_or_create_key(&key_path)
         .with_context(|| format!("loading the HTTP cookie key {}", key_path.display()))?;
-    let proxies = Arc::new(l7::Proxies::new(cookie_key));
+    let proxies = Arc::new(l7::Proxies::new(
+        cookie_key,
+        l7::ConnBudget::new(http_budget),
+    ));
     let speaker = match bgp_spec {
         Some(spec) => Some(Arc::new(Speaker::new(spec, &opts.state_dir, &opts.bird)?)),
         None => None,
@@ -520,16 +582,36 @@ async fn flood_watch(ctl: Arc<Controller>) -> anyhow::Result<()> {
     }
 }
 
-/// Notices a datapath torn down under the daemon (`clb teardown --force`).
+/// Notices a datapath torn down under the daemon (`clb teardown --force`): only pins that are
+/// gone count. A failure to look (EMFILE when clients hold every descriptor, ENOMEM) is logged
+/// once per kind of error and looked at again a second later; it never detaches anything.
 async fn watchdog(ctl: Arc<Controller>, bpffs: PathBuf) -> anyhow::Result<()> {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut failing: Option<std::io::ErrorKind> = None;
     loop {
         tick.tick().await;
-        if ctl.detached().is_none() && !loader::attached(&bpffs) {
-            ctl.set_detached(format!(
+        if ctl.detached().is_some() {
+            continue;
+        }
+        match loader::attached(&bpffs) {
+            Ok(true) => {
+                if failing.take().is_some() {
+                    info!(pins = %bpffs.display(), "the datapath's pins can be read again");
+                }
+            }
+            Ok(false) => ctl.set_detached(format!(
                 "its pins under {} were removed (clb teardown)",
                 bpffs.display()
-            ));
+            )),
+            Err(e) => {
+                if failing != Some(e.kind()) {
+                    warn!(
+                        pins = %bpffs.display(),
+                        "cannot look at the datapath's pins ({e}); looking again every second, the datapath is taken as attached"
+                    );
+                }
+                failing = Some(e.kind());
+            }
         }
     }
 }

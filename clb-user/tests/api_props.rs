@@ -383,7 +383,7 @@ fn harness(case: u64) -> Harness {
     let key = load_or_create_key(&dir.join("cookie.key")).expect("key");
     let api = Api {
         ctl: ctl.clone(),
-        l7: Arc::new(Proxies::new(key)),
+        l7: Arc::new(Proxies::new(key, clb::l7::ConnBudget::new(1000))),
         bgp: None,
     };
     let app = clb::api::server::router(api);

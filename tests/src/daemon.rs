@@ -66,6 +66,8 @@ pub struct Daemon {
     ifaces: String,
     extra: Vec<String>,
     env: Vec<(String, String)>,
+    /// RLIMIT_NOFILE (soft and hard) the daemon starts with, as `ulimit -n N` leaves it.
+    nofile: Option<u64>,
     runs: u32,
 }
 
@@ -93,12 +95,25 @@ impl Daemon {
         extra: &[&str],
         env: &[(&str, &str)],
     ) -> Self {
+        let mut d = Self::prepare(ns, ifaces, config, extra, env);
+        d.spawn();
+        d
+    }
+
+    /// The daemon's directory and config, not started yet.
+    fn prepare(
+        ns: &crate::netns::NetNs,
+        ifaces: &str,
+        config: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Self {
         let name = crate::netns::unique_name("d");
         let dir = std::env::temp_dir().join(&name);
         fs::create_dir_all(&dir).expect("daemon dir");
         let cfg = dir.join("clb.toml");
         fs::write(&cfg, config).expect("writing config");
-        let mut d = Daemon {
+        Daemon {
             child: None,
             bpffs: PathBuf::from("/sys/fs/bpf").join(&name),
             api: dir.join("api.sock"),
@@ -111,8 +126,16 @@ impl Daemon {
                 .iter()
                 .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
                 .collect(),
+            nofile: None,
             runs: 0,
-        };
+        }
+    }
+
+    /// [`Daemon::start`] with the open-files limit (soft and hard) at `nofile`, as a shell's
+    /// `ulimit -n` leaves it.
+    pub fn start_nofile(topo: &Topology, config: &str, nofile: u64) -> Self {
+        let mut d = Self::prepare(&topo.lb, &topo.iface_list(), config, &[], &[]);
+        d.nofile = Some(nofile);
         d.spawn();
         d
     }
@@ -142,6 +165,22 @@ impl Daemon {
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log fd"))
             .stderr(log);
+        if let Some(n) = self.nofile {
+            let lim = libc::rlimit {
+                rlim_cur: n,
+                rlim_max: n,
+            };
+            // SAFETY: setrlimit is async-signal-safe; it only touches the child's limits.
+            unsafe {
+                std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) == 0 {
+                        Ok(())
+                    } else {
+                        Err(std::io::Error::last_os_error())
+                    }
+                });
+            }
+        }
         let child = cmd.spawn().expect("spawning the clb daemon");
         self.child = Some(child);
         let ready = wait_for(Duration::from_secs(20), || {

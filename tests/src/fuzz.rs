@@ -10,6 +10,13 @@
 //!   and port; DSR: the VIP, to the backend's MAC; an ICMP or ICMPv6 error: the backend's
 //!   address) or back from a VIP (reply path);
 //! - an `XDP_TX` frame is a TCP RST from a VIP to the sender, with valid checksums;
+//! - no flow enters the verified tables without proof (`half_open_promote` moves only for):
+//!   on a NAT listener, a client's ACK that acknowledges the backend's recorded SYN-ACK
+//!   (sequence number + 1), or a backend's segment that is neither a SYN-ACK nor an RST; on
+//!   a DSR listener, a client's data segment after the handshake's ACK (or after an adopted
+//!   flow's first packet); UDP after the two-way exchange (not checked: UDP has no proof to
+//!   check). Blind ACKs of every kind — random numbers, before any SYN-ACK, bare SYN + ACK
+//!   pairs on DSR — are generated against half-open entries with and without a SYN-ACK;
 //! - at the end, the verdict counters add up to the frames sent.
 //!
 //! About a third of the frames are IPv6 (extension headers within and past the parser's
@@ -27,14 +34,17 @@ use std::{
 };
 
 use clb::control::model::{BackendSpec, Forward, Kind, ListenerSpec, Proto, Sched};
-use clb_common::counter;
+use clb_common::{
+    ConnKey, ConnKey6, HALF_ADOPTED, HALF_F_ACKED, HALF_F_REPLIED, HALF_SYN, HalfOpenValue,
+    counter, ip_to_be, ip6_to_be, port_to_be,
+};
 
 use crate::{
     lab::{
         PacketLab, XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX, backend, backend_mac,
         backend6, verdict_name,
     },
-    packet::{ACK, FrameSpec, SYN, hexdump, icmp_error, parse, verify_checksums},
+    packet::{ACK, FrameSpec, RST, SYN, hexdump, icmp_error, parse, verify_checksums},
     packet6::{self, Frame6Spec, icmp6_error, parse6},
 };
 
@@ -102,6 +112,22 @@ pub fn listeners() -> Vec<ListenerSpec> {
     out
 }
 
+/// The initial sequence number the backend's SYN-ACK of prefilled flow `i` carries.
+fn prefill_isn(i: u16) -> u32 {
+    0x4000_0000 | u32::from(i).wrapping_mul(7919)
+}
+
+/// The prefilled clients (flow `i`, IPv4 and IPv6).
+fn prefill_client(i: u16) -> SocketAddrV4 {
+    SocketAddrV4::new(Ipv4Addr::new(10, 2, 1, (i % 250) as u8 + 1), 20000 + i)
+}
+fn prefill_client6(i: u16) -> SocketAddrV6 {
+    sa6(
+        Ipv6Addr::new(0xfd00, 2, 1, 0, 0, 0, 0, (i % 250) + 1),
+        20000 + i,
+    )
+}
+
 /// A (VIP, port, proto) → backends index of the configuration, for checking outputs.
 struct Config {
     /// NAT backends: address:port.
@@ -111,15 +137,30 @@ struct Config {
     /// VIP:port of every L4 listener.
     vips: HashSet<SocketAddr>,
     backend_ips: HashSet<IpAddr>,
+    /// VIP:port of each TCP listener → (its id, whether it is DSR).
+    tcp: std::collections::HashMap<SocketAddr, (u16, bool)>,
 }
 
 impl Config {
+    /// The configuration of `ls` as applied in `lab` (listener ids are the lab's).
+    fn applied(ls: &[ListenerSpec], lab: &PacketLab) -> Self {
+        let mut c = Self::of(ls);
+        for l in ls {
+            if l.proto() == Proto::Tcp && l.l4().is_some() {
+                let dsr = l.l4().is_some_and(|k| k.forward == Forward::Dsr);
+                c.tcp.insert(l.vip, (lab.listener_id(&l.name), dsr));
+            }
+        }
+        c
+    }
+
     fn of(ls: &[ListenerSpec]) -> Self {
         let mut c = Config {
             nat_backends: HashSet::new(),
             dsr_macs: HashSet::new(),
             vips: HashSet::new(),
             backend_ips: HashSet::new(),
+            tcp: std::collections::HashMap::new(),
         };
         for l in ls {
             c.vips.insert(l.vip);
@@ -305,8 +346,27 @@ impl Gen {
             (VIP6, 8),
         ];
         match self.rng.u8(..100) {
+            // A client's (or a spoofer's) ACK for a prefilled flow, as in IPv4.
+            0..=3 => {
+                let i = self.rng.u16(..200);
+                let port = self.pick(&[80, 81, 82]);
+                let mut s = Frame6Spec::tcp(
+                    prefill_client6(i),
+                    sa6(VIP6, port),
+                    self.pick(&[ACK, ACK | 0x08, ACK | 0x01]),
+                );
+                s.ack = if self.rng.bool() {
+                    prefill_isn(i).wrapping_add(1)
+                } else {
+                    self.rng.u32(..)
+                };
+                if self.rng.bool() {
+                    s.payload = self.bytes(16);
+                }
+                s.build()
+            }
             // Client → VIP, TCP.
-            0..=39 => {
+            4..=39 => {
                 let (vip, port) = self.pick(&ports);
                 let src = sa6(self.source6(), self.rng.u16(1..));
                 let flags = if self.rng.bool() {
@@ -441,8 +501,28 @@ impl Gen {
             (VIP, 80, 17),
         ];
         match self.rng.u8(..100) {
+            // A client's (or a spoofer's) ACK for a prefilled flow: acknowledging the backend's
+            // SYN-ACK or any other number, with or without data.
+            0..=4 => {
+                let i = self.rng.u16(..200);
+                let port = self.pick(&[80, 81, 82]);
+                let mut s = FrameSpec::tcp(
+                    prefill_client(i),
+                    SocketAddrV4::new(VIP, port),
+                    self.pick(&[ACK, ACK | 0x08, ACK | 0x01]),
+                );
+                s.ack = if self.rng.bool() {
+                    prefill_isn(i).wrapping_add(1)
+                } else {
+                    self.rng.u32(..)
+                };
+                if self.rng.bool() {
+                    s.payload = self.bytes(16);
+                }
+                s.build()
+            }
             // Client → VIP, TCP with any flags, options, payload.
-            0..=44 => {
+            5..=44 => {
                 let (vip, port, _) = self.pick(&vip_ports);
                 let src = SocketAddrV4::new(self.source(), self.rng.u16(1..));
                 let flags = if self.rng.bool() {
@@ -809,31 +889,60 @@ fn flow(f: &[u8]) -> Result<Flow, String> {
 pub fn run(lab: &mut PacketLab, frames: u64, seed: u64, failures_dir: Option<&Path>) -> FuzzReport {
     let ls = listeners();
     lab.apply(ls.clone());
-    let cfg = Config::of(&ls);
+    let cfg = Config::applied(&ls, lab);
     let mut g = Gen {
         rng: fastrand::Rng::with_seed(seed),
         seen: [Vec::new(), Vec::new()],
     };
-    // Entries in every table: verified flows, half-open ones, persisted and pending clients.
+    // Entries in every table: verified flows (handshakes completed with the backend's
+    // SYN-ACK, or on DSR with a data segment), half-open ones with and without a recorded
+    // SYN-ACK, persisted and pending clients.
     for i in 0..200u16 {
-        let c = SocketAddrV4::new(Ipv4Addr::new(10, 2, 1, (i % 250) as u8 + 1), 20000 + i);
+        let c = prefill_client(i);
         for port in [80, 81, 82] {
             let vip = SocketAddrV4::new(VIP, port);
-            lab.run(&FrameSpec::tcp(c, vip, SYN).build());
+            let (_, out) = lab.run(&FrameSpec::tcp(c, vip, SYN).build());
+            if port != 82
+                && i % 4 != 3
+                && let Ok(o) = parse(&out)
+            {
+                let mut sa = FrameSpec::tcp(o.dst, c, SYN | ACK);
+                sa.src_mac = backend_mac(o.dst.ip().octets()[3]);
+                sa.seq = prefill_isn(i);
+                sa.ack = 1001;
+                lab.run_on(lab.backend_if, &sa.build());
+            }
             if i % 2 == 0 {
-                lab.run(&FrameSpec::tcp(c, vip, ACK).build());
+                let mut ack = FrameSpec::tcp(c, vip, ACK);
+                ack.ack = prefill_isn(i).wrapping_add(1);
+                lab.run(&ack.build());
+                if port == 82 {
+                    lab.run(&ack.payload(b"data").build());
+                }
             }
         }
         lab.run(&FrameSpec::udp(c, SocketAddrV4::new(VIP, 53), b"q").build());
-        let c6 = sa6(
-            Ipv6Addr::new(0xfd00, 2, 1, 0, 0, 0, 0, (i % 250) + 1),
-            20000 + i,
-        );
+        let c6 = prefill_client6(i);
         for port in [80, 81, 82] {
             let vip = sa6(VIP6, port);
-            lab.run(&Frame6Spec::tcp(c6, vip, SYN).build());
+            let (_, out) = lab.run(&Frame6Spec::tcp(c6, vip, SYN).build());
+            if port != 82
+                && i % 4 != 3
+                && let Ok(o) = parse6(&out)
+            {
+                let mut sa = Frame6Spec::tcp(o.dst, c6, SYN | ACK);
+                sa.src_mac = backend_mac(o.dst.ip().octets()[15]);
+                sa.seq = prefill_isn(i);
+                sa.ack = 1001;
+                lab.run_on(lab.backend_if, &sa.build());
+            }
             if i % 2 == 0 {
-                lab.run(&Frame6Spec::tcp(c6, vip, ACK).build());
+                let mut ack = Frame6Spec::tcp(c6, vip, ACK);
+                ack.ack = prefill_isn(i).wrapping_add(1);
+                lab.run(&ack.build());
+                if port == 82 {
+                    lab.run(&ack.payload(b"data").build());
+                }
             }
         }
         lab.run(&Frame6Spec::udp(c6, sa6(VIP6, 53), b"q").build());
@@ -852,8 +961,11 @@ pub fn run(lab: &mut PacketLab, frames: u64, seed: u64, failures_dir: Option<&Pa
         if f.len() < 14 {
             f.resize(14, 0);
         }
+        let claim = Claim::before(&cfg, lab, &f);
         let (verdict, out) = lab.run(&f);
         let after = lab.counters();
+        let promoted = after[counter::HALF_OPEN_PROMOTE as usize]
+            - before[counter::HALF_OPEN_PROMOTE as usize];
         if let Some(slot) = report.verdicts.get_mut(verdict as usize) {
             *slot += 1;
         }
@@ -862,7 +974,9 @@ pub fn run(lab: &mut PacketLab, frames: u64, seed: u64, failures_dir: Option<&Pa
         {
             *slot += 1;
         }
-        if let Err(why) = check(&cfg, &f, verdict, &out, &before, &after) {
+        if let Err(why) =
+            check(&cfg, &f, verdict, &out, &before, &after).and_then(|()| claim.justifies(promoted))
+        {
             eprintln!(
                 "fuzz frame {n} (seed {seed}) broke an invariant: {why}\n verdict {}\n input:\n{}\n output:\n{}",
                 verdict_name(verdict),
@@ -921,9 +1035,136 @@ pub fn run(lab: &mut PacketLab, frames: u64, seed: u64, failures_dir: Option<&Pa
 pub fn replay(lab: &mut PacketLab, frame: &[u8]) -> Result<(), String> {
     let ls = listeners();
     lab.apply(ls.clone());
-    let cfg = Config::of(&ls);
+    let cfg = Config::applied(&ls, lab);
     let before = lab.counters();
+    let claim = Claim::before(&cfg, lab, frame);
     let (verdict, out) = lab.run(frame);
     let after = lab.counters();
-    check(&cfg, frame, verdict, &out, &before, &after)
+    let promoted =
+        after[counter::HALF_OPEN_PROMOTE as usize] - before[counter::HALF_OPEN_PROMOTE as usize];
+    check(&cfg, frame, verdict, &out, &before, &after).and_then(|()| claim.justifies(promoted))
+}
+
+/// What a frame could prove, read before it runs: whether a promotion it causes is justified.
+enum Claim {
+    /// A client's TCP segment to a TCP listener, with the flow's half-open entry then.
+    Client {
+        dsr: bool,
+        half: Option<HalfOpenValue>,
+        flags: u8,
+        ack: u32,
+        data: bool,
+    },
+    /// A NAT backend's TCP segment.
+    Backend { flags: u8 },
+    /// Anything else (UDP, ICMP, not parsable): UDP's exchange is its only proof; the others
+    /// promote nothing in the datapath, so they are checked against nothing.
+    Other,
+}
+
+impl Claim {
+    fn before(cfg: &Config, lab: &PacketLab, f: &[u8]) -> Self {
+        let is6 = f.len() >= 14 && f[12..14] == [0x86, 0xdd];
+        let (src, dst, proto, flags, ack, data): (SocketAddr, SocketAddr, u8, u8, u32, bool) =
+            if is6 {
+                match parse6(f) {
+                    Ok(p) => (
+                        p.src.into(),
+                        p.dst.into(),
+                        p.proto,
+                        p.tcp_flags,
+                        p.ack,
+                        !p.payload.is_empty(),
+                    ),
+                    Err(_) => return Self::Other,
+                }
+            } else {
+                match parse(f) {
+                    Ok(p) => (
+                        p.src.into(),
+                        p.dst.into(),
+                        p.proto,
+                        p.tcp_flags,
+                        p.ack,
+                        !p.payload.is_empty(),
+                    ),
+                    Err(_) => return Self::Other,
+                }
+            };
+        if proto != 6 {
+            return Self::Other;
+        }
+        if cfg.nat_backends.contains(&src) {
+            return Self::Backend { flags };
+        }
+        let Some((id, dsr)) = cfg.tcp.get(&dst).copied() else {
+            return Self::Other;
+        };
+        let half = match src {
+            SocketAddr::V4(c) => lab.half_open(&ConnKey {
+                client: ip_to_be(c.ip().octets()),
+                client_port: port_to_be(c.port()),
+                listener: id,
+                proto: 6,
+                _pad: [0; 3],
+            }),
+            SocketAddr::V6(c) => lab.half_open6(&ConnKey6 {
+                client: ip6_to_be(c.ip().octets()),
+                client_port: port_to_be(c.port()),
+                listener: id,
+                proto: 6,
+                _pad: [0; 3],
+            }),
+        };
+        Self::Client {
+            dsr,
+            half,
+            flags,
+            ack,
+            data,
+        }
+    }
+
+    /// `Err` if the frame promoted a flow (`promoted` > 0) it could not prove.
+    fn justifies(&self, promoted: u64) -> Result<(), String> {
+        if promoted == 0 {
+            return Ok(());
+        }
+        let plain_ack = |flags: u8| flags & (SYN | ACK | RST) == ACK;
+        match self {
+            Self::Other => Ok(()),
+            Self::Backend { flags } if flags & (SYN | RST) == 0 => Ok(()),
+            Self::Backend { flags } => Err(format!(
+                "a backend's segment with flags {flags:#04x} (SYN-ACK or RST) promoted a flow"
+            )),
+            Self::Client {
+                dsr,
+                half,
+                flags,
+                ack,
+                data,
+            } => {
+                let Some(h) = half else {
+                    return Err("a client segment promoted a flow without a half-open entry".into());
+                };
+                let proven = match (h.kind, dsr) {
+                    (HALF_SYN, false) => {
+                        plain_ack(*flags)
+                            && h.flags & HALF_F_REPLIED != 0
+                            && *ack == h.backend_isn.wrapping_add(1)
+                    }
+                    (HALF_SYN, true) => plain_ack(*flags) && h.flags & HALF_F_ACKED != 0 && *data,
+                    (HALF_ADOPTED, true) => *data && flags & (SYN | RST) == 0,
+                    _ => false,
+                };
+                if proven {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "promoted without proof: half-open {h:?}, DSR {dsr}, flags {flags:#04x}, ack {ack:#x}, data {data}"
+                    ))
+                }
+            }
+        }
+    }
 }

@@ -238,6 +238,10 @@ pub fn parse(f: &[u8]) -> Result<Parsed, String> {
     let dst_ip = Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]);
     let port = |b: &[u8]| u16::from_be_bytes([b[0], b[1]]);
     let (sport, dport, flags, seq, ack, payload) = match ip[9] {
+        6 if l4.len() < 20 || usize::from(l4[12] >> 4) * 4 > l4.len() => {
+            return Err(format!("TCP header cut off ({} bytes)", l4.len()));
+        }
+        17 if l4.len() < 8 => return Err(format!("UDP header cut off ({} bytes)", l4.len())),
         6 => {
             let doff = usize::from(l4[12] >> 4) * 4;
             (

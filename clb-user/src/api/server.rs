@@ -718,7 +718,7 @@ impl ConnWalk<'_> {
             let lid = k.listener();
             let (Some(l), Some((_, backend))) = (
                 self.snap.listener_by_id(lid),
-                self.snap.backend_by_id.get(&v.backend),
+                self.snap.backend_by_id.get(&u32::from(v.backend)),
             ) else {
                 continue;
             };

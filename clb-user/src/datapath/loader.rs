@@ -675,11 +675,13 @@ pub fn other_layouts(maps: &Path) -> Vec<String> {
 /// flight (the half-open table, pending persistence), so a newer daemon takes over from them
 /// instead of refusing to start: established connections and persisted clients, in the
 /// verified tables, stay; a handshake under way restarts.
-const SUPERSEDED_TRANSIENT: [&str; 4] = [
+const SUPERSEDED_TRANSIENT: [&str; 6] = [
     "CLB_HALF_V1",
     "CLB_PSESS_V1",
     "CLB_HALF6_V1",
     "CLB_PSESS6_V1",
+    "CLB_HALF_V2",
+    "CLB_HALF6_V2",
 ];
 
 /// Whether the pin `name` is a superseded table of unverified flows (or one being resized).
@@ -836,9 +838,20 @@ pub fn teardown(dir: &Path) -> anyhow::Result<Teardown> {
     Ok(t)
 }
 
-/// Whether the datapath pinned under `dir` is still attached: its link pins exist.
-pub fn attached(dir: &Path) -> bool {
-    std::fs::read_dir(dir.join("links")).is_ok_and(|mut r| r.next().is_some())
+/// Whether the datapath pinned under `dir` is still attached: its link pins exist. `Ok(false)`
+/// only when they are gone (the directory is missing or empty: `clb teardown`); any other
+/// failure to look (out of file descriptors, memory) is an error, which says nothing about
+/// the pins.
+pub fn attached(dir: &Path) -> io::Result<bool> {
+    match std::fs::read_dir(dir.join("links")) {
+        Ok(mut r) => match r.next() {
+            None => Ok(false),
+            Some(Ok(_)) => Ok(true),
+            Some(Err(e)) => Err(e),
+        },
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e),
+    }
 }
 
 #[cfg(test)]
@@ -868,11 +881,10 @@ mod tests {
     fn val(i: u32) -> HalfOpenValue {
         HalfOpenValue {
             last_seen_ns: 1_000 + u64::from(i),
-            backend: i,
+            backend: i as u16,
             kind: clb_common::HALF_SYN,
             flags: 0,
-            packets: 1,
-            _pad: 0,
+            backend_isn: 0,
         }
     }
 
@@ -894,7 +906,11 @@ mod tests {
         let to = slots_of(&new);
         assert_eq!(to.capacity(), 4096);
         for i in 0..300 {
-            assert_eq!(to.get(&key(i)).map(|v| v.backend), Some(i), "entry {i}");
+            assert_eq!(
+                to.get(&key(i)).map(|v| u32::from(v.backend)),
+                Some(i),
+                "entry {i}"
+            );
         }
         // The second pass copies only what the new table lacks.
         assert_eq!(

@@ -262,7 +262,7 @@ fn pick<'a, K: FlowKey, V>(
 fn purge_flows(t: &dyn Tables, gone: &dyn Fn(u32, u32) -> bool) -> Result<u64, DpError> {
     let zero = std::time::Duration::ZERO;
     let conn = |v: &ConnValue| v.backend;
-    let half = |v: &HalfOpenValue| v.backend;
+    let half = |v: &HalfOpenValue| u32::from(v.backend);
     Ok(t.prune_conns(zero, &mut pick(gone, conn))?.1
         + t.prune_half_open(zero, &mut pick(gone, half))?.1
         + t.prune_conns6(zero, &mut pick(gone, conn))?.1

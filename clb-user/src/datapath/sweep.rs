@@ -118,7 +118,7 @@ impl Walk<'_> {
                 if is_expired(self.now_ns, v.last_seen_ns, p.half_open_ns) {
                     dead.push(*k);
                 } else {
-                    self.live(lid, v.backend, |c| c.half_open += 1);
+                    self.live(lid, u32::from(v.backend), |c| c.half_open += 1);
                 }
             }
         }

@@ -26,6 +26,7 @@ use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 use tracing::{info, warn};
 
 pub use self::cookie::{CookieKey, load_or_create_key};
+pub use self::proxy::ConnBudget;
 use self::proxy::{ListenerState, Snapshot};
 use crate::control::{
     Controller, lock,
@@ -105,6 +106,8 @@ struct Running {
 /// The HTTP listeners of the daemon.
 pub struct Proxies {
     key: CookieKey,
+    /// Client connections all listeners may hold at once (file descriptors).
+    budget: Arc<ConnBudget>,
     running: Mutex<HashMap<String, Running>>,
     /// Listeners that could not start: name → why.
     failed: Mutex<HashMap<String, String>>,
@@ -119,9 +122,10 @@ pub struct Proxies {
 pub const CATCH_UP: std::time::Duration = std::time::Duration::from_secs(2);
 
 impl Proxies {
-    pub fn new(key: CookieKey) -> Self {
+    pub fn new(key: CookieKey, budget: Arc<ConnBudget>) -> Self {
         Self {
             key,
+            budget,
             running: Mutex::new(HashMap::new()),
             failed: Mutex::new(HashMap::new()),
             synced: watch::Sender::new(0),
@@ -219,6 +223,7 @@ impl Proxies {
         let state = Arc::new(ListenerState::new(
             Snapshot::new(cfg, &self.key),
             self.key.clone(),
+            self.budget.clone(),
         ));
         let (stop, stop_rx) = watch::channel(false);
         let task = tokio::spawn(proxy::accept_loop(listener, state.clone(), stop_rx));

@@ -14,7 +14,8 @@
 //!   must arrive within [`HEADER_TIMEOUT`]; idle kept-alive connections close after the
 //!   keep-alive timeout (0: after each response); a client that stops reading a response, or a
 //!   backend that stops answering, is cut after the listener's I/O timeout (504 when no answer
-//!   began); connections beyond the listener's cap get 503 and are closed.
+//!   began); connections beyond the listener's cap, or beyond the daemon's budget of file
+//!   descriptors for HTTP clients ([`ConnBudget`]), get 503 and are closed.
 //! - `OPTIONS *` is answered by the proxy itself.
 //! - A backend that cannot be reached gives 502 (no retry: the request may not be idempotent).
 
@@ -65,6 +66,8 @@ pub const MAX_BODY: usize = 16 * 1024 * 1024;
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 /// Connect timeout towards backends.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// Idle kept-alive connections kept per backend.
+const POOL_IDLE_PER_BACKEND: usize = 256;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 type Body = BoxBody<Bytes, BoxError>;
@@ -122,6 +125,57 @@ pub struct Counters {
     pub per_backend: Mutex<HashMap<SocketAddr, u64>>,
 }
 
+/// The client connections every HTTP listener of the daemon may hold at once, whatever their
+/// own caps say: each takes two file descriptors (the client's and its backend's), and the
+/// control plane (API, config file, pins, health checks) must always have descriptors left,
+/// or a crowd of clients would freeze it. A connection beyond it is answered 503 and closed,
+/// before `accept` itself could fail.
+#[derive(Debug)]
+pub struct ConnBudget {
+    open: AtomicUsize,
+    max: usize,
+}
+
+impl ConnBudget {
+    pub fn new(max: usize) -> Arc<Self> {
+        Arc::new(Self {
+            open: AtomicUsize::new(0),
+            max,
+        })
+    }
+
+    /// The connections allowed at once.
+    pub fn max(&self) -> usize {
+        self.max
+    }
+
+    /// Takes one connection's share, if any is left.
+    fn take(self: &Arc<Self>) -> Option<BudgetGuard> {
+        let mut n = self.open.load(Ordering::Relaxed);
+        loop {
+            if n >= self.max {
+                return None;
+            }
+            match self
+                .open
+                .compare_exchange_weak(n, n + 1, Ordering::Relaxed, Ordering::Relaxed)
+            {
+                Ok(_) => return Some(BudgetGuard(self.clone())),
+                Err(now) => n = now,
+            }
+        }
+    }
+}
+
+/// A connection's share of the [`ConnBudget`], given back on drop.
+struct BudgetGuard(Arc<ConnBudget>);
+
+impl Drop for BudgetGuard {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// Shared state of one running listener.
 pub struct ListenerState {
     pub snapshot: ArcSwap<Snapshot>,
@@ -129,15 +183,19 @@ pub struct ListenerState {
     pub counters: Counters,
     key: CookieKey,
     client: Client<HttpConnector, Body>,
+    budget: Arc<ConnBudget>,
 }
 
 impl ListenerState {
-    pub fn new(snapshot: Snapshot, key: CookieKey) -> Self {
+    pub fn new(snapshot: Snapshot, key: CookieKey, budget: Arc<ConnBudget>) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
         connector.set_nodelay(true);
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(90))
+            // Idle backend connections kept per backend: bounded, so that descriptors follow
+            // the client connections the budget allows, not the peak of an earlier crowd.
+            .pool_max_idle_per_host(POOL_IDLE_PER_BACKEND)
             .pool_timer(TokioTimer::new())
             .build(connector);
         Self {
@@ -146,6 +204,7 @@ impl ListenerState {
             counters: Counters::default(),
             key,
             client,
+            budget,
         }
     }
 
@@ -170,14 +229,19 @@ pub async fn accept_loop(
             r = listener.accept() => match r {
                 Ok((stream, peer)) => {
                     let max = state.snapshot.load().cfg.max_conns as usize;
-                    if state.counters.open.load(Ordering::Relaxed) >= max {
+                    let share = if state.counters.open.load(Ordering::Relaxed) >= max {
+                        None
+                    } else {
+                        state.budget.take()
+                    };
+                    let Some(share) = share else {
                         state.counters.refused.fetch_add(1, Ordering::Relaxed);
                         tokio::spawn(refuse(stream));
                         continue;
-                    }
+                    };
                     state.counters.connections.fetch_add(1, Ordering::Relaxed);
                     state.counters.open.fetch_add(1, Ordering::Relaxed);
-                    tokio::spawn(serve_conn(stream, peer, state.clone(), stop.clone()));
+                    tokio::spawn(serve_conn(stream, peer, state.clone(), stop.clone(), share));
                 }
                 Err(e) => {
                     // Out of file descriptors and the like: back off, keep serving.
@@ -291,6 +355,7 @@ async fn serve_conn(
     peer: SocketAddr,
     state: Arc<ListenerState>,
     mut stop: watch::Receiver<bool>,
+    _share: BudgetGuard,
 ) {
     let _open = OpenGuard(state.clone());
     stream.set_nodelay(true).ok();

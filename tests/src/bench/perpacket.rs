@@ -14,7 +14,8 @@ use clb::{
     time::monotonic_ns,
 };
 use clb_common::{
-    ConnKey, HALF_SYN, HalfOpenValue, PASS_PROGRAM, PROTO_TCP, XDP_PROGRAM, ip_to_be, port_to_be,
+    ConnKey, HALF_F_REPLIED, HALF_SYN, HalfOpenValue, PASS_PROGRAM, PROTO_TCP, XDP_PROGRAM,
+    ip_to_be, port_to_be,
 };
 
 use super::{
@@ -195,11 +196,11 @@ fn half_open_for(lab: &PacketLab, base: u8, n: usize) -> anyhow::Result<()> {
     let vals = vec![
         HalfOpenValue {
             last_seen_ns: now,
-            backend: bid,
+            backend: bid as u16,
             kind: HALF_SYN,
-            flags: 0,
-            packets: 1,
-            _pad: 0,
+            // The backend's SYN-ACK seen: the bench's ACKs (ack 2000) prove the handshake.
+            flags: HALF_F_REPLIED,
+            backend_isn: HANDSHAKE_ISN,
         };
         n
     ];
@@ -210,6 +211,10 @@ fn half_open_for(lab: &PacketLab, base: u8, n: usize) -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// The backends' initial sequence number in the bench's handshakes: `FrameSpec::tcp`'s ACKs
+/// (ack 2000) acknowledge it.
+const HANDSHAKE_ISN: u32 = 1999;
 
 fn row(figure: &str, t: &Timing, target: Option<(f64, &str)>, note: &str) -> Row {
     Row {
@@ -259,9 +264,27 @@ pub fn run(scale: &Scale, report: &mut Report) -> anyhow::Result<()> {
             let c = SocketAddrV4::new(Ipv4Addr::new(10, 0, 1, 2), 40000);
             let (v, out) = lab.run(&FrameSpec::tcp(c, VIP, SYN).build());
             anyhow::ensure!(v == XDP_REDIRECT, "SYN not forwarded");
+            let be = parse(&out).map_err(anyhow::Error::msg)?.dst;
+            // The backend's SYN-ACK, whose number the client's ACK acknowledges (the proof
+            // that promotes the flow).
+            let mut sa = FrameSpec::tcp(be, c, SYN | ACK);
+            sa.dst_mac = lab.backend_if_mac;
+            sa.seq = HANDSHAKE_ISN;
+            let (v, _) = lab.run_on(lab.backend_if, &sa.build());
+            anyhow::ensure!(v == XDP_REDIRECT, "SYN-ACK not forwarded");
             let (v, _) = lab.run(&FrameSpec::tcp(c, VIP, ACK).build());
             anyhow::ensure!(v == XDP_REDIRECT, "ACK not forwarded");
-            let be = parse(&out).map_err(anyhow::Error::msg)?.dst;
+            let key = ConnKey {
+                client: ip_to_be(c.ip().octets()),
+                client_port: port_to_be(c.port()),
+                listener: lab.listener_id("web"),
+                proto: PROTO_TCP,
+                _pad: [0; 3],
+            };
+            anyhow::ensure!(
+                lab.conn(&key).is_some(),
+                "the handshake did not promote the flow"
+            );
             let ack = FrameSpec::tcp(c, VIP, ACK)
                 .payload(b"GET / HTTP/1.1\r\n\r\n")
                 .build();
@@ -378,9 +401,14 @@ pub fn run(scale: &Scale, report: &mut Report) -> anyhow::Result<()> {
         let c6 = SocketAddrV6::new(CLIENT6, 40000, 0, 0);
         let (v, out) = lab.run(&Frame6Spec::tcp(c6, VIP6, SYN).build());
         anyhow::ensure!(v == XDP_REDIRECT, "IPv6 SYN not forwarded");
+        let be6 = parse6(&out).map_err(anyhow::Error::msg)?.dst;
+        let mut sa6 = Frame6Spec::tcp(be6, c6, SYN | ACK);
+        sa6.dst_mac = lab.backend_if_mac;
+        sa6.seq = HANDSHAKE_ISN;
+        let (v, _) = lab.run_on(lab.backend_if, &sa6.build());
+        anyhow::ensure!(v == XDP_REDIRECT, "IPv6 SYN-ACK not forwarded");
         let (v, _) = lab.run(&Frame6Spec::tcp(c6, VIP6, ACK).build());
         anyhow::ensure!(v == XDP_REDIRECT, "IPv6 ACK not forwarded");
-        let be6 = parse6(&out).map_err(anyhow::Error::msg)?.dst;
         let ack6 = Frame6Spec::tcp(c6, VIP6, ACK)
             .payload(b"GET / HTTP/1.1\r\n\r\n")
             .build();

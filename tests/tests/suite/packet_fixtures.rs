@@ -13,9 +13,9 @@ use clb::{
     sched::{Member, maglev},
 };
 use clb_common::{
-    CONN_FIN, CONN_OPEN, CONN_RST, ConnKey, ConnValue, HALF_ADOPTED, HALF_SYN, HALF_UDP, HalfSlot,
-    PROTO_TCP, PROTO_UDP, SLOT_WAYS, SessionKey, client_hash, ip_to_be, port_to_be, prefix_mask_be,
-    slot_sets, slots::Slot,
+    CONN_FIN, CONN_OPEN, CONN_RST, ConnKey, ConnValue, HALF_ADOPTED, HALF_SYN, HALF_UDP,
+    HalfOpenValue, HalfSlot, PROTO_TCP, PROTO_UDP, SLOT_WAYS, SessionKey, client_hash, ip_to_be,
+    port_to_be, prefix_mask_be, slot_sets, slots::Slot,
 };
 use clb_tests::{
     lab::{
@@ -126,12 +126,35 @@ fn reply_from(lab: &PacketLab, n: u8, port: u16, to: SocketAddrV4, flags: u8) ->
     r
 }
 
-/// Opens a verified TCP connection of `c` (SYN, then the handshake-completing ACK); returns
-/// its backend.
+/// The backend's initial sequence number in the fixtures' SYN-ACKs: the default client ACK
+/// (`FrameSpec::tcp`, ack 2000) acknowledges it.
+const BACKEND_ISN: u32 = 1999;
+
+/// Backend `n` (port 8080) answers `c`'s SYN with a SYN-ACK of [`BACKEND_ISN`]; it must be
+/// NATed back to the client.
+fn syn_ack(lab: &PacketLab, n: u8, c: SocketAddrV4) {
+    let mut r = reply_from(lab, n, 8080, c, SYN | ACK);
+    r.seq = BACKEND_ISN;
+    r.ack = 1001;
+    let (v, out) = lab.run_on(lab.backend_if, &r.build());
+    assert_eq!(v, XDP_REDIRECT, "SYN-ACK NATed back to the client");
+    assert_eq!(parse(&out).unwrap().src, sa(VIP), "SYN-ACK from the VIP");
+}
+
+/// The lab backend number (`backend(n, 8080)`) of a half-open entry of listener "web".
+fn half_backend_n(lab: &PacketLab, h: &HalfOpenValue) -> u8 {
+    (2..=9)
+        .find(|n| lab.backend_id("web", backend(*n, 8080)) == u32::from(h.backend))
+        .expect("a lab backend")
+}
+
+/// Opens a verified TCP connection of `c` (SYN, the backend's SYN-ACK, the client's ACK that
+/// acknowledges it); returns its backend.
 fn handshake(lab: &PacketLab, c: SocketAddrV4) -> u8 {
     let (v, out) = lab.run(&FrameSpec::tcp(c, sa(VIP), SYN).build());
     assert_eq!(v, XDP_REDIRECT, "SYN forwarded");
     let n = backend_of(&out);
+    syn_ack(lab, n, c);
     let (v, out) = lab.run(&FrameSpec::tcp(c, sa(VIP), ACK).build());
     assert_eq!(v, XDP_REDIRECT, "handshake ACK forwarded");
     assert_eq!(
@@ -175,7 +198,11 @@ fn a_syn_writes_only_the_half_open_table_and_its_ack_promotes_it() {
             XDP_REDIRECT,
             to_backend(lab, &syns[1], 3, 8080),
         )]);
-        // The handshake-completing ACK promotes; later packets stay on the backend.
+        // The backends answer with their SYN-ACKs; the client's ACK of each promotes its flow;
+        // later packets stay on the backend.
+        for (i, n) in order.iter().enumerate() {
+            syn_ack(lab, *n, client(40000 + i as u16));
+        }
         let mut rows = Vec::new();
         for (i, n) in order.iter().enumerate().rev() {
             let ack = FrameSpec::tcp(client(40000 + i as u16), sa(VIP), ACK);
@@ -206,6 +233,124 @@ fn a_syn_writes_only_the_half_open_table_and_its_ack_promotes_it() {
         let c = lab.listener_counters("web");
         assert_eq!(c.new_conns, 3);
         assert_eq!(c.fwd_packets, 10);
+    });
+}
+
+#[test]
+fn a_blind_ack_proves_nothing_only_the_ack_of_the_backends_syn_ack_does() {
+    with_lab(|lab| {
+        lab.apply(vec![web(600)]);
+        let c = client(40100);
+        let key = conn_key(lab, "web", c, PROTO_TCP);
+        let skey = session_key(lab, "web", *c.ip());
+        let (v, out) = lab.run(&FrameSpec::tcp(c, sa(VIP), SYN).build());
+        assert_eq!(v, XDP_REDIRECT);
+        let n = backend_of(&out);
+        // An ACK before any SYN-ACK (a spoofer's SYN + ACK pair): forwarded, nothing written.
+        let blind = FrameSpec::tcp(c, sa(VIP), ACK);
+        lab.check(&[Fixture::rewritten(
+            "ACK before the SYN-ACK: forwarded to the SYN's backend, not promoted",
+            blind.build(),
+            XDP_REDIRECT,
+            to_backend(lab, &blind, n, 8080),
+        )]);
+        assert!(lab.conn(&key).is_none(), "a blind ACK writes no connection");
+        assert_eq!(lab.counter("half_open_unproven"), 1);
+        // The backend's SYN-ACK records its sequence number; an ACK of another number still
+        // proves nothing, and the backend's RST that answers it ends nothing.
+        syn_ack(lab, n, c);
+        let h = lab.half_open(&key).expect("half-open entry");
+        assert_eq!(h.backend_isn, BACKEND_ISN);
+        let mut wrong = FrameSpec::tcp(c, sa(VIP), ACK);
+        wrong.ack = 0x1234_5678;
+        assert_eq!(lab.run(&wrong.build()).0, XDP_REDIRECT);
+        assert!(
+            lab.conn(&key).is_none(),
+            "a wrong acknowledgment number proves nothing"
+        );
+        assert_eq!(lab.counter("half_open_unproven"), 2);
+        let rst = reply_from(lab, n, 8080, c, RST);
+        assert_eq!(lab.run_on(lab.backend_if, &rst.build()).0, XDP_REDIRECT);
+        assert!(
+            lab.half_open(&key).is_some(),
+            "the backend's RST ends nothing"
+        );
+        assert!(
+            lab.session(SessionTable::Verified, &skey).is_none(),
+            "no persistence without proof"
+        );
+        assert_eq!(lab.counter("half_open_promote"), 0);
+        // The client's own ACK acknowledges the SYN-ACK: promoted, persistence committed.
+        let ack = FrameSpec::tcp(c, sa(VIP), ACK);
+        assert_eq!(ack.ack, BACKEND_ISN + 1);
+        assert_eq!(lab.run(&ack.build()).0, XDP_REDIRECT);
+        assert_eq!(lab.conn(&key).unwrap().state, CONN_OPEN);
+        assert!(lab.session(SessionTable::Verified, &skey).is_some());
+        assert_eq!(lab.counter("half_open_promote"), 1);
+
+        // A handshake whose SYN-ACK was not recorded is proven by the backend's first normal
+        // segment (its socket is established, which a spoofed handshake never gets to).
+        let c2 = client(40101);
+        let key2 = conn_key(lab, "web", c2, PROTO_TCP);
+        let (_, out) = lab.run(&FrameSpec::tcp(c2, sa(VIP), SYN).build());
+        let n2 = backend_of(&out);
+        assert_eq!(
+            lab.run(&FrameSpec::tcp(c2, sa(VIP), ACK).build()).0,
+            XDP_REDIRECT
+        );
+        assert!(lab.conn(&key2).is_none());
+        let data = reply_from(lab, n2, 8080, c2, ACK | PSH).payload(b"220 ready\r\n");
+        assert_eq!(lab.run_on(lab.backend_if, &data.build()).0, XDP_REDIRECT);
+        assert_eq!(
+            lab.conn(&key2).unwrap().state,
+            CONN_OPEN,
+            "promoted by the backend"
+        );
+    });
+}
+
+#[test]
+fn on_dsr_a_syn_and_ack_pair_proves_nothing_a_data_segment_after_it_does() {
+    with_lab(|lab| {
+        let mut l = ListenerSpec::new("dsr", sa(VIP), Proto::Tcp);
+        l4(&mut l).forward = Forward::Dsr;
+        l.persist = 600;
+        l.backends = (2..=3)
+            .map(|n| BackendSpec::new(backend(n, 80), 10))
+            .collect();
+        lab.apply(vec![l]);
+        let c = client(50100);
+        let key = conn_key(lab, "dsr", c, PROTO_TCP);
+        let skey = session_key(lab, "dsr", *c.ip());
+        let (_, out) = lab.run(&FrameSpec::tcp(c, sa(VIP), SYN).build());
+        let n = dsr_backend_of(&out);
+        // The handshake's ACK (clb never sees the SYN-ACK: nothing to check it against).
+        let ack = FrameSpec::tcp(c, sa(VIP), ACK);
+        lab.check(&[Fixture::rewritten(
+            "DSR: handshake ACK, forwarded, not promoted",
+            ack.build(),
+            XDP_REDIRECT,
+            dsr_to(lab, &ack, n),
+        )]);
+        assert!(
+            lab.conn(&key).is_none(),
+            "a SYN + ACK pair writes no connection"
+        );
+        assert!(lab.session(SessionTable::Verified, &skey).is_none());
+        let h = lab.half_open(&key).expect("still unverified");
+        assert_ne!(h.flags & clb_common::HALF_F_ACKED, 0);
+        // Another bare ACK proves nothing either; a data segment does.
+        assert_eq!(lab.run(&ack.build()).0, XDP_REDIRECT);
+        assert!(lab.conn(&key).is_none());
+        let data = data_of(c);
+        lab.check(&[Fixture::rewritten(
+            "DSR: first data segment: promoted",
+            data.build(),
+            XDP_REDIRECT,
+            dsr_to(lab, &data, n),
+        )]);
+        assert_eq!(lab.conn(&key).unwrap().state, CONN_OPEN);
+        assert!(lab.session(SessionTable::Verified, &skey).is_some());
     });
 }
 
@@ -272,6 +417,7 @@ fn parallel_syns_of_a_new_client_share_a_backend_and_persistence_commits_on_the_
             "no verified entry before a handshake completes"
         );
         // The first completed handshake commits the client.
+        syn_ack(lab, n, client(42000));
         let ack = FrameSpec::tcp(client(42000), sa(VIP), ACK);
         lab.check(&[Fixture::rewritten(
             "handshake ACK",
@@ -432,17 +578,18 @@ fn idle_timeout_and_closing_states_expire_connections() {
             CONN_FIN,
             "untouched until the ACK"
         );
+        syn_ack(lab, half_backend_n(lab, &half), c2);
         let (v, out) = lab.run(&FrameSpec::tcp(c2, sa(VIP), ACK).build());
         assert_eq!(v, XDP_REDIRECT);
         let reused = lab.conn(&key2).expect("promoted");
         assert_eq!(
             (reused.state, reused.backend),
-            (CONN_OPEN, half.backend),
+            (CONN_OPEN, u32::from(half.backend)),
             "the new handshake's ACK took over the closed entry (it was on {old_backend})"
         );
         let chosen = (2..=4)
             .map(|n| backend(n, 8080))
-            .find(|b| lab.backend_id("web", *b) == half.backend);
+            .find(|b| lab.backend_id("web", *b) == u32::from(half.backend));
         assert_eq!(
             Some(parse(&out).unwrap().dst),
             chosen,
@@ -829,6 +976,8 @@ fn a_full_half_open_set_gives_up_its_oldest_entry_and_turns_flood_mode_on() {
             assert!(lab.half_open(&key(*c)).is_some(), "{c} kept its entry");
         }
         // The others' handshakes complete on their entries, as before.
+        let n = half_backend_n(lab, &lab.half_open(&key(ports[1])).unwrap());
+        syn_ack(lab, n, ports[1]);
         let (v, _) = lab.run(&FrameSpec::tcp(ports[1], sa(VIP), ACK).build());
         assert_eq!(v, XDP_REDIRECT);
         assert!(lab.conn(&key(ports[1])).is_some(), "promoted");

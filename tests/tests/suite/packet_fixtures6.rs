@@ -110,11 +110,24 @@ fn reply_from(lab: &PacketLab, n: u8, port: u16, to: SocketAddrV6, flags: u8) ->
     r
 }
 
-/// Opens a verified TCP connection of `c` (SYN, then the ACK); returns its backend.
+/// Backend `n` (port 8080) answers `c`'s SYN with a SYN-ACK whose sequence number the default
+/// client ACK (2000) acknowledges; it must be NATed back to the client.
+fn syn_ack(lab: &PacketLab, n: u8, c: SocketAddrV6) {
+    let mut r = reply_from(lab, n, 8080, c, SYN | ACK);
+    r.seq = 1999;
+    r.ack = 1001;
+    let (v, out) = lab.run_on(lab.backend_if, &r.build());
+    assert_eq!(v, XDP_REDIRECT, "SYN-ACK NATed back to the client");
+    assert_eq!(parse6(&out).unwrap().src, sa(VIP), "SYN-ACK from the VIP");
+}
+
+/// Opens a verified TCP connection of `c` (SYN, the backend's SYN-ACK, the ACK of it);
+/// returns its backend.
 fn handshake(lab: &PacketLab, c: SocketAddrV6) -> u8 {
     let (v, out) = lab.run(&Frame6Spec::tcp(c, sa(VIP), SYN).build());
     assert_eq!(v, XDP_REDIRECT, "SYN forwarded");
     let n = backend_of(&out);
+    syn_ack(lab, n, c);
     let (v, out) = lab.run(&Frame6Spec::tcp(c, sa(VIP), ACK).build());
     assert_eq!(v, XDP_REDIRECT, "ACK forwarded");
     assert_eq!(backend_of(&out), n, "ACK on the SYN's backend");
@@ -157,6 +170,7 @@ fn an_ipv6_syn_is_natted_and_its_ack_promotes_it_extension_headers_kept() {
         );
         let mut rows = Vec::new();
         for (i, n) in order.iter().enumerate() {
+            syn_ack(lab, *n, client(40000 + i as u16));
             let ack = Frame6Spec::tcp(client(40000 + i as u16), sa(VIP), ACK);
             rows.push(Fixture::rewritten(
                 "handshake ACK: promoted, same backend",
@@ -247,6 +261,7 @@ fn ipv6_persistence_commits_on_the_handshake_keeps_a_prefix_together_and_expires
         let skey = session_key(lab, "web6", CLIENT6, 128);
         assert!(lab.session6(SessionTable::Pending, &skey).is_some());
         assert!(lab.session6(SessionTable::Verified, &skey).is_none());
+        syn_ack(lab, n, client(42000));
         let ack = Frame6Spec::tcp(client(42000), sa(VIP), ACK);
         lab.check(&[Fixture::rewritten(
             "handshake ACK",
@@ -639,19 +654,30 @@ fn ipv6_dsr_rewrites_only_the_macs() {
         e.hop_limit -= 1;
         e.src_mac = lab.backend_if_mac;
         e.dst_mac = backend_mac(n);
+        let key = conn_key(lab, "dsr6", client(48000), PROTO_TCP);
         lab.check(&[Fixture::rewritten(
-            "DSR: the handshake ACK verifies the flow on the client side",
+            "DSR: the handshake ACK, forwarded (it proves nothing: clb never saw the SYN-ACK)",
             ack.build(),
             XDP_REDIRECT,
             e.build(),
         )]);
-        assert_eq!(
-            lab.conn6(&conn_key(lab, "dsr6", client(48000), PROTO_TCP))
-                .unwrap()
-                .state,
-            CONN_OPEN
+        assert!(
+            lab.conn6(&key).is_none(),
+            "a SYN + ACK pair writes no connection"
         );
-        assert_eq!(lab.counter("dsr_forwarded"), 2);
+        let data = Frame6Spec::tcp(client(48000), sa(VIP), ACK | PSH).payload(b"hello");
+        let mut e = data.clone();
+        e.hop_limit -= 1;
+        e.src_mac = lab.backend_if_mac;
+        e.dst_mac = backend_mac(n);
+        lab.check(&[Fixture::rewritten(
+            "DSR: a data segment after the handshake verifies the flow on the client side",
+            data.build(),
+            XDP_REDIRECT,
+            e.build(),
+        )]);
+        assert_eq!(lab.conn6(&key).unwrap().state, CONN_OPEN);
+        assert_eq!(lab.counter("dsr_forwarded"), 3);
     });
 }
 
