@@ -9,7 +9,8 @@
 //!          │
 //!       balancer     ids, projection to clb-common layouts, ordered diff + rollback
 //!          │
-//!   sched   datapath aya maps (writer, reader), loader, locks, sweeper, batches
+//!   sched  certs  datapath   schedules; TLS certificates (loaded, checked); aya maps
+//!                            (writer, reader), loader, locks, sweeper, batches
 //!          │
 //!      clb-common    the types kernel and user space agree on
 //! ```
@@ -17,6 +18,7 @@
 pub mod api;
 pub mod balancer;
 pub mod bgp;
+pub mod certs;
 pub mod cli;
 pub mod console;
 pub mod control;

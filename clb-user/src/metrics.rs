@@ -84,12 +84,27 @@ pub fn scrape(api: &Api) -> ApiResult<String> {
             })
         })
         .collect();
+    let certs = snap
+        .listeners
+        .iter()
+        .flat_map(|l| {
+            l.certs.iter().map(|c| {
+                (
+                    l.spec.name.clone(),
+                    c.name().to_owned(),
+                    c.spec.cert.display().to_string(),
+                    c.not_after,
+                )
+            })
+        })
+        .collect();
     let tables = api.ctl.reader().table_info().unwrap_or_default();
     let mut registry = Registry::default();
     registry.register_collector(Box::new(Scrape {
         stats,
         health,
         tables,
+        certs,
     }));
     let mut out = String::new();
     prometheus_client::encoding::text::encode(&mut out, &registry).map_err(|e| {
@@ -134,6 +149,8 @@ struct Scrape {
     /// (listener, backend, healthy, accepting)
     health: Vec<(String, String, bool, bool)>,
     tables: [crate::datapath::TableInfo; 8],
+    /// (listener, certificate name, file, not_after unix seconds)
+    certs: Vec<(String, String, String, i64)>,
 }
 
 type Labels = Vec<(&'static str, Cow<'static, str>)>;
@@ -454,7 +471,29 @@ impl Collector for Scrape {
                 |l| l.refused_connections,
             ),
         ];
-        for (name, help, get) in http {
+        let http_more: [(&str, &str, HttpGet); 4] = [
+            (
+                "clb_http_upgrades",
+                "Upgraded connections (WebSocket and other HTTP/1.1 upgrades) passed through.",
+                |l| l.upgrades,
+            ),
+            (
+                "clb_http_h2_connections",
+                "Client connections that negotiated HTTP/2 (ALPN h2).",
+                |l| l.h2_connections,
+            ),
+            (
+                "clb_tls_handshakes",
+                "TLS handshakes completed (full and resumed).",
+                |l| l.tls_handshakes,
+            ),
+            (
+                "clb_tls_resumed_handshakes",
+                "TLS handshakes that resumed a session (ticket or cache).",
+                |l| l.tls_resumed,
+            ),
+        ];
+        for (name, help, get) in http.into_iter().chain(http_more) {
             family(
                 &mut enc,
                 name,
@@ -465,6 +504,67 @@ impl Collector for Scrape {
                     .map(|l| (vec![("listener", s(&l.name))], get(l))),
             )?;
         }
+        family(
+            &mut enc,
+            "clb_tls_handshake_failures",
+            "TLS handshakes that failed, by reason: timeout (not finished within 5 s), closed (by the client), protocol (not TLS, or nothing in common).",
+            MetricType::Counter,
+            st.http.iter().flat_map(|l| {
+                l.tls_failures
+                    .iter()
+                    .map(|(why, n)| (vec![("listener", s(&l.name)), ("reason", s(why))], *n))
+            }),
+        )?;
+        family(
+            &mut enc,
+            "clb_tls_certificate_expiry_timestamp_seconds",
+            "When each loaded certificate of an HTTPS listener expires (its notAfter), unix seconds.",
+            MetricType::Gauge,
+            self.certs.iter().map(|(l, name, file, until)| {
+                (
+                    vec![
+                        ("listener", s(l)),
+                        ("certificate", s(name)),
+                        ("file", s(file)),
+                    ],
+                    (*until).max(0) as u64,
+                )
+            }),
+        )?;
+        {
+            let mut m = enc.encode_descriptor(
+                "clb_http_request_duration_seconds",
+                "Time from a request's head to its response's head (backend time included), seconds.",
+                None,
+                MetricType::Histogram,
+            )?;
+            for l in &st.http {
+                if l.latency_buckets.len() != crate::l7::proxy::LATENCY_BUCKETS.len() + 1 {
+                    continue;
+                }
+                let buckets: Vec<(f64, u64)> = crate::l7::proxy::LATENCY_BUCKETS
+                    .iter()
+                    .copied()
+                    .chain([f64::MAX])
+                    .zip(l.latency_buckets.iter().copied())
+                    .collect();
+                let count = l.latency_buckets.iter().sum();
+                let labels: Labels = vec![("listener", s(&l.name))];
+                m.encode_family(&labels)?.encode_histogram::<NoLabelSet>(
+                    l.latency_sum_us as f64 / 1e6,
+                    count,
+                    &buckets,
+                    None,
+                )?;
+            }
+        }
+        family(
+            &mut enc,
+            "clb_build_info",
+            "The running clb: its version (and commit) as a label; always 1.",
+            MetricType::Gauge,
+            [(vec![("version", Cow::Borrowed(crate::version()))], 1)],
+        )?;
         family(
             &mut enc,
             "clb_sweeper_runs",

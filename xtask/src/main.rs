@@ -374,9 +374,14 @@ const BUILD_PACKAGES: &[&str] = &[
 ];
 /// Packages the tests and the demo need: ip, ethtool, nsenter, bpftool, promtool, BIRD (the
 /// fleet announces VIPs over BGP through it), Chromium and its WebDriver (the console's
-/// browser tests).
+/// browser tests), and the HTTPS listeners' clients no one here wrote: curl, openssl, h2load
+/// (`nghttp2-client`) and Debian's WebSocket library for `/usr/bin/python3`.
 const TEST_PACKAGES: &[&str] = &[
     "iproute2",
+    "curl",
+    "openssl",
+    "nghttp2-client",
+    "python3-websockets",
     "ethtool",
     "util-linux",
     "bpftool",

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     control::{
-        model::{BackendSpec, CheckKind, Forward, HealthCheckSpec, Kind, Proto, Sched},
+        model::{BackendSpec, CheckKind, Forward, HealthCheckSpec, Kind, Proto, SameSite, Sched},
         state::{Health, ListenerState},
         status::LoopStatus,
     },
@@ -55,6 +55,19 @@ pub struct ListenerView {
     /// HTTP: write / backend-answer timeout, seconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub io_timeout: Option<u32>,
+    /// HTTP: `SameSite` of the persistence cookie in effect.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cookie_samesite: Option<SameSite>,
+    /// HTTP: requests are redirected to `https://` on this port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redirect_https: Option<u16>,
+    /// HTTP: request header fields at most.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_headers: Option<u32>,
+    /// HTTPS: the certificates, as configured and as loaded (the first is served to clients
+    /// that send no SNI).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub certificates: Vec<CertView>,
     pub health_check: HealthCheckSpec,
     pub backends: Vec<BackendSpec>,
     /// Every backend that could take traffic is unhealthy, so all of them get it.
@@ -62,6 +75,27 @@ pub struct ListenerView {
     /// HTTP: "serving", or why the proxy is not.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub serving: Option<String>,
+}
+
+/// One certificate of an HTTPS listener as the API shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CertView {
+    /// Its first name (`clb listener set --rm-cert NAME`); absent when not loaded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Every host name and address it serves.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub names: Vec<String>,
+    pub cert: String,
+    pub key: String,
+    /// Validity, unix seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_before: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_after: Option<i64>,
+    /// SHA-256 of the leaf certificate, hex.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fingerprint: Option<String>,
 }
 
 impl ListenerView {
@@ -82,6 +116,10 @@ impl ListenerView {
             cookie_name: None,
             max_conns: None,
             io_timeout: None,
+            cookie_samesite: None,
+            redirect_https: None,
+            max_headers: None,
+            certificates: Vec::new(),
             health_check: s.health_check.clone(),
             backends: s.backends.clone(),
             all_backends_unhealthy: l.all_unhealthy,
@@ -114,6 +152,28 @@ impl ListenerView {
                     h.io_timeout
                         .unwrap_or(crate::control::model::DEFAULT_HTTP_IO_TIMEOUT),
                 );
+                v.cookie_samesite = Some(h.cookie_samesite.unwrap_or_default());
+                v.redirect_https = h.redirect_https;
+                v.max_headers = Some(
+                    h.max_headers
+                        .unwrap_or(crate::control::model::DEFAULT_HTTP_MAX_HEADERS),
+                );
+                v.certificates = h
+                    .certs
+                    .iter()
+                    .map(|c| {
+                        let loaded = l.certs.iter().find(|x| x.spec == *c);
+                        CertView {
+                            name: loaded.map(|x| x.name().to_owned()),
+                            names: loaded.map(|x| x.names.clone()).unwrap_or_default(),
+                            cert: c.cert.display().to_string(),
+                            key: c.key.display().to_string(),
+                            not_before: loaded.map(|x| x.not_before),
+                            not_after: loaded.map(|x| x.not_after),
+                            fingerprint: loaded.map(|x| x.fingerprint.clone()),
+                        }
+                    })
+                    .collect();
             }
         }
         v

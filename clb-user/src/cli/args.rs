@@ -6,7 +6,8 @@ use std::{net::SocketAddr, path::PathBuf};
 use clap::{Args, Parser, Subcommand};
 
 use crate::{
-    control::model::{CheckKind, Forward, Proto, Sched},
+    certs::CertSpec,
+    control::model::{CheckKind, Forward, Proto, SameSite, Sched},
     datapath::loader::{AttachMode, DEFAULT_BPFFS},
 };
 
@@ -152,6 +153,33 @@ pub struct ListenerOpts {
     /// HTTP: seconds a response may take to be written to a client, or a backend to answer (2-3600, default 60).
     #[arg(long)]
     pub io_timeout: Option<u32>,
+    /// HTTP: request header fields at most (1-1000, default 100); more get 431.
+    #[arg(long)]
+    pub max_headers: Option<u32>,
+    /// HTTP: SameSite of the persistence cookie: lax (default), strict, none (https only).
+    #[arg(long, value_parser = |s: &str| s.parse::<SameSite>())]
+    pub cookie_samesite: Option<SameSite>,
+    /// HTTP: answer every request with a 308 redirect to https:// on PORT (default 443).
+    #[arg(long, value_name = "PORT", num_args = 0..=1, default_missing_value = "443")]
+    pub redirect_https: Option<u16>,
+    /// HTTPS: certificate chain, PEM, leaf first (with --key; repeat the pair for more
+    /// certificates, chosen by the client's SNI; the first serves clients without SNI). On
+    /// `listener set`, replaces the listener's certificates.
+    #[arg(long = "cert", value_name = "FILE")]
+    pub cert: Vec<PathBuf>,
+    /// HTTPS: the private key of the --cert of the same position, PEM.
+    #[arg(long = "key", value_name = "FILE")]
+    pub key: Vec<PathBuf>,
+    /// HTTPS `listener set`: add a certificate (with --add-key), keeping the others.
+    #[arg(long, value_name = "FILE")]
+    pub add_cert: Vec<PathBuf>,
+    /// HTTPS `listener set`: the private key of the --add-cert of the same position.
+    #[arg(long, value_name = "FILE")]
+    pub add_key: Vec<PathBuf>,
+    /// HTTPS `listener set`: remove the certificate of this name (its first host name, as
+    /// `listener ls` shows it) or of this certificate file.
+    #[arg(long, value_name = "NAME")]
+    pub rm_cert: Vec<String>,
     /// Health check: tcp (connect), http (GET), none (default for udp).
     #[arg(long, value_parser = parse_check_kind)]
     pub hc: Option<CheckKind>,
@@ -204,6 +232,63 @@ fn parse_forward(s: &str) -> Result<Forward, String> {
 }
 
 impl ListenerOpts {
+    /// Whether the certificate list is edited relative to the current one.
+    pub fn edits_certs(&self) -> bool {
+        !self.add_cert.is_empty() || !self.add_key.is_empty() || !self.rm_cert.is_empty()
+    }
+
+    /// The listener's certificate list after these options, given its `current` one (with
+    /// the name each goes by); `None` when the options do not touch it. Relative paths are
+    /// made absolute here: the daemon does not run in the caller's directory.
+    pub fn cert_list(
+        &self,
+        current: Vec<(Option<String>, CertSpec)>,
+    ) -> Result<Option<Vec<CertSpec>>, String> {
+        let pairs = |certs: &[PathBuf], keys: &[PathBuf], c: &str, k: &str| {
+            if certs.len() != keys.len() {
+                return Err(format!(
+                    "give one {k} FILE per {c} FILE ({} {c}, {} {k})",
+                    certs.len(),
+                    keys.len()
+                ));
+            }
+            certs
+                .iter()
+                .zip(keys)
+                .map(|(c, k)| {
+                    let abs = |p: &PathBuf| {
+                        std::path::absolute(p).map_err(|e| format!("{}: {e}", p.display()))
+                    };
+                    Ok(CertSpec {
+                        cert: abs(c)?,
+                        key: abs(k)?,
+                    })
+                })
+                .collect::<Result<Vec<_>, String>>()
+        };
+        let set = pairs(&self.cert, &self.key, "--cert", "--key")?;
+        let add = pairs(&self.add_cert, &self.add_key, "--add-cert", "--add-key")?;
+        if set.is_empty() && !self.edits_certs() {
+            return Ok(None);
+        }
+        let mut list: Vec<(Option<String>, CertSpec)> = if set.is_empty() {
+            current
+        } else {
+            set.into_iter().map(|c| (None, c)).collect()
+        };
+        for r in &self.rm_cert {
+            let before = list.len();
+            list.retain(|(name, c)| {
+                name.as_deref() != Some(r.as_str()) && c.cert.to_string_lossy() != r.as_str()
+            });
+            if list.len() == before {
+                return Err(format!("the listener has no certificate named {r:?}"));
+            }
+        }
+        list.extend(add.into_iter().map(|c| (None, c)));
+        Ok(Some(list.into_iter().map(|(_, c)| c).collect()))
+    }
+
     /// The options given, as a listener's wire fields (a JSON merge patch for `listener set`,
     /// the fields of a new listener for `listener add`).
     pub fn fields(&self) -> serde_json::Map<String, serde_json::Value> {
@@ -227,6 +312,9 @@ impl ListenerOpts {
         put("cookie_name", self.cookie_name.as_ref().map(|v| json!(v)));
         put("max_conns", self.max_conns.map(|v| json!(v)));
         put("io_timeout", self.io_timeout.map(|v| json!(v)));
+        put("max_headers", self.max_headers.map(|v| json!(v)));
+        put("cookie_samesite", self.cookie_samesite.map(|v| json!(v)));
+        put("redirect_https", self.redirect_https.map(|v| json!(v)));
         let mut hc = serde_json::Map::new();
         let mut hput = |k: &str, v: Option<Value>| {
             if let Some(v) = v {
@@ -259,13 +347,13 @@ pub enum ListenerCmd {
         #[arg(long, value_parser = |s: &str| s.parse::<Proto>())]
         proto: Proto,
         #[command(flatten)]
-        opts: ListenerOpts,
+        opts: Box<ListenerOpts>,
     },
     /// Change a listener's settings (live; established flows stay).
     Set {
         name: String,
         #[command(flatten)]
-        opts: ListenerOpts,
+        opts: Box<ListenerOpts>,
     },
     /// Remove a listener (its connections and persisted clients go with it).
     Rm { name: String },

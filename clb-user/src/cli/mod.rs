@@ -162,6 +162,13 @@ async fn listener(c: &Client<'_>, cmd: ListenerCmd) -> Result<(), ClientError> {
             opts,
         } => {
             let mut fields = opts.fields();
+            let refused = |message: String| ClientError::Refused {
+                status: 400,
+                message,
+            };
+            if let Some(certs) = opts.cert_list(Vec::new()).map_err(refused)? {
+                fields.insert("certificate".into(), serde_json::json!(certs));
+            }
             fields.insert("name".into(), name.into());
             fields.insert("vip".into(), vip.to_string().into());
             fields.insert("proto".into(), proto.to_string().into());
@@ -174,10 +181,37 @@ async fn listener(c: &Client<'_>, cmd: ListenerCmd) -> Result<(), ClientError> {
             c.send(Method::POST, "/v1/listeners", &spec).await
         }
         ListenerCmd::Set { name, opts } => {
+            let mut fields = opts.fields();
+            let current = if opts.edits_certs() {
+                let v: ListenerView = c.get(&format!("/v1/listeners/{}", seg(&name))).await?;
+                v.certificates
+                    .into_iter()
+                    .map(|x| {
+                        (
+                            x.name,
+                            crate::certs::CertSpec {
+                                cert: x.cert.into(),
+                                key: x.key.into(),
+                            },
+                        )
+                    })
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            let certs = opts
+                .cert_list(current)
+                .map_err(|message| ClientError::Refused {
+                    status: 400,
+                    message,
+                })?;
+            if let Some(certs) = certs {
+                fields.insert("certificate".into(), serde_json::json!(certs));
+            }
             c.send(
                 Method::PATCH,
                 &format!("/v1/listeners/{}", seg(&name)),
-                &serde_json::Value::Object(opts.fields()),
+                &serde_json::Value::Object(fields),
             )
             .await
         }

@@ -61,7 +61,9 @@ pub fn listeners(v: &[ListenerView]) -> String {
                 sched,
                 persist,
                 match l.proto {
-                    Proto::Http => format!("keepalive {}s", l.keepalive_timeout.unwrap_or(0)),
+                    Proto::Http | Proto::Https => {
+                        format!("keepalive {}s", l.keepalive_timeout.unwrap_or(0))
+                    }
                     _ => format!("{}s", l.idle_timeout.unwrap_or(0)),
                 },
                 l.health_summary(),
@@ -103,6 +105,25 @@ pub fn listeners(v: &[ListenerView]) -> String {
         .ok();
         for b in &l.backends {
             writeln!(out, "  -> {:<22} {}", b.addr.to_string(), b.weight).ok();
+        }
+        for c in &l.certificates {
+            match (&c.name, c.not_after) {
+                (Some(name), Some(until)) => {
+                    let mut names = c.names.join(", ");
+                    if names.len() > 60 {
+                        names.truncate(57);
+                        names.push_str("...");
+                    }
+                    writeln!(
+                        out,
+                        "  cert {name}: {names}; expires {} ({})",
+                        crate::time::utc(until),
+                        c.cert
+                    )
+                    .ok()
+                }
+                _ => writeln!(out, "  cert {} (not loaded)", c.cert).ok(),
+            };
         }
     }
     out
@@ -336,7 +357,7 @@ pub fn bgp(b: &crate::bgp::BgpStatus) -> String {
 pub fn stats(s: &StatsResponse) -> String {
     let mut out = String::new();
     let mut rows = Vec::new();
-    for l in s.listeners.iter().filter(|l| l.proto != Proto::Http) {
+    for l in s.listeners.iter().filter(|l| !l.proto.is_http()) {
         let c = &l.counters;
         rows.push(vec![
             format!("{} ({})", l.name, l.proto),

@@ -15,7 +15,7 @@ use crate::{
         server::{Api, blocking, stats_view},
         types::StatsResponse,
     },
-    control::{lock, model::Proto},
+    control::lock,
 };
 
 /// Sampling interval.
@@ -80,7 +80,7 @@ impl Series {
     /// Adds a sample taken from `stats` at `unix`.
     pub fn record(&self, unix: u64, stats: &StatsResponse) {
         let mut points = Vec::new();
-        for l in stats.listeners.iter().filter(|l| l.proto != Proto::Http) {
+        for l in stats.listeners.iter().filter(|l| !l.proto.is_http()) {
             for b in &l.backends {
                 points.push((
                     (l.name.clone(), b.addr.to_string()),

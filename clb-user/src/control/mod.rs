@@ -111,7 +111,10 @@ impl Controller {
         config.validate()?;
         let mut balancer = Balancer::restore(dp)
             .map_err(|e| ChangeError::Datapath(BalancerError::RolledBack(Box::new(e))))?;
-        let state = State::new(config, opts.local_addrs, opts.cpus);
+        let mut state = State::new(config, opts.local_addrs, opts.cpus);
+        // At start a certificate that cannot be used stops only its own listener (reported
+        // by `clb listener ls`); the L4 listeners and the other HTTP ones serve.
+        state.load_certs_at_start();
         match balancer.commit(&state.plan()) {
             Ok(o) if o.purged > 0 => info!(
                 purged = o.purged,
@@ -259,10 +262,17 @@ impl Controller {
             )
             .into());
         }
-        if next == w.state.config {
+        // Certificates are read before anything changes: a bad file refuses the change. A
+        // reload reads every file again (that is how a renewed certificate is taken in).
+        let certs = w.state.load_certs(&next, !write_file)?;
+        if next == w.state.config && w.state.same_certs(&certs) {
             return Ok(());
         }
         let mut candidate = w.state.clone();
+        candidate.certs = certs;
+        candidate
+            .cert_errors
+            .retain(|name, _| !candidate.certs.contains_key(name));
         let previous = std::mem::replace(&mut candidate.config, next);
         candidate.reconcile_runtime(Some(&previous));
         if write_file {

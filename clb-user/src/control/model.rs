@@ -20,22 +20,30 @@ use clb_common::{
 };
 use serde::{Deserialize, Serialize};
 
-/// The protocol field of a listener: L4 TCP or UDP (balanced in XDP) or HTTP (proxied).
+use crate::certs::CertSpec;
+
+/// The protocol field of a listener: L4 TCP or UDP (balanced in XDP), HTTP or HTTPS (proxied).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Proto {
     Tcp,
     Udp,
     Http,
+    Https,
 }
 
 impl Proto {
     /// The IP protocol the listener receives.
     pub fn ip_proto(self) -> u8 {
         match self {
-            Proto::Tcp | Proto::Http => PROTO_TCP,
+            Proto::Tcp | Proto::Http | Proto::Https => PROTO_TCP,
             Proto::Udp => PROTO_UDP,
         }
+    }
+
+    /// Whether the daemon proxies it (HTTP or HTTPS) rather than the datapath balancing it.
+    pub fn is_http(self) -> bool {
+        matches!(self, Proto::Http | Proto::Https)
     }
 }
 
@@ -45,6 +53,7 @@ impl std::fmt::Display for Proto {
             Proto::Tcp => "tcp",
             Proto::Udp => "udp",
             Proto::Http => "http",
+            Proto::Https => "https",
         })
     }
 }
@@ -56,7 +65,51 @@ impl std::str::FromStr for Proto {
             "tcp" => Ok(Proto::Tcp),
             "udp" => Ok(Proto::Udp),
             "http" => Ok(Proto::Http),
-            _ => Err(format!("proto must be tcp, udp or http, not {s:?}")),
+            "https" => Ok(Proto::Https),
+            _ => Err(format!("proto must be tcp, udp, http or https, not {s:?}")),
+        }
+    }
+}
+
+/// The `SameSite` attribute of the persistence cookie.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SameSite {
+    /// Sent on same-site requests and top-level navigations (the browsers' default).
+    #[default]
+    Lax,
+    Strict,
+    /// Sent on cross-site requests too (needs `Secure`: HTTPS listeners only).
+    None,
+}
+
+impl SameSite {
+    /// The attribute's value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SameSite::Lax => "Lax",
+            SameSite::Strict => "Strict",
+            SameSite::None => "None",
+        }
+    }
+}
+
+impl std::fmt::Display for SameSite {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.as_str().to_ascii_lowercase())
+    }
+}
+
+impl std::str::FromStr for SameSite {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "lax" => Ok(SameSite::Lax),
+            "strict" => Ok(SameSite::Strict),
+            "none" => Ok(SameSite::None),
+            _ => Err(format!(
+                "cookie_samesite must be lax, strict or none, not {s:?}"
+            )),
         }
     }
 }
@@ -119,9 +172,21 @@ pub struct L4Spec {
     pub maglev_size: Option<u32>,
 }
 
-/// An HTTP listener's own settings.
+/// An HTTP or HTTPS listener's own settings.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct HttpSpec {
+    /// HTTPS: TLS is terminated here, with these certificates (chosen by the client's SNI; the
+    /// first when it sends none). Empty for HTTP.
+    pub certs: Vec<CertSpec>,
+    /// Whether the listener speaks TLS (`proto = "https"`).
+    pub tls: bool,
+    /// `SameSite` of the persistence cookie. Default Lax.
+    pub cookie_samesite: Option<SameSite>,
+    /// HTTP listeners: answer every request with a redirect to `https://` on this port
+    /// (443: no port in the URL) instead of proxying it.
+    pub redirect_https: Option<u16>,
+    /// Request header fields at most (431 beyond). Default 100.
+    pub max_headers: Option<u32>,
     /// Keep-alive idle timeout, seconds, 0–900 (0 = close after each response). Default 75.
     pub keepalive_timeout: Option<u32>,
     /// Persistence cookie name. Default `clb_session`.
@@ -317,6 +382,12 @@ pub const DEFAULT_COOKIE_NAME: &str = "clb_session";
 pub const DEFAULT_HTTP_MAX_CONNS: u32 = 10_000;
 /// Default HTTP write / backend-answer timeout, seconds.
 pub const DEFAULT_HTTP_IO_TIMEOUT: u32 = 60;
+/// Default (and largest) number of request header fields.
+pub const DEFAULT_HTTP_MAX_HEADERS: u32 = 100;
+/// Largest configurable number of request header fields.
+pub const MAX_HTTP_MAX_HEADERS: u32 = 1000;
+/// Certificates an HTTPS listener holds at most.
+pub const MAX_CERTS: usize = 64;
 
 /// A listener: a VIP:port of some kind, its settings and backends.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -343,6 +414,10 @@ impl ListenerSpec {
                 ..L4Spec::default()
             }),
             Proto::Http => Kind::Http(HttpSpec::default()),
+            Proto::Https => Kind::Http(HttpSpec {
+                tls: true,
+                ..HttpSpec::default()
+            }),
         };
         Self {
             name: name.into(),
@@ -359,6 +434,7 @@ impl ListenerSpec {
         match &self.kind {
             Kind::L4(l) if l.udp => Proto::Udp,
             Kind::L4(_) => Proto::Tcp,
+            Kind::Http(h) if h.tls => Proto::Https,
             Kind::Http(_) => Proto::Http,
         }
     }
@@ -503,6 +579,54 @@ impl ListenerSpec {
                 if let Some(t) = h.io_timeout {
                     range("io_timeout", t, 2, 3600, "2-3600 seconds")?;
                 }
+                if let Some(n) = h.max_headers {
+                    range("max_headers", n, 1, MAX_HTTP_MAX_HEADERS, "1-1000")?;
+                }
+                if h.tls {
+                    if h.certs.is_empty() {
+                        return Err(ConfigError::Invalid(format!(
+                            "https listener {:?} needs a certificate: [[listener.certificate]] cert = FILE, key = FILE (CLI: --cert FILE --key FILE)",
+                            self.name
+                        )));
+                    }
+                    if h.certs.len() > MAX_CERTS {
+                        return Err(ConfigError::Capacity {
+                            what: "certificates per listener",
+                            max: MAX_CERTS,
+                        });
+                    }
+                    let mut seen = HashSet::new();
+                    for c in &h.certs {
+                        if !seen.insert(&c.cert) {
+                            return Err(ConfigError::Invalid(format!(
+                                "listener {:?} names certificate {} twice",
+                                self.name,
+                                c.cert.display()
+                            )));
+                        }
+                    }
+                    if h.redirect_https.is_some() {
+                        return Err(ConfigError::NotFor {
+                            field: "redirect_https",
+                            proto: Proto::Https,
+                        });
+                    }
+                } else {
+                    if h.cookie_samesite == Some(SameSite::None) {
+                        return Err(ConfigError::Range {
+                            field: "cookie_samesite",
+                            value: "none".into(),
+                            allowed: "lax or strict on an http listener (browsers drop SameSite=None cookies without Secure, which needs https)",
+                        });
+                    }
+                    if h.redirect_https == Some(0) {
+                        return Err(ConfigError::Range {
+                            field: "redirect_https",
+                            value: "0".into(),
+                            allowed: "a port 1-65535 (443: no port in the URL)",
+                        });
+                    }
+                }
                 if let Some(c) = &h.cookie_name
                     && (c.is_empty()
                         || c.len() > 64
@@ -544,7 +668,7 @@ impl ListenerSpec {
 pub fn default_check(proto: Proto) -> CheckKind {
     match proto {
         Proto::Udp => CheckKind::None,
-        Proto::Tcp | Proto::Http => CheckKind::Tcp,
+        Proto::Tcp | Proto::Http | Proto::Https => CheckKind::Tcp,
     }
 }
 
@@ -926,6 +1050,9 @@ pub enum ConfigError {
     UnknownBackend { listener: String, addr: SocketAddr },
     #[error("capacity exceeded: at most {max} {what}")]
     Capacity { what: &'static str, max: usize },
+    /// A certificate or key file of an HTTPS listener cannot be used (the message names it).
+    #[error("listener {listener:?}: {why}; nothing was changed")]
+    Certificate { listener: String, why: String },
     #[error("{0}")]
     Invalid(String),
 }
@@ -962,6 +1089,14 @@ pub struct WireListener {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub io_timeout: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cookie_samesite: Option<SameSite>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redirect_https: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_headers: Option<u32>,
+    #[serde(default, rename = "certificate", skip_serializing_if = "Vec::is_empty")]
+    pub certs: Vec<CertSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health_check: Option<WireHealthCheck>,
     #[serde(default, rename = "backend", skip_serializing_if = "Vec::is_empty")]
     pub backends: Vec<BackendSpec>,
@@ -995,7 +1130,7 @@ impl TryFrom<WireListener> for ListenerSpec {
     fn try_from(w: WireListener) -> Result<Self, ConfigError> {
         let proto = w.proto.ok_or_else(|| {
             ConfigError::Invalid(format!(
-                "listener {:?}: missing field `proto` (tcp, udp or http)",
+                "listener {:?}: missing field `proto` (tcp, udp, http or https)",
                 w.name
             ))
         })?;
@@ -1007,6 +1142,10 @@ impl TryFrom<WireListener> for ListenerSpec {
                     (w.cookie_name.is_some(), "cookie_name"),
                     (w.max_conns.is_some(), "max_conns"),
                     (w.io_timeout.is_some(), "io_timeout"),
+                    (w.cookie_samesite.is_some(), "cookie_samesite"),
+                    (w.redirect_https.is_some(), "redirect_https"),
+                    (w.max_headers.is_some(), "max_headers"),
+                    (!w.certs.is_empty(), "certificate"),
                 ] {
                     if set {
                         return Err(not_for(field));
@@ -1021,7 +1160,10 @@ impl TryFrom<WireListener> for ListenerSpec {
                     maglev_size: w.maglev_size,
                 })
             }
-            Proto::Http => {
+            Proto::Http | Proto::Https => {
+                if proto == Proto::Http && !w.certs.is_empty() {
+                    return Err(not_for("certificate"));
+                }
                 for (set, field) in [
                     (w.idle_timeout.is_some(), "idle_timeout"),
                     (w.sched.is_some(), "sched"),
@@ -1034,6 +1176,11 @@ impl TryFrom<WireListener> for ListenerSpec {
                     }
                 }
                 Kind::Http(HttpSpec {
+                    certs: w.certs,
+                    tls: proto == Proto::Https,
+                    cookie_samesite: w.cookie_samesite,
+                    redirect_https: w.redirect_https,
+                    max_headers: w.max_headers,
                     keepalive_timeout: w.keepalive_timeout,
                     cookie_name: w.cookie_name,
                     max_conns: w.max_conns,
@@ -1095,6 +1242,10 @@ impl From<ListenerSpec> for WireListener {
             cookie_name: None,
             max_conns: None,
             io_timeout: None,
+            cookie_samesite: None,
+            redirect_https: None,
+            max_headers: None,
+            certs: Vec::new(),
         };
         match s.kind {
             Kind::L4(l) => {
@@ -1109,6 +1260,10 @@ impl From<ListenerSpec> for WireListener {
                 w.cookie_name = hs.cookie_name;
                 w.max_conns = hs.max_conns;
                 w.io_timeout = hs.io_timeout;
+                w.cookie_samesite = hs.cookie_samesite;
+                w.redirect_https = hs.redirect_https;
+                w.max_headers = hs.max_headers;
+                w.certs = hs.certs;
             }
         }
         w

@@ -14,10 +14,11 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     file::ConfigFile,
-    model::{BackendSpec, Forward, ListenerSpec, Sched},
+    model::{BackendSpec, ConfigError, Forward, ListenerSpec, Sched},
 };
 use crate::{
     balancer::{BackendPlan, GlobalPlan, Ids, ListenerPlan, Plan, SchedPlan},
+    certs::Loaded,
     datapath::sweep::SweepPolicy,
 };
 
@@ -61,10 +62,20 @@ pub type BackendKey = (String, SocketAddr);
 /// Health transitions since the daemon started: (listener, backend, to) → count.
 pub type Transitions = BTreeMap<(String, SocketAddr, Health), u64>;
 
+/// HTTPS listeners' loaded certificates, by listener name.
+pub type Certs = BTreeMap<String, Arc<[Loaded]>>;
+
 /// Everything the writer owns.
 #[derive(Clone, Debug)]
 pub struct State {
     pub config: ConfigFile,
+    /// HTTPS listeners' certificates as loaded from their files: listener name → in
+    /// configuration order. Loaded by the transaction that configured them (or by a reload,
+    /// which reads every file again), so a bad file is refused before anything changes.
+    pub certs: Certs,
+    /// Listeners whose certificates could not be loaded when the daemon started: why. A
+    /// change that loads them clears it.
+    pub cert_errors: BTreeMap<String, String>,
     pub runtime: HashMap<BackendKey, BackendRuntime>,
     pub transitions: Transitions,
     pub local_addrs: Vec<IpAddr>,
@@ -75,6 +86,8 @@ impl State {
     pub fn new(config: ConfigFile, local_addrs: Vec<IpAddr>, cpus: u32) -> Self {
         let mut s = Self {
             config,
+            certs: BTreeMap::new(),
+            cert_errors: BTreeMap::new(),
             runtime: HashMap::new(),
             transitions: BTreeMap::new(),
             local_addrs,
@@ -82,6 +95,82 @@ impl State {
         };
         s.reconcile_runtime(None);
         s
+    }
+
+    /// Loads the certificates of every HTTPS listener of the configuration. With `reread`
+    /// (a reload) every file is read again; otherwise a listener whose certificate files are
+    /// the ones already loaded keeps them (an unrelated change never fails on a certificate
+    /// that expired since). The first file refused fails the whole change.
+    pub fn load_certs(&self, config: &ConfigFile, reread: bool) -> Result<Certs, ConfigError> {
+        let now = SystemTime::now();
+        let mut out = BTreeMap::new();
+        for l in &config.listeners {
+            let Some(h) = l.http().filter(|h| h.tls) else {
+                continue;
+            };
+            if !reread
+                && let Some(old) = self.certs.get(&l.name)
+                && old.len() == h.certs.len()
+                && old.iter().zip(&h.certs).all(|(o, c)| o.spec == *c)
+            {
+                out.insert(l.name.clone(), old.clone());
+                continue;
+            }
+            // Refused at start and not changed since: stays refused (shown by `listener
+            // ls`) without blocking changes to everything else.
+            if !reread
+                && self.cert_errors.contains_key(&l.name)
+                && self
+                    .config
+                    .listeners
+                    .iter()
+                    .any(|p| p.name == l.name && p.http().map(|x| &x.certs) == Some(&h.certs))
+            {
+                continue;
+            }
+            let loaded = h
+                .certs
+                .iter()
+                .map(|c| crate::certs::load(c, now))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| ConfigError::Certificate {
+                    listener: l.name.clone(),
+                    why: e.to_string(),
+                })?;
+            out.insert(l.name.clone(), loaded.into());
+        }
+        Ok(out)
+    }
+
+    /// Loads every HTTPS listener's certificates, one listener at a time: a listener whose
+    /// files are refused gets none and its error is kept in [`State::cert_errors`].
+    pub fn load_certs_at_start(&mut self) {
+        let config = self.config.clone();
+        for l in &config.listeners {
+            let one = ConfigFile {
+                listeners: vec![l.clone()],
+                ..config.clone()
+            };
+            match self.load_certs(&one, true) {
+                Ok(c) => self.certs.extend(c),
+                Err(e) => {
+                    tracing::warn!(listener = l.name, "{e}");
+                    self.cert_errors.insert(l.name.clone(), e.to_string());
+                }
+            }
+        }
+    }
+
+    /// Whether `certs` holds exactly the certificates loaded now (same files, same contents).
+    pub fn same_certs(&self, certs: &Certs) -> bool {
+        self.certs.len() == certs.len()
+            && self.certs.iter().zip(certs).all(|((a, x), (b, y))| {
+                a == b
+                    && x.len() == y.len()
+                    && x.iter()
+                        .zip(y.iter())
+                        .all(|(p, q)| p.spec == q.spec && p.fingerprint == q.fingerprint)
+            })
     }
 
     /// Brings the runtime state in line with the configuration: new backends start healthy
@@ -245,6 +334,12 @@ impl State {
                 id,
                 backends,
                 all_unhealthy,
+                certs: self
+                    .certs
+                    .get(&l.name)
+                    .cloned()
+                    .unwrap_or_else(|| Arc::new([])),
+                cert_error: self.cert_errors.get(&l.name).cloned(),
             });
         }
         Snapshot {
@@ -281,6 +376,10 @@ pub struct ListenerState {
     pub backends: Vec<BackendState>,
     /// Every backend that could take traffic is unhealthy, so all of them get it.
     pub all_unhealthy: bool,
+    /// HTTPS: its certificates, in configuration order (empty otherwise).
+    pub certs: Arc<[Loaded]>,
+    /// HTTPS: why its certificates could not be loaded at start, if so.
+    pub cert_error: Option<String>,
 }
 
 impl ListenerState {

@@ -1,6 +1,7 @@
-//! The L7 HTTP listeners: HTTP/1.1 reverse proxies (tokio + hyper) with cookie-insertion
-//! session persistence, the equivalent of HAProxy's `cookie NAME insert indirect nocache
-//! httponly` (see [`proxy`] for what a request goes through).
+//! The L7 listeners: HTTP and HTTPS reverse proxies (tokio + hyper, rustls for TLS, HTTP/2 to
+//! clients through ALPN) with cookie-insertion session persistence, the equivalent of
+//! HAProxy's `cookie NAME insert indirect nocache httponly [secure]` (see [`proxy`] for what
+//! a request goes through, [`tls`] for the TLS side).
 //!
 //! [`run`] keeps the running proxies in line with the controller's snapshots: it starts new
 //! listeners, swaps the routing view of running ones (an [`ArcSwap`], so no connection is
@@ -10,9 +11,10 @@
 
 pub mod cookie;
 pub mod proxy;
+pub mod tls;
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     net::SocketAddr,
     sync::{
         Arc, Mutex,
@@ -28,11 +30,12 @@ use tracing::{info, warn};
 pub use self::cookie::{CookieKey, load_or_create_key};
 pub use self::proxy::ConnBudget;
 use self::proxy::{ListenerState, Snapshot};
+use crate::certs::Loaded;
 use crate::control::{
     Controller, lock,
     model::{
         DEFAULT_COOKIE_NAME, DEFAULT_HTTP_IO_TIMEOUT, DEFAULT_HTTP_MAX_CONNS,
-        DEFAULT_KEEPALIVE_SECS,
+        DEFAULT_HTTP_MAX_HEADERS, DEFAULT_KEEPALIVE_SECS, SameSite,
     },
 };
 
@@ -45,11 +48,21 @@ pub struct L7Backend {
     pub accepting: bool,
 }
 
-/// An HTTP listener's settings.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// An HTTP or HTTPS listener's settings.
+#[derive(Clone, Debug)]
 pub struct L7Config {
     pub name: String,
     pub vip: SocketAddr,
+    /// HTTPS: the certificates to serve (chosen by SNI, the first without one). `None`: HTTP.
+    pub tls: Option<Arc<[Loaded]>>,
+    /// HTTPS: why its certificates could not be loaded at start (it does not serve then).
+    pub cert_error: Option<String>,
+    /// `SameSite` of the persistence cookie.
+    pub samesite: SameSite,
+    /// HTTP: redirect every request to `https://` on this port instead of proxying.
+    pub redirect_https: Option<u16>,
+    /// Request header fields at most.
+    pub max_headers: usize,
     /// Cookie persistence, seconds; 0 = off.
     pub persist: u32,
     /// Keep-alive idle timeout, seconds; 0 = close after each response.
@@ -93,6 +106,26 @@ pub struct L7ListenerStats {
     pub client_errors: u64,
     /// Connections closed because the client stopped reading or sending.
     pub timeouts: u64,
+    /// Upgraded connections (WebSocket) passed through.
+    #[serde(default)]
+    pub upgrades: u64,
+    /// Client connections that negotiated HTTP/2.
+    #[serde(default)]
+    pub h2_connections: u64,
+    /// HTTPS: TLS handshakes completed, and of those resumed.
+    #[serde(default)]
+    pub tls_handshakes: u64,
+    #[serde(default)]
+    pub tls_resumed: u64,
+    /// HTTPS: failed handshakes by reason: timeout, closed, protocol.
+    #[serde(default)]
+    pub tls_failures: BTreeMap<String, u64>,
+    /// Request durations (request head in to response head out): counts per bucket of
+    /// [`proxy::LATENCY_BUCKETS`] (not cumulative; the last is +Inf) and their sum, µs.
+    #[serde(default)]
+    pub latency_buckets: Vec<u64>,
+    #[serde(default)]
+    pub latency_sum_us: u64,
     pub backends: Vec<L7BackendStats>,
 }
 
@@ -178,7 +211,11 @@ impl Proxies {
         failed.retain(|n, _| wanted.contains_key(n));
         let stale: Vec<String> = running
             .iter()
-            .filter(|(n, r)| wanted.get(*n).is_none_or(|c| c.vip != r.vip))
+            .filter(|(n, r)| {
+                wanted
+                    .get(*n)
+                    .is_none_or(|c| c.vip != r.vip || c.tls.is_some() != r.state.tls.is_some())
+            })
             .map(|(n, _)| n.clone())
             .collect();
         for n in stale {
@@ -189,11 +226,12 @@ impl Proxies {
             }
         }
         for (name, cfg) in wanted {
+            if let Some(why) = &cfg.cert_error {
+                failed.insert(name, why.clone());
+                continue;
+            }
             match running.get(&name) {
-                Some(r) => r
-                    .state
-                    .snapshot
-                    .store(Arc::new(Snapshot::new(cfg, &self.key))),
+                Some(r) => r.state.update(Snapshot::new(cfg, &self.key)),
                 None => match self.start(cfg) {
                     Ok(r) => {
                         failed.remove(&name);
@@ -224,10 +262,10 @@ impl Proxies {
             Snapshot::new(cfg, &self.key),
             self.key.clone(),
             self.budget.clone(),
-        ));
+        )?);
         let (stop, stop_rx) = watch::channel(false);
         let task = tokio::spawn(proxy::accept_loop(listener, state.clone(), stop_rx));
-        info!(listener = name, %vip, "HTTP listener started");
+        info!(listener = name, %vip, tls = state.tls.is_some(), "HTTP listener started");
         Ok(Running {
             vip,
             state,
@@ -254,6 +292,11 @@ fn configs(snap: &crate::control::state::Snapshot) -> Vec<L7Config> {
             Some(L7Config {
                 name: l.spec.name.clone(),
                 vip: l.spec.vip,
+                tls: h.tls.then(|| l.certs.clone()),
+                cert_error: l.cert_error.clone(),
+                samesite: h.cookie_samesite.unwrap_or_default(),
+                redirect_https: h.redirect_https,
+                max_headers: h.max_headers.unwrap_or(DEFAULT_HTTP_MAX_HEADERS) as usize,
                 persist: l.spec.persist,
                 keepalive_secs: h.keepalive_timeout.unwrap_or(DEFAULT_KEEPALIVE_SECS),
                 cookie_name: h
@@ -339,6 +382,7 @@ impl ListenerState {
         let c = &self.counters;
         let per = lock(&c.per_backend);
         let g = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+        let (latency_buckets, latency_sum_us) = c.latency.read();
         L7ListenerStats {
             name: s.cfg.name.clone(),
             connections: g(&c.connections),
@@ -354,6 +398,21 @@ impl ListenerState {
             upstream_errors: g(&c.upstream_errors),
             client_errors: g(&c.client_errors),
             timeouts: g(&c.timeouts),
+            upgrades: g(&c.upgrades),
+            h2_connections: g(&c.h2_connections),
+            tls_handshakes: g(&c.tls_handshakes),
+            tls_resumed: g(&c.tls_resumed),
+            tls_failures: if self.tls.is_some() {
+                tls::Failure::ALL
+                    .iter()
+                    .zip(&c.tls_failures)
+                    .map(|(f, n)| (f.as_str().to_owned(), g(n)))
+                    .collect()
+            } else {
+                BTreeMap::new()
+            },
+            latency_buckets,
+            latency_sum_us,
             backends: s
                 .cfg
                 .backends

@@ -1,27 +1,37 @@
-//! One HTTP listener's proxying: connections and requests.
+//! One HTTP or HTTPS listener's proxying: connections and requests.
 //!
+//! - Connections: HTTP/1.1 on HTTP listeners; on HTTPS ones TLS first ([`super::tls`]), then
+//!   HTTP/2 or HTTP/1.1 as ALPN chose. Backends always get HTTP/1.1 (pooled, kept alive).
 //! - No valid persistence cookie: weighted round robin over the accepting backends, and the
-//!   response gets `Set-Cookie: NAME=VALUE; Max-Age=persist; Path=/; HttpOnly` plus
-//!   `Cache-Control: no-cache="set-cookie"`. A valid cookie of a present, accepting backend
-//!   routes there; an expired, tampered or unknown one is ignored (rescheduled). The cookie
-//!   is refreshed once half its lifetime has passed, so an active client stays.
+//!   response gets `Set-Cookie: NAME=VALUE; Max-Age=persist; Path=/; HttpOnly; SameSite=Lax`
+//!   (`Secure` too on HTTPS; SameSite as configured) plus `Cache-Control:
+//!   no-cache="set-cookie"`. A valid cookie of a present, accepting backend routes there; an
+//!   expired, tampered or unknown one is ignored (rescheduled). The cookie is refreshed once
+//!   half its lifetime has passed, so an active client stays.
 //! - The persistence cookie is removed before the request reaches the backend (`indirect`);
-//!   every other cookie passes byte for byte, whatever bytes it holds.
+//!   every other cookie passes byte for byte, whatever bytes it holds (HTTP/2's split cookie
+//!   fields are joined into one).
 //! - Hop-by-hop headers are dropped both ways; `X-Forwarded-For`, `X-Forwarded-Proto` and
-//!   `Forwarded` are added. Bodies stream through.
-//! - Limits: request head 16 KiB (431), body [`MAX_BODY`] (413), two `Host` headers (400), a
-//!   malformed request body (400, the client's fault, not counted against the backend); headers
-//!   must arrive within [`HEADER_TIMEOUT`]; idle kept-alive connections close after the
+//!   `Forwarded` (with the listener's scheme) are added. Bodies stream through.
+//! - HTTP/1.1 upgrades (WebSocket): routed like a request, `Upgrade`/`Connection: upgrade`
+//!   kept; on the backend's 101 the two connections are joined byte for byte until either
+//!   closes or [`TUNNEL_IDLE`] passes without a byte. A 101 nobody asked for gives 502.
+//! - Limits: request head 16 KiB (431) and `max_headers` fields (431), body [`MAX_BODY`] (413),
+//!   two `Host` headers or an HTTP/1.1 request without one (400), a malformed request body
+//!   (400, the client's fault, not counted against the backend), `CONNECT` (405); HTTP/1.1
+//!   headers must arrive within [`HEADER_TIMEOUT`]; idle kept-alive connections close after the
 //!   keep-alive timeout (0: after each response); a client that stops reading a response, or a
 //!   backend that stops answering, is cut after the listener's I/O timeout (504 when no answer
 //!   began); connections beyond the listener's cap, or beyond the daemon's budget of file
-//!   descriptors for HTTP clients ([`ConnBudget`]), get 503 and are closed.
-//! - `OPTIONS *` is answered by the proxy itself.
+//!   descriptors for HTTP clients ([`ConnBudget`]), get 503 and are closed. HTTP/2 limits: see
+//!   [`H2_MAX_STREAMS`] and the constants beside it.
+//! - `OPTIONS *` is answered by the proxy itself; `redirect_https` answers everything with 308.
 //! - A backend that cannot be reached gives 502 (no retry: the request may not be idempotent).
 
 use std::{
     collections::HashMap,
     convert::Infallible,
+    future::Future,
     net::SocketAddr,
     pin::Pin,
     sync::{
@@ -35,7 +45,7 @@ use std::{
 use arc_swap::ArcSwap;
 use http_body_util::{BodyExt as _, Full, Limited, combinators::BoxBody};
 use hyper::{
-    HeaderMap, Method, Request, Response, StatusCode,
+    HeaderMap, Method, Request, Response, StatusCode, Version,
     body::{Bytes, Frame, Incoming},
     header::{self, HeaderName, HeaderValue},
     service::service_fn,
@@ -51,7 +61,11 @@ use tokio::{
 };
 use tracing::{debug, warn};
 
-use super::{L7Config, cookie::CookieKey};
+use super::{
+    L7Config,
+    cookie::CookieKey,
+    tls::{ConnInfo, Failure, HANDSHAKE_TIMEOUT, Tls},
+};
 use crate::{
     control::lock,
     sched::wrr::{Weighted, smooth_wrr},
@@ -79,6 +93,8 @@ pub struct Snapshot {
     schedule: Vec<usize>,
     /// Cookie tag of each backend.
     tags: Vec<[u8; 8]>,
+    /// What follows `NAME=VALUE` in the `Set-Cookie` of a new cookie.
+    cookie_attrs: String,
 }
 
 impl Snapshot {
@@ -102,11 +118,66 @@ impl Snapshot {
             .iter()
             .map(|b| key.tag(&cfg.name, b.addr))
             .collect();
+        let mut cookie_attrs = format!(
+            "; Max-Age={}; Path=/; HttpOnly; SameSite={}",
+            cfg.persist,
+            cfg.samesite.as_str()
+        );
+        if cfg.tls.is_some() {
+            cookie_attrs.push_str("; Secure");
+        }
         Self {
             cfg,
             schedule,
             tags,
+            cookie_attrs,
         }
+    }
+
+    /// The scheme clients reached the listener by.
+    fn scheme(&self) -> &'static str {
+        if self.cfg.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        }
+    }
+}
+
+/// Request durations, seconds: upper bounds of the histogram's buckets (the last is +Inf).
+pub const LATENCY_BUCKETS: [f64; 12] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
+];
+
+/// A histogram of request durations (from the request head to the response head).
+#[derive(Default)]
+pub struct Latency {
+    /// Per bucket, not cumulative; the last is +Inf.
+    buckets: [AtomicU64; LATENCY_BUCKETS.len() + 1],
+    sum_us: AtomicU64,
+}
+
+impl Latency {
+    fn record(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        let i = LATENCY_BUCKETS
+            .iter()
+            .position(|b| secs <= *b)
+            .unwrap_or(LATENCY_BUCKETS.len());
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        self.sum_us
+            .fetch_add(d.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    /// (counts per bucket, not cumulative, +Inf last; sum in microseconds).
+    pub fn read(&self) -> (Vec<u64>, u64) {
+        (
+            self.buckets
+                .iter()
+                .map(|b| b.load(Ordering::Relaxed))
+                .collect(),
+            self.sum_us.load(Ordering::Relaxed),
+        )
     }
 }
 
@@ -122,6 +193,16 @@ pub struct Counters {
     pub upstream_errors: AtomicU64,
     pub client_errors: AtomicU64,
     pub timeouts: AtomicU64,
+    /// Upgraded connections (WebSocket and other HTTP/1.1 upgrades) passed through.
+    pub upgrades: AtomicU64,
+    /// Client connections that negotiated HTTP/2.
+    pub h2_connections: AtomicU64,
+    /// TLS handshakes completed, and of those resumed (ticket or session cache).
+    pub tls_handshakes: AtomicU64,
+    pub tls_resumed: AtomicU64,
+    /// Failed handshakes by [`Failure`] (in [`Failure::ALL`] order).
+    pub tls_failures: [AtomicU64; 3],
+    pub latency: Latency,
     pub per_backend: Mutex<HashMap<SocketAddr, u64>>,
 }
 
@@ -184,10 +265,23 @@ pub struct ListenerState {
     key: CookieKey,
     client: Client<HttpConnector, Body>,
     budget: Arc<ConnBudget>,
+    /// HTTPS: the TLS side (fixed for the listener's life; its certificates are swapped).
+    pub tls: Option<Tls>,
 }
 
 impl ListenerState {
-    pub fn new(snapshot: Snapshot, key: CookieKey, budget: Arc<ConnBudget>) -> Self {
+    pub fn new(
+        snapshot: Snapshot,
+        key: CookieKey,
+        budget: Arc<ConnBudget>,
+    ) -> anyhow::Result<Self> {
+        let tls = match &snapshot.cfg.tls {
+            Some(certs) if certs.is_empty() => {
+                anyhow::bail!("no certificate loaded")
+            }
+            Some(certs) => Some(Tls::new(certs)?),
+            None => None,
+        };
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
         connector.set_nodelay(true);
@@ -198,14 +292,23 @@ impl ListenerState {
             .pool_max_idle_per_host(POOL_IDLE_PER_BACKEND)
             .pool_timer(TokioTimer::new())
             .build(connector);
-        Self {
+        Ok(Self {
             snapshot: ArcSwap::from_pointee(snapshot),
             cursor: AtomicU64::new(0),
             counters: Counters::default(),
             key,
             client,
             budget,
+            tls,
+        })
+    }
+
+    /// Routes by `snap` from now on (and serves its certificates to new handshakes).
+    pub fn update(&self, snap: Snapshot) {
+        if let (Some(tls), Some(certs)) = (&self.tls, &snap.cfg.tls) {
+            tls.set_certs(certs);
         }
+        self.snapshot.store(Arc::new(snap));
     }
 
     fn next_backend(&self, s: &Snapshot) -> Option<usize> {
@@ -350,22 +453,33 @@ impl Drop for OpenGuard {
     }
 }
 
+/// What keeps a connection counted: its place under the listener's cap and its share of the
+/// daemon's budget. Held by the connection and, after an upgrade, by its tunnel.
+struct Hold {
+    _open: OpenGuard,
+    _share: BudgetGuard,
+}
+
+/// Per-request context: who the client is and what its connection negotiated.
+struct ReqCx {
+    peer: SocketAddr,
+    info: ConnInfo,
+    act: Arc<Activity>,
+    hold: Arc<Hold>,
+}
+
 async fn serve_conn(
     stream: TcpStream,
     peer: SocketAddr,
     state: Arc<ListenerState>,
-    mut stop: watch::Receiver<bool>,
-    _share: BudgetGuard,
+    stop: watch::Receiver<bool>,
+    share: BudgetGuard,
 ) {
-    let _open = OpenGuard(state.clone());
+    let hold = Arc::new(Hold {
+        _open: OpenGuard(state.clone()),
+        _share: share,
+    });
     stream.set_nodelay(true).ok();
-    let (keepalive, io_timeout) = {
-        let s = state.snapshot.load();
-        (
-            Duration::from_secs(u64::from(s.cfg.keepalive_secs)),
-            Duration::from_secs(u64::from(s.cfg.io_timeout_secs)),
-        )
-    };
     let act = Arc::new(Activity {
         origin: Instant::now(),
         last_io_ms: AtomicU64::new(1),
@@ -373,20 +487,89 @@ async fn serve_conn(
         head_started_ms: AtomicU64::new(1),
         in_flight: AtomicUsize::new(0),
     });
-    let io = TokioIo::new(Tracked {
+    let io = Tracked {
         inner: stream,
         act: act.clone(),
-    });
+    };
+    let Some(acceptor) = state.tls.as_ref().map(|t| t.acceptor.clone()) else {
+        let cx = ReqCx {
+            peer,
+            info: ConnInfo::default(),
+            act,
+            hold,
+        };
+        return serve_http(io, cx, state, stop).await;
+    };
+    let c = &state.counters;
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(io)).await {
+        Err(_) => {
+            c.tls_failures[0].fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(Err(e)) => {
+            let why = Failure::of(&e);
+            c.tls_failures[why as usize].fetch_add(1, Ordering::Relaxed);
+            debug!(%peer, "TLS handshake failed ({}): {e}", why.as_str());
+        }
+        Ok(Ok(tls)) => {
+            c.tls_handshakes.fetch_add(1, Ordering::Relaxed);
+            let conn = tls.get_ref().1;
+            if conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
+                c.tls_resumed.fetch_add(1, Ordering::Relaxed);
+            }
+            let info = ConnInfo::of(conn);
+            // The first request's headers are timed from the end of the handshake.
+            act.head_started_ms.store(act.now_ms(), Ordering::Relaxed);
+            let cx = ReqCx {
+                peer,
+                info,
+                act,
+                hold,
+            };
+            serve_http(tls, cx, state, stop).await;
+        }
+    }
+}
+
+/// Largest number of concurrent streams of an HTTP/2 connection.
+pub const H2_MAX_STREAMS: u32 = 100;
+/// Streams a client may reset before the proxy has seen them (the "rapid reset" bound): more
+/// and the connection is closed with `ENHANCE_YOUR_CALM`.
+pub const H2_MAX_PENDING_RESETS: usize = 20;
+/// Streams the proxy may reset for a client's errors on one connection before closing it.
+pub const H2_MAX_LOCAL_RESETS: usize = 256;
+
+/// Serves HTTP/1.1 (with upgrades) or HTTP/2 on `io` until the connection ends.
+async fn serve_http<I>(io: I, cx: ReqCx, state: Arc<ListenerState>, stop: watch::Receiver<bool>)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (keepalive, io_timeout, max_headers) = {
+        let s = state.snapshot.load();
+        (
+            Duration::from_secs(u64::from(s.cfg.keepalive_secs)),
+            Duration::from_secs(u64::from(s.cfg.io_timeout_secs)),
+            s.cfg.max_headers,
+        )
+    };
+    let h2 = cx.info.h2;
+    if h2 {
+        state
+            .counters
+            .h2_connections
+            .fetch_add(1, Ordering::Relaxed);
+    }
+    let cx = Arc::new(cx);
+    let act = cx.act.clone();
+    let peer = cx.peer;
     let svc_state = state.clone();
-    let svc_act = act.clone();
     let svc = service_fn(move |req| {
-        let (st, act) = (svc_state.clone(), svc_act.clone());
+        let (st, cx) = (svc_state.clone(), cx.clone());
         async move {
             // In flight until its response body is sent or dropped, not merely until the
             // head is ready: a client that stops reading a long body is a stalled request.
-            let guard = InFlight::new(act.clone());
-            act.head_started_ms.store(0, Ordering::Relaxed);
-            let resp = proxy(req, peer, &st).await;
+            let guard = InFlight::new(cx.act.clone());
+            cx.act.head_started_ms.store(0, Ordering::Relaxed);
+            let resp = proxy(req, &cx, &st).await;
             Ok::<_, Infallible>(resp.map(|inner| {
                 GuardedBody {
                     inner,
@@ -396,58 +579,113 @@ async fn serve_conn(
             }))
         }
     });
-    let mut builder = hyper::server::conn::http1::Builder::new();
-    builder
-        .timer(TokioTimer::new())
-        // hyper's own header timeout also runs while a kept-alive connection is idle; the
-        // watchdog below handles both cases separately.
-        .header_read_timeout(None)
-        .max_buf_size(MAX_HEAD.max(8192) * 2)
-        .max_header_size(MAX_HEAD)
-        .keep_alive(!keepalive.is_zero());
-    let conn = builder.serve_connection(io, svc);
-    tokio::pin!(conn);
-    let mut tick = tokio::time::interval(Duration::from_millis(200));
-    let mut closing = false;
-    // A request in flight may wait `io_timeout` for its backend (then it gets a 504); past
-    // that plus a second without a byte moving on the client's socket, the client stopped
-    // reading (or the backend stopped sending): the connection, and with it the backend's,
-    // is dropped.
-    let stalled_ms = io_timeout.as_millis() as u64 + 1000;
-    loop {
-        tokio::select! {
-            r = conn.as_mut() => {
-                if let Err(e) = r {
-                    debug!(%peer, "connection ended: {e}");
-                }
-                return;
-            }
-            _ = tick.tick() => {
-                let now = act.now_ms();
-                let idle = now.saturating_sub(act.last_io_ms.load(Ordering::Relaxed));
-                if act.in_flight.load(Ordering::Relaxed) > 0 {
-                    if idle > stalled_ms {
-                        debug!(%peer, "no progress for {idle} ms with a request in flight, closing");
-                        state.counters.timeouts.fetch_add(1, Ordering::Relaxed);
-                        return;
+    let w = Watch {
+        act,
+        peer,
+        state,
+        keepalive,
+        io_timeout,
+        h2,
+    };
+    if h2 {
+        let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        b.timer(TokioTimer::new())
+            .max_concurrent_streams(H2_MAX_STREAMS)
+            // Header blocks, CONTINUATION frames included, are bounded as HTTP/1.1 heads are.
+            .max_header_list_size(MAX_HEAD as u32)
+            .max_pending_accept_reset_streams(H2_MAX_PENDING_RESETS)
+            .max_local_error_reset_streams(H2_MAX_LOCAL_RESETS)
+            .max_send_buf_size(256 * 1024);
+        let conn = b.serve_connection(TokioIo::new(io), svc);
+        tokio::pin!(conn);
+        w.run(conn, |c| c.graceful_shutdown(), stop).await;
+    } else {
+        let mut b = hyper::server::conn::http1::Builder::new();
+        b.timer(TokioTimer::new())
+            // hyper's own header timeout also runs while a kept-alive connection is idle;
+            // the watchdog handles both cases separately.
+            .header_read_timeout(None)
+            .max_buf_size(MAX_HEAD.max(8192) * 2)
+            .max_header_size(MAX_HEAD)
+            .max_headers(max_headers)
+            .keep_alive(!keepalive.is_zero());
+        let conn = b.serve_connection(TokioIo::new(io), svc).with_upgrades();
+        tokio::pin!(conn);
+        w.run(conn, |c| c.graceful_shutdown(), stop).await;
+    }
+}
+
+/// A connection's watchdog: idle keep-alive, slow headers, stalled I/O.
+struct Watch {
+    act: Arc<Activity>,
+    peer: SocketAddr,
+    state: Arc<ListenerState>,
+    keepalive: Duration,
+    io_timeout: Duration,
+    h2: bool,
+}
+
+impl Watch {
+    async fn run<F, E>(
+        self,
+        mut conn: Pin<&mut F>,
+        graceful: impl Fn(Pin<&mut F>),
+        mut stop: watch::Receiver<bool>,
+    ) where
+        F: Future<Output = Result<(), E>>,
+        E: std::fmt::Display,
+    {
+        let (act, peer, keepalive) = (&self.act, self.peer, self.keepalive);
+        let mut tick = tokio::time::interval(Duration::from_millis(200));
+        let mut closing = false;
+        // A request in flight may wait `io_timeout` for its backend (then it gets a 504); past
+        // that plus a second without a byte moving on the client's socket, the client stopped
+        // reading (or the backend stopped sending): the connection, and with it the
+        // backend's, is dropped.
+        let stalled_ms = self.io_timeout.as_millis() as u64 + 1000;
+        // HTTP/1.1: a request head must arrive within HEADER_TIMEOUT once begun. HTTP/2 sends
+        // control frames between requests (settings, pings, window updates): a connection
+        // that carries bytes but no request is closed after the keep-alive timeout instead.
+        let head_ms = if self.h2 {
+            keepalive.max(HEADER_TIMEOUT).as_millis() as u64
+        } else {
+            HEADER_TIMEOUT.as_millis() as u64
+        };
+        loop {
+            tokio::select! {
+                r = conn.as_mut() => {
+                    if let Err(e) = r {
+                        debug!(%peer, "connection ended: {e}");
                     }
-                    continue;
+                    return;
                 }
-                let head = act.head_started_ms.load(Ordering::Relaxed);
-                if head != 0 && now.saturating_sub(head) > HEADER_TIMEOUT.as_millis() as u64 {
-                    debug!(%peer, "request headers too slow, closing");
-                    state.counters.timeouts.fetch_add(1, Ordering::Relaxed);
-                    return; // drops the socket
+                _ = tick.tick() => {
+                    let now = act.now_ms();
+                    let idle = now.saturating_sub(act.last_io_ms.load(Ordering::Relaxed));
+                    if act.in_flight.load(Ordering::Relaxed) > 0 {
+                        if idle > stalled_ms {
+                            debug!(%peer, "no progress for {idle} ms with a request in flight, closing");
+                            self.state.counters.timeouts.fetch_add(1, Ordering::Relaxed);
+                            return;
+                        }
+                        continue;
+                    }
+                    let head = act.head_started_ms.load(Ordering::Relaxed);
+                    if head != 0 && now.saturating_sub(head) > head_ms {
+                        debug!(%peer, "request headers too slow, closing");
+                        self.state.counters.timeouts.fetch_add(1, Ordering::Relaxed);
+                        return; // drops the socket
+                    }
+                    if !closing && !keepalive.is_zero() && (head == 0 || self.h2) && idle > keepalive.as_millis() as u64 {
+                        debug!(%peer, "keep-alive timeout, closing");
+                        graceful(conn.as_mut());
+                        closing = true;
+                    }
                 }
-                if !closing && !keepalive.is_zero() && head == 0 && idle > keepalive.as_millis() as u64 {
-                    debug!(%peer, "keep-alive timeout, closing");
-                    conn.as_mut().graceful_shutdown();
+                _ = stop.changed(), if !closing => {
+                    graceful(conn.as_mut());
                     closing = true;
                 }
-            }
-            _ = stop.changed(), if !closing => {
-                conn.as_mut().graceful_shutdown();
-                closing = true;
             }
         }
     }
@@ -615,10 +853,12 @@ impl hyper::body::Body for ClientBody {
 }
 
 /// Proxies one request.
-async fn proxy(req: Request<Incoming>, peer: SocketAddr, st: &ListenerState) -> Response<Body> {
+async fn proxy(req: Request<Incoming>, cx: &ReqCx, st: &ListenerState) -> Response<Body> {
     let c = &st.counters;
+    let t0 = Instant::now();
     c.requests.fetch_add(1, Ordering::Relaxed);
-    let resp = route(req, peer, st).await;
+    let resp = route(req, cx, st).await;
+    c.latency.record(t0.elapsed());
     let class = (resp.status().as_u16() / 100).clamp(2, 5) as usize - 2;
     c.by_class[class].fetch_add(1, Ordering::Relaxed);
     resp
@@ -632,11 +872,61 @@ fn client_error(st: &ListenerState, status: StatusCode, msg: &str) -> Response<B
     r
 }
 
-async fn route(req: Request<Incoming>, peer: SocketAddr, st: &ListenerState) -> Response<Body> {
+/// The protocol an HTTP/1.1 request asks to upgrade to (`Connection: upgrade` plus
+/// `Upgrade: PROTOCOL`), if any.
+fn upgrade_of(req: &Request<Incoming>) -> Option<HeaderValue> {
+    if req.version() != Version::HTTP_11 {
+        return None;
+    }
+    let asks = req
+        .headers()
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    if !asks {
+        return None;
+    }
+    req.headers().get(header::UPGRADE).cloned()
+}
+
+/// The host a request was addressed to (its `Host`, or HTTP/2's `:authority`), without port.
+fn request_host(req: &Request<Incoming>) -> Option<String> {
+    let auth: Option<hyper::http::uri::Authority> = match req.headers().get(header::HOST) {
+        Some(h) => h.to_str().ok()?.parse().ok(),
+        None => req.uri().authority().cloned(),
+    };
+    auth.map(|a| a.host().to_owned())
+}
+
+/// `308` to the same URL over HTTPS on `port`.
+fn redirect(req: &Request<Incoming>, vip: SocketAddr, port: u16) -> Response<Body> {
+    let host = request_host(req).unwrap_or_else(|| match vip.ip() {
+        std::net::IpAddr::V4(a) => a.to_string(),
+        std::net::IpAddr::V6(a) => format!("[{a}]"),
+    });
+    let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    let loc = if port == 443 {
+        format!("https://{host}{path}")
+    } else {
+        format!("https://{host}:{port}{path}")
+    };
+    let mut r = text(StatusCode::PERMANENT_REDIRECT, "moved to https");
+    if let Ok(v) = HeaderValue::from_str(&loc) {
+        r.headers_mut().insert(header::LOCATION, v);
+    }
+    r
+}
+
+async fn route(mut req: Request<Incoming>, cx: &ReqCx, st: &ListenerState) -> Response<Body> {
     let snap = st.snapshot.load_full();
     let cfg = &snap.cfg;
     if req.headers().get_all(header::HOST).iter().count() > 1 {
         return client_error(st, StatusCode::BAD_REQUEST, "more than one Host header");
+    }
+    if req.version() == Version::HTTP_11 && !req.headers().contains_key(header::HOST) {
+        return client_error(st, StatusCode::BAD_REQUEST, "HTTP/1.1 request without Host");
     }
     // Asterisk-form: only OPTIONS may use it (RFC 9112 §3.2.4); the proxy answers for the
     // whole service.
@@ -655,6 +945,19 @@ async fn route(req: Request<Incoming>, peer: SocketAddr, st: &ListenerState) -> 
             "asterisk-form target is for OPTIONS only",
         );
     }
+    // A reverse proxy is no tunnel to anywhere: CONNECT (HTTP/1.1, and HTTP/2 without the
+    // extended-CONNECT protocol, which is not offered) is refused.
+    if req.method() == Method::CONNECT {
+        let mut r = client_error(st, StatusCode::METHOD_NOT_ALLOWED, "CONNECT is not served");
+        r.headers_mut().insert(
+            header::ALLOW,
+            HeaderValue::from_static("GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS"),
+        );
+        return r;
+    }
+    if let Some(port) = cfg.redirect_https {
+        return redirect(&req, cfg.vip, port);
+    }
     if let Some(len) = req.headers().get(header::CONTENT_LENGTH)
         && len
             .to_str()
@@ -664,6 +967,9 @@ async fn route(req: Request<Incoming>, peer: SocketAddr, st: &ListenerState) -> 
     {
         return client_error(st, StatusCode::PAYLOAD_TOO_LARGE, "request body too large");
     }
+    let upgrade = upgrade_of(&req);
+    let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
+    let authority = req.uri().authority().cloned();
     let (mut parts, body) = req.into_parts();
     let cookie = take_cookie(&mut parts.headers, &cfg.cookie_name);
     let now = unix_now();
@@ -687,6 +993,25 @@ async fn route(req: Request<Incoming>, peer: SocketAddr, st: &ListenerState) -> 
     *lock(&st.counters.per_backend).entry(backend).or_default() += 1;
 
     strip_hop_by_hop(&mut parts.headers);
+    if let Some(u) = &upgrade {
+        parts
+            .headers
+            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        parts.headers.insert(header::UPGRADE, u.clone());
+    }
+    if parts.version == Version::HTTP_2 {
+        // HTTP/2 may split cookies into several fields; HTTP/1.1 has one (RFC 9113 §8.2.3).
+        join_cookies(&mut parts.headers);
+        if !parts.headers.contains_key(header::HOST)
+            && let Some(a) = &authority
+            && let Ok(v) = HeaderValue::from_str(a.as_str())
+        {
+            parts.headers.insert(header::HOST, v);
+        }
+    }
+    // Backends speak HTTP/1.1 whatever the client spoke.
+    parts.version = Version::HTTP_11;
+    let peer = cx.peer;
     let client_ip = peer.ip().to_string();
     let xff = match parts
         .headers
@@ -701,14 +1026,15 @@ async fn route(req: Request<Incoming>, peer: SocketAddr, st: &ListenerState) -> 
         std::net::IpAddr::V4(a) => a.to_string(),
         std::net::IpAddr::V6(a) => format!("\"[{a}]\""),
     };
-    let fwd = format!("for={for_node};proto=http;by=\"{}\"", cfg.vip);
+    let scheme = snap.scheme();
+    let fwd = format!("for={for_node};proto={scheme};by=\"{}\"", cfg.vip);
     let fwd = match parts.headers.get("forwarded").and_then(|v| v.to_str().ok()) {
         Some(prev) => format!("{prev}, {fwd}"),
         None => fwd,
     };
     for (k, v) in [
         ("x-forwarded-for", xff),
-        ("x-forwarded-proto", "http".into()),
+        ("x-forwarded-proto", scheme.into()),
         ("forwarded", fwd),
     ] {
         if let Ok(v) = HeaderValue::from_str(&v) {
@@ -733,7 +1059,7 @@ async fn route(req: Request<Incoming>, peer: SocketAddr, st: &ListenerState) -> 
     .boxed();
     let upstream = Request::from_parts(parts, body);
     let io_timeout = Duration::from_secs(u64::from(cfg.io_timeout_secs));
-    let resp = match tokio::time::timeout(io_timeout, st.client.request(upstream)).await {
+    let mut resp = match tokio::time::timeout(io_timeout, st.client.request(upstream)).await {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => {
             let too_large = std::error::Error::source(&e).is_some_and(|s| {
@@ -762,16 +1088,33 @@ async fn route(req: Request<Incoming>, peer: SocketAddr, st: &ListenerState) -> 
             );
         }
     };
+    let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
+    let backend_upgrade = match (&client_upgrade, switching) {
+        (Some(_), true) => Some(hyper::upgrade::on(&mut resp)),
+        (None, true) => {
+            // A 101 the client did not ask for would leave both sides speaking different
+            // protocols over a connection hyper still frames as HTTP.
+            st.counters.upstream_errors.fetch_add(1, Ordering::Relaxed);
+            return text(
+                StatusCode::BAD_GATEWAY,
+                "backend switched protocols unasked",
+            );
+        }
+        _ => None,
+    };
     let (mut rp, rb) = resp.into_parts();
+    // A response framed by Transfer-Encoding is re-framed here: a Content-Length beside it
+    // (which the backend should not have sent) must not reach the client.
+    if rp.headers.contains_key(header::TRANSFER_ENCODING) {
+        rp.headers.remove(header::CONTENT_LENGTH);
+    }
+    let their_upgrade = rp.headers.get(header::UPGRADE).cloned();
     strip_hop_by_hop(&mut rp.headers);
     if set_cookie {
         let value = st
             .key
             .encode(&cfg.name, snap.tags[i], now + u64::from(cfg.persist));
-        let c = format!(
-            "{}={value}; Max-Age={}; Path=/; HttpOnly",
-            cfg.cookie_name, cfg.persist
-        );
+        let c = format!("{}={value}{}", cfg.cookie_name, snap.cookie_attrs);
         if let Ok(v) = HeaderValue::from_str(&c) {
             rp.headers.append(header::SET_COOKIE, v);
             st.counters.cookies_set.fetch_add(1, Ordering::Relaxed);
@@ -789,7 +1132,81 @@ async fn route(req: Request<Incoming>, peer: SocketAddr, st: &ListenerState) -> 
             rp.headers.insert(header::CACHE_CONTROL, v);
         }
     }
+    if let (Some(client_up), Some(backend_up)) = (client_upgrade, backend_upgrade) {
+        rp.headers
+            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        if let Some(u) = their_upgrade.or(upgrade) {
+            rp.headers.insert(header::UPGRADE, u);
+        }
+        st.counters.upgrades.fetch_add(1, Ordering::Relaxed);
+        tokio::spawn(tunnel(
+            client_up,
+            backend_up,
+            cx.act.clone(),
+            cx.hold.clone(),
+            peer,
+        ));
+    }
     Response::from_parts(rp, rb.map_err(|e| Box::new(e) as BoxError).boxed())
+}
+
+/// Idle time after which an upgraded connection (a WebSocket) is closed: the TCP idle timeout
+/// of L4 listeners, not the HTTP keep-alive.
+pub const TUNNEL_IDLE: Duration =
+    Duration::from_secs(clb_common::DEFAULT_TCP_IDLE_TIMEOUT_SECS as u64);
+
+/// Once both sides switched protocols: bytes flow both ways until either closes, or until
+/// nothing moved for [`TUNNEL_IDLE`]. The connection stays counted (`hold`) meanwhile.
+async fn tunnel(
+    client: hyper::upgrade::OnUpgrade,
+    backend: hyper::upgrade::OnUpgrade,
+    act: Arc<Activity>,
+    hold: Arc<Hold>,
+    peer: SocketAddr,
+) {
+    let _hold = hold;
+    let (c, b) = tokio::join!(client, backend);
+    let (Ok(c), Ok(b)) = (c, b) else {
+        debug!(%peer, "upgrade did not complete");
+        return;
+    };
+    let (mut c, mut b) = (TokioIo::new(c), TokioIo::new(b));
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let copy = tokio::io::copy_bidirectional(&mut c, &mut b);
+    tokio::pin!(copy);
+    loop {
+        tokio::select! {
+            r = copy.as_mut() => {
+                if let Err(e) = r {
+                    debug!(%peer, "upgraded connection ended: {e}");
+                }
+                return;
+            }
+            _ = tick.tick() => {
+                let idle = act.now_ms().saturating_sub(act.last_io_ms.load(Ordering::Relaxed));
+                if idle > TUNNEL_IDLE.as_millis() as u64 {
+                    debug!(%peer, "upgraded connection idle, closing");
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Joins several `Cookie` fields into one (`; `-separated), as HTTP/1.1 wants it.
+fn join_cookies(h: &mut HeaderMap) {
+    if h.get_all(header::COOKIE).iter().count() < 2 {
+        return;
+    }
+    let joined: Vec<u8> = h
+        .get_all(header::COOKIE)
+        .iter()
+        .map(|v| v.as_bytes())
+        .collect::<Vec<_>>()
+        .join(&b"; "[..]);
+    if let Ok(v) = HeaderValue::from_bytes(&joined) {
+        h.insert(header::COOKIE, v);
+    }
 }
 
 #[cfg(test)]
@@ -863,6 +1280,11 @@ mod tests {
         let cfg = L7Config {
             name: "shop".into(),
             vip: "10.0.0.100:80".parse().unwrap(),
+            tls: None,
+            cert_error: None,
+            samesite: crate::control::model::SameSite::Lax,
+            redirect_https: None,
+            max_headers: 100,
             persist: 60,
             keepalive_secs: 75,
             cookie_name: "c".into(),

@@ -12,6 +12,7 @@ mod e2e_fleet;
 mod e2e_flood;
 mod e2e_health;
 mod e2e_hostile;
+mod e2e_https;
 mod e2e_ipv6;
 mod e2e_l4;
 mod e2e_l7;

@@ -400,7 +400,7 @@
     setText(p, l.persist > 0 ? `${l.persist} s` : 'off');
     p.className = l.persist > 0 ? '' : 'muted';
     p.title = l.persist > 0
-      ? (l.proto === 'http' ? `cookie ${l.cookie_name || ''}` : `per /${l.persist_mask == null ? 32 : l.persist_mask} client prefix`)
+      ? ((l.proto === 'http' || l.proto === 'https') ? `cookie ${l.cookie_name || ''}` : `per /${l.persist_mask == null ? 32 : l.persist_mask} client prefix`)
       : '';
 
     let timeout = '-';
@@ -492,7 +492,7 @@
 
   // ------------------------------------------------------------ modify dialog
 
-  function persistMin(proto) { return proto === 'http' ? 30 : 1; }
+  function persistMin(proto) { return (proto === 'http' || proto === 'https') ? 30 : 1; }
 
   function openModify(name) {
     const l = state.listeners.find((x) => x.name === name);
@@ -511,7 +511,7 @@
     dur.value = on ? String(l.persist) : '';
     dur.disabled = !on;
     setText('persist-hint', `Allowed: ${min}-${PERSIST_MAX} seconds` +
-      (l.proto === 'http' ? ' (HTTP: by cookie).' : ' (TCP/UDP: by client address).'));
+      ((l.proto === 'http' || l.proto === 'https') ? ' (HTTP: by cookie).' : ' (TCP/UDP: by client address).'));
     setText('modify-error', '');
     $('modify-ok').disabled = false;
     dlg.showModal();
