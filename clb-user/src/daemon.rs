@@ -53,6 +53,9 @@ pub struct DaemonOptions {
     /// State kept across restarts (the HTTP cookie key, the console token, BIRD's files).
     pub state_dir: PathBuf,
     pub bird: PathBuf,
+    /// HTTP access log: a file or `-` (standard output); none by default.
+    pub access_log: Option<PathBuf>,
+    pub access_log_format: crate::l7::access::Format,
 }
 
 /// Pause after each batch the sweeper walks (1024 entries, a fraction of a millisecond of
@@ -332,10 +335,14 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
     let key_path = opts.state_dir.join("cookie.key");
     let cookie_key = l7::load_or_create_key(&key_path)
         .with_context(|| format!("loading the HTTP cookie key {}", key_path.display()))?;
-    let proxies = Arc::new(l7::Proxies::new(
-        cookie_key,
-        l7::ConnBudget::new(http_budget),
-    ));
+    let mut proxies = l7::Proxies::new(cookie_key, l7::ConnBudget::new(http_budget));
+    if let Some(dest) = &opts.access_log {
+        proxies = proxies.with_access_log(
+            l7::access::AccessLog::open(dest.clone(), opts.access_log_format).await?,
+        );
+        info!(access_log = %dest.display(), "HTTP access log on");
+    }
+    let proxies = Arc::new(proxies);
     let speaker = match bgp_spec {
         Some(spec) => Some(Arc::new(Speaker::new(spec, &opts.state_dir, &opts.bird)?)),
         None => None,

@@ -33,6 +33,8 @@ fn main() -> ExitCode {
                 sweep_interval: Duration::from_secs(args.sweep_interval),
                 state_dir: args.state_dir,
                 bird: args.bird,
+                access_log: args.access_log,
+                access_log_format: args.access_log_format,
             };
             let Some(rt) = runtime(tokio::runtime::Builder::new_multi_thread()) else {
                 return ExitCode::FAILURE;

@@ -105,6 +105,7 @@ pub fn scrape(api: &Api) -> ApiResult<String> {
         health,
         tables,
         certs,
+        access_log: api.l7.access_log_counts(),
     }));
     let mut out = String::new();
     prometheus_client::encoding::text::encode(&mut out, &registry).map_err(|e| {
@@ -151,6 +152,8 @@ struct Scrape {
     tables: [crate::datapath::TableInfo; 8],
     /// (listener, certificate name, file, not_after unix seconds)
     certs: Vec<(String, String, String, i64)>,
+    /// The access log's (written, dropped), when there is one.
+    access_log: Option<(u64, u64)>,
 }
 
 type Labels = Vec<(&'static str, Cow<'static, str>)>;
@@ -557,6 +560,16 @@ impl Collector for Scrape {
                     None,
                 )?;
             }
+        }
+        if let Some((written, dropped)) = self.access_log {
+            family(
+                &mut enc,
+                "clb_http_access_log_entries",
+                "Access-log entries, by outcome: written, or dropped because the writer fell behind (the request never waits for it).",
+                MetricType::Counter,
+                [("written", written), ("dropped", dropped)]
+                    .map(|(o, v)| (vec![("outcome", Cow::Borrowed(o))], v)),
+            )?;
         }
         family(
             &mut enc,

@@ -21,6 +21,28 @@ pub fn secs_since(now_ns: u64, then_ns: u64) -> u64 {
 /// `unix` seconds as a UTC date and time, `YYYY-MM-DD HH:MM UTC` (the civil-from-days
 /// algorithm of H. Hinnant's `chrono`-compatible date library).
 pub fn utc(unix: i64) -> String {
+    let (y, m, d, rem) = civil(unix);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02} UTC",
+        rem / 3600,
+        rem % 3600 / 60
+    )
+}
+
+/// `unix_ms` as RFC 3339 UTC with milliseconds: `2026-12-02T14:00:00.123Z`.
+pub fn rfc3339_ms(unix_ms: i64) -> String {
+    let (y, m, d, rem) = civil(unix_ms.div_euclid(1000));
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        unix_ms.rem_euclid(1000)
+    )
+}
+
+/// (year, month, day, seconds into the day) of `unix` seconds.
+fn civil(unix: i64) -> (i64, i64, i64, i64) {
     let days = unix.div_euclid(86_400);
     let rem = unix.rem_euclid(86_400);
     let z = days + 719_468;
@@ -32,11 +54,7 @@ pub fn utc(unix: i64) -> String {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02} {:02}:{:02} UTC",
-        rem / 3600,
-        rem % 3600 / 60
-    )
+    (y, m, d, rem)
 }
 
 #[cfg(test)]
@@ -46,5 +64,9 @@ mod tests {
         assert_eq!(super::utc(0), "1970-01-01 00:00 UTC");
         assert_eq!(super::utc(951_782_400), "2000-02-29 00:00 UTC");
         assert_eq!(super::utc(1_796_220_000), "2026-12-02 14:00 UTC");
+        assert_eq!(
+            super::rfc3339_ms(1_796_220_000_123),
+            "2026-12-02T14:00:00.123Z"
+        );
     }
 }

@@ -51,21 +51,31 @@ impl Driver {
     /// A new browser session (its own profile: no cookies), headless. Call on a thread in the
     /// driver's namespace.
     pub async fn browser(&self) -> anyhow::Result<fantoccini::Client> {
+        self.browser_with(&[]).await
+    }
+
+    /// [`Driver::browser`] with extra command-line switches (a host-resolver rule, a trusted
+    /// test certificate).
+    pub async fn browser_with(&self, extra: &[String]) -> anyhow::Result<fantoccini::Client> {
         let profile = self.dir.join(crate::netns::unique_name("profile"));
+        let mut args: Vec<String> = [
+            "--headless=new",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--no-first-run",
+            "--window-size=1400,1000",
+        ]
+        .map(String::from)
+        .to_vec();
+        args.push(format!("--user-data-dir={}", profile.display()));
+        args.extend_from_slice(extra);
         let mut caps = serde_json::Map::new();
         caps.insert(
             "goog:chromeOptions".into(),
             serde_json::json!({
                 "binary": "/usr/bin/chromium",
-                "args": [
-                    "--headless=new",
-                    "--no-sandbox",
-                    "--disable-gpu",
-                    "--disable-dev-shm-usage",
-                    "--no-first-run",
-                    "--window-size=1400,1000",
-                    format!("--user-data-dir={}", profile.display()),
-                ]
+                "args": args
             }),
         );
         let c = fantoccini::ClientBuilder::new(

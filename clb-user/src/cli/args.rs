@@ -105,6 +105,13 @@ pub struct DaemonArgs {
     /// directory, mode 0600).
     #[arg(long)]
     pub console_token_file: Option<PathBuf>,
+    /// Write an access log of every HTTP/HTTPS request to FILE (appended), or `-` for
+    /// standard output (the journal, under systemd). Off by default.
+    #[arg(long, value_name = "FILE|-")]
+    pub access_log: Option<PathBuf>,
+    /// The access log's format: one JSON object per line, or a plain line.
+    #[arg(long, value_enum, default_value = "json")]
+    pub access_log_format: crate::l7::access::Format,
     /// Console sessions end after this many seconds without a request.
     #[arg(long, default_value_t = 1800, value_parser = clap::value_parser!(u64).range(1..=86400))]
     pub console_session_idle: u64,

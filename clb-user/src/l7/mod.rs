@@ -9,6 +9,7 @@
 //! bound is reported (`clb listener ls`, `clb status`) and retried on the next change; the API
 //! refuses to add one whose address is taken in the first place ([`check_bindable`]).
 
+pub mod access;
 pub mod cookie;
 pub mod proxy;
 pub mod tls;
@@ -146,6 +147,8 @@ pub struct Proxies {
     failed: Mutex<HashMap<String, String>>,
     /// The controller generation the listeners route by (see [`Proxies::caught_up`]).
     synced: watch::Sender<u64>,
+    /// The access log, when the daemon writes one.
+    access: Option<Arc<access::AccessLog>>,
     /// Whether [`run`] keeps them in line (a control plane without HTTP listeners' loop,
     /// as in unit tests, has nothing to wait for).
     following: AtomicBool,
@@ -162,8 +165,20 @@ impl Proxies {
             running: Mutex::new(HashMap::new()),
             failed: Mutex::new(HashMap::new()),
             synced: watch::Sender::new(0),
+            access: None,
             following: AtomicBool::new(false),
         }
+    }
+
+    /// Writes an entry per request to `log`.
+    pub fn with_access_log(mut self, log: Arc<access::AccessLog>) -> Self {
+        self.access = Some(log);
+        self
+    }
+
+    /// The access log's (entries written, entries dropped), if there is one.
+    pub fn access_log_counts(&self) -> Option<(u64, u64)> {
+        self.access.as_ref().map(|a| a.counts())
     }
 
     /// Waits, at most `timeout`, until the listeners route by the controller's snapshot of
@@ -262,6 +277,7 @@ impl Proxies {
             Snapshot::new(cfg, &self.key),
             self.key.clone(),
             self.budget.clone(),
+            self.access.clone(),
         )?);
         let (stop, stop_rx) = watch::channel(false);
         let task = tokio::spawn(proxy::accept_loop(listener, state.clone(), stop_rx));

@@ -63,6 +63,7 @@ use tracing::{debug, warn};
 
 use super::{
     L7Config,
+    access::{self, AccessLog},
     cookie::CookieKey,
     tls::{ConnInfo, Failure, HANDSHAKE_TIMEOUT, Tls},
 };
@@ -267,6 +268,7 @@ pub struct ListenerState {
     budget: Arc<ConnBudget>,
     /// HTTPS: the TLS side (fixed for the listener's life; its certificates are swapped).
     pub tls: Option<Tls>,
+    access: Option<Arc<AccessLog>>,
 }
 
 impl ListenerState {
@@ -274,6 +276,7 @@ impl ListenerState {
         snapshot: Snapshot,
         key: CookieKey,
         budget: Arc<ConnBudget>,
+        access: Option<Arc<AccessLog>>,
     ) -> anyhow::Result<Self> {
         let tls = match &snapshot.cfg.tls {
             Some(certs) if certs.is_empty() => {
@@ -300,6 +303,7 @@ impl ListenerState {
             client,
             budget,
             tls,
+            access,
         })
     }
 
@@ -569,11 +573,20 @@ where
             // head is ready: a client that stops reading a long body is a stalled request.
             let guard = InFlight::new(cx.act.clone());
             cx.act.head_started_ms.store(0, Ordering::Relaxed);
-            let resp = proxy(req, &cx, &st).await;
+            let (resp, log) = proxy(req, &cx, &st).await;
+            let status = resp.status().as_u16();
             Ok::<_, Infallible>(resp.map(|inner| {
                 GuardedBody {
                     inner,
                     _guard: guard,
+                    log: log.map(|(entry, to)| {
+                        Box::new(Logged {
+                            entry,
+                            status,
+                            t0: Instant::now(),
+                            to,
+                        })
+                    }),
                 }
                 .boxed()
             }))
@@ -801,10 +814,37 @@ impl Drop for InFlight {
     }
 }
 
-/// A response body that keeps its request in flight while it is being sent.
+/// A response body that keeps its request in flight while it is being sent, and writes its
+/// access-log entry once sent (or dropped).
 struct GuardedBody {
     inner: Body,
     _guard: InFlight,
+    log: Option<Box<Logged>>,
+}
+
+/// A request's access-log entry, waiting for its response body to be sent.
+struct Logged {
+    entry: access::Entry,
+    status: u16,
+    /// When the response head was ready (the entry's duration so far is in `entry`).
+    t0: Instant,
+    to: Arc<AccessLog>,
+}
+
+impl Drop for GuardedBody {
+    fn drop(&mut self) {
+        if let Some(l) = self.log.take() {
+            let Logged {
+                mut entry,
+                status,
+                t0,
+                to,
+            } = *l;
+            entry.status = status;
+            entry.duration_ms += t0.elapsed().as_secs_f64() * 1000.0;
+            to.log(entry);
+        }
+    }
 }
 
 impl hyper::body::Body for GuardedBody {
@@ -814,7 +854,13 @@ impl hyper::body::Body for GuardedBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
+        let r = Pin::new(&mut self.inner).poll_frame(cx);
+        if let (Some(l), Poll::Ready(Some(Ok(f)))) = (&mut self.log, &r)
+            && let Some(d) = f.data_ref()
+        {
+            l.entry.bytes += d.len() as u64;
+        }
+        r
     }
     fn is_end_stream(&self) -> bool {
         self.inner.is_end_stream()
@@ -852,16 +898,59 @@ impl hyper::body::Body for ClientBody {
     }
 }
 
-/// Proxies one request.
-async fn proxy(req: Request<Incoming>, cx: &ReqCx, st: &ListenerState) -> Response<Body> {
+/// Where a request went, for the access log.
+#[derive(Default)]
+struct Routed {
+    backend: Option<SocketAddr>,
+    persistence: &'static str,
+}
+
+/// Proxies one request; with an access log, also returns its entry so far.
+async fn proxy(
+    req: Request<Incoming>,
+    cx: &ReqCx,
+    st: &ListenerState,
+) -> (Response<Body>, Option<(access::Entry, Arc<AccessLog>)>) {
     let c = &st.counters;
     let t0 = Instant::now();
     c.requests.fetch_add(1, Ordering::Relaxed);
-    let resp = route(req, cx, st).await;
-    c.latency.record(t0.elapsed());
+    let head = st.access.as_ref().map(|_| {
+        (
+            req.method().to_string(),
+            access::path(req.uri().path_and_query().map_or("/", |p| p.as_str())),
+        )
+    });
+    let mut routed = Routed {
+        persistence: "off",
+        ..Routed::default()
+    };
+    let resp = route(req, cx, st, &mut routed).await;
+    let took = t0.elapsed();
+    c.latency.record(took);
     let class = (resp.status().as_u16() / 100).clamp(2, 5) as usize - 2;
     c.by_class[class].fetch_add(1, Ordering::Relaxed);
-    resp
+    let log = match (&st.access, head) {
+        (Some(to), Some((method, path))) => Some((
+            access::Entry {
+                time: access::now_rfc3339(),
+                listener: st.snapshot.load().cfg.name.clone(),
+                client: cx.peer,
+                method,
+                path,
+                proto: if cx.info.h2 { "h2" } else { "h1" },
+                status: resp.status().as_u16(),
+                bytes: 0,
+                backend: routed.backend,
+                duration_ms: took.as_secs_f64() * 1000.0,
+                persistence: routed.persistence,
+                tls: cx.info.version,
+                sni: cx.info.sni.clone(),
+            },
+            to.clone(),
+        )),
+        _ => None,
+    };
+    (resp, log)
 }
 
 fn client_error(st: &ListenerState, status: StatusCode, msg: &str) -> Response<Body> {
@@ -919,7 +1008,12 @@ fn redirect(req: &Request<Incoming>, vip: SocketAddr, port: u16) -> Response<Bod
     r
 }
 
-async fn route(mut req: Request<Incoming>, cx: &ReqCx, st: &ListenerState) -> Response<Body> {
+async fn route(
+    mut req: Request<Incoming>,
+    cx: &ReqCx,
+    st: &ListenerState,
+    routed: &mut Routed,
+) -> Response<Body> {
     let snap = st.snapshot.load_full();
     let cfg = &snap.cfg;
     if req.headers().get_all(header::HOST).iter().count() > 1 {
@@ -972,6 +1066,7 @@ async fn route(mut req: Request<Incoming>, cx: &ReqCx, st: &ListenerState) -> Re
     let authority = req.uri().authority().cloned();
     let (mut parts, body) = req.into_parts();
     let cookie = take_cookie(&mut parts.headers, &cfg.cookie_name);
+    let had_cookie = cookie.is_some();
     let now = unix_now();
     // A valid cookie of a backend that still takes clients decides; anything else reschedules.
     let mut set_cookie = cfg.persist > 0;
@@ -986,10 +1081,18 @@ async fn route(mut req: Request<Incoming>, cx: &ReqCx, st: &ListenerState) -> Re
         // Refresh once half the lifetime is gone.
         set_cookie = expiry.saturating_sub(now) < u64::from(cfg.persist) / 2;
     }
+    if cfg.persist > 0 {
+        routed.persistence = match (chosen, had_cookie) {
+            (Some(_), _) => "hit",
+            (None, true) => "rescheduled",
+            (None, false) => "new",
+        };
+    }
     let Some(i) = chosen.or_else(|| st.next_backend(&snap)) else {
         return text(StatusCode::SERVICE_UNAVAILABLE, "no backend available");
     };
     let backend = cfg.backends[i].addr;
+    routed.backend = Some(backend);
     *lock(&st.counters.per_backend).entry(backend).or_default() += 1;
 
     strip_hop_by_hop(&mut parts.headers);

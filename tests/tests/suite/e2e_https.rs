@@ -356,7 +356,12 @@ fn start(tag: &str, d: &Dir, n: usize) -> (Topology, Vec<HttpServer>, Daemon) {
             .unwrap()
         })
         .collect();
-    let daemon = Daemon::start_with(&topo, &config(d, n), &["--metrics", "127.0.0.1:9902"]);
+    let log = d.file("access.log");
+    let daemon = Daemon::start_with(
+        &topo,
+        &config(d, n),
+        &["--metrics", "127.0.0.1:9902", "--access-log", &log],
+    );
     let ca = d.file("ca.pem");
     let jar = d.file("probe.jar");
     let up = clb_tests::wait_for(Duration::from_secs(10), || {
@@ -621,6 +626,68 @@ fn https_keeps_a_client_on_one_backend_over_http1_http2_and_websocket_and_rotate
         assert_eq!(*r, format!("{ws_owner}:m{i}"), "{replies:?}");
     }
 
+    // Chromium, trusting the test certificate: two loads over h2, one backend.
+    let spki = sh(&[
+        "sh",
+        "-c",
+        &format!(
+            "openssl x509 -in {} -pubkey -noout | openssl pkey -pubin -outform der | openssl dgst -sha256 -binary | base64",
+            d.file("shop.pem")
+        ),
+    ])
+    .unwrap();
+    let driver = clb_tests::browser::Driver::start(&topo.client).unwrap();
+    let extra = vec![
+        format!("--ignore-certificate-errors-spki-list={}", spki.trim()),
+        "--host-resolver-rules=MAP shop.example 10.0.0.100".to_owned(),
+    ];
+    let loads: Vec<(String, String)> = topo.client.run(|| {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let c = driver.browser_with(&extra).await.expect("a browser");
+            let mut loads = Vec::new();
+            for _ in 0..2 {
+                c.goto("https://shop.example/cart")
+                    .await
+                    .expect("page load");
+                let body = c
+                    .execute("return document.body.innerText", vec![])
+                    .await
+                    .unwrap();
+                let proto = c
+                    .execute(
+                        "return performance.getEntriesByType('navigation')[0].nextHopProtocol",
+                        vec![],
+                    )
+                    .await
+                    .unwrap();
+                let v: serde_json::Value =
+                    serde_json::from_str(body.as_str().unwrap_or_default()).unwrap_or_default();
+                loads.push((
+                    v["backend"].as_str().unwrap_or_default().to_owned(),
+                    proto.as_str().unwrap_or_default().to_owned(),
+                ));
+            }
+            c.close().await.ok();
+            loads
+        })
+    });
+    assert_eq!(loads.len(), 2);
+    assert!(
+        !loads[0].0.is_empty(),
+        "Chromium got no backend: {loads:?}\n{}",
+        driver.log()
+    );
+    assert_eq!(loads[0].0, loads[1].0, "Chromium's two loads: {loads:?}");
+    assert!(
+        loads.iter().all(|(_, p)| p == "h2"),
+        "Chromium's protocol: {loads:?}"
+    );
+    drop(driver);
+
     // Counted where operators look.
     let m = topo
         .lb
@@ -642,6 +709,46 @@ fn https_keeps_a_client_on_one_backend_over_http1_http2_and_websocket_and_rotate
         .and_then(|v| v.parse::<u64>().ok())
         .unwrap_or(0);
     assert!(h2_conns >= 4 + 9, "h2 connections counted: {h2_conns}");
+    assert!(
+        m.contains("clb_http_access_log_entries_total{outcome=\"dropped\"} 0"),
+        "{m}"
+    );
+
+    // The access log: one JSON object per request, with what it negotiated and where it went.
+    let entries: Vec<serde_json::Value> = clb_tests::wait_for(Duration::from_secs(5), || {
+        let text = std::fs::read_to_string(d.file("access.log")).ok()?;
+        let v: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("one JSON object per line"))
+            .collect();
+        (v.len() > 200).then_some(v)
+    })
+    .expect("access log entries");
+    let hit = entries
+        .iter()
+        .find(|e| e["proto"] == "h2" && e["persistence"] == "hit" && e["listener"] == "shop")
+        .expect("an h2 request routed by its cookie");
+    assert_eq!(hit["status"], 200);
+    assert_eq!(hit["tls"], "TLSv1.3");
+    assert_eq!(hit["method"], "GET");
+    assert_eq!(hit["path"], "/cart");
+    assert!(hit["bytes"].as_u64().unwrap() > 0, "{hit}");
+    assert!(
+        hit["backend"]
+            .as_str()
+            .is_some_and(|b| b.starts_with(&backend_ip(idx).to_string())),
+        "{hit}"
+    );
+    assert!(
+        entries
+            .iter()
+            .any(|e| e["persistence"] == "new" && e["proto"] == "h1" && e["sni"] == "shop.example")
+    );
+    assert!(
+        entries
+            .iter()
+            .any(|e| e["listener"] == "chat" && e["status"] == 101)
+    );
     drop(daemon);
 }
 
