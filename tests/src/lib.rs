@@ -10,6 +10,7 @@ pub mod fleet;
 pub mod flood;
 pub mod fuzz;
 pub mod http;
+pub mod http_fuzz;
 pub mod lab;
 pub mod netns;
 pub mod packet;

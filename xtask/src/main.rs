@@ -9,7 +9,7 @@
 //! - `test`   unit, packet (BPF_PROG_TEST_RUN) and namespace end-to-end tests.
 //! - `bench`  benchmarks against nftables, haproxy and nginx.
 //! - `lint`   rustfmt check and clippy for the user-space crates and, separately, the eBPF crates.
-//! - `fuzz`   the datapath fuzzer (10^7 frames by default).
+//! - `fuzz`   the datapath fuzzer (10^7 frames by default), then the HTTP fuzzer (10^6 inputs).
 
 use std::{
     ffi::OsString,
@@ -79,11 +79,15 @@ enum Cmd {
     },
     /// rustfmt --check, clippy (user space), clippy (eBPF crate).
     Lint,
-    /// Fuzz the datapath through BPF_PROG_TEST_RUN (every invariant checked per frame).
+    /// Fuzz the datapath through BPF_PROG_TEST_RUN (every invariant checked per frame), then
+    /// the HTTP proxy (HTTP/1.1 and HTTP/2 inputs).
     Fuzz {
         /// Frames to run.
         #[arg(long, default_value_t = 10_000_000)]
         frames: u64,
+        /// HTTP inputs to run (0: none).
+        #[arg(long, default_value_t = 1_000_000)]
+        http_inputs: u64,
         /// Seed (default: the time).
         #[arg(long)]
         seed: Option<u64>,
@@ -211,7 +215,11 @@ fn main() -> anyhow::Result<()> {
             }
             run_foreground(cmd)
         }
-        Cmd::Fuzz { frames, seed } => {
+        Cmd::Fuzz {
+            frames,
+            http_inputs,
+            seed,
+        } => {
             setup(&root, false, false)?;
             cargo(
                 &root,
@@ -219,6 +227,7 @@ fn main() -> anyhow::Result<()> {
             )?;
             let mut cmd = Command::new(root.join("target/release/clb-fuzz"));
             cmd.arg("--frames").arg(frames.to_string());
+            cmd.arg("--http-inputs").arg(http_inputs.to_string());
             if let Some(s) = seed {
                 cmd.arg("--seed").arg(s.to_string());
             }

@@ -408,12 +408,12 @@ impl Activity {
 }
 
 /// The connection's socket, recording activity.
-struct Tracked {
-    inner: TcpStream,
+struct Tracked<S> {
+    inner: S,
     act: Arc<Activity>,
 }
 
-impl AsyncRead for Tracked {
+impl<S: AsyncRead + Unpin> AsyncRead for Tracked<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -428,7 +428,7 @@ impl AsyncRead for Tracked {
     }
 }
 
-impl AsyncWrite for Tracked {
+impl<S: AsyncWrite + Unpin> AsyncWrite for Tracked<S> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -532,6 +532,48 @@ async fn serve_conn(
             serve_http(tls, cx, state, stop).await;
         }
     }
+}
+
+/// Serves one client connection given as any byte stream, as if accepted on the listener:
+/// HTTP/1.1, or HTTP/2 with `h2` (as ALPN would have chosen). For the HTTP fuzzer and tests
+/// that feed the proxy from memory. Returns once the connection is over (at once when the
+/// daemon's connection budget is used up).
+pub async fn serve_stream<S>(io: S, peer: SocketAddr, state: Arc<ListenerState>, h2: bool)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let Some(share) = state.budget.take() else {
+        return;
+    };
+    state.counters.connections.fetch_add(1, Ordering::Relaxed);
+    state.counters.open.fetch_add(1, Ordering::Relaxed);
+    let hold = Arc::new(Hold {
+        _open: OpenGuard(state.clone()),
+        _share: share,
+    });
+    let act = Arc::new(Activity {
+        origin: Instant::now(),
+        last_io_ms: AtomicU64::new(1),
+        head_started_ms: AtomicU64::new(1),
+        in_flight: AtomicUsize::new(0),
+    });
+    let io = Tracked {
+        inner: io,
+        act: act.clone(),
+    };
+    let cx = ReqCx {
+        peer,
+        info: ConnInfo {
+            h2,
+            ..ConnInfo::default()
+        },
+        act,
+        hold,
+    };
+    // Never told to stop: the sender lives as long as the connection.
+    let (keep, stop) = watch::channel(false);
+    serve_http(io, cx, state, stop).await;
+    drop(keep);
 }
 
 /// Largest number of concurrent streams of an HTTP/2 connection.

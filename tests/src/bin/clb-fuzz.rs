@@ -1,6 +1,7 @@
-//! `cargo xtask fuzz [--frames N] [--seed S]`: the datapath fuzzer at volume (see
-//! `clb_tests::fuzz`). Prints frames per second and the frames per verdict; exits non-zero if
-//! any invariant broke (the frames are written to `tests/fuzz-fixtures/`).
+//! `cargo xtask fuzz [--frames N] [--http-inputs N] [--seed S]`: the datapath fuzzer at volume
+//! (see `clb_tests::fuzz`), then the HTTP fuzzer (`clb_tests::http_fuzz`, HTTP/1.1 and HTTP/2
+//! inputs through the proxy). Prints rates, the frames per verdict and the HTTP outcomes;
+//! exits non-zero if any invariant broke (the frames are written to `tests/fuzz-fixtures/`).
 
 use std::process::ExitCode;
 
@@ -8,6 +9,7 @@ use clb_tests::{fuzz, lab::with_lab};
 
 fn main() -> ExitCode {
     let mut frames: u64 = 10_000_000;
+    let mut http_inputs: u64 = 1_000_000;
     let mut seed: u64 = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(1, |d| d.as_secs());
@@ -16,9 +18,10 @@ fn main() -> ExitCode {
         let v = args.next().and_then(|v| v.parse().ok());
         match (a.as_str(), v) {
             ("--frames", Some(n)) => frames = n,
+            ("--http-inputs", Some(n)) => http_inputs = n,
             ("--seed", Some(s)) => seed = s,
             _ => {
-                eprintln!("usage: clb-fuzz [--frames N] [--seed S]");
+                eprintln!("usage: clb-fuzz [--frames N] [--http-inputs N] [--seed S]");
                 return ExitCode::FAILURE;
             }
         }
@@ -66,12 +69,31 @@ fn main() -> ExitCode {
         total.verdicts6[4],
         total.failures.len()
     );
-    if total.failures.is_empty() {
+    for (why, _) in total.failures.iter().take(10) {
+        eprintln!("  {why}");
+    }
+    let mut ok = total.failures.is_empty();
+    if http_inputs > 0 {
+        println!("fuzzing the HTTP proxy with {http_inputs} inputs, seed {seed}");
+        let r = clb_tests::http_fuzz::run(http_inputs, seed);
+        println!(
+            "{} HTTP inputs in {:.1} s: {:.0}/s; {} backend requests; panics {}, connections that never ended {}, non-HTTP answers {}",
+            r.inputs,
+            r.seconds,
+            r.inputs as f64 / r.seconds,
+            r.backend_requests,
+            r.panics,
+            r.hung,
+            r.garbled
+        );
+        for e in &r.examples {
+            eprintln!("  {}", String::from_utf8_lossy(e).escape_debug());
+        }
+        ok &= r.panics == 0 && r.hung == 0 && r.garbled == 0;
+    }
+    if ok {
         ExitCode::SUCCESS
     } else {
-        for (why, _) in total.failures.iter().take(10) {
-            eprintln!("  {why}");
-        }
         ExitCode::FAILURE
     }
 }

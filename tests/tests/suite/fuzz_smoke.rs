@@ -72,3 +72,48 @@ fn frames_that_once_broke_an_invariant_keep_every_invariant() {
     });
     println!("{} saved frames replayed", frames.len());
 }
+
+/// The HTTP fuzzer at a reduced count (`cargo xtask fuzz` runs 10^6 inputs).
+#[test]
+fn twenty_thousand_fuzzed_http_inputs_panic_nothing_and_every_connection_ends() {
+    let seed = std::env::var("CLB_FUZZ_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0x0068_7474);
+    let r = clb_tests::http_fuzz::run(20_000, seed);
+    println!(
+        "{} HTTP inputs in {:.1} s ({:.0}/s): {} backend requests, {} panics, {} hung, {} garbled",
+        r.inputs,
+        r.seconds,
+        r.inputs as f64 / r.seconds,
+        r.backend_requests,
+        r.panics,
+        r.hung,
+        r.garbled
+    );
+    let shown: Vec<String> = r
+        .examples
+        .iter()
+        .map(|e| String::from_utf8_lossy(e).escape_debug().to_string())
+        .collect();
+    assert_eq!(r.panics, 0, "panics (seed {seed}): {shown:?}");
+    assert_eq!(
+        r.hung, 0,
+        "connections that never ended (seed {seed}): {shown:?}"
+    );
+    assert_eq!(r.garbled, 0, "non-HTTP answers (seed {seed}): {shown:?}");
+    assert!(
+        r.backend_requests > 1000,
+        "too few inputs reached the backend: {r:?}"
+    );
+    let h2_seeds = r
+        .seeds_proxied
+        .iter()
+        .filter(|s| s.starts_with("PRI * HTTP/2.0"))
+        .count();
+    assert!(
+        r.seeds_proxied.len() >= 10 && h2_seeds >= 2,
+        "seeds that reach the backend: {:?}",
+        r.seeds_proxied
+    );
+}
