@@ -521,3 +521,31 @@ proptest! {
         rt.block_on(run(case, ops))?;
     }
 }
+
+/// The router's own refusals (unknown endpoint, method, malformed query) are JSON like every
+/// other error.
+#[test]
+fn every_error_answer_is_json() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let h = harness(4242);
+        for (m, uri) in [
+            (Method::GET, "/v1/nothing-here"),
+            (Method::PUT, "/v1/listeners"),
+            (Method::GET, "/v1/sessions?limit=many"),
+            (Method::DELETE, "/v1/listeners/none"),
+        ] {
+            let (status, text) = call(&h.app, m.clone(), uri, None).await;
+            assert!(status >= 400, "{m} {uri}: {status}");
+            let v: serde_json::Value = serde_json::from_str(&text)
+                .unwrap_or_else(|e| panic!("{m} {uri} → {status} not JSON ({e}): {text:?}"));
+            assert!(
+                v["error"].as_str().is_some_and(|e| !e.is_empty()),
+                "{m} {uri}: {text}"
+            );
+        }
+    });
+}

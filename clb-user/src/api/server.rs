@@ -183,7 +183,38 @@ pub fn router(api: Api) -> Router {
         .route("/v1/bgp", get(bgp_status))
         .route("/v1/bgp/withdraw", post(bgp_withdraw))
         .route("/v1/bgp/announce", post(bgp_announce))
+        .fallback(|| async {
+            ApiError(
+                StatusCode::NOT_FOUND,
+                "no such endpoint (see docs/api.md)".into(),
+            )
+        })
+        .layer(axum::middleware::map_response(json_errors))
         .with_state(api)
+}
+
+/// Every error answer is JSON (`{"error": …}`), the router's and the extractors' own (an
+/// unknown method, a malformed query or path) included.
+async fn json_errors(resp: Response) -> Response {
+    let json = resp
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if resp.status().as_u16() < 400 || json {
+        return resp;
+    }
+    let status = resp.status();
+    let body = axum::body::to_bytes(resp.into_body(), 64 * 1024)
+        .await
+        .unwrap_or_default();
+    let mut msg = String::from_utf8_lossy(&body).trim().to_owned();
+    if msg.is_empty() {
+        msg = status
+            .canonical_reason()
+            .unwrap_or("error")
+            .to_ascii_lowercase();
+    }
+    ApiError(status, msg).into_response()
 }
 
 // ---- the operations, shared with the console ------------------------------------------------

@@ -335,12 +335,23 @@ impl HealthCheckSpec {
             });
         }
         if self.kind == CheckKind::Http {
-            if !self.path.starts_with('/') || self.path.chars().any(|c| c.is_control() || c == ' ')
-            {
+            // The checker requests exactly this path: it must be one an HTTP request can carry
+            // (what the URI parser takes), and short enough to show.
+            let valid = self.path.len() <= MAX_HC_PATH
+                && self.path.starts_with('/')
+                && !self.path.chars().any(|c| c.is_control() || c == ' ')
+                && format!("http://127.0.0.1{}", self.path)
+                    .parse::<hyper::Uri>()
+                    .is_ok();
+            if !valid {
+                let mut shown: String = self.path.chars().take(64).collect();
+                if shown.len() < self.path.len() {
+                    shown.push_str("...");
+                }
                 return Err(ConfigError::Range {
                     field: "health_check.path",
-                    value: self.path.clone(),
-                    allowed: "an absolute path starting with '/' without spaces",
+                    value: format!("{shown:?} ({} bytes)", self.path.len()),
+                    allowed: "an absolute URI path (and query) starting with '/', at most 1024 bytes, of characters a request target may hold (no spaces, '<', '>' or controls)",
                 });
             }
             self.status_range()?;
@@ -386,6 +397,8 @@ pub const DEFAULT_HTTP_IO_TIMEOUT: u32 = 60;
 pub const DEFAULT_HTTP_MAX_HEADERS: u32 = 100;
 /// Largest configurable number of request header fields.
 pub const MAX_HTTP_MAX_HEADERS: u32 = 1000;
+/// Longest HTTP health-check path.
+pub const MAX_HC_PATH: usize = 1024;
 /// Certificates an HTTPS listener holds at most.
 pub const MAX_CERTS: usize = 64;
 
@@ -1273,6 +1286,27 @@ impl From<ListenerSpec> for WireListener {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn health_check_paths_must_be_requestable_and_short() {
+        let mut h = HealthCheckSpec::of(CheckKind::Http);
+        for good in ["/", "/health", "/health?deep=1", "/a%20b"] {
+            h.path = good.into();
+            assert!(h.validate().is_ok(), "{good}");
+        }
+        for bad in ["health", "/<x>", "/a b", "/x\ty"] {
+            h.path = bad.into();
+            let e = h
+                .validate()
+                .err()
+                .unwrap_or_else(|| panic!("{bad} accepted"))
+                .to_string();
+            assert!(e.contains("health_check.path"), "{bad}: {e}");
+        }
+        h.path = format!("/{}", "a".repeat(64 * 1024));
+        let e = h.validate().unwrap_err().to_string();
+        assert!(e.len() < 600 && e.contains("65537 bytes"), "{e}");
+    }
 
     fn l(name: &str, vip: &str) -> ListenerSpec {
         ListenerSpec::new(name, vip.parse::<SocketAddr>().unwrap(), Proto::Tcp)

@@ -1,12 +1,19 @@
 //! The persistence cookie: names a backend without exposing its address, and cannot be
 //! forged to pick another one.
 //!
-//! Value: base64url(tag ‖ expiry ‖ mac), 32 bytes → 43 characters, where
+//! Value: base64url(tag ‖ issued ‖ mac), 32 bytes → 43 characters, where
 //! - `tag` (8 bytes) = HMAC-SHA256(key, "tag" ‖ listener ‖ backend address)[..8]: an opaque,
 //!   stable name of the backend within the listener;
-//! - `expiry` (8 bytes, big-endian unix seconds): checked by the balancer too, not only by
-//!   the browser's `Max-Age`;
-//! - `mac` (16 bytes) = HMAC-SHA256(key, "cookie" ‖ listener ‖ tag ‖ expiry)[..16].
+//! - `issued` (8 bytes, big-endian unix seconds): when the balancer set it. The cookie is
+//!   valid until `issued + persist` with the listener's *current* `persist`, checked by the
+//!   balancer, not only by the browser's `Max-Age`: lowering `persist` applies to cookies
+//!   already out there;
+//! - `mac` (16 bytes) = HMAC-SHA256(key, "cookie-v2" ‖ listener ‖ tag ‖ issued)[..16].
+//!
+//! Cookies of earlier releases (v0.3.0 and before) carried their expiry instead of their issue time (MAC domain
+//! "cookie"): they are still honoured — until that expiry, and never longer than `persist`
+//! from now — and replaced by a current one on their first use, so an upgrade forgets no
+//! client.
 //!
 //! The key is 32 random bytes the daemon keeps across restarts ([`load_or_create_key`]).
 
@@ -54,38 +61,81 @@ impl CookieKey {
         t
     }
 
-    /// The cookie value for backend `tag`, valid until `expiry` (unix seconds).
-    pub fn encode(&self, listener: &str, tag: [u8; 8], expiry: u64) -> String {
+    fn seal(&self, domain: &[u8], listener: &str, tag: [u8; 8], time: u64) -> String {
         let mut raw = [0u8; RAW_LEN];
         raw[..8].copy_from_slice(&tag);
-        raw[8..16].copy_from_slice(&expiry.to_be_bytes());
+        raw[8..16].copy_from_slice(&time.to_be_bytes());
         let mac = self
-            .mac(&[b"cookie", listener.as_bytes(), &raw[..16]])
+            .mac(&[domain, listener.as_bytes(), &raw[..16]])
             .finalize()
             .into_bytes();
         raw[16..].copy_from_slice(&mac[..16]);
         URL_SAFE_NO_PAD.encode(raw)
     }
 
-    /// The backend tag and expiry of a cookie value, if it is authentic and not expired at
-    /// `now` (unix seconds). Anything else is `None`: the request is simply rescheduled.
-    pub fn decode(&self, listener: &str, value: &str, now: u64) -> Option<([u8; 8], u64)> {
+    /// The cookie value for backend `tag`, issued at `issued` (unix seconds).
+    pub fn encode(&self, listener: &str, tag: [u8; 8], issued: u64) -> String {
+        self.seal(V2, listener, tag, issued)
+    }
+
+    /// A cookie as releases up to v0.3.0 wrote it (valid until `expiry`), for the tests of the
+    /// upgrade path.
+    pub fn encode_legacy(&self, listener: &str, tag: [u8; 8], expiry: u64) -> String {
+        self.seal(V1, listener, tag, expiry)
+    }
+
+    /// What a cookie value says, if it is authentic and still valid at `now` (unix seconds)
+    /// under persistence `persist` (seconds). Anything else is `None`: the request is simply
+    /// rescheduled.
+    pub fn decode(&self, listener: &str, value: &str, now: u64, persist: u32) -> Option<Cookie> {
         let raw = URL_SAFE_NO_PAD.decode(value.trim()).ok()?;
         if raw.len() != RAW_LEN {
             return None;
         }
-        // Constant-time comparison of the truncated MAC.
-        self.mac(&[b"cookie", listener.as_bytes(), &raw[..16]])
-            .verify_truncated_left(&raw[16..])
-            .ok()?;
-        let expiry = u64::from_be_bytes(raw[8..16].try_into().ok()?);
-        if expiry <= now {
-            return None;
-        }
+        let time = u64::from_be_bytes(raw[8..16].try_into().ok()?);
         let mut tag = [0u8; 8];
         tag.copy_from_slice(&raw[..8]);
-        Some((tag, expiry))
+        // Constant-time comparisons of the truncated MAC.
+        let authentic = |domain: &[u8]| {
+            self.mac(&[domain, listener.as_bytes(), &raw[..16]])
+                .verify_truncated_left(&raw[16..])
+                .is_ok()
+        };
+        let limit = now.saturating_add(u64::from(persist));
+        let (expiry, legacy) = if authentic(V2) {
+            // Issued in the future (beyond clock steps between restarts): not ours to honour.
+            if time > now.saturating_add(MAX_CLOCK_SKEW) {
+                return None;
+            }
+            (time.saturating_add(u64::from(persist)).min(limit), false)
+        } else if authentic(V1) {
+            (time.min(limit), true)
+        } else {
+            return None;
+        };
+        (expiry > now).then_some(Cookie {
+            tag,
+            expiry,
+            legacy,
+        })
     }
+}
+
+/// MAC domains of the two cookie formats.
+const V2: &[u8] = b"cookie-v2";
+const V1: &[u8] = b"cookie";
+/// How far in the future an issue time may lie (the clock stepped back since).
+const MAX_CLOCK_SKEW: u64 = 300;
+
+/// A valid persistence cookie.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cookie {
+    /// The backend it names.
+    pub tag: [u8; 8],
+    /// When it stops being honoured (unix seconds), under the current `persist`.
+    pub expiry: u64,
+    /// Written by a release up to v0.3.0 (it carries its expiry): to be replaced.
+    pub legacy: bool,
 }
 
 /// Loads the key from `path`, creating it (32 random bytes from the kernel's CSPRNG, mode 0600,
@@ -139,9 +189,43 @@ mod tests {
         let v = k.encode("shop", tag, 1000);
         assert_eq!(v.len(), 43);
         assert!(!v.contains("10.0.10.2"), "the address is not exposed");
-        assert_eq!(k.decode("shop", &v, 999), Some((tag, 1000)));
-        assert_eq!(k.decode("shop", &v, 1000), None, "expired");
-        assert_eq!(k.decode("other", &v, 999), None, "bound to its listener");
+        let ok = |now, persist| {
+            k.decode("shop", &v, now, persist)
+                .map(|c| (c.tag, c.expiry))
+        };
+        assert_eq!(ok(1599, 600), Some((tag, 1600)));
+        assert_eq!(ok(1600, 600), None, "expired");
+        assert_eq!(
+            k.decode("other", &v, 1001, 600),
+            None,
+            "bound to its listener"
+        );
+        // Lowering persist applies to cookies already issued; raising it extends them.
+        assert_eq!(ok(1100, 60), None);
+        assert_eq!(ok(1059, 60), Some((tag, 1060)));
+        assert_eq!(ok(2000, 3600), Some((tag, 4600)));
+        // Issued far in the future: refused.
+        assert_eq!(ok(500, 3600), None);
+    }
+
+    #[test]
+    fn cookies_of_earlier_releases_are_honoured_within_the_current_persist() {
+        let k = key();
+        let tag = k.tag("shop", "10.0.10.2:8080".parse().unwrap());
+        let old = k.encode_legacy("shop", tag, 5000);
+        let c = k.decode("shop", &old, 1000, 600).unwrap();
+        assert_eq!((c.tag, c.expiry, c.legacy), (tag, 1600, true));
+        assert_eq!(k.decode("shop", &old, 4000, 3600).unwrap().expiry, 5000);
+        assert_eq!(
+            k.decode("shop", &old, 5000, 3600),
+            None,
+            "its own expiry holds"
+        );
+        assert!(
+            !k.decode("shop", &k.encode("shop", tag, 1000), 1000, 600)
+                .unwrap()
+                .legacy
+        );
     }
 
     #[test]
@@ -153,17 +237,23 @@ mod tests {
         let v = k.encode("shop", tag, 1000);
         let mut raw = URL_SAFE_NO_PAD.decode(&v).unwrap();
         raw[..8].copy_from_slice(&other); // point it at another backend
-        assert_eq!(k.decode("shop", &URL_SAFE_NO_PAD.encode(&raw), 1), None);
-        raw[..8].copy_from_slice(&tag);
-        raw[15] ^= 1; // extend the expiry
-        assert_eq!(k.decode("shop", &URL_SAFE_NO_PAD.encode(&raw), 1), None);
         assert_eq!(
-            CookieKey([8u8; 32]).decode("shop", &v, 1),
+            k.decode("shop", &URL_SAFE_NO_PAD.encode(&raw), 1001, 600),
+            None
+        );
+        raw[..8].copy_from_slice(&tag);
+        raw[15] ^= 1; // move the issue time
+        assert_eq!(
+            k.decode("shop", &URL_SAFE_NO_PAD.encode(&raw), 1001, 600),
+            None
+        );
+        assert_eq!(
+            CookieKey([8u8; 32]).decode("shop", &v, 1001, 600),
             None,
             "another daemon's key"
         );
-        assert_eq!(k.decode("shop", "garbage", 1), None);
-        assert_eq!(k.decode("shop", "", 1), None);
+        assert_eq!(k.decode("shop", "garbage", 1, 600), None);
+        assert_eq!(k.decode("shop", "", 1, 600), None);
     }
 
     #[test]

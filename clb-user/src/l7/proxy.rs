@@ -1114,14 +1114,14 @@ async fn route(
     let mut set_cookie = cfg.persist > 0;
     let mut chosen = None;
     if cfg.persist > 0
-        && let Some((tag, expiry)) = cookie.and_then(|v| st.key.decode(&cfg.name, &v, now))
-        && let Some(i) = snap.tags.iter().position(|t| *t == tag)
+        && let Some(c) = cookie.and_then(|v| st.key.decode(&cfg.name, &v, now, cfg.persist))
+        && let Some(i) = snap.tags.iter().position(|t| *t == c.tag)
         && cfg.backends[i].accepting
     {
         chosen = Some(i);
         st.counters.cookie_hits.fetch_add(1, Ordering::Relaxed);
-        // Refresh once half the lifetime is gone.
-        set_cookie = expiry.saturating_sub(now) < u64::from(cfg.persist) / 2;
+        // Refresh once half the lifetime is gone; replace a cookie of an earlier release.
+        set_cookie = c.legacy || c.expiry.saturating_sub(now) < u64::from(cfg.persist) / 2;
     }
     if cfg.persist > 0 {
         routed.persistence = match (chosen, had_cookie) {
@@ -1256,9 +1256,7 @@ async fn route(
     let their_upgrade = rp.headers.get(header::UPGRADE).cloned();
     strip_hop_by_hop(&mut rp.headers);
     if set_cookie {
-        let value = st
-            .key
-            .encode(&cfg.name, snap.tags[i], now + u64::from(cfg.persist));
+        let value = st.key.encode(&cfg.name, snap.tags[i], now);
         let c = format!("{}={value}{}", cfg.cookie_name, snap.cookie_attrs);
         if let Ok(v) = HeaderValue::from_str(&c) {
             rp.headers.append(header::SET_COOKIE, v);
