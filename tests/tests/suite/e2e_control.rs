@@ -440,7 +440,7 @@ fn bad_input_is_refused_and_changes_nothing() {
                 "--proto",
                 "sctp",
             ],
-            "proto must be tcp, udp or http",
+            "proto must be tcp, udp, http or https",
         ),
     ]
     .into_iter()
