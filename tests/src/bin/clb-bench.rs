@@ -3,7 +3,9 @@
 
 use std::{path::PathBuf, time::Instant};
 
-use clb_tests::bench::{Scale, conns, dsr, flood, l7, memory, perpacket, rate, report::Report};
+use clb_tests::bench::{
+    Scale, conns, dsr, flood, https, l7, memory, perpacket, rate, report::Report,
+};
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
@@ -21,7 +23,7 @@ fn main() -> anyhow::Result<()> {
         .cloned();
     let want = |s: &str| only.as_deref().is_none_or(|o| o.split(',').any(|x| x == s));
     let scale = if quick { Scale::QUICK } else { Scale::FULL };
-    for bin in ["nft", "haproxy", "nginx"] {
+    for bin in ["nft", "haproxy", "nginx", "h2load"] {
         anyhow::ensure!(
             which(bin),
             "{bin} is not installed: the benchmark compares against it (run `cargo xtask setup --bench`)"
@@ -66,6 +68,10 @@ fn main() -> anyhow::Result<()> {
     if want("l7") {
         println!("\n== HTTP listeners (cookie persistence) ==");
         l7::run(&scale, &mut report)?;
+    }
+    if want("https") {
+        println!("\n== HTTPS listeners (TLS, h1 and h2) ==");
+        https::run(&scale, &mut report)?;
     }
     if want("memory") {
         println!("\n== map memory and sweeping ==");
