@@ -15,6 +15,7 @@ pub mod lab;
 pub mod netns;
 pub mod packet;
 pub mod packet6;
+pub mod pki;
 pub mod servers;
 
 use std::time::{Duration, Instant};

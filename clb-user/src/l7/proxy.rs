@@ -472,22 +472,20 @@ struct ReqCx {
     hold: Arc<Hold>,
 }
 
-async fn serve_conn(
-    stream: TcpStream,
-    peer: SocketAddr,
-    state: Arc<ListenerState>,
-    stop: watch::Receiver<bool>,
+/// An admitted connection's stream, tracked, with its activity record (the connection itself
+/// starts the clock for the first request's headers) and what keeps it counted.
+fn admitted<S>(
+    stream: S,
+    state: &Arc<ListenerState>,
     share: BudgetGuard,
-) {
+) -> (Tracked<S>, Arc<Activity>, Arc<Hold>) {
     let hold = Arc::new(Hold {
         _open: OpenGuard(state.clone()),
         _share: share,
     });
-    stream.set_nodelay(true).ok();
     let act = Arc::new(Activity {
         origin: Instant::now(),
         last_io_ms: AtomicU64::new(1),
-        // The connection itself starts the clock for the first request's headers.
         head_started_ms: AtomicU64::new(1),
         in_flight: AtomicUsize::new(0),
     });
@@ -495,6 +493,18 @@ async fn serve_conn(
         inner: stream,
         act: act.clone(),
     };
+    (io, act, hold)
+}
+
+async fn serve_conn(
+    stream: TcpStream,
+    peer: SocketAddr,
+    state: Arc<ListenerState>,
+    stop: watch::Receiver<bool>,
+    share: BudgetGuard,
+) {
+    stream.set_nodelay(true).ok();
+    let (io, act, hold) = admitted(stream, &state, share);
     let Some(acceptor) = state.tls.as_ref().map(|t| t.acceptor.clone()) else {
         let cx = ReqCx {
             peer,
@@ -547,20 +557,7 @@ where
     };
     state.counters.connections.fetch_add(1, Ordering::Relaxed);
     state.counters.open.fetch_add(1, Ordering::Relaxed);
-    let hold = Arc::new(Hold {
-        _open: OpenGuard(state.clone()),
-        _share: share,
-    });
-    let act = Arc::new(Activity {
-        origin: Instant::now(),
-        last_io_ms: AtomicU64::new(1),
-        head_started_ms: AtomicU64::new(1),
-        in_flight: AtomicUsize::new(0),
-    });
-    let io = Tracked {
-        inner: io,
-        act: act.clone(),
-    };
+    let (io, act, hold) = admitted(io, &state, share);
     let cx = ReqCx {
         peer,
         info: ConnInfo {

@@ -21,7 +21,7 @@ use super::{
 };
 use crate::{
     daemon::Daemon,
-    netns::{NetNs, Topology, VIP, backend_ip, sh, unique_name},
+    netns::{NetNs, Topology, VIP, backend_ip, unique_name},
     wait_for,
 };
 
@@ -65,32 +65,15 @@ enum Running {
     Process(Proc),
 }
 
+/// The certificate every proxy serves: (chain, key, both in one file for HAProxy).
 fn certs(dir: &Path) -> anyhow::Result<(PathBuf, PathBuf, PathBuf)> {
+    crate::pki::make_ca(dir)?;
+    crate::pki::issue(dir, "shop", "shop.example")?;
     let (cert, key, both) = (
         dir.join("shop.pem"),
         dir.join("shop.key"),
         dir.join("both.pem"),
     );
-    sh(&[
-        "openssl",
-        "req",
-        "-x509",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-        "-keyout",
-        key.to_str().unwrap(),
-        "-out",
-        cert.to_str().unwrap(),
-        "-subj",
-        "/CN=shop.example",
-        "-days",
-        "2",
-        "-addext",
-        "subjectAltName=DNS:shop.example",
-    ])?;
     std::fs::write(
         &both,
         std::fs::read_to_string(&cert)? + &std::fs::read_to_string(&key)?,

@@ -45,77 +45,13 @@ impl Dir {
     }
 }
 
-/// A test CA and the certificates it issues (P-256 keys).
 fn make_ca(d: &Dir) {
-    sh(&[
-        "openssl",
-        "req",
-        "-x509",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-        "-keyout",
-        &d.file("ca.key"),
-        "-out",
-        &d.file("ca.pem"),
-        "-subj",
-        "/CN=clb test CA",
-        "-days",
-        "2",
-    ])
-    .unwrap();
+    clb_tests::pki::make_ca(&d.0).unwrap();
 }
 
-/// Issues a certificate for DNS name `name` into `stem.pem` / `stem.key`.
+/// Issues (or re-issues: a rotation) `stem.pem` / `stem.key` for `name`.
 fn issue(d: &Dir, stem: &str, name: &str) {
-    let ext = d.file(&format!("{stem}.ext"));
-    std::fs::write(&ext, format!("subjectAltName=DNS:{name}\n")).unwrap();
-    let csr = d.file(&format!("{stem}.csr"));
-    sh(&[
-        "openssl",
-        "req",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-        "-keyout",
-        &d.file(&format!("{stem}.key.new")),
-        "-out",
-        &csr,
-        "-subj",
-        &format!("/CN={name}"),
-    ])
-    .unwrap();
-    sh(&[
-        "openssl",
-        "x509",
-        "-req",
-        "-in",
-        &csr,
-        "-CA",
-        &d.file("ca.pem"),
-        "-CAkey",
-        &d.file("ca.key"),
-        "-CAcreateserial",
-        "-out",
-        &d.file(&format!("{stem}.pem.new")),
-        "-days",
-        "1",
-        "-extfile",
-        &ext,
-    ])
-    .unwrap();
-    // Replaced by rename, as an ACME client does.
-    for f in ["pem", "key"] {
-        std::fs::rename(
-            d.file(&format!("{stem}.{f}.new")),
-            d.file(&format!("{stem}.{f}")),
-        )
-        .unwrap();
-    }
+    clb_tests::pki::issue(&d.0, stem, name).unwrap();
 }
 
 /// The first PEM certificate in `text`.
@@ -226,34 +162,27 @@ fn set_cookie(headers: &str) -> Option<String> {
 /// A config with listener `shop` (https on VIP:443, HTTP backends) and `chat` (https on
 /// VIP:8443, WebSocket backends), both with cookie persistence.
 fn config(d: &Dir, n: usize) -> String {
-    let mut s = format!(
-        "[[listener]]\nname = \"shop\"\nvip = \"{VIP}:443\"\nproto = \"https\"\npersist = 600\n\
-         [[listener.certificate]]\ncert = \"{}\"\nkey = \"{}\"\n\
-         [[listener.certificate]]\ncert = \"{}\"\nkey = \"{}\"\n",
-        d.file("shop.pem"),
-        d.file("shop.key"),
-        d.file("api.pem"),
-        d.file("api.key"),
-    );
-    for i in 0..n {
-        s += &format!(
-            "[[listener.backend]]\naddr = \"{}:{PORT}\"\n",
-            backend_ip(i)
+    // One HTTPS listener on VIP:`port` with certificates `stems`, over backends on `be_port`.
+    let listener = |name: &str, port: u16, stems: &[&str], be_port: u16| {
+        let mut s = format!(
+            "[[listener]]\nname = \"{name}\"\nvip = \"{VIP}:{port}\"\nproto = \"https\"\npersist = 600\n"
         );
-    }
-    s += &format!(
-        "[[listener]]\nname = \"chat\"\nvip = \"{VIP}:8443\"\nproto = \"https\"\npersist = 600\n\
-         [[listener.certificate]]\ncert = \"{}\"\nkey = \"{}\"\n",
-        d.file("shop.pem"),
-        d.file("shop.key"),
-    );
-    for i in 0..n {
-        s += &format!(
-            "[[listener.backend]]\naddr = \"{}:{WS_PORT}\"\n",
-            backend_ip(i)
-        );
-    }
-    s
+        for st in stems {
+            s += &format!(
+                "[[listener.certificate]]\ncert = \"{}\"\nkey = \"{}\"\n",
+                d.file(&format!("{st}.pem")),
+                d.file(&format!("{st}.key"))
+            );
+        }
+        for i in 0..n {
+            s += &format!(
+                "[[listener.backend]]\naddr = \"{}:{be_port}\"\n",
+                backend_ip(i)
+            );
+        }
+        s
+    };
+    listener("shop", 443, &["shop", "api"], PORT) + &listener("chat", 8443, &["shop"], WS_PORT)
 }
 
 const WS_SERVER: &str = r#"
