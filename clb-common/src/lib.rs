@@ -52,17 +52,20 @@ pub const DEFAULT_HALF_OPEN6: u32 = 1 << 18;
 pub const MIN_TABLE: u32 = 1024;
 /// Largest table the operator may configure (the kernel may refuse less).
 pub const MAX_TABLE: u32 = 1 << 26;
-/// Longest weighted round-robin sequence of a listener.
-pub const WRR_SLOTS: u32 = 1024;
-/// A backend with weight > 0 needs at least one round-robin slot.
-pub const MAX_BACKENDS_PER_LISTENER: u32 = WRR_SLOTS;
+/// Backends one listener may have.
+pub const MAX_BACKENDS_PER_LISTENER: u32 = 1024;
+/// Longest weighted round-robin sequence of a listener: every backend at the largest weight,
+/// so the weights of any allowed set of backends hold exactly (after dividing by their
+/// greatest common divisor) and no backend is rounded up to a share it was not given. Each
+/// listener's inner schedule map is sized to its own sequence (400 KiB at this worst case).
+pub const WRR_SLOTS: u32 = MAX_BACKENDS_PER_LISTENER * MAX_WEIGHT;
 /// Default Maglev lookup-table size (a prime).
 pub const DEFAULT_MAGLEV_SIZE: u32 = 65537;
 /// Largest Maglev lookup-table size.
 pub const MAX_MAGLEV_SIZE: u32 = 1_000_003;
 /// Entries of the schedule map's inner-map template (each listener's own inner map is sized to
 /// its schedule: 1 + sequence or table length; see [`SCHED_MAP`]).
-pub const SCHED_TEMPLATE_SLOTS: u32 = 1 + WRR_SLOTS;
+pub const SCHED_TEMPLATE_SLOTS: u32 = 1 + MAX_BACKENDS_PER_LISTENER;
 /// `BPF_F_INNER_MAP`: inner maps of the schedule map may differ in size from the template.
 pub const BPF_F_INNER_MAP: u32 = 1 << 12;
 /// Interfaces the program can redirect to.

@@ -34,8 +34,9 @@ impl Scheduler for Wrr {
 
 /// The schedule for `backends` (weights > 0), at most `max_len` slots long.
 ///
-/// Weights are divided by their greatest common divisor; if the sum still exceeds `max_len`
-/// they are scaled down proportionally (each backend keeping at least one slot), so the
+/// Weights are divided by their greatest common divisor; with `max_len` =
+/// [`clb_common::WRR_SLOTS`] the sum never exceeds it. Below that (tests) they are scaled down
+/// proportionally (each backend keeping at least one slot), so the
 /// ratios are exact up to `max_len` slots and within one slot per backend beyond.
 /// The caller keeps the number of backends at most `max_len`
 /// ([`clb_common::MAX_BACKENDS_PER_LISTENER`]); any beyond that are left out.
@@ -158,5 +159,23 @@ mod tests {
         assert_eq!(s.len(), 50);
         assert_eq!(count(&s, 2), 1);
         assert!((24..=26).contains(&count(&s, 1)), "{}", count(&s, 1));
+    }
+
+    /// Issue 26: with 1 024 backends a weight-100 backend got the share of a weight-1 one
+    /// (1 024 slots, one each); the sequence is now long enough for any allowed weights.
+    #[test]
+    fn weights_hold_with_the_most_backends_a_listener_may_have() {
+        let n = clb_common::MAX_BACKENDS_PER_LISTENER;
+        let bs: Vec<Weighted> = (0..n).map(|i| w(i, if i % 2 == 0 { 100 } else { 1 })).collect();
+        let s = smooth_wrr(&bs, clb_common::WRR_SLOTS as usize);
+        assert_eq!(s.len(), (n / 2 * 101) as usize);
+        for i in 0..n {
+            assert_eq!(count(&s, i), if i % 2 == 0 { 100 } else { 1 }, "backend {i}");
+        }
+        let all: Vec<Weighted> = (0..n).map(|i| w(i, 100 - i % 100)).collect();
+        let s = smooth_wrr(&all, clb_common::WRR_SLOTS as usize);
+        for b in &all {
+            assert_eq!(count(&s, b.id), b.weight as usize);
+        }
     }
 }
