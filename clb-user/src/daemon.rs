@@ -351,6 +351,7 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
         ctl: ctl.clone(),
         l7: proxies.clone(),
         bgp: speaker.clone(),
+        sign_in: Arc::new(crate::api::signin::SignInCodes::new(opts.console)),
     };
 
     let mut loops = Vec::new();

@@ -385,6 +385,7 @@ fn harness(case: u64) -> Harness {
         ctl: ctl.clone(),
         l7: Arc::new(Proxies::new(key, clb::l7::ConnBudget::new(1000))),
         bgp: None,
+        sign_in: Arc::new(clb::api::signin::SignInCodes::new(None)),
     };
     let app = clb::api::server::router(api);
     Harness {

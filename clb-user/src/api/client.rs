@@ -86,6 +86,14 @@ impl<'a> Client<'a> {
             .map_err(ClientError::Transport)
     }
 
+    /// POST without a body and decode the answer.
+    pub async fn post<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        let b = self.call(Method::POST, path, None).await?;
+        serde_json::from_slice(&b)
+            .with_context(|| format!("decoding the answer to POST {path}"))
+            .map_err(ClientError::Transport)
+    }
+
     /// A request with a JSON body, answer ignored.
     pub async fn send<B: Serialize>(
         &self,

@@ -3,6 +3,7 @@
 
 pub mod client;
 pub mod server;
+pub mod signin;
 pub mod types;
 
 use std::{os::unix::fs::PermissionsExt as _, path::Path};

@@ -50,6 +50,8 @@ pub struct Api {
     pub ctl: Arc<Controller>,
     pub l7: Arc<crate::l7::Proxies>,
     pub bgp: Option<Arc<crate::bgp::Speaker>>,
+    /// One-time console sign-in codes (`POST /v1/console/link`).
+    pub sign_in: Arc<super::signin::SignInCodes>,
 }
 
 /// An error with its HTTP status.
@@ -183,6 +185,7 @@ pub fn router(api: Api) -> Router {
         .route("/v1/bgp", get(bgp_status))
         .route("/v1/bgp/withdraw", post(bgp_withdraw))
         .route("/v1/bgp/announce", post(bgp_announce))
+        .route("/v1/console/link", post(console_link))
         .fallback(|| async {
             ApiError(
                 StatusCode::NOT_FOUND,
@@ -924,6 +927,36 @@ async fn bgp_withdraw(State(api): State<Api>) -> ApiResult<Response> {
 
 async fn bgp_announce(State(api): State<Api>) -> ApiResult<Response> {
     bgp_maintenance(&api, false).await
+}
+
+async fn console_link(State(api): State<Api>) -> ApiResult<Response> {
+    let Some(addr) = api.sign_in.console() else {
+        return Err(ApiError(
+            StatusCode::NOT_FOUND,
+            "the web console is off (start the daemon with --console ADDR)".into(),
+        ));
+    };
+    let code = api.sign_in.issue(Instant::now()).ok_or_else(|| {
+        ApiError(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "no randomness for a sign-in code".into(),
+        )
+    })?;
+    // A console bound to every address is reached on loopback from here.
+    let host = match addr.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => {
+            SocketAddr::from((Ipv4Addr::LOCALHOST, addr.port()))
+        }
+        IpAddr::V6(ip) if ip.is_unspecified() => {
+            SocketAddr::from((Ipv6Addr::LOCALHOST, addr.port()))
+        }
+        _ => addr,
+    };
+    Ok(json(super::types::ConsoleLink {
+        url: format!("http://{host}/#sign-in={code}"),
+        code,
+        expires_in_secs: super::signin::CODE_TTL.as_secs(),
+    }))
 }
 
 async fn list_listeners(State(api): State<Api>) -> Response {

@@ -426,3 +426,14 @@ pub struct Page<T> {
 pub struct ErrorBody {
     pub error: String,
 }
+
+/// `POST /v1/console/link`: a one-time console sign-in link.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ConsoleLink {
+    /// Open this in a browser (it signs in once, within `expires_in_secs`).
+    pub url: String,
+    /// The code alone (`POST /api/login {"code": …}` on the console; its sign-in form also
+    /// takes the whole link).
+    pub code: String,
+    pub expires_in_secs: u64,
+}

@@ -67,6 +67,9 @@ pub enum Command {
     /// VIP announcement over BGP: withdraw this node's VIPs (maintenance) or announce them again.
     #[command(subcommand)]
     Bgp(BgpCmd),
+    /// The web console.
+    #[command(subcommand)]
+    Console(ConsoleCmd),
     /// Print a shell completion script.
     Completions {
         #[arg(value_enum)]
@@ -426,6 +429,16 @@ pub enum TableCmd {
         /// Skip this many entries.
         #[arg(long)]
         offset: Option<u64>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ConsoleCmd {
+    /// Print a one-time sign-in link for the console (good for one sign-in within 120 s;
+    /// it works even while failed token sign-ins from the browser's address are held off).
+    Link {
         #[arg(long)]
         json: bool,
     },

@@ -12,7 +12,7 @@ use anyhow::Context as _;
 use clap::CommandFactory as _;
 use hyper::Method;
 
-use self::args::{BackendCmd, BgpCmd, ListenerCmd, TableCmd};
+use self::args::{BackendCmd, BgpCmd, ConsoleCmd, ListenerCmd, TableCmd};
 pub use self::args::{Cli, Command};
 use crate::{
     api::{
@@ -91,6 +91,17 @@ pub async fn run_client(cli: Cli) -> Result<(), ClientError> {
                 print_json(&s)?;
             } else {
                 out(&render::stats(&s));
+            }
+        }
+        Command::Console(ConsoleCmd::Link { json }) => {
+            let l: crate::api::types::ConsoleLink = c.post("/v1/console/link").await?;
+            if json {
+                print_json(&l)?;
+            } else {
+                out(&format!(
+                    "{}\n(one sign-in, within {} s)\n",
+                    l.url, l.expires_in_secs
+                ));
             }
         }
         Command::Bgp(cmd) => match cmd {

@@ -11,8 +11,11 @@
 //!   after [`SESSION_MAX`] in any case); `POST /api/logout` ends one.
 //! - Every change needs a live session, the CSRF token, and (when the browser sends one) an
 //!   `Origin` equal to the page's; no GET changes anything.
-//! - Failed logins are limited per client address ([`LOGIN_FAILURES`] per [`LOGIN_WINDOW`]),
-//!   answered 429 beyond that, without checking the token.
+//! - Failed logins are slowed per client address: after [`LOGIN_FAILURES`] in a row each
+//!   next attempt waits out a backoff ([`login_backoff`], 1 s doubling to [`LOGIN_WINDOW`])
+//!   and is answered 429 without checking the token until then. Whoever can use the API
+//!   socket is never locked out: `clb console link` gives a one-time sign-in link
+//!   ([`crate::api::signin`]), which no failure count stops.
 //! - Every response carries a Content-Security-Policy that allows only the page's own script,
 //!   style and API ([`CSP`]), and `X-Frame-Options: DENY`, `X-Content-Type-Options: nosniff`,
 //!   `Referrer-Policy: no-referrer`; API answers are `Cache-Control: no-store`.
@@ -60,9 +63,12 @@ pub const COOKIE: &str = "clb_console";
 pub const SESSION_IDLE: Duration = Duration::from_secs(30 * 60);
 /// ... and after this long in any case.
 pub const SESSION_MAX: Duration = Duration::from_secs(12 * 3600);
-/// Failed logins allowed per client address per [`LOGIN_WINDOW`].
+/// Failed logins in a row a client address may make before [`login_backoff`] slows it.
 pub const LOGIN_FAILURES: u32 = 5;
+/// The longest backoff; a client address's failures are forgotten this long after its last.
 pub const LOGIN_WINDOW: Duration = Duration::from_secs(60);
+/// Client addresses whose failed sign-ins are remembered at once.
+pub const MAX_FAILING_CLIENTS: usize = 4096;
 
 const INDEX: &str = include_str!("assets/index.html");
 const APP_JS: &str = include_str!("assets/app.js");
@@ -318,7 +324,22 @@ async fn session(State(c): State<Arc<Console>>, headers: HeaderMap) -> Response 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct LoginBody {
-    token: String,
+    /// The console token.
+    #[serde(default)]
+    token: Option<String>,
+    /// Or a one-time code from `clb console link`.
+    #[serde(default)]
+    code: Option<String>,
+}
+
+/// How long a client address that failed `failures` times in a row waits before its next
+/// sign-in is looked at: nothing for the first [`LOGIN_FAILURES`], then 1 s doubling up to
+/// [`LOGIN_WINDOW`].
+pub fn login_backoff(failures: u32) -> Duration {
+    match failures.checked_sub(LOGIN_FAILURES) {
+        None => Duration::ZERO,
+        Some(n) => Duration::from_secs(1u64 << n.min(6)).min(LOGIN_WINDOW),
+    }
 }
 
 async fn login(
@@ -327,32 +348,61 @@ async fn login(
     b: Bytes,
 ) -> Response {
     let now = Instant::now();
-    {
-        let mut f = lock(&c.failures);
-        f.retain(|_, (_, since)| now - *since < LOGIN_WINDOW);
-        if let Some((n, since)) = f.get(&peer.ip())
-            && *n >= LOGIN_FAILURES
-        {
-            let wait = LOGIN_WINDOW.saturating_sub(now - *since).as_secs() + 1;
-            return err(
-                StatusCode::TOO_MANY_REQUESTS,
-                &format!(
-                    "too many failed sign-ins from {}: try again in {wait} s",
-                    peer.ip()
-                ),
-            );
-        }
-    }
-    let token = match body::<LoginBody>(&b) {
-        Ok(l) => l.token,
+    let login = match body::<LoginBody>(&b) {
+        Ok(l) => l,
         Err(e) => return e.into_response(),
     };
-    if !ct_eq(token.trim().as_bytes(), c.token.as_bytes()) {
-        let mut f = lock(&c.failures);
-        let e = f.entry(peer.ip()).or_insert((0, now));
-        e.0 += 1;
-        tracing::warn!(client = %peer.ip(), failures = e.0, "console: failed sign-in");
-        return err(StatusCode::UNAUTHORIZED, "wrong token");
+    match (login.token, login.code) {
+        // A one-time code is never rate limited: only the API socket's user gets one, and
+        // 256 random bits are not guessed.
+        (None, Some(code)) => {
+            if !c.api.sign_in.redeem(code.trim(), now) {
+                tracing::warn!(client = %peer.ip(), "console: unknown or used sign-in code");
+                return err(
+                    StatusCode::UNAUTHORIZED,
+                    "unknown, used or expired sign-in code (clb console link makes a new one)",
+                );
+            }
+        }
+        (Some(token), None) => {
+            {
+                let mut f = lock(&c.failures);
+                f.retain(|_, (_, last)| now - *last < LOGIN_WINDOW);
+                if let Some((n, last)) = f.get(&peer.ip()) {
+                    let wait = login_backoff(*n).saturating_sub(now - *last);
+                    if !wait.is_zero() {
+                        return err(
+                            StatusCode::TOO_MANY_REQUESTS,
+                            &format!(
+                                "too many failed sign-ins from {}: try again in {} s, or sign in \
+                                 with a link from `clb console link`",
+                                peer.ip(),
+                                wait.as_secs() + 1
+                            ),
+                        );
+                    }
+                }
+            }
+            if !ct_eq(token.trim().as_bytes(), c.token.as_bytes()) {
+                let mut f = lock(&c.failures);
+                // Bounded: many addresses failing at once forget the oldest first.
+                while f.len() >= MAX_FAILING_CLIENTS && !f.contains_key(&peer.ip()) {
+                    let Some(old) = f.iter().min_by_key(|(_, (_, t))| *t).map(|(ip, _)| *ip) else {
+                        break;
+                    };
+                    f.remove(&old);
+                }
+                let e = f.entry(peer.ip()).or_insert((0, now));
+                e.0 += 1;
+                e.1 = now;
+                tracing::warn!(client = %peer.ip(), failures = e.0, "console: failed sign-in");
+                return err(StatusCode::UNAUTHORIZED, "wrong token");
+            }
+            lock(&c.failures).remove(&peer.ip());
+        }
+        _ => {
+            return err(StatusCode::BAD_REQUEST, "give either \"token\" or \"code\"");
+        }
     }
     let (Ok(sid), Ok(csrf)) = (random_hex(32), random_hex(32)) else {
         return err(StatusCode::INTERNAL_SERVER_ERROR, "no randomness");

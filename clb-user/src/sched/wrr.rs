@@ -166,11 +166,17 @@ mod tests {
     #[test]
     fn weights_hold_with_the_most_backends_a_listener_may_have() {
         let n = clb_common::MAX_BACKENDS_PER_LISTENER;
-        let bs: Vec<Weighted> = (0..n).map(|i| w(i, if i % 2 == 0 { 100 } else { 1 })).collect();
+        let bs: Vec<Weighted> = (0..n)
+            .map(|i| w(i, if i % 2 == 0 { 100 } else { 1 }))
+            .collect();
         let s = smooth_wrr(&bs, clb_common::WRR_SLOTS as usize);
         assert_eq!(s.len(), (n / 2 * 101) as usize);
         for i in 0..n {
-            assert_eq!(count(&s, i), if i % 2 == 0 { 100 } else { 1 }, "backend {i}");
+            assert_eq!(
+                count(&s, i),
+                if i % 2 == 0 { 100 } else { 1 },
+                "backend {i}"
+            );
         }
         let all: Vec<Weighted> = (0..n).map(|i| w(i, 100 - i % 100)).collect();
         let s = smooth_wrr(&all, clb_common::WRR_SLOTS as usize);

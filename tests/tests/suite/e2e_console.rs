@@ -9,7 +9,7 @@ use std::{
     collections::HashSet,
     net::{Ipv4Addr, SocketAddrV4},
     path::PathBuf,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use clb_tests::{
@@ -465,9 +465,36 @@ fn console_api_refuses_bad_input_and_changes_nothing() {
     }
     assert_eq!(&codes[..5], &[401; 5], "{codes:?}");
     assert_eq!(codes[5], 429, "{codes:?}");
-    // Even the right token waits out the window.
+    // Even the right token waits out the back-off...
     let body = format!(r#"{{"token":"{}"}}"#, e.token);
     let (st, _, text) = http.call("POST", "/api/login", None, None, Some(&body));
     assert_eq!(st, 429, "{text}");
+    assert!(text.contains("clb console link"), "{text}");
+    // ...but the operator is never locked out: a one-time link from the API socket signs in
+    // at once, and only once.
+    let link: serde_json::Value = e.d.clb_json(&["console", "link"]);
+    let code = link["code"].as_str().unwrap().to_owned();
+    assert!(
+        link["url"]
+            .as_str()
+            .unwrap()
+            .ends_with(&format!("/#sign-in={code}")),
+        "{link}"
+    );
+    let with_code = format!(r#"{{"code":"{code}"}}"#);
+    let (st, _, text) = http.call("POST", "/api/login", None, None, Some(&with_code));
+    assert_eq!(st, 200, "{text}");
+    let (st, _, text) = http.call("POST", "/api/login", None, None, Some(&with_code));
+    assert_eq!(st, 401, "a code is used up: {text}");
+    // The back-off is seconds, not a lockout: the right token goes through once it is over.
+    let t0 = Instant::now();
+    let st = loop {
+        let (st, _, _) = http.call("POST", "/api/login", None, None, Some(&body));
+        if st != 429 || t0.elapsed() > Duration::from_secs(10) {
+            break st;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    assert_eq!(st, 200, "the right token after the back-off");
     unchanged("the end", &before);
 }

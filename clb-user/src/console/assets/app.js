@@ -201,10 +201,13 @@
     e.preventDefault(); // always: CSP form-action 'none' forbids real submission
     const token = $('login-token').value.trim();
     if (!token) { setText('login-error', 'Paste your token.'); return; }
+    // A pasted sign-in link (`clb console link`) signs in with its one-time code.
+    const m = token.match(/#sign-in=([0-9a-f]+)$/);
     $('login-submit').disabled = true;
     setText('login-error', '');
     try {
-      const r = await api('POST', '/api/login', { token }, { auth: false });
+      const body = m ? { code: m[1] } : { token };
+      const r = await api('POST', '/api/login', body, { auth: false });
       state.csrf = r && r.csrf;
       $('login-token').value = '';
       showConsole();
@@ -1080,6 +1083,20 @@
 
   async function boot() {
     wire();
+    // A one-time sign-in link (`clb console link`): take the code out of the address bar
+    // (and history) first, then use it.
+    const m = location.hash.match(/^#sign-in=([0-9a-f]+)$/);
+    if (m) {
+      history.replaceState(null, '', location.pathname + location.search);
+      try {
+        const r = await api('POST', '/api/login', { code: m[1] }, { auth: false });
+        state.csrf = r && r.csrf;
+        showConsole();
+      } catch (err) {
+        showLogin(`Sign-in link: ${err.message}`);
+      }
+      return;
+    }
     try {
       const r = await api('GET', '/api/session', undefined, { auth: false });
       state.csrf = r && r.csrf;
