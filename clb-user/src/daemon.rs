@@ -25,7 +25,7 @@ use crate::{
     control::{
         ControlOptions, Controller,
         file::{ConfigFile, ConfigFileError},
-        status::DaemonInfo,
+        status::{DaemonInfo, InterfaceState},
     },
     datapath::{
         loader::{self, AttachMode, TableSizes},
@@ -315,8 +315,11 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
             Some(&opts.bpffs),
         )?;
         ctl.add_device(ifindex)?;
+        ctl.interfaces()
+            .set(iface, InterfaceState::Attached, ifindex, None);
     }
     loader::copy_resized(&mut resized, true)?;
+    let ebpf = Arc::new(std::sync::Mutex::new(ebpf));
     match std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward") {
         Ok(v) if v.trim() == "0" => warn!(
             "net.ipv4.ip_forward is 0: packets the datapath hands to the kernel (no neighbour \
@@ -387,6 +390,10 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
         let c = ctl.clone();
         loops.push(supervise::spawn(ctl.clone(), "flood-watch", move || {
             flood_watch(c.clone())
+        }));
+        let (c, e, o) = (ctl.clone(), ebpf.clone(), Arc::new(opts.clone()));
+        loops.push(supervise::spawn(ctl.clone(), "interfaces", move || {
+            interfaces(c.clone(), e.clone(), o.clone())
         }));
         let (c, dir) = (ctl.clone(), opts.bpffs.clone());
         loops.push(supervise::spawn(ctl.clone(), "watchdog", move || {
@@ -495,7 +502,8 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
     }
     proxies.stop_all();
     std::fs::remove_file(&opts.api).ok();
-    // `ebpf` drops here: the programs stay loaded through their pinned links.
+    // `ebpf` drops here (the loops holding it are stopped): the programs stay loaded
+    // through their pinned links.
     drop(ebpf);
     Ok(())
 }
@@ -596,6 +604,7 @@ async fn flood_watch(ctl: Arc<Controller>) -> anyhow::Result<()> {
 async fn watchdog(ctl: Arc<Controller>, bpffs: PathBuf) -> anyhow::Result<()> {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut failing: Option<std::io::ErrorKind> = None;
+    let mut gone = false;
     loop {
         tick.tick().await;
         if ctl.detached().is_some() {
@@ -603,14 +612,18 @@ async fn watchdog(ctl: Arc<Controller>, bpffs: PathBuf) -> anyhow::Result<()> {
         }
         match loader::attached(&bpffs) {
             Ok(true) => {
+                gone = false;
                 if failing.take().is_some() {
                     info!(pins = %bpffs.display(), "the datapath's pins can be read again");
                 }
             }
-            Ok(false) => ctl.set_detached(format!(
+            // Seen twice, a second apart: a severed link pin being replaced (see
+            // `interfaces`) leaves `links/` empty for an instant.
+            Ok(false) if gone => ctl.set_detached(format!(
                 "its pins under {} were removed (clb teardown)",
                 bpffs.display()
             )),
+            Ok(false) => gone = true,
             Err(e) => {
                 if failing != Some(e.kind()) {
                     warn!(
@@ -619,6 +632,77 @@ async fn watchdog(ctl: Arc<Controller>, bpffs: PathBuf) -> anyhow::Result<()> {
                     );
                 }
                 failing = Some(e.kind());
+            }
+        }
+    }
+}
+
+/// Follows the `--iface` interfaces as they come and go: one deleted is reported missing (its
+/// link is severed; the kernel drops its devmap entry), and when an interface of that name
+/// appears again (a new ifindex) the program is attached to it, replacing the severed link
+/// pin, and it is put back in the devmap. Looks once a second (`if_nametoindex`), so a
+/// re-created interface balances again within about a second.
+async fn interfaces(
+    ctl: Arc<Controller>,
+    ebpf: Arc<std::sync::Mutex<aya::Ebpf>>,
+    opts: Arc<DaemonOptions>,
+) -> anyhow::Result<()> {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        if ctl.detached().is_some() {
+            continue;
+        }
+        for iface in &opts.ifaces {
+            let Some(known) = ctl.interfaces().get(iface) else {
+                continue;
+            };
+            let Ok(c_iface) = std::ffi::CString::new(iface.as_str()) else {
+                continue;
+            };
+            // SAFETY: a valid NUL-terminated string.
+            let now = unsafe { libc::if_nametoindex(c_iface.as_ptr()) };
+            if now == 0 {
+                if known.state != InterfaceState::Missing {
+                    warn!(
+                        iface,
+                        "interface is gone; the datapath attaches to it again when it is re-created"
+                    );
+                    ctl.interfaces()
+                        .set(iface, InterfaceState::Missing, 0, None);
+                }
+                continue;
+            }
+            if known.state == InterfaceState::Attached && known.ifindex == now {
+                continue;
+            }
+            let r = {
+                let mut e = crate::control::lock(&ebpf);
+                loader::attach(&mut e, XDP_PROGRAM, iface, opts.xdp_mode, Some(&opts.bpffs))
+            };
+            match r.and_then(|ifindex| {
+                ctl.add_device(ifindex)?;
+                Ok(ifindex)
+            }) {
+                Ok(ifindex) => {
+                    info!(
+                        iface,
+                        ifindex, "interface re-created: datapath attached again"
+                    );
+                    ctl.interfaces()
+                        .set(iface, InterfaceState::Attached, ifindex, None);
+                }
+                Err(e) => {
+                    let msg = format!("{e:#}");
+                    if known.last_error.as_deref() != Some(&msg) {
+                        warn!(
+                            iface,
+                            "attaching to the re-created interface failed: {msg}; trying again every second"
+                        );
+                    }
+                    ctl.interfaces()
+                        .set(iface, InterfaceState::Failed, 0, Some(msg));
+                }
             }
         }
     }

@@ -106,6 +106,7 @@ pub fn scrape(api: &Api) -> ApiResult<String> {
         tables,
         certs,
         access_log: api.l7.access_log_counts(),
+        interfaces: api.ctl.interfaces().all(),
     }));
     let mut out = String::new();
     prometheus_client::encoding::text::encode(&mut out, &registry).map_err(|e| {
@@ -154,6 +155,7 @@ struct Scrape {
     certs: Vec<(String, String, String, i64)>,
     /// The access log's (written, dropped), when there is one.
     access_log: Option<(u64, u64)>,
+    interfaces: Vec<crate::control::status::InterfaceStatus>,
 }
 
 type Labels = Vec<(&'static str, Cow<'static, str>)>;
@@ -571,6 +573,27 @@ impl Collector for Scrape {
                     .map(|(o, v)| (vec![("outcome", Cow::Borrowed(o))], v)),
             )?;
         }
+        family(
+            &mut enc,
+            "clb_interface_attached",
+            "1 while the datapath runs on the interface; 0 while it is missing (deleted: attached again when it is re-created) or attaching fails.",
+            MetricType::Gauge,
+            self.interfaces.iter().map(|i| {
+                (
+                    vec![("iface", s(&i.name))],
+                    u64::from(i.state == crate::control::status::InterfaceState::Attached),
+                )
+            }),
+        )?;
+        family(
+            &mut enc,
+            "clb_interface_reattached",
+            "Times the datapath was attached again to a re-created interface.",
+            MetricType::Counter,
+            self.interfaces
+                .iter()
+                .map(|i| (vec![("iface", s(&i.name))], i.reattached)),
+        )?;
         family(
             &mut enc,
             "clb_build_info",

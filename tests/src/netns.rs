@@ -335,49 +335,9 @@ impl Topology {
             .ip(&["addr", "add", "fd00:1::2/64", "dev", "eth0", "nodad"])?;
         self.lb
             .ip(&["addr", "add", "fd00:1::1/64", "dev", "c0", "nodad"])?;
-        for (i, b) in self.backends.iter().enumerate() {
-            let dev = format!("b{i}");
-            sh(&[
-                "ip",
-                "link",
-                "add",
-                "eth0",
-                "netns",
-                b.name(),
-                "type",
-                "veth",
-                "peer",
-                "name",
-                &dev,
-                "netns",
-                &lb,
-            ])?;
-            b.ip(&[
-                "addr",
-                "add",
-                &format!("{}/24", backend_ip(i)),
-                "dev",
-                "eth0",
-            ])?;
-            self.lb
-                .ip(&["addr", "add", &format!("10.0.{}.1/24", 10 + i), "dev", &dev])?;
-            b.ip(&[
-                "addr",
-                "add",
-                &format!("{}/64", backend_ip6(i)),
-                "dev",
-                "eth0",
-                "nodad",
-            ])?;
-            self.lb.ip(&[
-                "addr",
-                "add",
-                &format!("fd00:{:x}::1/64", 0x10 + i),
-                "dev",
-                &dev,
-                "nodad",
-            ])?;
-            self.lb_ifaces.push(dev);
+        for i in 0..self.backends.len() {
+            self.wire_backend(i)?;
+            self.lb_ifaces.push(format!("b{i}"));
         }
         if let Some(a) = &self.attacker {
             sh(&[
@@ -399,14 +359,11 @@ impl Topology {
             self.lb.ip(&["addr", "add", "10.0.2.1/24", "dev", "a0"])?;
             self.lb_ifaces.push("a0".into());
         }
-        for ns in std::iter::once(&self.client)
-            .chain(self.attacker.iter())
-            .chain(&self.backends)
-        {
+        for ns in std::iter::once(&self.client).chain(self.attacker.iter()) {
             ns.ip(&["link", "set", "eth0", "up"])?;
             ns.exec(&["ethtool", "-K", "eth0", "tx", "off"])?;
         }
-        for dev in &self.lb_ifaces {
+        for dev in self.lb_ifaces.iter().filter(|d| !d.starts_with('b')) {
             self.lb.ip(&["link", "set", dev, "up"])?;
             self.lb.exec(&["ethtool", "-K", dev, "tx", "off"])?;
         }
@@ -414,23 +371,6 @@ impl Topology {
             .ip(&["route", "add", "default", "via", "10.0.1.1"])?;
         self.client
             .ip(&["-6", "route", "add", "default", "via", "fd00:1::1"])?;
-        for (i, b) in self.backends.iter().enumerate() {
-            b.ip(&[
-                "route",
-                "add",
-                "default",
-                "via",
-                &format!("10.0.{}.1", 10 + i),
-            ])?;
-            b.ip(&[
-                "-6",
-                "route",
-                "add",
-                "default",
-                "via",
-                &format!("fd00:{:x}::1", 0x10 + i),
-            ])?;
-        }
         self.lb
             .ip(&["addr", "add", &format!("{VIP}/32"), "dev", "lo"])?;
         self.lb
@@ -491,21 +431,103 @@ impl Topology {
             "nud",
             "permanent",
         ])?;
-        for (i, b) in self.backends.iter().enumerate() {
-            let m = fmt_mac(b.mac("eth0")?);
-            for addr in [backend_ip(i).to_string(), backend_ip6(i).to_string()] {
-                self.lb.ip(&[
-                    "neigh",
-                    "replace",
-                    &addr,
-                    "lladdr",
-                    &m,
-                    "dev",
-                    &format!("b{i}"),
-                    "nud",
-                    "permanent",
-                ])?;
-            }
+        Ok(())
+    }
+
+    /// The link of backend `i`: the veth pair `b<i>` (balancer) ↔ `eth0` (backend), its
+    /// addresses, the backend's default routes and the balancer's permanent neighbour entries.
+    fn wire_backend(&self, i: usize) -> anyhow::Result<()> {
+        let b = &self.backends[i];
+        let dev = format!("b{i}");
+        sh(&[
+            "ip",
+            "link",
+            "add",
+            "eth0",
+            "netns",
+            b.name(),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &dev,
+            "netns",
+            self.lb.name(),
+        ])?;
+        b.ip(&[
+            "addr",
+            "add",
+            &format!("{}/24", backend_ip(i)),
+            "dev",
+            "eth0",
+        ])?;
+        self.lb
+            .ip(&["addr", "add", &format!("10.0.{}.1/24", 10 + i), "dev", &dev])?;
+        b.ip(&[
+            "addr",
+            "add",
+            &format!("{}/64", backend_ip6(i)),
+            "dev",
+            "eth0",
+            "nodad",
+        ])?;
+        self.lb.ip(&[
+            "addr",
+            "add",
+            &format!("fd00:{:x}::1/64", 0x10 + i),
+            "dev",
+            &dev,
+            "nodad",
+        ])?;
+        b.ip(&["link", "set", "eth0", "up"])?;
+        b.exec(&["ethtool", "-K", "eth0", "tx", "off"])?;
+        self.lb.ip(&["link", "set", &dev, "up"])?;
+        self.lb.exec(&["ethtool", "-K", &dev, "tx", "off"])?;
+        b.ip(&[
+            "route",
+            "add",
+            "default",
+            "via",
+            &format!("10.0.{}.1", 10 + i),
+        ])?;
+        b.ip(&[
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            &format!("fd00:{:x}::1", 0x10 + i),
+        ])?;
+        let m = fmt_mac(b.mac("eth0")?);
+        for addr in [backend_ip(i).to_string(), backend_ip6(i).to_string()] {
+            self.lb.ip(&[
+                "neigh",
+                "replace",
+                &addr,
+                "lladdr",
+                &m,
+                "dev",
+                &dev,
+                "nud",
+                "permanent",
+            ])?;
+        }
+        Ok(())
+    }
+
+    /// Deletes backend `i`'s link (both ends of the veth pair go) under whatever runs on it.
+    pub fn delete_backend_link(&self, i: usize) -> anyhow::Result<()> {
+        self.lb.ip(&["link", "del", &format!("b{i}")])?;
+        Ok(())
+    }
+
+    /// Creates backend `i`'s link again after [`Topology::delete_backend_link`]: same names
+    /// and addresses, new ifindexes (and the pass program on the backend's new eth0).
+    pub fn recreate_backend_link(&mut self, i: usize) -> anyhow::Result<()> {
+        self.wire_backend(i)?;
+        if !self._peer_programs.is_empty() {
+            let p = self.backends[i].run(|| attach_pass("eth0"))?;
+            self._peer_programs.push(p);
         }
         Ok(())
     }

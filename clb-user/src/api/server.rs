@@ -39,6 +39,7 @@ use crate::{
         model::{BackendSpec, ConfigError, ListenerSpec},
         patch,
         state::Snapshot,
+        status::InterfaceState,
     },
     datapath::{DpError, SessionTable, sweep::Live},
     time::monotonic_ns,
@@ -405,8 +406,22 @@ pub fn status_view(api: &Api) -> ApiResult<Status> {
         uptime_secs: info.started.elapsed().as_secs(),
         datapath: match ctl.detached() {
             Some(why) => format!("detached: {why}"),
-            None => "attached".into(),
+            None => {
+                let missing: Vec<String> = ctl
+                    .interfaces()
+                    .all()
+                    .into_iter()
+                    .filter(|i| i.state != InterfaceState::Attached)
+                    .map(|i| i.name)
+                    .collect();
+                if missing.is_empty() {
+                    "attached".into()
+                } else {
+                    format!("attached, but not on {}", missing.join(", "))
+                }
+            }
         },
+        interfaces: ctl.interfaces().all(),
         tables: names
             .iter()
             .zip(tables)

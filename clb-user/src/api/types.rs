@@ -315,6 +315,10 @@ pub struct Status {
     pub uptime_secs: u64,
     /// "attached", or "detached: why".
     pub datapath: String,
+    /// Each `--iface`: attached, missing (deleted; attached again when it comes back) or
+    /// failed.
+    #[serde(default)]
+    pub interfaces: Vec<crate::control::status::InterfaceStatus>,
     pub tables: Vec<TableStatus>,
     pub flood: FloodStatus,
     pub loops: Vec<LoopStatus>,

@@ -4,7 +4,10 @@ use std::fmt::Write as _;
 
 use crate::{
     api::types::{BackendView, ConnView, ListenerView, SessionView, StatsResponse, Status},
-    control::{model::Proto, status::LoopState},
+    control::{
+        model::Proto,
+        status::{InterfaceState, LoopState},
+    },
 };
 
 /// A plain-text table with aligned columns.
@@ -293,6 +296,30 @@ pub fn status(s: &Status) -> String {
         })
         .collect();
     out += &table(&["LOOP", "STATE", "RESTARTS", "LAST-ERROR"], &rows);
+    let rows: Vec<Vec<String>> = s
+        .interfaces
+        .iter()
+        .map(|i| {
+            vec![
+                i.name.clone(),
+                match i.state {
+                    InterfaceState::Attached => "attached",
+                    InterfaceState::Missing => "MISSING",
+                    InterfaceState::Failed => "FAILED",
+                }
+                .into(),
+                i.ifindex.to_string(),
+                i.reattached.to_string(),
+                i.last_error.clone().unwrap_or_else(|| "-".into()),
+            ]
+        })
+        .collect();
+    if !rows.is_empty() {
+        out += &table(
+            &["IFACE", "STATE", "IFINDEX", "REATTACHED", "LAST-ERROR"],
+            &rows,
+        );
+    }
     writeln!(
         out,
         "sweeper: {} runs, removed {} connections, {} half-open, {} sessions, {} pending",

@@ -32,7 +32,7 @@ use self::{
     file::{ConfigFile, ConfigFileError, SaveError},
     model::ConfigError,
     state::{Drain, Health, Snapshot, State},
-    status::{DaemonInfo, FloodWatch, Loops, SweepStatus},
+    status::{DaemonInfo, FloodWatch, Interfaces, Loops, SweepStatus},
 };
 use crate::{
     balancer::{Balancer, BalancerError},
@@ -77,6 +77,7 @@ pub struct Controller {
     generation: watch::Sender<u64>,
     reader: Arc<dyn Reader>,
     loops: Loops,
+    interfaces: Interfaces,
     flood: FloodWatch,
     detached: Mutex<Option<String>>,
     info: DaemonInfo,
@@ -132,6 +133,7 @@ impl Controller {
             generation,
             reader,
             loops: Loops::default(),
+            interfaces: Interfaces::default(),
             flood: FloodWatch::default(),
             detached: Mutex::new(None),
             info: DaemonInfo {
@@ -164,6 +166,11 @@ impl Controller {
     /// The supervised loops' states.
     pub fn loops(&self) -> &Loops {
         &self.loops
+    }
+
+    /// The daemon's interfaces: attached, missing or failing.
+    pub fn interfaces(&self) -> &Interfaces {
+        &self.interfaces
     }
 
     /// Flood-mode transitions user space has seen.

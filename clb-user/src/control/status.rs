@@ -120,3 +120,81 @@ impl Loops {
         lock(&self.0).values().cloned().collect()
     }
 }
+
+/// Whether the datapath runs on an interface.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InterfaceState {
+    /// The program is attached (its link pinned).
+    Attached,
+    /// No interface of that name exists now; it is attached again when one appears.
+    Missing,
+    /// The interface exists but attaching failed (`last_error`); tried again every second.
+    Failed,
+}
+
+/// One `--iface`, for `clb status` and the metrics.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InterfaceStatus {
+    pub name: String,
+    pub state: InterfaceState,
+    /// The ifindex the program is (or was last) attached to; 0 before the first attach.
+    pub ifindex: u32,
+    /// Times the program was attached again to a re-created interface.
+    pub reattached: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    /// Unix time (s) of the last state change.
+    pub since: u64,
+}
+
+/// The registry of the daemon's interfaces.
+#[derive(Default)]
+pub struct Interfaces(Mutex<BTreeMap<String, InterfaceStatus>>);
+
+impl Interfaces {
+    /// Records `name`'s state; returns the previous one (`None` the first time).
+    pub fn set(
+        &self,
+        name: &str,
+        state: InterfaceState,
+        ifindex: u32,
+        error: Option<String>,
+    ) -> Option<InterfaceState> {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let mut m = lock(&self.0);
+        let prev = m.get(name).map(|e| e.state);
+        let e = m.entry(name.to_owned()).or_insert_with(|| InterfaceStatus {
+            name: name.to_owned(),
+            state,
+            ifindex,
+            reattached: 0,
+            last_error: None,
+            since: now,
+        });
+        if state == InterfaceState::Attached && prev.is_some() && e.ifindex != ifindex {
+            e.reattached += 1;
+        }
+        if ifindex != 0 {
+            e.ifindex = ifindex;
+        }
+        e.last_error = error;
+        if e.state != state {
+            e.state = state;
+            e.since = now;
+        }
+        prev
+    }
+
+    /// `name`'s status, if it was ever recorded.
+    pub fn get(&self, name: &str) -> Option<InterfaceStatus> {
+        lock(&self.0).get(name).cloned()
+    }
+
+    /// Every interface's status, by name.
+    pub fn all(&self) -> Vec<InterfaceStatus> {
+        lock(&self.0).values().cloned().collect()
+    }
+}

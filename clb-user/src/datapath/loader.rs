@@ -526,14 +526,30 @@ pub fn attach(
                 let fd_link: FdLink = pinned.into();
                 let xdp_link = XdpLink::try_from(fd_link)
                     .with_context(|| format!("{} is not an XDP link", pin.display()))?;
-                let id = prog
-                    .attach_to_link(xdp_link)
-                    .with_context(|| format!("replacing the program on {iface}"))?;
-                // The link stays pinned; let go of our handle without detaching.
-                let link = prog.take_link(id)?;
-                drop(FdLink::try_from(link)?);
-                info!(iface, "reused pinned XDP link, program replaced in place");
-                return Ok(ifindex);
+                match prog.attach_to_link(xdp_link) {
+                    Ok(id) => {
+                        // The link stays pinned; let go of our handle without detaching.
+                        let link = prog.take_link(id)?;
+                        drop(FdLink::try_from(link)?);
+                        info!(iface, "reused pinned XDP link, program replaced in place");
+                        return Ok(ifindex);
+                    }
+                    // The interface the link was made for was deleted (perhaps re-created
+                    // since under the same name): the link is severed and attaches nothing.
+                    Err(e) if severed(&e) => {
+                        warn!(
+                            iface,
+                            "the pinned XDP link's interface was deleted; attaching anew"
+                        );
+                        std::fs::remove_file(pin).with_context(|| {
+                            format!("removing the severed link pin {}", pin.display())
+                        })?;
+                    }
+                    Err(e) => {
+                        return Err(anyhow::Error::new(e)
+                            .context(format!("replacing the program on {iface}")));
+                    }
+                }
             }
             Err(e) => {
                 warn!(iface, error = %e, "stale link pin, removing it");
@@ -575,6 +591,20 @@ pub fn attach(
         }
     }
     Ok(ifindex)
+}
+
+/// Whether `e` says a link's device is gone (`ENOLINK` from `bpf_link_update`).
+fn severed(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if let Some(io) = err.downcast_ref::<io::Error>()
+            && io.raw_os_error() == Some(libc::ENOLINK)
+        {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
 }
 
 /// Makes sure `dir` is on a bpffs, mounting one if needed: if neither `dir` nor its parent

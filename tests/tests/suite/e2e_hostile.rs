@@ -10,9 +10,12 @@
 //!   budget cannot hold (503) instead of running out, and the control plane goes on — `clb
 //!   status` says attached, changes are accepted, health checks are applied — during the
 //!   crowd and after it.
+//! - A backend's interface deleted and re-created under the running daemon: `clb status` and
+//!   the metrics say it is missing, then it is attached again and flows through it work; a
+//!   restart after it was re-created while the daemon was down (its link pin severed) starts.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     net::{Ipv4Addr, SocketAddrV4, TcpStream},
     time::Duration,
 };
@@ -22,7 +25,7 @@ use clb_tests::{
     fleet::{self, Fleet},
     flood::{Flood, FloodSpec},
     http::HttpServer,
-    netns::{NetNs, Topology, VIP, backend_ip},
+    netns::{CLIENT_IP, NetNs, Topology, VIP, backend_ip},
     servers::{NameServer, ask, ask_once, connect},
     wait_for,
 };
@@ -364,4 +367,80 @@ fn a_crowd_of_http_clients_past_the_descriptor_limit_freezes_nothing() {
     );
     let st: serde_json::Value = d.clb_json(&["stats"]);
     println!("HTTP stats: {}", st["http"]);
+}
+
+/// Both backends answer new connections through the VIP (round robin over two).
+fn both_backends_answer(topo: &Topology, to: SocketAddrV4, what: &str) {
+    let mut seen = HashSet::new();
+    for _ in 0..6 {
+        let b = ask_once(&topo.client, CLIENT_IP, to).unwrap_or_else(|e| panic!("{what}: {e}"));
+        seen.insert(b);
+    }
+    assert_eq!(seen.len(), 2, "{what}: answered by {seen:?}");
+}
+
+/// The state and reattach count `clb status` reports for `iface`.
+fn iface_state(d: &Daemon, iface: &str) -> (String, u64) {
+    let st: serde_json::Value = d.clb_json(&["status"]);
+    let i = st["interfaces"]
+        .as_array()
+        .and_then(|a| a.iter().find(|i| i["name"] == iface))
+        .unwrap_or_else(|| panic!("{iface} not in status: {st}"));
+    (
+        i["state"].as_str().unwrap_or_default().to_owned(),
+        i["reattached"].as_u64().unwrap_or_default(),
+    )
+}
+
+#[test]
+fn an_interface_deleted_and_recreated_is_attached_again_and_a_restart_after_it_starts() {
+    let mut topo = Topology::new("hif", 2, 0).expect("topology");
+    let _servers: Vec<NameServer> = topo
+        .backends
+        .iter()
+        .enumerate()
+        .map(|(i, ns)| {
+            NameServer::tcp(
+                ns,
+                SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 8080),
+                &format!("b{i}"),
+            )
+            .expect("server")
+        })
+        .collect();
+    let to = vip(80);
+    let mut d = Daemon::start(&topo, &one_listener_config("web", to, "tcp", 2, 8080, ""));
+    both_backends_answer(&topo, to, "before");
+    assert_eq!(iface_state(&d, "b1"), ("attached".into(), 0));
+
+    topo.delete_backend_link(1).expect("deleting b1");
+    let missing = wait_for(Duration::from_secs(10), || {
+        (iface_state(&d, "b1").0 == "missing").then_some(())
+    });
+    assert!(missing.is_some(), "b1 not reported missing:\n{}", d.log());
+    let text = d.clb_ok(&["status"]);
+    assert!(
+        text.contains("not on b1") && text.contains("MISSING"),
+        "status text: {text}"
+    );
+    topo.recreate_backend_link(1).expect("re-creating b1");
+    let back = wait_for(Duration::from_secs(10), || {
+        (iface_state(&d, "b1") == ("attached".into(), 1)).then_some(())
+    });
+    assert!(back.is_some(), "b1 not attached again:\n{}", d.log());
+    both_backends_answer(&topo, to, "after b1 was re-created");
+    assert!(d.clb_ok(&["status"]).contains("datapath: attached\n"));
+
+    // Re-created while the daemon is down: its pinned link is severed; the restart replaces it.
+    d.stop();
+    topo.delete_backend_link(1).expect("deleting b1");
+    topo.recreate_backend_link(1).expect("re-creating b1");
+    d.spawn();
+    assert_eq!(iface_state(&d, "b1").0, "attached");
+    both_backends_answer(&topo, to, "after a restart over the severed link");
+    let log = d.log();
+    assert!(
+        log.contains("interface was deleted; attaching anew"),
+        "the restart did not replace the severed pin:\n{log}"
+    );
 }
