@@ -130,7 +130,12 @@ impl ListenerView {
                 v.idle_timeout = Some(s.idle_timeout_secs());
                 v.sched = Some(k.sched);
                 v.forward = Some(k.forward);
-                v.persist_mask = Some(k.persist_mask.unwrap_or(32));
+                // The datapath's default: the whole address (IPv4 /32, IPv6 /128).
+                v.persist_mask =
+                    Some(
+                        k.persist_mask
+                            .unwrap_or(if s.vip.is_ipv4() { 32 } else { 128 }),
+                    );
                 v.maglev_size = (k.sched == Sched::Maglev)
                     .then(|| k.maglev_size.unwrap_or(clb_common::DEFAULT_MAGLEV_SIZE));
             }

@@ -182,6 +182,13 @@ fn ipv6_persistence_sticks_per_client_and_expires() {
         .count();
     assert!(moved > 0, "no client rescheduled after expiry");
 
+    // Without a mask each address is one client, and the listing says so (/128, not /32).
+    let ls: serde_json::Value = e.daemon.clb_json(&["listener", "ls"]);
+    let web6 = ls
+        .as_array()
+        .and_then(|a| a.iter().find(|l| l["name"] == "web6"))
+        .unwrap_or_else(|| panic!("web6 not listed: {ls}"));
+    assert_eq!(web6["persist_mask"], 128, "{web6}");
     // A /64 persistence mask, set live through the CLI: the whole prefix is one client.
     e.daemon.clb_ok(&[
         "listener",

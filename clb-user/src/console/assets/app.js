@@ -403,7 +403,7 @@
     setText(p, l.persist > 0 ? `${l.persist} s` : 'off');
     p.className = l.persist > 0 ? '' : 'muted';
     p.title = l.persist > 0
-      ? ((l.proto === 'http' || l.proto === 'https') ? `cookie ${l.cookie_name || ''}` : `per /${l.persist_mask == null ? 32 : l.persist_mask} client prefix`)
+      ? ((l.proto === 'http' || l.proto === 'https') ? `cookie ${l.cookie_name || ''}` : `per /${l.persist_mask == null ? (l.vip.startsWith('[') ? 128 : 32) : l.persist_mask} client prefix`)
       : '';
 
     let timeout = '-';
