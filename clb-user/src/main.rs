@@ -18,6 +18,8 @@ fn main() -> ExitCode {
                     tracing_subscriber::EnvFilter::try_from_default_env()
                         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
                 )
+                // Colour only for a person at a terminal, not in journald or a log file.
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
                 .init();
             let opts = DaemonOptions {
                 config: args.config,

@@ -215,7 +215,7 @@ pub async fn check(
             .map_err(|e| format!("http handshake: {e}"))?;
         let conn = tokio::spawn(conn);
         let req = hyper::Request::get(spec.path.as_str())
-            .header(hyper::header::HOST, target.ip().to_string())
+            .header(hyper::header::HOST, host_header(target.ip()))
             .header(hyper::header::USER_AGENT, "clb-health-check")
             .header(hyper::header::CONNECTION, "close")
             .body(Empty::<Bytes>::new())
@@ -238,5 +238,26 @@ pub async fn check(
     match tokio::time::timeout(timeout, fut).await {
         Ok(r) => r,
         Err(_) => Err(format!("no answer within {}s", timeout.as_secs())),
+    }
+}
+
+/// The `Host` of a health check to `ip`: an IPv6 address in brackets (RFC 9110 §7.2, RFC 3986
+/// §3.2.2), so that a backend parsing it does not take its last group for a port.
+fn host_header(ip: std::net::IpAddr) -> String {
+    match ip {
+        std::net::IpAddr::V6(a) => format!("[{a}]"),
+        a => a.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod host_tests {
+    #[test]
+    fn ipv6_hosts_are_bracketed() {
+        assert_eq!(super::host_header("10.0.0.1".parse().unwrap()), "10.0.0.1");
+        assert_eq!(
+            super::host_header("2001:db8::1".parse().unwrap()),
+            "[2001:db8::1]"
+        );
     }
 }
