@@ -882,7 +882,10 @@ pub struct NextHop {
     pub dst_mac: [u8; 6],
     /// 1 if the destination is on-link (the FIB gave no gateway): DSR needs that.
     pub onlink: u8,
-    pub _pad: [u8; 3],
+    pub _pad: u8,
+    /// The route's MTU towards `dst` (from the FIB); 0 = not known (an entry written by an
+    /// older clb: looked up again).
+    pub mtu: u16,
 }
 const _: () = assert!(core::mem::size_of::<NextHop>() == 32);
 
@@ -1016,6 +1019,9 @@ pub mod counter {
     /// Handshake-completing ACKs (NAT) that did not acknowledge the backend's SYN-ACK (no
     /// SYN-ACK seen, or another number): sent blind, so they verify nothing.
     pub const HALF_OPEN_UNPROVEN: u32 = 25;
+    /// A packet too big for its egress MTU with don't-fragment set, answered by clb with an
+    /// ICMP "fragmentation needed" quoting it as its sender sent it (before the NAT).
+    pub const FRAG_NEEDED_SENT: u32 = 26;
 
     /// First drop reason: IPv4 header length below 20 bytes.
     pub const DROP_BAD_IHL: u32 = 32;
@@ -1094,6 +1100,7 @@ pub mod counter {
         n[PENDING_EVICTED as usize] = "pending_evicted";
         n[SLOT_BUSY as usize] = "slot_busy";
         n[HALF_OPEN_UNPROVEN as usize] = "half_open_unproven";
+        n[FRAG_NEEDED_SENT as usize] = "frag_needed_sent";
         n[DROP_BAD_IHL as usize] = "drop_bad_ihl";
         n[DROP_TRUNCATED_IP as usize] = "drop_truncated_ip";
         n[DROP_TRUNCATED_L4 as usize] = "drop_truncated_l4";

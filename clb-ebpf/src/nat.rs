@@ -14,7 +14,7 @@ use crate::{
     csum,
     family::V4,
     maps::{CLB_DEVS_V1, CLB_FIB_SCRATCH_V1, CLB_NH_V1},
-    parse::{Pkt, ptr_at},
+    parse::{IP_OFF, Pkt, ptr_at},
     stats,
 };
 
@@ -122,10 +122,11 @@ pub fn forward(
     };
     // SAFETY: this CPU's slot; nothing else writes it while the program runs here.
     let nh = unsafe { &mut *nh };
-    if nh.dst == nh_dst && nh.expires_ns > now {
+    if nh.dst == nh_dst && nh.expires_ns > now && nh.mtu != 0 {
         stats::count(counter::NEXTHOP_CACHED);
     } else {
         match fib(ctx, ip, p, nh_dst) {
+            Err(TOO_BIG) => return too_big(ctx, ip, p, fib_mtu(), now),
             Ok(found) => {
                 *nh = NextHop {
                     dst: nh_dst,
@@ -145,6 +146,12 @@ pub fn forward(
     if dsr && nh.onlink == 0 {
         stats::count(counter::DROP_DSR_NO_NEXTHOP);
         return xdp_action::XDP_DROP;
+    }
+    // A cached next hop skips the FIB's MTU check: the same check here (a redirect of a
+    // frame over the egress MTU is dropped by the kernel without a word).
+    if p.ip_len > nh.mtu {
+        let mtu = nh.mtu;
+        return too_big(ctx, ip, p, mtu, now);
     }
     let (ifindex, src_mac, dst_mac) = (nh.ifindex, nh.src_mac, nh.dst_mac);
     emit(ctx, ifindex, src_mac, dst_mac, dsr, || {
@@ -243,8 +250,12 @@ fn fib(ctx: &XdpContext, ip: *const Ipv4Hdr, p: &Pkt<V4>, dst: u32) -> Result<Ne
             core::mem::size_of::<bpf_fib_lookup>() as i32,
             0,
         );
+        if rc == BPF_FIB_LKUP_RET_FRAG_NEEDED {
+            return Err(TOO_BIG);
+        }
         fib_verdict(rc)?;
         Ok(NextHop {
+            mtu: fib.__bindgen_anon_1.mtu_result,
             ifindex: fib.ifindex,
             // The helper replaces the destination with the gateway when there is one.
             onlink: u8::from(fib.__bindgen_anon_4.ipv4_dst == dst),
@@ -253,4 +264,110 @@ fn fib(ctx: &XdpContext, ip: *const Ipv4Hdr, p: &Pkt<V4>, dst: u32) -> Result<Ne
             ..NextHop::default()
         })
     }
+}
+
+/// `fib`'s answer for a packet over the route's MTU (not an XDP action).
+const TOO_BIG: u32 = u32::MAX;
+
+/// The MTU the last FIB lookup on this CPU reported.
+#[inline(always)]
+fn fib_mtu() -> u16 {
+    // SAFETY: this CPU's scratch slot, written by the lookup just before.
+    match CLB_FIB_SCRATCH_V1.get_ptr(0) {
+        Some(f) => unsafe { (*f).__bindgen_anon_1.mtu_result },
+        None => 0,
+    }
+}
+
+/// Length of an ICMP "fragmentation needed" quoting a 20-byte IPv4 header and 8 bytes.
+const FRAG_NEEDED_IP_LEN: usize = Ipv4Hdr::LEN + 8 + Ipv4Hdr::LEN + 8;
+
+/// A packet over the egress MTU `mtu`. With don't-fragment set, clb answers its sender with
+/// an ICMP "fragmentation needed" (type 3 code 4, next-hop MTU) sent back out the ingress,
+/// quoting the packet as its sender sent it: the addresses and ports of `p`, taken before the
+/// NAT — the stack would quote the rewritten packet (the backend's address, on the client's
+/// side), which the sender cannot match to its socket, and path-MTU discovery would stall.
+/// Within the RST budget (clb answers no faster than it resets). Without don't-fragment the
+/// packet goes to the stack, which fragments it (the fragments carry the rewritten header).
+#[inline(always)]
+fn too_big(ctx: &XdpContext, ip: *mut Ipv4Hdr, p: &Pkt<V4>, mtu: u16, now: u64) -> u32 {
+    // SAFETY: `ip` is bounds-checked (see `rewrite`).
+    let (vihl, frags) = unsafe { ((*ip).vihl, u16::from_be_bytes((*ip).frags)) };
+    if frags & 0x4000 == 0 || vihl != 0x45 || mtu < 68 {
+        stats::count(counter::FWD_STACK_FRAG);
+        return xdp_action::XDP_PASS;
+    }
+    if !crate::flood::take_rst(now) {
+        stats::count(counter::DROP_RST_RATE);
+        return xdp_action::XDP_DROP;
+    }
+    // The quote: the IP header as it is now but for the addresses (its checksum moved with
+    // them), and the first 8 bytes of the transport header with the original ports.
+    let Ok(l4) = ptr_at::<[u8; 8]>(ctx, IP_OFF + Ipv4Hdr::LEN) else {
+        return xdp_action::XDP_DROP;
+    };
+    // SAFETY: both bounds-checked.
+    let (mut hdr, mut l4) = unsafe { (*ip, *l4) };
+    let (cur_src, cur_dst) = (
+        u32::from_ne_bytes(hdr.src_addr),
+        u32::from_ne_bytes(hdr.dst_addr),
+    );
+    let c = csum::replace4(u16::from_ne_bytes(hdr.check), cur_src, p.saddr);
+    hdr.check = csum::replace4(c, cur_dst, p.daddr).to_ne_bytes();
+    hdr.src_addr = p.saddr.to_ne_bytes();
+    hdr.dst_addr = p.daddr.to_ne_bytes();
+    let (sp, dp) = (p.sport.to_ne_bytes(), p.dport.to_ne_bytes());
+    l4[0] = sp[0];
+    l4[1] = sp[1];
+    l4[2] = dp[0];
+    l4[3] = dp[1];
+
+    let delta = (IP_OFF + FRAG_NEEDED_IP_LEN) as i32 - (ctx.data_end() - ctx.data()) as i32;
+    // SAFETY: the helper only resizes the frame; all pointers are re-derived after it.
+    if delta != 0 && unsafe { aya_ebpf::helpers::bpf_xdp_adjust_tail(ctx.ctx, delta) } != 0 {
+        return xdp_action::XDP_DROP;
+    }
+    let (Ok(eth), Ok(out), Ok(icmp), Ok(inner), Ok(inner_l4)) = (
+        ptr_at::<EthHdr>(ctx, 0),
+        ptr_at::<Ipv4Hdr>(ctx, IP_OFF),
+        ptr_at::<[u8; 8]>(ctx, IP_OFF + Ipv4Hdr::LEN),
+        ptr_at::<Ipv4Hdr>(ctx, IP_OFF + Ipv4Hdr::LEN + 8),
+        ptr_at::<[u8; 8]>(ctx, IP_OFF + 2 * Ipv4Hdr::LEN + 8),
+    ) else {
+        return xdp_action::XDP_DROP;
+    };
+    let word = |b: [u8; 2]| u32::from(u16::from_ne_bytes(b));
+    let addr = |a: u32| u32::from(a as u16) + u32::from((a >> 16) as u16);
+    let mtu_b = mtu.to_be_bytes();
+    // SAFETY: all bounds-checked just above against the new frame end.
+    unsafe {
+        core::mem::swap(&mut (*eth).src_addr, &mut (*eth).dst_addr);
+        *inner = hdr;
+        *inner_l4 = l4;
+        // ICMP checksum: the quoted header sums to 0xffff (it carries its checksum), which
+        // adds nothing in one's complement; the rest is type/code, MTU and the quoted ports.
+        let sum = word([3, 4])
+            + word(mtu_b)
+            + word([l4[0], l4[1]])
+            + word([l4[2], l4[3]])
+            + word([l4[4], l4[5]])
+            + word([l4[6], l4[7]]);
+        let c = !csum::fold(sum);
+        let cb = c.to_ne_bytes();
+        *icmp = [3, 4, cb[0], cb[1], 0, 0, mtu_b[0], mtu_b[1]];
+        let len = (FRAG_NEEDED_IP_LEN as u16).to_be_bytes();
+        (*out).vihl = 0x45;
+        (*out).tos = 0xc0;
+        (*out).tot_len = len;
+        (*out).id = [0, 0];
+        (*out).frags = [0, 0];
+        (*out).ttl = 64;
+        (*out).proto = 1;
+        (*out).src_addr = p.daddr.to_ne_bytes();
+        (*out).dst_addr = p.saddr.to_ne_bytes();
+        let sum = word([0x45, 0xc0]) + word(len) + word([64, 1]) + addr(p.daddr) + addr(p.saddr);
+        (*out).check = (!csum::fold(sum)).to_ne_bytes();
+    }
+    stats::count(counter::FRAG_NEEDED_SENT);
+    xdp_action::XDP_TX
 }

@@ -13,6 +13,10 @@
 //! - A backend's interface deleted and re-created under the running daemon: `clb status` and
 //!   the metrics say it is missing, then it is attached again and flows through it work; a
 //!   restart after it was re-created while the daemon was down (its link pin severed) starts.
+//! - A 20 KB upload through a listener whose backend-side link has MTU 1000 (the client's and
+//!   the backend's own links 1500, as behind a router with a smaller MTU): clb answers the
+//!   client's too-big segments with "fragmentation needed" quoting the VIP, the client lowers
+//!   its path MTU and the upload completes.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -442,5 +446,40 @@ fn an_interface_deleted_and_recreated_is_attached_again_and_a_restart_after_it_s
     assert!(
         log.contains("interface was deleted; attaching anew"),
         "the restart did not replace the severed pin:\n{log}"
+    );
+}
+
+#[test]
+fn an_upload_through_a_smaller_mtu_on_the_backend_side_completes() {
+    let topo = Topology::new("hmtu", 1, 0).expect("topology");
+    topo.lb
+        .ip(&["link", "set", "b0", "mtu", "1000"])
+        .expect("mtu 1000 on b0");
+    let _server = NameServer::tcp(
+        &topo.backends[0],
+        SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 8080),
+        "b0",
+    )
+    .expect("server");
+    let to = vip(80);
+    let d = Daemon::start(&topo, &one_listener_config("web", to, "tcp", 1, 8080, ""));
+    let mut c = connect(&topo.client, CLIENT_IP, to).expect("connect");
+    // One 20 000-byte line: the name server answers once it has read all of it.
+    let mut line = vec![b'x'; 20_000];
+    line.push(b'\n');
+    std::io::Write::write_all(&mut c, &line).expect("upload");
+    let mut r = std::io::BufReader::new(c.try_clone().expect("clone"));
+    let mut answer = String::new();
+    let n = std::io::BufRead::read_line(&mut r, &mut answer)
+        .unwrap_or_else(|e| panic!("no answer to the upload ({e}):\n{}", d.log()));
+    assert!(n > 0 && answer.starts_with("b0 "), "answer {answer:?}");
+    let sent = counter(&d, "frag_needed_sent");
+    assert!(sent > 0, "no fragmentation-needed sent");
+    // The next upload on a new connection needs none (the client's path MTU is known).
+    assert_eq!(
+        ask(&mut connect(&topo.client, CLIENT_IP, to).expect("connect"))
+            .ok()
+            .as_deref(),
+        Some("b0")
     );
 }
