@@ -289,11 +289,21 @@ const FRAG_NEEDED_IP_LEN: usize = Ipv4Hdr::LEN + 8 + Ipv4Hdr::LEN + 8;
 /// side), which the sender cannot match to its socket, and path-MTU discovery would stall.
 /// Within the RST budget (clb answers no faster than it resets). Without don't-fragment the
 /// packet goes to the stack, which fragments it (the fragments carry the rewritten header).
-#[inline(always)]
+// A subprogram: written out once instead of at every inlined `forward` (the program stays
+// within the verifier's 16-bit jump range).
+#[inline(never)]
 fn too_big(ctx: &XdpContext, ip: *mut Ipv4Hdr, p: &Pkt<V4>, mtu: u16, now: u64) -> u32 {
     // SAFETY: `ip` is bounds-checked (see `rewrite`).
-    let (vihl, frags) = unsafe { ((*ip).vihl, u16::from_be_bytes((*ip).frags)) };
-    if frags & 0x4000 == 0 || vihl != 0x45 || mtu < 68 {
+    let (vihl, frags, proto) =
+        unsafe { ((*ip).vihl, u16::from_be_bytes((*ip).frags), (*ip).proto) };
+    // `p` describes this packet's own TCP/UDP header (not an ICMP error forwarded to a
+    // backend, whose `p` is the quoted flow: the stack answers for those).
+    if frags & 0x4000 == 0
+        || vihl != 0x45
+        || mtu < 68
+        || proto != p.proto
+        || (proto != PROTO_TCP && proto != clb_common::PROTO_UDP)
+    {
         stats::count(counter::FWD_STACK_FRAG);
         return xdp_action::XDP_PASS;
     }
@@ -344,9 +354,18 @@ fn too_big(ctx: &XdpContext, ip: *mut Ipv4Hdr, p: &Pkt<V4>, mtu: u16, now: u64) 
         core::mem::swap(&mut (*eth).src_addr, &mut (*eth).dst_addr);
         *inner = hdr;
         *inner_l4 = l4;
-        // ICMP checksum: the quoted header sums to 0xffff (it carries its checksum), which
-        // adds nothing in one's complement; the rest is type/code, MTU and the quoted ports.
-        let sum = word([3, 4])
+        // ICMP checksum over type/code, MTU and the quote (its header summed word by word:
+        // a sender's header checksum may be wrong, the ICMP one may not).
+        // SAFETY: `Ipv4Hdr` is 20 plain bytes.
+        let hb: [u8; Ipv4Hdr::LEN] = core::mem::transmute(hdr);
+        let mut quoted = 0u32;
+        let mut i = 0;
+        while i < Ipv4Hdr::LEN {
+            quoted += word([hb[i], hb[i + 1]]);
+            i += 2;
+        }
+        let sum = quoted
+            + word([3, 4])
             + word(mtu_b)
             + word([l4[0], l4[1]])
             + word([l4[2], l4[3]])
