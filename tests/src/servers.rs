@@ -16,7 +16,7 @@ use std::{
 
 use socket2::{Domain, Protocol, Socket, Type};
 
-use crate::netns::NetNs;
+use crate::netns::{NetNs, Topology};
 
 /// Default I/O timeout of test clients.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(3);
@@ -159,6 +159,22 @@ fn serve_tcp(c: TcpStream, peer: SocketAddr, name: &str, served: &AtomicU64) {
             }
         }
     }
+}
+
+/// A TCP name server `b<i>` on `0.0.0.0:port` in every backend namespace of `topo`.
+pub fn tcp_on_backends(topo: &Topology, port: u16) -> Vec<NameServer> {
+    topo.backends
+        .iter()
+        .enumerate()
+        .map(|(i, ns)| {
+            NameServer::tcp(
+                ns,
+                std::net::SocketAddrV4::new(std::net::Ipv4Addr::UNSPECIFIED, port),
+                &format!("b{i}"),
+            )
+            .expect("tcp name server")
+        })
+        .collect()
 }
 
 /// Opens a TCP connection from `src` (port chosen by the kernel) to `dst`, inside `ns`.

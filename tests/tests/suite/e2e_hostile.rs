@@ -30,7 +30,7 @@ use clb_tests::{
     flood::{Flood, FloodSpec},
     http::HttpServer,
     netns::{CLIENT_IP, NetNs, Topology, VIP, backend_ip},
-    servers::{NameServer, ask, ask_once, connect},
+    servers::{NameServer, ask, ask_once, connect, tcp_on_backends},
     wait_for,
 };
 
@@ -137,19 +137,7 @@ fn counter(d: &Daemon, name: &str) -> u64 {
 #[test]
 fn blind_syn_ack_pairs_on_nat_listeners_evict_no_real_connection_or_persisted_client() {
     let topo = Topology::with_attacker("bn", 2, 20).unwrap();
-    let _servers: Vec<NameServer> = topo
-        .backends
-        .iter()
-        .enumerate()
-        .map(|(i, ns)| {
-            NameServer::tcp(
-                ns,
-                SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 8080),
-                &format!("b{i}"),
-            )
-            .unwrap()
-        })
-        .collect();
+    let _servers = tcp_on_backends(&topo, 8080);
     let d = Daemon::start(
         &topo,
         &small_tables_config("nat", &[backend_ip(0), backend_ip(1)], |_| 8080),
@@ -399,19 +387,7 @@ fn iface_state(d: &Daemon, iface: &str) -> (String, u64) {
 #[test]
 fn an_interface_deleted_and_recreated_is_attached_again_and_a_restart_after_it_starts() {
     let mut topo = Topology::new("hif", 2, 0).expect("topology");
-    let _servers: Vec<NameServer> = topo
-        .backends
-        .iter()
-        .enumerate()
-        .map(|(i, ns)| {
-            NameServer::tcp(
-                ns,
-                SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 8080),
-                &format!("b{i}"),
-            )
-            .expect("server")
-        })
-        .collect();
+    let _servers = tcp_on_backends(&topo, 8080);
     let to = vip(80);
     let mut d = Daemon::start(&topo, &one_listener_config("web", to, "tcp", 2, 8080, ""));
     both_backends_answer(&topo, to, "before");
@@ -455,12 +431,7 @@ fn an_upload_through_a_smaller_mtu_on_the_backend_side_completes() {
     topo.lb
         .ip(&["link", "set", "b0", "mtu", "1000"])
         .expect("mtu 1000 on b0");
-    let _server = NameServer::tcp(
-        &topo.backends[0],
-        SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 8080),
-        "b0",
-    )
-    .expect("server");
+    let _servers = tcp_on_backends(&topo, 8080);
     let to = vip(80);
     let d = Daemon::start(&topo, &one_listener_config("web", to, "tcp", 1, 8080, ""));
     let mut c = connect(&topo.client, CLIENT_IP, to).expect("connect");
