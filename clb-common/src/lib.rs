@@ -17,6 +17,7 @@
 
 use bytemuck::{Pod, Zeroable};
 
+pub mod layouts;
 pub mod slots;
 pub use slots::{HalfSlot, HalfSlot6, PendSlot, PendSlot6, SLOT_WAYS, slot_sets};
 

@@ -69,6 +69,9 @@ pub struct Daemon {
     /// RLIMIT_NOFILE (soft and hard) the daemon starts with, as `ulimit -n N` leaves it.
     nofile: Option<u64>,
     runs: u32,
+    /// The `clb` binary this daemon runs and its CLI calls use: [`clb_bin`] unless set by
+    /// [`Daemon::use_bin`] (an earlier release, for the upgrade tests).
+    bin: Option<PathBuf>,
 }
 
 impl Daemon {
@@ -128,6 +131,7 @@ impl Daemon {
                 .collect(),
             nofile: None,
             runs: 0,
+            bin: None,
         }
     }
 
@@ -140,6 +144,24 @@ impl Daemon {
         d
     }
 
+    /// A daemon like [`Daemon::start`] run by the binary `bin` (an earlier release).
+    pub fn start_bin(topo: &Topology, config: &str, bin: &Path) -> Self {
+        let mut d = Self::prepare(&topo.lb, &topo.iface_list(), config, &[], &[]);
+        d.bin = Some(bin.to_owned());
+        d.spawn();
+        d
+    }
+
+    /// From the next [`Daemon::spawn`] on, runs `bin` (`None`: this build's [`clb_bin`]).
+    pub fn use_bin(&mut self, bin: Option<&Path>) {
+        self.bin = bin.map(Path::to_owned);
+    }
+
+    /// The binary this daemon runs.
+    pub fn bin(&self) -> PathBuf {
+        self.bin.clone().unwrap_or_else(clb_bin)
+    }
+
     /// Starts (or restarts) the daemon process and waits until its API answers.
     pub fn spawn(&mut self) {
         assert!(self.child.is_none(), "daemon already running");
@@ -148,7 +170,7 @@ impl Daemon {
             fs::File::create(self.dir.join(format!("daemon-{}.log", self.runs))).expect("log file");
         let mut cmd = Command::new("nsenter");
         cmd.arg(format!("--net={}", self.netns_path))
-            .arg(clb_bin())
+            .arg(self.bin())
             .arg("--api")
             .arg(&self.api)
             .arg("daemon")
@@ -242,7 +264,7 @@ impl Daemon {
 
     /// Runs `clb --api <socket> <args>`.
     pub fn clb(&self, args: &[&str]) -> CliOut {
-        Command::new(clb_bin())
+        Command::new(self.bin())
             .arg("--api")
             .arg(&self.api)
             .args(args)

@@ -16,6 +16,7 @@ pub mod netns;
 pub mod packet;
 pub mod packet6;
 pub mod pki;
+pub mod releases;
 pub mod servers;
 
 use std::time::{Duration, Instant};

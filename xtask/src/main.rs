@@ -67,6 +67,10 @@ enum Cmd {
     Test {
         /// Only tests whose name contains this.
         filter: Option<String>,
+        /// Also upgrade from every release in RELEASES, not only the last (builds each one
+        /// once, minutes each; cached under target/releases/).
+        #[arg(long)]
+        upgrades: bool,
     },
     /// Run the benchmarks.
     Bench {
@@ -167,7 +171,7 @@ fn main() -> anyhow::Result<()> {
                 }
             }
         }
-        Cmd::Test { filter } => {
+        Cmd::Test { filter, upgrades } => {
             // The benchmark's smoke test runs against the peers too.
             setup(&root, false, true)?;
             let t0 = Instant::now();
@@ -184,6 +188,9 @@ fn main() -> anyhow::Result<()> {
                 args.push(f);
             }
             args.extend(["--", "--test-threads=1"]);
+            if upgrades {
+                args.push("--include-ignored");
+            }
             let clb = root.join("target/debug/clb");
             let r = cargo_env(&root, &args, &[("CLB_BIN", clb.as_os_str())]);
             println!("xtask: test took {:.1} s", t0.elapsed().as_secs_f64());

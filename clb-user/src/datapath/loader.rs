@@ -28,7 +28,10 @@ use clb_common::{
     ALL_MAPS, CONN_MAP, CONN6_MAP, HALF_OPEN_MAP, HALF_OPEN6_MAP, HalfSlot, HalfSlot6,
     PASS_PROGRAM, PENDING_SESSION_MAP, PENDING_SESSION6_MAP, PROGRAM_MAP, PendSlot, PendSlot6,
     SESSION_MAP, SESSION6_MAP, SLOT_SETS_GLOBAL, SLOT_SETS6_GLOBAL, TAIL_PROGRAMS, XDP_PROGRAM,
-    XDP6_ICMP_PROGRAM, XDP6_PROGRAM, slot_sets, slots::Slot,
+    XDP6_ICMP_PROGRAM, XDP6_PROGRAM,
+    layouts::{self, Fate},
+    slot_sets,
+    slots::Slot,
 };
 use tracing::{info, warn};
 
@@ -140,8 +143,8 @@ impl TableSizes {
     }
 }
 
-/// A pinned table being resized: the old map, moved aside, whose live entries are copied into
-/// the new one.
+/// A pinned table being resized or migrated: the old map (moved aside, or an earlier layout
+/// version's pin), whose live entries are copied into the new one.
 pub struct Resize {
     pub name: &'static str,
     pub from: u32,
@@ -152,6 +155,46 @@ pub struct Resize {
     aside: PathBuf,
     /// Entries copied so far.
     pub copied: u64,
+    /// A migration from an earlier layout: the old pin's name and its entries' converter.
+    pub migrate: Option<Migration>,
+}
+
+/// A table of an earlier layout version converted into this version's table.
+#[derive(Clone, Copy)]
+pub struct Migration {
+    /// The earlier layout's pin name (`clb_common::layouts`).
+    pub from: &'static str,
+    /// Converts one value (the keys are the same in every converted layout).
+    conv: Convert,
+    /// The new table already existed: a migration interrupted after its first copy, whose
+    /// entries may be newer than the old table's. Only the keys it lacks are copied.
+    resumed: bool,
+}
+
+/// Appends the converted form of one value (its bytes) to a buffer.
+type Convert = fn(&[u8], &mut Vec<u8>);
+
+/// The converter of each convertible earlier layout (`clb_common::layouts::Fate::Converted`).
+fn converter(pin: &str) -> Option<Convert> {
+    use clb_common::layouts::v0_1;
+    fn conv<A: bytemuck::Pod, B: bytemuck::Pod>(v: &[u8], out: &mut Vec<u8>, f: fn(&A) -> B) {
+        let a: A = bytemuck::pod_read_unaligned(v);
+        out.extend_from_slice(bytemuck::bytes_of(&f(&a)));
+    }
+    Some(match pin {
+        "CLB_LSN_V1" => |v, out| {
+            // An inactive slot stays all zeros (the table is an array: every index exists).
+            let a: v0_1::ListenerInfo = bytemuck::pod_read_unaligned(v);
+            if a.flags & v0_1::LISTENER_F_ACTIVE == 0 {
+                out.extend_from_slice(&[0; size_of::<clb_common::ListenerInfo>()]);
+            } else {
+                out.extend_from_slice(bytemuck::bytes_of(&v0_1::listener(&a)));
+            }
+        },
+        "CLB_CONN_V1" => |v, out| conv(v, out, v0_1::conn),
+        "CLB_SESS_V1" => |v, out| conv(v, out, v0_1::session),
+        _ => return None,
+    })
 }
 
 /// A loaded program with its maps taken out as a [`AyaDataplane`].
@@ -174,6 +217,12 @@ pub struct Loaded {
 /// in between), by [`copy_resized`]. A smaller table keeps what fits (the LRU evicts
 /// the rest; an in-place table keeps the newest entries of each set). The kernel refusing the
 /// memory is an error that names the table and its size.
+///
+/// Pins of an earlier layout version (`clb_common::layouts`) are upgraded the same way: a
+/// converted table's entries are copied through its converter into the new table (created by
+/// this load) now and, for what the old program wrote in between, after the attach; its old
+/// pin goes then. Schedules, counters and tables of unverified flows of an earlier layout are
+/// dropped once this load succeeds. Pins of a newer or unknown layout are refused by name.
 pub fn load(pin_dir: Option<&Path>, sizes: &TableSizes) -> anyhow::Result<Loaded> {
     load_inner(pin_dir, sizes, false)
 }
@@ -268,8 +317,10 @@ fn load_inner(pin_dir: Option<&Path>, sizes: &TableSizes, small: bool) -> anyhow
                 new: None,
                 aside,
                 copied: 0,
+                migrate: None,
             });
         }
+        resized.extend(migrations(&maps)?);
         for name in ALL_MAPS {
             loader.map_pin_path(name, maps.join(name));
         }
@@ -286,7 +337,7 @@ fn load_inner(pin_dir: Option<&Path>, sizes: &TableSizes, small: bool) -> anyhow
                 }
             }
             if let Some(dir) = pin_dir {
-                for r in &resized {
+                for r in resized.iter().filter(|r| r.migrate.is_none()) {
                     if let Err(err) = std::fs::rename(&r.aside, dir.join("maps").join(r.name)) {
                         warn!(table = r.name, "putting the old table back: {err}");
                     }
@@ -310,11 +361,22 @@ fn load_inner(pin_dir: Option<&Path>, sizes: &TableSizes, small: bool) -> anyhow
         fill_tail_calls(&mut ebpf)?;
     }
     if let Some(dir) = pin_dir {
-        drop_superseded_transient(&dir.join("maps"));
+        drop_superseded(&dir.join("maps"));
     }
     let dataplane = AyaDataplane::from_ebpf(&mut ebpf)?;
     let tables = dataplane.aya_tables();
     for r in &mut resized {
+        if r.migrate.is_some()
+            && let Some(dir) = pin_dir
+        {
+            // A converted table may be any of the object's maps: its new pin is its handle.
+            let pin = dir.join("maps").join(r.name);
+            r.new = Some(
+                MapData::from_pin(&pin)
+                    .with_context(|| format!("opening the new table {}", pin.display()))?,
+            );
+            continue;
+        }
         let m = tables
             .by_name(r.name)
             .ok_or_else(|| anyhow!("table {} missing from the object", r.name))?;
@@ -396,6 +458,24 @@ pub fn copy_resized(resized: &mut Vec<Resize>, after_attach: bool) -> anyhow::Re
         let Some(new) = &r.new else {
             continue;
         };
+        if let Some(m) = r.migrate {
+            let n = copy_entries(&r.old, new, after_attach || m.resumed, m.conv)
+                .with_context(|| format!("converting the entries of {} into {}", m.from, r.name))?;
+            r.copied += n;
+            if after_attach {
+                info!(
+                    from = m.from,
+                    to = r.name,
+                    entries = r.copied,
+                    "migrated {} → {}: {} entries",
+                    m.from,
+                    r.name,
+                    r.copied
+                );
+                std::fs::remove_file(&r.aside).ok();
+            }
+            continue;
+        }
         let n = copy_table(r.name, &r.old, new, after_attach)
             .with_context(|| format!("copying entries of {} into its resized table", r.name))?;
         r.copied += n;
@@ -429,7 +509,7 @@ fn copy_table(
         HALF_OPEN6_MAP => copy_slots::<HalfSlot6>(from, to, missing_only),
         PENDING_SESSION_MAP => copy_slots::<PendSlot>(from, to, missing_only),
         PENDING_SESSION6_MAP => copy_slots::<PendSlot6>(from, to, missing_only),
-        _ => copy_entries(from, to, missing_only),
+        _ => copy_entries(from, to, missing_only, |v, out| out.extend_from_slice(v)),
     }
 }
 
@@ -448,16 +528,32 @@ fn copy_slots<S: Slot>(from: &MapData, to: &MapData, missing_only: bool) -> std:
     Ok(n)
 }
 
-/// Copies every entry of hash map `from` into `to` (same key/value sizes); with `missing_only`,
-/// only keys `to` lacks. Returns how many were written.
-fn copy_entries(from: &MapData, to: &MapData, missing_only: bool) -> std::io::Result<u64> {
+/// Copies every entry of hash or array map `from` into `to` (same key size), each value through
+/// `conv`; with `missing_only`, only keys `to` lacks (in an array, whose every index exists:
+/// indices holding zeros). Returns how many were written.
+fn copy_entries(
+    from: &MapData,
+    to: &MapData,
+    missing_only: bool,
+    conv: Convert,
+) -> std::io::Result<u64> {
     let info = from.info().map_err(std::io::Error::other)?;
     let (ks, vs) = (info.key_size() as usize, info.value_size() as usize);
+    let to_info = to.info().map_err(std::io::Error::other)?;
+    let to_vs = to_info.value_size() as usize;
+    if to_info.key_size() as usize != ks {
+        return Err(std::io::Error::other(format!(
+            "key sizes differ ({ks} and {} bytes)",
+            to_info.key_size()
+        )));
+    }
     let mut have = std::collections::HashSet::new();
     if missing_only {
-        super::batch::for_each_batch_raw(to.fd().as_fd(), ks, vs, 8192, |k, _| {
-            for key in k.chunks(ks) {
-                have.insert(key.to_vec());
+        super::batch::for_each_batch_raw(to.fd().as_fd(), ks, to_vs, 8192, |k, v| {
+            for (key, val) in k.chunks(ks).zip(v.chunks(to_vs)) {
+                if val.iter().any(|&b| b != 0) {
+                    have.insert(key.to_vec());
+                }
             }
             true
         })?;
@@ -470,10 +566,16 @@ fn copy_entries(from: &MapData, to: &MapData, missing_only: bool) -> std::io::Re
         for (key, val) in k.chunks(ks).zip(v.chunks(vs)) {
             if !missing_only || !have.contains(key) {
                 keys.extend_from_slice(key);
-                vals.extend_from_slice(val);
+                conv(val, &mut vals);
             }
         }
-        match super::batch::update_raw(to.fd().as_fd(), &keys, &vals, ks, vs) {
+        if vals.len() != keys.len() / ks * to_vs {
+            err = Some(std::io::Error::other(
+                "a converted value has the wrong size",
+            ));
+            return false;
+        }
+        match super::batch::update_raw(to.fd().as_fd(), &keys, &vals, ks, to_vs) {
             Ok(w) => {
                 n += w as u64;
                 true
@@ -701,49 +803,117 @@ pub fn other_layouts(maps: &Path) -> Vec<String> {
     v
 }
 
-/// Tables of unverified flows whose layout an older clb had: they only steer handshakes in
-/// flight (the half-open table, pending persistence), so a newer daemon takes over from them
-/// instead of refusing to start: established connections and persisted clients, in the
-/// verified tables, stay; a handshake under way restarts.
-const SUPERSEDED_TRANSIENT: [&str; 6] = [
-    "CLB_HALF_V1",
-    "CLB_PSESS_V1",
-    "CLB_HALF6_V1",
-    "CLB_PSESS6_V1",
-    "CLB_HALF_V2",
-    "CLB_HALF6_V2",
-];
-
-/// Whether the pin `name` is a superseded table of unverified flows (or one being resized).
-fn superseded_transient(name: &str) -> bool {
-    SUPERSEDED_TRANSIENT.contains(&name.strip_prefix(RESIZE_PREFIX).unwrap_or(name))
+/// What this build does with the pin `name` of another layout version (`RESIZE_` stripped):
+/// its entry in the registry of layouts, `None` for a table it does not know.
+fn fate(name: &str) -> Option<Fate> {
+    match name.strip_prefix(RESIZE_PREFIX) {
+        // An older clb's unfinished resize of a table this build converts: that clb must
+        // finish it (its own restart does).
+        Some(n) => layouts::layout(n)
+            .map(|l| l.fate)
+            .filter(|f| !matches!(f, Fate::Converted { .. })),
+        None => layouts::layout(name).map(|l| l.fate),
+    }
 }
 
-/// Removes the pins of superseded tables of unverified flows, once this version's tables
-/// are loaded (the old program keeps its maps until it is replaced on the interfaces).
-fn drop_superseded_transient(maps: &Path) {
+/// The earlier layouts' tables that this build converts, with both tables opened: the new one
+/// is created by the load (or was, by a migration that was interrupted: then only what it
+/// lacks is copied). Their old pins go once the new program is attached.
+fn migrations(maps: &Path) -> anyhow::Result<Vec<Resize>> {
+    let mut out = Vec::new();
     for name in other_layouts(maps) {
-        if superseded_transient(&name) {
-            match std::fs::remove_file(maps.join(&name)) {
-                Ok(()) => warn!(
-                    table = name,
-                    "replaced the table of unverified flows of an older clb (handshakes in flight restart; connections and persisted clients stay)"
-                ),
-                Err(e) => warn!(table = name, "removing an older clb's table: {e}"),
+        let Some(Fate::Converted { into }) = fate(&name) else {
+            continue;
+        };
+        let Some(conv) = converter(&name) else {
+            bail!("{name}: the registry converts it but this build has no converter");
+        };
+        let Some(from) = layouts::layout(&name).map(|l| l.pin) else {
+            continue;
+        };
+        let pin = maps.join(&name);
+        let old = MapData::from_pin(&pin)
+            .with_context(|| format!("opening the pinned table {}", pin.display()))?;
+        let size = old.info()?.max_entries();
+        let resumed = maps.join(into).exists();
+        info!(
+            from,
+            to = into,
+            resumed,
+            "{from} is an earlier layout of {into}: its entries are converted"
+        );
+        out.push(Resize {
+            name: into,
+            from: size,
+            to: size,
+            old,
+            new: None,
+            aside: pin,
+            copied: 0,
+            migrate: Some(Migration {
+                from,
+                conv,
+                resumed,
+            }),
+        });
+    }
+    Ok(out)
+}
+
+/// Removes the pins of earlier layouts this build does not carry over entry by entry, once
+/// this version's tables are loaded (the old program keeps its maps until it is replaced on
+/// the interfaces): tables of unverified flows, schedules the daemon writes again, counters.
+fn drop_superseded(maps: &Path) {
+    for name in other_layouts(maps) {
+        let why = match fate(&name) {
+            Some(Fate::Transient { .. }) => {
+                "replaced the table of unverified flows of an older clb (handshakes in flight restart; connections and persisted clients stay)"
             }
+            Some(Fate::Rebuilt { .. }) => {
+                "replaced an older clb's schedule table (written again from the configuration)"
+            }
+            Some(Fate::Reset { .. }) => {
+                "replaced an older clb's counter table (the datapath counters start from zero)"
+            }
+            _ => continue,
+        };
+        match std::fs::remove_file(maps.join(&name)) {
+            Ok(()) => warn!(table = name, "{why}"),
+            Err(e) => warn!(table = name, "removing an older clb's table: {e}"),
         }
     }
 }
 
+/// Refuses pins this build cannot carry over: a newer clb's layouts (a downgrade), and tables
+/// the registry does not know. Earlier layouts are upgraded (`clb_common::layouts`).
 fn refuse_other_layouts(maps: &Path) -> anyhow::Result<()> {
     let other: Vec<String> = other_layouts(maps)
         .into_iter()
-        .filter(|n| !superseded_transient(n))
+        .filter(|n| fate(n).is_none())
         .collect();
     if other.is_empty() {
         return Ok(());
     }
     let dir = maps.parent().unwrap_or(maps);
+    let newer: Vec<String> = other
+        .iter()
+        .filter_map(|n| {
+            layouts::newer_than_known(n.strip_prefix(RESIZE_PREFIX).unwrap_or(n))
+                .map(|mine| format!("{n} (this clb has {mine})"))
+        })
+        .collect();
+    if !newer.is_empty() {
+        bail!(
+            "{} holds tables of a newer clb than this one ({}, release {}): it cannot read \
+             them and would lose the flows and persisted clients they hold, so it touches \
+             nothing. Start the newer clb again, or remove that datapath first with `clb \
+             teardown --bpffs {}` (its connections break), or use another --bpffs directory",
+            dir.display(),
+            newer.join(", "),
+            layouts::THIS_RELEASE,
+            dir.display()
+        );
+    }
     bail!(
         "{} holds maps of another clb version ({}): this clb reads other layouts ({}) and would \
          lose the flows and persisted clients they hold. Start the clb version that made them, \
@@ -973,24 +1143,32 @@ mod tests {
             "this version's pins are its own"
         );
         assert!(refuse_other_layouts(&maps).is_ok());
-        // An older half-open table is taken over, not a reason to refuse.
-        std::fs::write(maps.join("CLB_HALF_V1"), b"").unwrap();
+        // Every earlier layout is upgraded, not a reason to refuse; the tables it does not
+        // convert go once this version's are loaded.
+        for n in ["CLB_HALF_V1", "CLB_SCHED_V1", "CLB_COUNT_V1", "CLB_CONN_V1"] {
+            std::fs::write(maps.join(n), b"").unwrap();
+        }
         assert!(refuse_other_layouts(&maps).is_ok());
-        drop_superseded_transient(&maps);
-        assert!(
-            !maps.join("CLB_HALF_V1").exists(),
-            "the older half-open pin goes"
-        );
-        std::fs::write(maps.join("CLB_CONN_V1"), b"").unwrap();
-        std::fs::write(maps.join("CLB_SESS_V1"), b"").unwrap();
-        assert_eq!(other_layouts(&maps), ["CLB_CONN_V1", "CLB_SESS_V1"]);
+        drop_superseded(&maps);
+        assert_eq!(other_layouts(&maps), ["CLB_CONN_V1"], "converted later");
+        std::fs::remove_file(maps.join("CLB_CONN_V1")).unwrap();
+        // A newer clb's table (a downgrade) is refused by name, touching nothing.
+        std::fs::write(maps.join("CLB_CONN_V3"), b"").unwrap();
+        std::fs::write(maps.join("CLB_SESS_V3"), b"").unwrap();
         let e = refuse_other_layouts(&maps).unwrap_err().to_string();
+        assert!(e.contains("tables of a newer clb"), "{e}");
         assert!(
-            e.contains("another clb version (CLB_CONN_V1, CLB_SESS_V1)"),
+            e.contains(&format!("CLB_CONN_V3 (this clb has {CONN_MAP})")),
             "{e}"
         );
-        assert!(e.contains(&format!("({CONN_MAP}, {SESSION_MAP})")), "{e}");
         assert!(e.contains("clb teardown --bpffs"), "{e}");
+        assert!(maps.join("CLB_CONN_V3").exists());
+        std::fs::remove_file(maps.join("CLB_CONN_V3")).unwrap();
+        std::fs::remove_file(maps.join("CLB_SESS_V3")).unwrap();
+        // A table no release had.
+        std::fs::write(maps.join("CLB_WHAT_V1"), b"").unwrap();
+        let e = refuse_other_layouts(&maps).unwrap_err().to_string();
+        assert!(e.contains("another clb version (CLB_WHAT_V1)"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
         assert!(
             other_layouts(&maps).is_empty(),

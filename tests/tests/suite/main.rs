@@ -19,6 +19,7 @@ mod e2e_l7;
 mod e2e_maglev;
 mod e2e_owner;
 mod e2e_tables;
+mod e2e_upgrade;
 mod fuzz_smoke;
 mod packet_fixtures;
 mod packet_fixtures6;

@@ -1,0 +1,208 @@
+//! Upgrades in place: an earlier release of clb (built from this repository's history, see
+//! `clb_tests::releases`) serves long-lived connections, persisted clients and an HTTP
+//! listener's cookies; it is stopped as systemd stops it (SIGTERM) and this build's daemon
+//! starts on the same pins, config file and state directory, while a client keeps opening
+//! new connections across the switch.
+//!
+//! `cargo xtask test` upgrades from the last release `RELEASES` names; `cargo xtask test
+//! --upgrades` from every one (each release's build is cached under `target/releases/`;
+//! `CLB_UPGRADE_FROM=v0.1.0,...` picks some).
+
+use std::{
+    collections::HashMap,
+    net::{Ipv4Addr, SocketAddrV4, TcpStream},
+    sync::atomic::{AtomicBool, Ordering},
+    time::{Duration, Instant},
+};
+
+use clb_tests::{
+    daemon::Daemon,
+    http::{HttpServer, get_once},
+    netns::{Topology, VIP, backend_ip},
+    releases::{Release, clb_of, releases},
+    servers::{ask, ask_once, connect, tcp_on_backends},
+};
+
+const PORT: u16 = 8080;
+const HTTP_PORT: u16 = 8081;
+const CLIENTS: usize = 30;
+
+fn vip() -> SocketAddrV4 {
+    SocketAddrV4::new(VIP, 80)
+}
+
+fn http_vip() -> SocketAddrV4 {
+    SocketAddrV4::new(VIP, 81)
+}
+
+/// A TCP listener with source-IP persistence and an HTTP listener with cookie persistence,
+/// each over three backends: settings every release understands.
+fn config() -> String {
+    let mut s = format!(
+        "[[listener]]\nname = \"web\"\nvip = \"{}\"\nproto = \"tcp\"\npersist = 600\n",
+        vip()
+    );
+    for i in 0..3 {
+        s += &format!(
+            "[[listener.backend]]\naddr = \"{}:{PORT}\"\n",
+            backend_ip(i)
+        );
+    }
+    s += &format!(
+        "[[listener]]\nname = \"shop\"\nvip = \"{}\"\nproto = \"http\"\npersist = 600\n",
+        http_vip()
+    );
+    for i in 0..3 {
+        s += &format!(
+            "[[listener.backend]]\naddr = \"{}:{HTTP_PORT}\"\n",
+            backend_ip(i)
+        );
+    }
+    s
+}
+
+fn upgrade_from(r: &Release) {
+    let old = clb_of(r).unwrap_or_else(|e| panic!("{e:#}"));
+    let tag = format!("u{}", r.name.replace(['v', '.'], ""));
+    let topo = Topology::new(&tag, 3, CLIENTS).expect("topology");
+    let _tcp = tcp_on_backends(&topo, PORT);
+    let _http: Vec<HttpServer> = (0..3)
+        .map(|i| {
+            HttpServer::start(
+                &topo.backends[i],
+                SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, HTTP_PORT),
+                &format!("b{i}"),
+            )
+            .expect("http server")
+        })
+        .collect();
+    let version = |bin: &std::path::Path| {
+        let o = std::process::Command::new(bin)
+            .arg("--version")
+            .output()
+            .expect("clb --version");
+        String::from_utf8_lossy(&o.stdout).trim().to_owned()
+    };
+    let (old_version, new_version) = (version(&old), version(&clb_tests::daemon::clb_bin()));
+    assert_ne!(old_version, new_version, "{} is this build", r.name);
+    let mut d = Daemon::start_bin(&topo, &config(), &old);
+
+    // Long-lived connections, one per client: each also persists its client.
+    let mut conns: Vec<(Ipv4Addr, TcpStream, String)> = topo
+        .extra_clients
+        .iter()
+        .map(|&ip| {
+            let mut c = connect(&topo.client, ip, vip()).expect("connect");
+            let who = ask(&mut c).expect("first request");
+            (ip, c, who)
+        })
+        .collect();
+    let persisted: HashMap<Ipv4Addr, String> =
+        conns.iter().map(|(ip, _, w)| (*ip, w.clone())).collect();
+    for (ip, who) in &persisted {
+        assert_eq!(
+            &ask_once(&topo.client, *ip, vip()).unwrap(),
+            who,
+            "{} does not persist {ip}",
+            r.name
+        );
+    }
+    // An HTTP client's cookie from the old daemon.
+    let up = clb_tests::wait_for(Duration::from_secs(10), || {
+        get_once(&topo.client, http_vip(), None).ok()
+    });
+    let (cookie_backend, cookie) = up.expect("the old HTTP listener answers");
+    let cookie = cookie.expect("a persistence cookie from the old daemon");
+
+    // The switch, with a client opening new connections all the while (one at a time, each
+    // connect + answer; a SYN lost at the switch is the client's own to retransmit).
+    let stop = AtomicBool::new(false);
+    let (made, failed) = std::thread::scope(|s| {
+        let churn = s.spawn(|| {
+            let (mut made, mut failed) = (0u32, Vec::new());
+            let end = Instant::now() + Duration::from_secs(60);
+            while !stop.load(Ordering::Relaxed) && Instant::now() < end {
+                match ask_once(&topo.client, topo.extra_clients[0], vip()) {
+                    Ok(_) => made += 1,
+                    Err(e) => failed.push(e.to_string()),
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            (made, failed)
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        d.stop();
+        d.use_bin(None);
+        d.spawn();
+        std::thread::sleep(Duration::from_millis(500));
+        stop.store(true, Ordering::Relaxed);
+        churn.join().expect("churn thread")
+    });
+    assert!(made > 10, "only {made} connections across the switch");
+    assert!(
+        failed.is_empty(),
+        "{} of {} new connections failed across the switch: {failed:?}\n{}",
+        failed.len(),
+        made as usize + failed.len(),
+        d.log()
+    );
+
+    // Nothing lost: every connection echoes from its backend, every client persists.
+    for (i, (ip, c, who)) in conns.iter_mut().enumerate() {
+        match ask(c) {
+            Ok(now) => assert_eq!(&now, who, "connection {i} from {ip} moved"),
+            Err(e) => panic!(
+                "connection {i} from {ip} broke in the upgrade: {e}\n{}",
+                d.log()
+            ),
+        }
+    }
+    for (ip, who) in &persisted {
+        assert_eq!(
+            &ask_once(&topo.client, *ip, vip()).unwrap(),
+            who,
+            "persisted client {ip} moved in the upgrade"
+        );
+    }
+    let sessions: Vec<serde_json::Value> = d.clb_json(&["session", "ls"]);
+    assert!(
+        sessions.len() >= CLIENTS,
+        "{} persisted clients after the upgrade",
+        sessions.len()
+    );
+    // The config is kept (both listeners, three backends each), and so is the cookie key.
+    let listeners: Vec<serde_json::Value> = d.clb_json(&["listener", "ls"]);
+    assert_eq!(listeners.len(), 2, "{listeners:?}");
+    let up = clb_tests::wait_for(Duration::from_secs(10), || {
+        get_once(&topo.client, http_vip(), Some(&cookie)).ok()
+    });
+    let (now, _) = up.expect("the new HTTP listener answers");
+    assert_eq!(
+        now, cookie_backend,
+        "the old daemon's cookie lost its backend"
+    );
+    assert_eq!(version(&d.bin()), new_version);
+}
+
+#[test]
+fn an_upgrade_from_the_last_release_loses_no_connection_no_client_and_no_cookie() {
+    let all = releases();
+    upgrade_from(all.last().expect("a release"));
+}
+
+#[test]
+#[ignore = "builds every earlier release (minutes each): cargo xtask test --upgrades"]
+fn an_upgrade_from_every_earlier_release_loses_nothing() {
+    let all = releases();
+    // CLB_UPGRADE_FROM=v0.1.0,v0.2.0 picks some. Newest first: the nearest upgrade's failure
+    // is the first one reported.
+    let only = std::env::var("CLB_UPGRADE_FROM").unwrap_or_default();
+    for r in all[..all.len() - 1]
+        .iter()
+        .rev()
+        .filter(|r| only.is_empty() || only.split(',').any(|n| n == r.name))
+    {
+        eprintln!("upgrade from {}", r.name);
+        upgrade_from(r);
+    }
+}
