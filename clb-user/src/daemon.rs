@@ -288,6 +288,7 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
         ..
     } = loaded;
     let bgp_spec = cfg.bgp.clone();
+    let upgraded = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let ctl = Controller::start(
         Box::new(dataplane),
         reader,
@@ -302,6 +303,7 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
                 bpffs: opts.bpffs.clone(),
                 config: opts.config.clone(),
                 started: Instant::now(),
+                upgraded: upgraded.clone(),
             },
         },
     )
@@ -318,7 +320,10 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
         ctl.interfaces()
             .set(iface, InterfaceState::Attached, ifindex, None);
     }
-    loader::copy_resized(&mut resized, true)?;
+    let done = loader::copy_resized(&mut resized, true)?;
+    if let Ok(mut u) = upgraded.lock() {
+        *u = done;
+    }
     let ebpf = Arc::new(std::sync::Mutex::new(ebpf));
     match std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward") {
         Ok(v) if v.trim() == "0" => warn!(

@@ -82,6 +82,7 @@ mod tests {
                     bpffs: PathBuf::new(),
                     config: PathBuf::new(),
                     started: Instant::now(),
+                    upgraded: Default::default(),
                 },
             },
         )

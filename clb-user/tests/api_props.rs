@@ -349,6 +349,7 @@ fn options(path: &Path) -> ControlOptions {
             bpffs: PathBuf::new(),
             config: path.to_owned(),
             started: Instant::now(),
+            upgraded: Default::default(),
         },
     }
 }

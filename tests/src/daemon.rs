@@ -218,6 +218,51 @@ impl Daemon {
         }
     }
 
+    /// Starts the daemon and kills it (`kill -9`) as soon as `now()` holds, polled every 5 ms
+    /// for at most `timeout`. Returns whether it was killed (false: it came up, or exited, or
+    /// `now` never held; it is stopped then too).
+    pub fn spawn_and_kill_when(&mut self, timeout: Duration, now: impl Fn(&Self) -> bool) -> bool {
+        assert!(self.child.is_none(), "daemon already running");
+        self.runs += 1;
+        let log =
+            fs::File::create(self.dir.join(format!("daemon-{}.log", self.runs))).expect("log file");
+        let mut child = Command::new("nsenter")
+            .arg(format!("--net={}", self.netns_path))
+            .arg(self.bin())
+            .arg("--api")
+            .arg(&self.api)
+            .arg("daemon")
+            .arg("--config")
+            .arg(&self.config)
+            .arg("--iface")
+            .arg(&self.ifaces)
+            .arg("--bpffs")
+            .arg(&self.bpffs)
+            .arg("--state-dir")
+            .arg(self.dir.join("state"))
+            .args(&self.extra)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log fd"))
+            .stderr(log)
+            .spawn()
+            .expect("spawning the clb daemon");
+        let end = std::time::Instant::now() + timeout;
+        let mut killed = false;
+        while std::time::Instant::now() < end {
+            if now(self) {
+                killed = child.try_wait().ok().flatten().is_none();
+                break;
+            }
+            if child.try_wait().ok().flatten().is_some() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        child.kill().ok();
+        child.wait().ok();
+        killed
+    }
+
     /// The daemon's pid (`nsenter` without `--fork` execs it in place), while it runs.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
@@ -328,6 +373,38 @@ impl Daemon {
             child.kill().ok();
             child.wait().ok();
             panic!("the other daemon {args:?} did not exit within {timeout:?}");
+        }
+        child.wait_with_output().expect("daemon output").into()
+    }
+
+    /// Starts this daemon's binary ([`Daemon::bin`]) with this daemon's arguments while it is
+    /// stopped, expecting it to refuse (exit) within `timeout`; kills it and panics if not.
+    pub fn run_refused(&self, timeout: Duration) -> CliOut {
+        assert!(self.child.is_none(), "the daemon runs");
+        let mut child = Command::new("nsenter")
+            .arg(format!("--net={}", self.netns_path))
+            .arg(self.bin())
+            .arg("--api")
+            .arg(&self.api)
+            .arg("daemon")
+            .arg("--config")
+            .arg(&self.config)
+            .arg("--iface")
+            .arg(&self.ifaces)
+            .arg("--bpffs")
+            .arg(&self.bpffs)
+            .arg("--state-dir")
+            .arg(self.dir.join("state"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawning the daemon");
+        let done = wait_for(timeout, || child.try_wait().ok().flatten());
+        if done.is_none() {
+            child.kill().ok();
+            child.wait().ok();
+            panic!("{} did not exit within {timeout:?}", self.bin().display());
         }
         child.wait_with_output().expect("daemon output").into()
     }

@@ -229,6 +229,7 @@ pub fn with_lab_tables<R: Send>(
                     bpffs: PathBuf::new(),
                     config: config.clone(),
                     started: Instant::now(),
+                    upgraded: Default::default(),
                 },
             },
         )

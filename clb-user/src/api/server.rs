@@ -421,6 +421,7 @@ pub fn status_view(api: &Api) -> ApiResult<Status> {
                 }
             }
         },
+        upgraded: info.upgraded.lock().map(|u| u.clone()).unwrap_or_default(),
         interfaces: ctl.interfaces().all(),
         tables: names
             .iter()

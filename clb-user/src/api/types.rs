@@ -320,6 +320,9 @@ pub struct Status {
     pub uptime_secs: u64,
     /// "attached", or "detached: why".
     pub datapath: String,
+    /// Tables this start converted from an earlier clb's layout (an upgrade in place).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub upgraded: Vec<String>,
     /// Each `--iface`: attached, missing (deleted; attached again when it comes back) or
     /// failed.
     #[serde(default)]

@@ -243,6 +243,14 @@ pub fn status(s: &Status) -> String {
     )
     .ok();
     writeln!(out, "datapath: {}", s.datapath).ok();
+    if !s.upgraded.is_empty() {
+        writeln!(
+            out,
+            "upgraded from an earlier clb at start: {}",
+            s.upgraded.join("; ")
+        )
+        .ok();
+    }
     let f = &s.flood;
     writeln!(
         out,

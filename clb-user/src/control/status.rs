@@ -21,6 +21,9 @@ pub struct DaemonInfo {
     pub bpffs: PathBuf,
     pub config: PathBuf,
     pub started: Instant,
+    /// What the start upgraded: each table converted from an earlier clb's layout (`CLB_CONN_V1
+    /// → CLB_CONN_V2: 1048576 entries`), filled in once the new program is attached.
+    pub upgraded: std::sync::Arc<Mutex<Vec<String>>>,
 }
 
 /// What the sweeper has done.

@@ -169,6 +169,11 @@ pub struct Migration {
     /// The new table already existed: a migration interrupted after its first copy, whose
     /// entries may be newer than the old table's. Only the keys it lacks are copied.
     resumed: bool,
+    /// When the migration began (its log line says how long it took, attach included).
+    started: std::time::Instant,
+    /// The old program writes the table (flows, persisted clients): what it wrote between
+    /// the first copy and the attach is copied after it.
+    written_by_datapath: bool,
 }
 
 /// Appends the converted form of one value (its bytes) to a buffer.
@@ -452,22 +457,56 @@ fn explain_load_error(e: aya::EbpfError, sizes: &TableSizes) -> anyhow::Error {
 
 /// Copies the live entries of resized tables into the new ones. `after_attach`: the second
 /// pass, once the new program runs: only keys the new table lacks are copied (the old program
-/// stopped writing; the new one's entries are newer), then the old pins go.
-pub fn copy_resized(resized: &mut Vec<Resize>, after_attach: bool) -> anyhow::Result<()> {
+/// stopped writing; the new one's entries are newer), then the old pins go. Returns, after the
+/// attach, a line per table migrated from an earlier layout (for `clb status`).
+pub fn copy_resized(resized: &mut Vec<Resize>, after_attach: bool) -> anyhow::Result<Vec<String>> {
+    let mut migrated = Vec::new();
     for r in resized.iter_mut() {
         let Some(new) = &r.new else {
             continue;
         };
         if let Some(m) = r.migrate {
-            let n = copy_entries(&r.old, new, after_attach || m.resumed, m.conv)
-                .with_context(|| format!("converting the entries of {} into {}", m.from, r.name))?;
-            r.copied += n;
-            if after_attach {
+            if after_attach && !m.written_by_datapath {
+                // Only user space writes it (the listener table): the first copy has it all,
+                // and since then the daemon may have changed the new one (a listener the
+                // configuration lost), which a second copy would undo.
                 info!(
                     from = m.from,
                     to = r.name,
                     entries = r.copied,
                     "migrated {} → {}: {} entries",
+                    m.from,
+                    r.name,
+                    r.copied
+                );
+                std::fs::remove_file(&r.aside).ok();
+                continue;
+            }
+            let t0 = std::time::Instant::now();
+            let n = copy_entries(&r.old, new, after_attach || m.resumed, m.conv)
+                .with_context(|| format!("converting the entries of {} into {}", m.from, r.name))?;
+            r.copied += n;
+            info!(
+                from = m.from,
+                to = r.name,
+                entries = n,
+                ms = t0.elapsed().as_millis(),
+                "{} copy of {}: {n} entries converted",
+                if after_attach {
+                    "second (after the attach)"
+                } else {
+                    "first"
+                },
+                m.from
+            );
+            if after_attach {
+                let ms = m.started.elapsed().as_millis();
+                info!(
+                    from = m.from,
+                    to = r.name,
+                    entries = r.copied,
+                    ms,
+                    "migrated {} → {}: {} entries in {ms} ms (load and attach included)",
                     m.from,
                     r.name,
                     r.copied
@@ -491,9 +530,13 @@ pub fn copy_resized(resized: &mut Vec<Resize>, after_attach: bool) -> anyhow::Re
         }
     }
     if after_attach {
+        migrated.extend(resized.iter().filter_map(|r| {
+            r.migrate
+                .map(|m| format!("{} → {}: {} entries", m.from, r.name, r.copied))
+        }));
         resized.clear();
     }
-    Ok(())
+    Ok(migrated)
 }
 
 /// Copies the live entries of table `name` from `from` into `to`: hash maps entry by entry, the
@@ -854,6 +897,8 @@ fn migrations(maps: &Path) -> anyhow::Result<Vec<Resize>> {
                 from,
                 conv,
                 resumed,
+                started: std::time::Instant::now(),
+                written_by_datapath: name != "CLB_LSN_V1",
             }),
         });
     }

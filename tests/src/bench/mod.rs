@@ -224,6 +224,7 @@ pub fn start_clb_on(
                     bpffs: PathBuf::new(),
                     config: config.clone(),
                     started: Instant::now(),
+                    upgraded: Default::default(),
                 },
             },
         )

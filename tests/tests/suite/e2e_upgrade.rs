@@ -114,6 +114,15 @@ fn upgrade_from(r: &Release) {
     let (cookie_backend, cookie) = up.expect("the old HTTP listener answers");
     let cookie = cookie.expect("a persistence cookie from the old daemon");
 
+    // The old release's tables this build converts.
+    let converted: Vec<(String, &str)> = earlier_pins(&d)
+        .into_iter()
+        .filter_map(|p| match clb_common::layouts::layout(&p).map(|l| l.fate) {
+            Some(clb_common::layouts::Fate::Converted { into }) => Some((p, into)),
+            _ => None,
+        })
+        .collect();
+
     // The switch, with a client opening new connections all the while (one at a time, each
     // connect + answer; a SYN lost at the switch is the client's own to retransmit).
     let stop = AtomicBool::new(false);
@@ -182,12 +191,212 @@ fn upgrade_from(r: &Release) {
         "the old daemon's cookie lost its backend"
     );
     assert_eq!(version(&d.bin()), new_version);
+    // `clb status` says what the start converted.
+    let status = d.clb_ok(&["status"]);
+    for (from, into) in &converted {
+        assert!(
+            status.contains(&format!("{from} → {into}: ")),
+            "status does not name {from}:\n{status}"
+        );
+    }
+    assert!(
+        earlier_pins(&d).is_empty(),
+        "earlier layouts left: {:?}",
+        earlier_pins(&d)
+    );
+    for l in d.log().lines().filter(|l| l.contains("migrated ")) {
+        eprintln!("{}: {l}", r.name);
+    }
 }
 
 #[test]
 fn an_upgrade_from_the_last_release_loses_no_connection_no_client_and_no_cookie() {
     let all = releases();
     upgrade_from(all.last().expect("a release"));
+}
+
+#[test]
+fn a_downgrade_to_the_last_release_is_refused_by_name_and_changes_nothing() {
+    let r = releases().last().expect("a release").clone();
+    let old = clb_of(&r).unwrap_or_else(|e| panic!("{e:#}"));
+    let topo = Topology::new("udg", 3, 5).expect("topology");
+    let _tcp = tcp_on_backends(&topo, PORT);
+    let mut d = Daemon::start(&topo, &config());
+    let mut conns: Vec<(TcpStream, String)> = topo
+        .extra_clients
+        .iter()
+        .map(|&ip| {
+            let mut c = connect(&topo.client, ip, vip()).expect("connect");
+            let who = ask(&mut c).expect("first request");
+            (c, who)
+        })
+        .collect();
+    d.stop();
+    let pins = |d: &Daemon| {
+        let mut v: Vec<String> = std::fs::read_dir(d.bpffs.join("maps"))
+            .expect("pins")
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    };
+    let before = pins(&d);
+    d.use_bin(Some(&old));
+    let out = d.run_refused(Duration::from_secs(20));
+    assert!(!out.ok, "{} started over a newer clb's pins", r.name);
+    // The old release names the tables it does not know: this build's newer layouts.
+    let newer: Vec<&str> = clb_common::layouts::LAYOUTS
+        .iter()
+        .filter(|l| l.since == clb_common::layouts::THIS_RELEASE)
+        .map(|l| l.pin)
+        .collect();
+    assert!(!newer.is_empty());
+    for n in &newer {
+        assert!(out.stderr.contains(n), "{n} not named: {}", out.stderr);
+    }
+    assert_eq!(pins(&d), before, "the refused downgrade changed the pins");
+    for (i, (c, who)) in conns.iter_mut().enumerate() {
+        assert_eq!(
+            &ask(c).expect("alive after the refusal"),
+            who,
+            "connection {i}"
+        );
+    }
+    d.use_bin(None);
+    d.spawn();
+    for (i, (c, who)) in conns.iter_mut().enumerate() {
+        assert_eq!(
+            &ask(c).expect("alive after the restart"),
+            who,
+            "connection {i}"
+        );
+    }
+}
+
+/// `CLOCK_MONOTONIC` now, ns: the datapath's clock.
+fn monotonic_ns() -> u64 {
+    let mut t = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec it is given.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut t) };
+    t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
+}
+
+/// Pins of a layout other than this build's left in `d`'s pin directory.
+fn earlier_pins(d: &Daemon) -> Vec<String> {
+    std::fs::read_dir(d.bpffs.join("maps"))
+        .expect("pins")
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| !clb_common::ALL_MAPS.contains(&n.as_str()))
+        .collect()
+}
+
+#[test]
+#[ignore = "builds v0.1.0 (minutes): cargo xtask test --upgrades"]
+fn a_migration_killed_before_the_switch_leaves_the_old_datapath_serving_and_a_restart_finishes_it()
+{
+    use clb::datapath::batch;
+    use clb_common::{ConnKey, layouts::v0_1};
+    use std::os::fd::AsFd as _;
+    const FILLER: usize = 500_000;
+    let r = clb_tests::releases::release("v0.1.0");
+    let old = clb_of(&r).unwrap_or_else(|e| panic!("{e:#}"));
+    let topo = Topology::new("umk", 3, 10).expect("topology");
+    let _tcp = tcp_on_backends(&topo, PORT);
+    let mut d = Daemon::start_bin(&topo, &config(), &old);
+    let mut conns: Vec<(Ipv4Addr, TcpStream, String)> = topo
+        .extra_clients
+        .iter()
+        .map(|&ip| {
+            let mut c = connect(&topo.client, ip, vip()).expect("connect");
+            let who = ask(&mut c).expect("first request");
+            (ip, c, who)
+        })
+        .collect();
+    d.stop();
+    // Half a million more flows in v0.1.0's connection table (of 2^20), so the conversion
+    // takes a while: the listener and backend of a real one, fresh timestamps.
+    let pin = d.bpffs.join("maps/CLB_CONN_V1");
+    let map = aya::maps::MapData::from_pin(&pin).expect("v0.1.0's connection table");
+    let mut real = None;
+    batch::for_each_batch_raw(map.fd().as_fd(), 12, 16, 1024, |k, v| {
+        real = Some((
+            bytemuck::pod_read_unaligned::<ConnKey>(&k[..12]),
+            bytemuck::pod_read_unaligned::<v0_1::ConnValue>(&v[..16]),
+        ));
+        false
+    })
+    .expect("reading v0.1.0's connections");
+    let (rk, rv) = real.expect("a real connection entry");
+    let now = monotonic_ns();
+    let (mut keys, mut vals) = (Vec::new(), Vec::new());
+    for i in 0..FILLER as u32 {
+        let k = ConnKey {
+            client: (0xc612_0000u32 + i).to_be(),
+            client_port: 1000u16.to_be(),
+            ..rk
+        };
+        keys.extend_from_slice(bytemuck::bytes_of(&k));
+        vals.extend_from_slice(bytemuck::bytes_of(&v0_1::ConnValue {
+            last_seen_ns: now,
+            ..rv
+        }));
+    }
+    let n = batch::update_raw(map.fd().as_fd(), &keys, &vals, 12, 16).expect("filling");
+    assert_eq!(n, FILLER);
+    drop(map);
+
+    // This build starts and is killed once its new tables exist, before it attaches.
+    d.use_bin(None);
+    let new_conn = d.bpffs.join("maps").join(clb_common::CONN_MAP);
+    let killed = d.spawn_and_kill_when(Duration::from_secs(60), |_| new_conn.exists());
+    assert!(
+        killed,
+        "the daemon was not killed mid-migration:\n{}",
+        d.log()
+    );
+    assert!(!d.log().contains("migrated CLB_CONN_V1"), "{}", d.log());
+    assert!(pin.exists(), "the old table went before the switch");
+    // The old datapath still serves every connection.
+    for (i, (ip, c, who)) in conns.iter_mut().enumerate() {
+        assert_eq!(
+            &ask(c).expect("alive after the kill"),
+            who,
+            "connection {i} from {ip}"
+        );
+    }
+    // A restart finishes the migration.
+    d.spawn();
+    for (i, (ip, c, who)) in conns.iter_mut().enumerate() {
+        assert_eq!(
+            &ask(c).expect("alive after the upgrade"),
+            who,
+            "connection {i} from {ip}"
+        );
+    }
+    for (ip, _, who) in &conns {
+        assert_eq!(
+            &ask_once(&topo.client, *ip, vip()).unwrap(),
+            who,
+            "{ip} moved"
+        );
+    }
+    let log = d.log();
+    let line = log
+        .lines()
+        .rfind(|l| l.contains("migrated CLB_CONN_V1"))
+        .unwrap_or_else(|| panic!("no migration line:\n{log}"));
+    assert!(line.contains("CLB_CONN_V2"), "{line}");
+    for l in log.lines().filter(|l| l.contains("loader")) {
+        eprintln!("{l}");
+    }
+    assert!(
+        log.contains("resumed=true"),
+        "the restart did not resume:\n{log}"
+    );
+    assert!(earlier_pins(&d).is_empty(), "{:?}", earlier_pins(&d));
 }
 
 #[test]
