@@ -477,12 +477,23 @@ impl AyaDataplane {
         };
         let arr: Array<MapData, u32> =
             Array::try_from(Map::Array(inner)).map_err(map_err(SCHED_MAP))?;
-        let len = arr.get(&0, 0).map_err(map_err(SCHED_MAP))?;
-        let mut out = Vec::with_capacity(len as usize);
-        for slot in 1..=len.min(arr.len().saturating_sub(1)) {
-            out.push(arr.get(&slot, 0).map_err(map_err(SCHED_MAP))?);
-        }
-        Ok(Some(out))
+        // Read in batches (a Maglev table is 65 538 slots: one syscall per 16 384, not one
+        // per slot); slot 0 holds the length.
+        let mut all: Vec<u32> = Vec::with_capacity(arr.len() as usize);
+        batch::for_each_batch::<u32, u32>(arr.map().fd().as_fd(), 16384, |_, v| {
+            all.extend_from_slice(v);
+            true
+        })
+        .map_err(|source| DpError::Io {
+            map: SCHED_MAP,
+            source,
+        })?;
+        let len = all.first().copied().unwrap_or(0) as usize;
+        Ok(Some(
+            all.get(1..=len.min(all.len().saturating_sub(1)))
+                .unwrap_or_default()
+                .to_vec(),
+        ))
     }
 }
 
@@ -601,14 +612,17 @@ impl Dataplane for AyaDataplane {
         };
         // A fresh inner map, filled, then swapped in: the datapath sees the old schedule or
         // the new one, never a mix.
-        let mut inner: Array<MapData, u32> =
+        let inner: Array<MapData, u32> =
             Array::create(slots.len() as u32 + 1, BPF_F_INNER_MAP).map_err(map_err(SCHED_MAP))?;
-        inner
-            .set(0, &(slots.len() as u32), 0)
-            .map_err(map_err(SCHED_MAP))?;
-        for (i, b) in slots.iter().enumerate() {
-            inner.set(i as u32 + 1, b, 0).map_err(map_err(SCHED_MAP))?;
-        }
+        // Filled in batches: one syscall per 16 384 slots (a Maglev table took 65 538 calls).
+        let keys: Vec<u32> = (0..=slots.len() as u32).collect();
+        let mut vals = Vec::with_capacity(slots.len() + 1);
+        vals.push(slots.len() as u32);
+        vals.extend_from_slice(slots);
+        batch::update(inner.map().fd().as_fd(), &keys, &vals).map_err(|source| DpError::Io {
+            map: SCHED_MAP,
+            source,
+        })?;
         self.sched
             .set(id, IterableMap::map(&inner), 0)
             .map_err(map_err(SCHED_MAP))
