@@ -84,7 +84,8 @@ fn read_config(opts: &DaemonOptions) -> anyhow::Result<Option<ConfigFile>> {
     match ConfigFile::load(&opts.config) {
         Ok(c) => Ok(Some(c)),
         Err(ConfigFileError::Missing { .. }) if opts.init_config => Ok(None),
-        Err(e) => Err(anyhow::Error::new(e).context(
+        // `{e}` holds the whole reason (its source chain would print it twice).
+        Err(e) => Err(anyhow::anyhow!("{e}").context(
             "refusing to start (nothing was loaded or changed; a pinned datapath keeps serving)",
         )),
     }

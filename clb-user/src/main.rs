@@ -43,14 +43,16 @@ fn main() -> ExitCode {
             };
             match rt.block_on(daemon::run(opts)) {
                 Ok(()) => ExitCode::SUCCESS,
+                // One line, on stderr (journald records it once; before, the log's ERROR line
+                // repeated it).
                 Err(e) => {
-                    tracing::error!("{e:#}");
                     eprintln!("error: {e:#}");
                     ExitCode::FAILURE
                 }
             }
         }
         Command::Teardown { bpffs, force } => report(cli::teardown(&bpffs, force)),
+        Command::Check { config } => report(cli::check(&config)),
         Command::Completions { shell } => {
             cli::completions(shell);
             ExitCode::SUCCESS

@@ -40,6 +40,14 @@ pub enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Check a config file exactly as the daemon reads it (syntax, every listener and field,
+    /// the HTTPS listeners' certificate files); exits non-zero naming the problem. Touches no
+    /// daemon.
+    Check {
+        /// The config file.
+        #[arg(long, default_value = "/etc/clb/clb.toml")]
+        config: PathBuf,
+    },
     /// Re-read the config file (the running state stays if it is invalid).
     Reload,
     /// Daemon status: datapath, tables, flood mode, background loops, BGP.

@@ -50,6 +50,7 @@ pub async fn run_client(cli: Cli) -> Result<(), ClientError> {
     match cli.command {
         Command::Daemon(_)
         | Command::Teardown { .. }
+        | Command::Check { .. }
         | Command::Completions { .. }
         | Command::Man => {
             unreachable!("handled by main")
@@ -322,6 +323,36 @@ pub fn teardown(bpffs: &std::path::Path, force: bool) -> anyhow::Result<()> {
         t.links.join(", "),
         t.maps.len(),
         bpffs.display()
+    ));
+    Ok(())
+}
+
+/// `clb check --config FILE`: the daemon's own reading of the file (`ConfigFile::load`: TOML,
+/// then every validation a start or a reload applies), then each HTTPS listener's
+/// certificates, loaded as a start would.
+pub fn check(path: &std::path::Path) -> anyhow::Result<()> {
+    // `{e}` holds the whole reason; its source chain would repeat it.
+    let cfg = crate::control::file::ConfigFile::load(path).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let now = std::time::SystemTime::now();
+    let mut problems = Vec::new();
+    for l in &cfg.listeners {
+        let Some(h) = l.http().filter(|h| h.tls) else {
+            continue;
+        };
+        for c in &h.certs {
+            if let Err(e) = crate::certs::load(c, now) {
+                problems.push(format!("listener {:?}: certificate: {e}", l.name));
+            }
+        }
+    }
+    if !problems.is_empty() {
+        anyhow::bail!("{}: {}", path.display(), problems.join("; "));
+    }
+    let backends: usize = cfg.listeners.iter().map(|l| l.backends.len()).sum();
+    out(&format!(
+        "{}: ok ({} listener(s), {backends} backend(s))\n",
+        path.display(),
+        cfg.listeners.len()
     ));
     Ok(())
 }

@@ -540,3 +540,50 @@ fn daemon_refuses_a_broken_config_file_with_line_and_reason() {
     }
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn clb_check_names_the_problem_of_a_bad_file_and_passes_a_good_one() {
+    let dir = std::env::temp_dir().join(clb_tests::netns::unique_name("chk"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let check = |name: &str, text: &str| {
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        let o = std::process::Command::new(clb_tests::daemon::clb_bin())
+            .arg("check")
+            .arg("--config")
+            .arg(&p)
+            .output()
+            .expect("clb check");
+        (
+            o.status.success(),
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    };
+    let (ok, out, _) = check("good.toml", &config(3, "persist = 600"));
+    assert!(ok, "{out}");
+    assert!(out.contains("ok (1 listener(s), 3 backend(s))"), "{out}");
+    // A value out of range: named once, with its field.
+    let (ok, _, err) = check("range.toml", &config(3, "persist = 9000"));
+    assert!(!ok);
+    assert_eq!(
+        err.matches("persist 9000 is out of range").count(),
+        1,
+        "{err}"
+    );
+    // A syntax error: its line.
+    let (ok, _, err) = check("syntax.toml", "[[listener]]\nname = \"web\"\nproto = tcp\n");
+    assert!(!ok);
+    assert!(err.contains("line 3"), "{err}");
+    // A certificate file that is not there.
+    let https = "[[listener]]\nname = \"s\"\nvip = \"10.0.0.100:443\"\nproto = \"https\"\n\
+                 [[listener.certificate]]\ncert = \"/nonexistent/c.pem\"\nkey = \"/nonexistent/k.pem\"\n\
+                 [[listener.backend]]\naddr = \"10.0.10.2:8080\"\n";
+    let (ok, _, err) = check("cert.toml", https);
+    assert!(!ok);
+    assert!(
+        err.contains("listener \"s\": certificate") && err.contains("/nonexistent/c.pem"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
