@@ -32,7 +32,8 @@ struct Cli {
 enum Cmd {
     /// Install the toolchain, bpf-linker and system packages (idempotent).
     Setup {
-        /// Also install the benchmark peers (nftables, haproxy, nginx stream).
+        /// Also install the benchmark peers (nftables, haproxy, nginx stream, and clang-22 with
+        /// libbpf-dev to build Katran).
         #[arg(long)]
         bench: bool,
     },
@@ -80,6 +81,10 @@ enum Cmd {
         /// Only these sections, comma-separated (perpacket, rate, conns, dsr, flood, l7, memory).
         #[arg(long, value_name = "SECTIONS")]
         only: Option<String>,
+        /// Katran's source for the same-run per-packet peer (default
+        /// ../shared/peers/katran/src if present; absent: reported so, no download).
+        #[arg(long, value_name = "DIR")]
+        katran_src: Option<PathBuf>,
     },
     /// rustfmt --check, clippy (user space), clippy (eBPF crate).
     Lint,
@@ -103,7 +108,7 @@ fn main() -> anyhow::Result<()> {
     let root = root()?;
     std::env::set_current_dir(&root)?;
     match cli.cmd {
-        Cmd::Setup { bench } => setup(&root, true, bench),
+        Cmd::Setup { bench } => setup_with(&root, true, bench, bench),
         Cmd::Build { release } => {
             setup(&root, false, false)?;
             let mut args = vec![
@@ -196,8 +201,12 @@ fn main() -> anyhow::Result<()> {
             println!("xtask: test took {:.1} s", t0.elapsed().as_secs_f64());
             r
         }
-        Cmd::Bench { quick, only } => {
-            setup(&root, false, true)?;
+        Cmd::Bench {
+            quick,
+            only,
+            katran_src,
+        } => {
+            setup_with(&root, false, true, !quick)?;
             cargo(
                 &root,
                 &[
@@ -216,6 +225,9 @@ fn main() -> anyhow::Result<()> {
                 .arg(root.join("target/bench"));
             if quick {
                 cmd.arg("--quick");
+            }
+            if let Some(k) = katran_src {
+                cmd.arg("--katran-src").arg(k);
             }
             if let Some(only) = only {
                 cmd.arg("--only").arg(only);
@@ -408,10 +420,18 @@ const TEST_PACKAGES: &[&str] = &[
 ];
 /// Benchmark peers.
 const BENCH_PACKAGES: &[&str] = &["nftables", "haproxy", "nginx", "libnginx-mod-stream"];
+/// What building Katran (the full bench's same-run peer) needs: its recipe's clang and llc 22
+/// (llc comes with LLVM 22, a build package) and libbpf for its harness.
+const KATRAN_PACKAGES: &[&str] = &["clang-22", "libbpf-dev"];
 /// bpf-linker release used (built against Debian's LLVM 22, matching rustc 1.98's LLVM).
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
 fn setup(root: &Path, verbose: bool, bench: bool) -> anyhow::Result<()> {
+    setup_with(root, verbose, bench, false)
+}
+
+/// [`setup`], with Katran's build tools when `katran` (the full bench).
+fn setup_with(root: &Path, verbose: bool, bench: bool, katran: bool) -> anyhow::Result<()> {
     let t0 = Instant::now();
     let tc = toolchain(root)?;
     let mut did = Vec::new();
@@ -465,6 +485,9 @@ fn setup(root: &Path, verbose: bool, bench: bool) -> anyhow::Result<()> {
         .collect();
     if bench {
         pkgs.extend(BENCH_PACKAGES);
+    }
+    if katran {
+        pkgs.extend(KATRAN_PACKAGES);
     }
     let missing: Vec<&str> = pkgs.into_iter().filter(|p| !dpkg_installed(p)).collect();
     if !missing.is_empty() {

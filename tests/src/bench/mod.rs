@@ -9,6 +9,7 @@ pub mod conns;
 pub mod dsr;
 pub mod flood;
 pub mod https;
+pub mod katran;
 pub mod l7;
 pub mod memory;
 pub mod perpacket;

@@ -555,3 +555,107 @@ pub fn run(scale: &Scale, report: &mut Report) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// Katran's per-packet figures from the same run, and each clb path's ratio to them: the
+/// established flow against Katran's established flow (target ≤ 1.0×), every new-flow path
+/// against Katran's new flow (≤ 0.6×), the non-VIP pass-through against Katran's. `src`:
+/// Katran's source (`--katran-src`); `None` reports the peer absent.
+pub fn katran_rows(scale: &Scale, src: Option<&std::path::Path>, report: &mut Report) {
+    let Some(src) = src else {
+        println!(
+            "  Katran: absent (no source; --katran-src DIR, default ../shared/peers/katran/src)"
+        );
+        return;
+    };
+    let k = match super::katran::measure(src, scale.rounds, scale.runs_per_round) {
+        Ok(k) => k,
+        Err(e) => {
+            println!("  Katran: not measured: {e:#}");
+            return;
+        }
+    };
+    let clb = |prefix: &str| {
+        report
+            .rows
+            .iter()
+            .find(|r| r.section.starts_with("per-packet") && r.figure.starts_with(prefix))
+            .map(|r| r.clb)
+    };
+    // clb's XDP_PASS floor, measured beside its established flow.
+    let pass = report
+        .rows
+        .iter()
+        .find(|r| r.figure.starts_with("established TCP flow (1k"))
+        .and_then(|r| r.peers.iter().find(|(n, _)| n == "XDP_PASS"))
+        .map_or(f64::NAN, |(_, v)| *v);
+    let pairs: [(&str, &str, f64, Option<f64>); 7] = [
+        (
+            "established TCP flow (1k",
+            "established flow",
+            k.established,
+            Some(1.0),
+        ),
+        (
+            "SYN, persistence off (1k",
+            "new flow",
+            k.new_flow,
+            Some(0.6),
+        ),
+        (
+            "SYN of a new client, persistence on (1k",
+            "new flow",
+            k.new_flow,
+            Some(0.6),
+        ),
+        (
+            "SYN of a persisted client (1k",
+            "new flow",
+            k.new_flow,
+            Some(0.6),
+        ),
+        (
+            "SYN, Maglev scheduler (1k",
+            "new flow",
+            k.new_flow,
+            Some(0.6),
+        ),
+        (
+            "IPv6 SYN, persistence off",
+            "new flow",
+            k.new_flow,
+            Some(0.6),
+        ),
+        (
+            "non-VIP pass-through",
+            "non-VIP pass-through",
+            k.non_vip,
+            None,
+        ),
+    ];
+    let mut rows = Vec::new();
+    for (prefix, theirs, kns, max) in pairs {
+        let Some(c) = clb(prefix) else {
+            continue;
+        };
+        let r = c / kns;
+        rows.push(Row {
+            section: "per-packet vs Katran (BPF_PROG_TEST_RUN)".into(),
+            figure: format!("{} vs Katran's {theirs}", prefix.trim_end_matches(" (1k")),
+            unit: "ns".into(),
+            clb: c,
+            peers: vec![
+                ("Katran".into(), kns),
+                ("XDP_PASS (Katran's run)".into(), k.pass),
+            ],
+            ratio: Some(("Katran".into(), r)),
+            target: max.map(|m| (format!("≤ {m}× Katran"), r <= m)),
+            note: format!(
+                "Katran 19f08fe built with its own recipe (clang/llc 22), one VIP, three reals, Maglev ring, per-CPU LRU; timed by its reference harness right after clb's rows (XDP_PASS {:.1} ns there, {pass:.1} ns in clb's)",
+                k.pass
+            ),
+        });
+    }
+    for r in rows {
+        report.push(r);
+    }
+}

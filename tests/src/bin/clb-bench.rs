@@ -21,6 +21,13 @@ fn main() -> anyhow::Result<()> {
         .position(|a| a == "--only")
         .and_then(|i| args.get(i + 1))
         .cloned();
+    // Katran, the same-run peer of the per-packet figures (full runs only).
+    let katran_src: Option<PathBuf> = args
+        .iter()
+        .position(|a| a == "--katran-src")
+        .and_then(|i| args.get(i + 1))
+        .map(PathBuf::from)
+        .or_else(clb_tests::bench::katran::default_src);
     let want = |s: &str| only.as_deref().is_none_or(|o| o.split(',').any(|x| x == s));
     let scale = if quick { Scale::QUICK } else { Scale::FULL };
     for bin in ["nft", "haproxy", "nginx", "h2load"] {
@@ -48,6 +55,11 @@ fn main() -> anyhow::Result<()> {
     if want("perpacket") {
         println!("\n== per-packet cost (BPF_PROG_TEST_RUN) ==");
         perpacket::run(&scale, &mut report)?;
+        if quick {
+            println!("  Katran: not run in a quick run");
+        } else {
+            perpacket::katran_rows(&scale, katran_src.as_deref(), &mut report);
+        }
     }
     if want("rate") {
         println!("\n== packet rate end to end (live-frames generator, veth topology) ==");
