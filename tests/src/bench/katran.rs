@@ -147,6 +147,9 @@ mod tests {
     fn katran_builds_and_is_timed_from_its_source() {
         let src = default_src().expect("../shared/peers/katran/src");
         let f = measure(&src, 3, 30).unwrap_or_else(|e| panic!("{e:#}"));
-        assert!(f.pass > 0.0 && f.established > f.pass && f.new_flow > f.established, "{f:?}");
+        assert!(
+            f.pass > 0.0 && f.established > f.pass && f.new_flow > f.established,
+            "{f:?}"
+        );
     }
 }

@@ -332,9 +332,10 @@ fn a_missing_config_path_is_refused_and_the_pinned_datapath_keeps_serving() {
 }
 
 #[test]
-fn pins_of_another_clb_version_are_refused_clearly_and_left_serving() {
-    // An older clb's connection table (another layout version under another name): made
-    // here by renaming this version's pin, as an upgrade over an older datapath would find.
+fn pins_of_a_newer_clb_version_are_refused_clearly_and_left_serving() {
+    // A newer clb's connection table (a layout version this build does not know): made here
+    // by renaming this version's pin, as a downgrade over a newer datapath would find.
+    // (Earlier layouts are upgraded: e2e_upgrade.)
     let topo = Topology::new("ol", 2, 0).unwrap();
     let _s = servers(&topo);
     let mut d = Daemon::start(&topo, &two_listeners(2));
@@ -342,7 +343,11 @@ fn pins_of_another_clb_version_are_refused_clearly_and_left_serving() {
     let who = ask(&mut c).unwrap();
     d.stop();
     let maps = d.bpffs.join("maps");
-    let (mine, old) = (maps.join(clb_common::CONN_MAP), maps.join("CLB_CONN_V1"));
+    let newer = {
+        let (stem, v) = clb_common::layouts::split_version(clb_common::CONN_MAP).unwrap();
+        format!("{stem}_V{}", v + 1)
+    };
+    let (mine, old) = (maps.join(clb_common::CONN_MAP), maps.join(&newer));
     std::fs::rename(&mine, &old).unwrap();
     let before: Vec<_> = std::fs::read_dir(&maps)
         .unwrap()
@@ -363,9 +368,9 @@ fn pins_of_another_clb_version_are_refused_clearly_and_left_serving() {
     );
     assert!(!o.ok, "{o:?}");
     assert!(
-        o.stderr
-            .contains("maps of another clb version (CLB_CONN_V1)")
-            && o.stderr.contains(clb_common::CONN_MAP)
+        o.stderr.contains("tables of a newer clb than this one")
+            && o.stderr
+                .contains(&format!("{newer} (this clb has {})", clb_common::CONN_MAP))
             && o.stderr.contains("clb teardown --bpffs"),
         "{o:?}"
     );
