@@ -162,12 +162,9 @@ impl Daemon {
         self.bin.clone().unwrap_or_else(clb_bin)
     }
 
-    /// Starts (or restarts) the daemon process and waits until its API answers.
-    pub fn spawn(&mut self) {
-        assert!(self.child.is_none(), "daemon already running");
-        self.runs += 1;
-        let log =
-            fs::File::create(self.dir.join(format!("daemon-{}.log", self.runs))).expect("log file");
+    /// `nsenter --net=NS clb --api SOCKET daemon ...` with this daemon's binary, arguments and
+    /// environment.
+    fn command(&self) -> Command {
         let mut cmd = Command::new("nsenter");
         cmd.arg(format!("--net={}", self.netns_path))
             .arg(self.bin())
@@ -183,8 +180,18 @@ impl Daemon {
             .arg("--state-dir")
             .arg(self.dir.join("state"))
             .args(&self.extra)
-            .envs(self.env.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::null())
+            .envs(self.env.iter().map(|(k, v)| (k, v)));
+        cmd
+    }
+
+    /// Starts (or restarts) the daemon process and waits until its API answers.
+    pub fn spawn(&mut self) {
+        assert!(self.child.is_none(), "daemon already running");
+        self.runs += 1;
+        let log =
+            fs::File::create(self.dir.join(format!("daemon-{}.log", self.runs))).expect("log file");
+        let mut cmd = self.command();
+        cmd.stdin(Stdio::null())
             .stdout(log.try_clone().expect("log fd"))
             .stderr(log);
         if let Some(n) = self.nofile {
@@ -226,21 +233,8 @@ impl Daemon {
         self.runs += 1;
         let log =
             fs::File::create(self.dir.join(format!("daemon-{}.log", self.runs))).expect("log file");
-        let mut child = Command::new("nsenter")
-            .arg(format!("--net={}", self.netns_path))
-            .arg(self.bin())
-            .arg("--api")
-            .arg(&self.api)
-            .arg("daemon")
-            .arg("--config")
-            .arg(&self.config)
-            .arg("--iface")
-            .arg(&self.ifaces)
-            .arg("--bpffs")
-            .arg(&self.bpffs)
-            .arg("--state-dir")
-            .arg(self.dir.join("state"))
-            .args(&self.extra)
+        let mut child = self
+            .command()
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log fd"))
             .stderr(log)
@@ -381,20 +375,8 @@ impl Daemon {
     /// stopped, expecting it to refuse (exit) within `timeout`; kills it and panics if not.
     pub fn run_refused(&self, timeout: Duration) -> CliOut {
         assert!(self.child.is_none(), "the daemon runs");
-        let mut child = Command::new("nsenter")
-            .arg(format!("--net={}", self.netns_path))
-            .arg(self.bin())
-            .arg("--api")
-            .arg(&self.api)
-            .arg("daemon")
-            .arg("--config")
-            .arg(&self.config)
-            .arg("--iface")
-            .arg(&self.ifaces)
-            .arg("--bpffs")
-            .arg(&self.bpffs)
-            .arg("--state-dir")
-            .arg(self.dir.join("state"))
+        let mut child = self
+            .command()
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

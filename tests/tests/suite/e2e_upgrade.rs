@@ -16,9 +16,9 @@ use std::{
 };
 
 use clb_tests::{
-    daemon::Daemon,
+    daemon::{Daemon, one_listener_config},
     http::{HttpServer, get_once},
-    netns::{Topology, VIP, backend_ip},
+    netns::{Topology, VIP},
     releases::{Release, clb_of, releases},
     servers::{ask, ask_once, connect, tcp_on_backends},
 };
@@ -38,27 +38,20 @@ fn http_vip() -> SocketAddrV4 {
 /// A TCP listener with source-IP persistence and an HTTP listener with cookie persistence,
 /// each over three backends: settings every release understands.
 fn config() -> String {
-    let mut s = format!(
-        "[[listener]]\nname = \"web\"\nvip = \"{}\"\nproto = \"tcp\"\npersist = 600\n",
-        vip()
-    );
-    for i in 0..3 {
-        s += &format!(
-            "[[listener.backend]]\naddr = \"{}:{PORT}\"\n",
-            backend_ip(i)
-        );
-    }
-    s += &format!(
-        "[[listener]]\nname = \"shop\"\nvip = \"{}\"\nproto = \"http\"\npersist = 600\n",
-        http_vip()
-    );
-    for i in 0..3 {
-        s += &format!(
-            "[[listener.backend]]\naddr = \"{}:{HTTP_PORT}\"\n",
-            backend_ip(i)
-        );
-    }
-    s
+    one_listener_config("web", vip(), "tcp", 3, PORT, "persist = 600")
+        + &one_listener_config("shop", http_vip(), "http", 3, HTTP_PORT, "persist = 600")
+}
+
+/// One long-lived connection from each extra client of `topo`, with its backend.
+fn open_conns(topo: &Topology) -> Vec<(Ipv4Addr, TcpStream, String)> {
+    topo.extra_clients
+        .iter()
+        .map(|&ip| {
+            let mut c = connect(&topo.client, ip, vip()).expect("connect");
+            let who = ask(&mut c).expect("first request");
+            (ip, c, who)
+        })
+        .collect()
 }
 
 fn upgrade_from(r: &Release) {
@@ -88,15 +81,7 @@ fn upgrade_from(r: &Release) {
     let mut d = Daemon::start_bin(&topo, &config(), &old);
 
     // Long-lived connections, one per client: each also persists its client.
-    let mut conns: Vec<(Ipv4Addr, TcpStream, String)> = topo
-        .extra_clients
-        .iter()
-        .map(|&ip| {
-            let mut c = connect(&topo.client, ip, vip()).expect("connect");
-            let who = ask(&mut c).expect("first request");
-            (ip, c, who)
-        })
-        .collect();
+    let mut conns = open_conns(&topo);
     let persisted: HashMap<Ipv4Addr, String> =
         conns.iter().map(|(ip, _, w)| (*ip, w.clone())).collect();
     for (ip, who) in &persisted {
@@ -222,24 +207,8 @@ fn a_downgrade_to_the_last_release_is_refused_by_name_and_changes_nothing() {
     let topo = Topology::new("udg", 3, 5).expect("topology");
     let _tcp = tcp_on_backends(&topo, PORT);
     let mut d = Daemon::start(&topo, &config());
-    let mut conns: Vec<(TcpStream, String)> = topo
-        .extra_clients
-        .iter()
-        .map(|&ip| {
-            let mut c = connect(&topo.client, ip, vip()).expect("connect");
-            let who = ask(&mut c).expect("first request");
-            (c, who)
-        })
-        .collect();
+    let mut conns = open_conns(&topo);
     d.stop();
-    let pins = |d: &Daemon| {
-        let mut v: Vec<String> = std::fs::read_dir(d.bpffs.join("maps"))
-            .expect("pins")
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
-        v.sort();
-        v
-    };
     let before = pins(&d);
     d.use_bin(Some(&old));
     let out = d.run_refused(Duration::from_secs(20));
@@ -255,7 +224,7 @@ fn a_downgrade_to_the_last_release_is_refused_by_name_and_changes_nothing() {
         assert!(out.stderr.contains(n), "{n} not named: {}", out.stderr);
     }
     assert_eq!(pins(&d), before, "the refused downgrade changed the pins");
-    for (i, (c, who)) in conns.iter_mut().enumerate() {
+    for (i, (_, c, who)) in conns.iter_mut().enumerate() {
         assert_eq!(
             &ask(c).expect("alive after the refusal"),
             who,
@@ -264,7 +233,7 @@ fn a_downgrade_to_the_last_release_is_refused_by_name_and_changes_nothing() {
     }
     d.use_bin(None);
     d.spawn();
-    for (i, (c, who)) in conns.iter_mut().enumerate() {
+    for (i, (_, c, who)) in conns.iter_mut().enumerate() {
         assert_eq!(
             &ask(c).expect("alive after the restart"),
             who,
@@ -284,11 +253,20 @@ fn monotonic_ns() -> u64 {
     t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
 }
 
-/// Pins of a layout other than this build's left in `d`'s pin directory.
-fn earlier_pins(d: &Daemon) -> Vec<String> {
-    std::fs::read_dir(d.bpffs.join("maps"))
+/// The map pins in `d`'s pin directory, sorted.
+fn pins(d: &Daemon) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(d.bpffs.join("maps"))
         .expect("pins")
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+/// Pins of a layout other than this build's left in `d`'s pin directory.
+fn earlier_pins(d: &Daemon) -> Vec<String> {
+    pins(d)
+        .into_iter()
         .filter(|n| !clb_common::ALL_MAPS.contains(&n.as_str()))
         .collect()
 }
@@ -306,15 +284,7 @@ fn a_migration_killed_before_the_switch_leaves_the_old_datapath_serving_and_a_re
     let topo = Topology::new("umk", 3, 10).expect("topology");
     let _tcp = tcp_on_backends(&topo, PORT);
     let mut d = Daemon::start_bin(&topo, &config(), &old);
-    let mut conns: Vec<(Ipv4Addr, TcpStream, String)> = topo
-        .extra_clients
-        .iter()
-        .map(|&ip| {
-            let mut c = connect(&topo.client, ip, vip()).expect("connect");
-            let who = ask(&mut c).expect("first request");
-            (ip, c, who)
-        })
-        .collect();
+    let mut conns = open_conns(&topo);
     d.stop();
     // Half a million more flows in v0.1.0's connection table (of 2^20), so the conversion
     // takes a while: the listener and backend of a real one, fresh timestamps.
