@@ -205,8 +205,14 @@ pub const FIB_SCRATCH_MAP: &str = "CLB_FIB_SCRATCH_V1";
 /// Per-CPU scratch of the ICMPv6 program.
 pub const ICMP6_SCRATCH_MAP: &str = "CLB_ICMP6_SCRATCH_V1";
 
+/// backend id → [`BackendLoad`]: active connections (the datapath counts opens and closes,
+/// the sweeper corrects what it cannot see) and the weight least connections divides by.
+/// Mapped into user space (`BPF_F_MMAPABLE`), which adjusts counts with atomic adds too.
+pub const LOAD_MAP: &str = "CLB_LOAD_V1";
+
 /// Every map of the program, for pinning and teardown.
-pub const ALL_MAPS: [&str; 32] = [
+pub const ALL_MAPS: [&str; 33] = [
+    LOAD_MAP,
     PROGRAM_MAP,
     FIB_SCRATCH_MAP,
     ICMP6_SCRATCH_MAP,
@@ -417,6 +423,10 @@ pub const LISTENER_F_MAGLEV: u32 = 2;
 pub const LISTENER_F_DSR: u32 = 4;
 /// Listener flag: an IPv6 listener (its VIP and persistence mask are in [`LISTENER6_MAP`]).
 pub const LISTENER_F_V6: u32 = 16;
+/// Listener flag: weighted least connections. A new flow goes to the accepting backend with the
+/// fewest active connections per unit of weight ([`BackendLoad`]); the schedule then lists each
+/// accepting backend once, and a rotating start breaks ties.
+pub const LISTENER_F_LC: u32 = 32;
 /// Listener flag: a backend address (IP, port, protocol) of this listener serves another
 /// listener too. A reply can then only be told apart by its flow's state, so this listener's
 /// SYNs write their half-open entry even in flood mode (the stateless hash cannot say which
@@ -496,6 +506,38 @@ pub struct BackendInfo {
     pub flags: u32,
 }
 const _: () = assert!(core::mem::size_of::<BackendInfo>() == 12);
+
+/// Value of [`LOAD_MAP`] (an array indexed by backend id).
+///
+/// `active` counts the backend's verified connections in state [`CONN_OPEN`] (TCP until FIN,
+/// RST or idle expiry; UDP flows while live), whatever the listener's scheduler: the datapath
+/// adds 1 when an entry enters that state and subtracts 1 when it leaves it, and the sweeper
+/// adds the difference to what its walk found (entries that leave without a packet: idle
+/// expiry, LRU eviction, purges). A two's-complement count: a transient negative value reads
+/// as 0.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct BackendLoad {
+    /// Active connections (wrapping; read as `i64`).
+    pub active: u64,
+}
+const _: () = assert!(core::mem::size_of::<BackendLoad>() == 8);
+
+/// Schedule slots a least-connections choice compares per new flow: with at most this many
+/// accepting backends it is exact; with more, it is the least loaded of this many consecutive
+/// ones from a rotating start.
+pub const LC_SCAN: u32 = 32;
+
+/// Bits of a schedule slot that hold the backend id ([`MAX_BACKENDS`] ids). A
+/// least-connections schedule keeps the backend's weight in the bits above
+/// ([`lc_slot`]); the round-robin and Maglev schedules leave them 0.
+pub const SCHED_ID_MASK: u32 = MAX_BACKENDS - 1;
+const _: () = assert!(MAX_BACKENDS.is_power_of_two() && MAX_BACKENDS == 1 << 16);
+
+/// A least-connections schedule slot: backend `id` with `weight` (1..=[`MAX_WEIGHT`]).
+pub const fn lc_slot(id: u32, weight: u32) -> u32 {
+    (id & SCHED_ID_MASK) | (weight << 16)
+}
 
 /// Key of [`BACKEND_ADDR_MAP`].
 #[repr(C)]

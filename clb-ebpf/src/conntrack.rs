@@ -11,6 +11,9 @@
 //! sequence window) moves the flow to `CONN_RST`, whose timeout is short; normal packets from
 //! both ends afterwards (from the client alone on DSR listeners, whose replies clb never
 //! sees) bring it back, so a blind spoofed RST cannot cut a live connection short.
+//!
+//! Active connections: every change into or out of `CONN_OPEN` here is counted on the
+//! entry's backend ([`load`]), for least connections and `backend ls`.
 
 use clb_common::{
     CONN_F_FIN_BEFORE, CONN_F_SEEN_FWD, CONN_F_SEEN_REV, CONN_FIN, CONN_OPEN, CONN_RST, ConnValue,
@@ -19,6 +22,7 @@ use clb_common::{
 
 use crate::{
     family::Family,
+    load,
     parse::{Pkt, TCP_FIN},
 };
 
@@ -67,6 +71,9 @@ pub fn track<F: Family>(
     if p.is_tcp() {
         if p.is_rst() {
             if c.state != CONN_RST {
+                if c.state == CONN_OPEN {
+                    load::closed(c.backend);
+                }
                 c.flags = if c.state == CONN_FIN {
                     CONN_F_FIN_BEFORE
                 } else {
@@ -90,6 +97,7 @@ pub fn track<F: Family>(
                     c.state = if seen & CONN_F_FIN_BEFORE != 0 {
                         CONN_FIN
                     } else {
+                        load::opened(c.backend);
                         CONN_OPEN
                     };
                     c.flags = 0;
@@ -99,6 +107,7 @@ pub fn track<F: Family>(
             }
             if p.tcp_flags & TCP_FIN != 0 && c.state == CONN_OPEN {
                 c.state = CONN_FIN;
+                load::closed(c.backend);
             }
         }
     }
@@ -125,6 +134,9 @@ pub fn insert<F: Family>(key: &F::Key, backend: u32, p: &Pkt<F>, now: u64) -> Re
         _pad: [0; 2],
     };
     if F::conn_insert(key, &v) {
+        if state == CONN_OPEN {
+            load::opened(backend);
+        }
         Ok(())
     } else {
         Err(())

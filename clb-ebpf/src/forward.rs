@@ -314,7 +314,7 @@ fn choose<F: Family>(
         return if stateless || lsn.flags & LISTENER_F_MAGLEV != 0 {
             schedule::hashed(id, hash(lsn, id, flow))
         } else {
-            schedule::round_robin(id)
+            schedule::next(lsn, id)
         };
     }
     let k = persist::key::<F>(lsn, flow.client, id);
@@ -326,7 +326,7 @@ fn choose<F: Family>(
     let b = if hashed {
         schedule::hashed(id, hash(lsn, id, flow))?
     } else {
-        schedule::round_robin(id)?
+        schedule::next(lsn, id)?
     };
     if stateless {
         return Ok(b);

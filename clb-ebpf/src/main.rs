@@ -30,6 +30,7 @@ mod icmp;
 mod icmp6;
 mod ipv4;
 mod ipv6;
+mod load;
 mod maps;
 mod nat;
 mod nat6;

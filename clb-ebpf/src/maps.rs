@@ -12,12 +12,12 @@ use aya_ebpf::{
 };
 use clb_common::{
     Addr6, BPF_F_INNER_MAP, BPF_F_MMAPABLE, BackendAddrInfo, BackendAddrKey, BackendAddrKey6,
-    BackendInfo, ConnKey, ConnKey6, ConnValue, CpuState, DEFAULT_CONNS, DEFAULT_CONNS6,
-    DEFAULT_HALF_OPEN, DEFAULT_HALF_OPEN6, DEFAULT_SESSIONS, DEFAULT_SESSIONS6, GlobalConfig,
-    HalfSlot, HalfSlot6, ListenerInfo, ListenerInfo6, ListenerKey, ListenerKey6, ListenerRef,
-    MAX_BACKENDS, MAX_DENIED_SOURCES, MAX_DEVICES, MAX_LISTENERS, NH_SLOTS, NUM_COUNTERS, NextHop,
-    NextHop6, PendSlot, PendSlot6, SCHED_TEMPLATE_SLOTS, SLOT_WAYS, SessionKey, SessionKey6,
-    SessionValue, SharedState, TrafficCounters,
+    BackendInfo, BackendLoad, ConnKey, ConnKey6, ConnValue, CpuState, DEFAULT_CONNS,
+    DEFAULT_CONNS6, DEFAULT_HALF_OPEN, DEFAULT_HALF_OPEN6, DEFAULT_SESSIONS, DEFAULT_SESSIONS6,
+    GlobalConfig, HalfSlot, HalfSlot6, ListenerInfo, ListenerInfo6, ListenerKey, ListenerKey6,
+    ListenerRef, MAX_BACKENDS, MAX_DENIED_SOURCES, MAX_DEVICES, MAX_LISTENERS, NH_SLOTS,
+    NUM_COUNTERS, NextHop, NextHop6, PendSlot, PendSlot6, SCHED_TEMPLATE_SLOTS, SLOT_WAYS,
+    SessionKey, SessionKey6, SessionValue, SharedState, TrafficCounters,
 };
 
 use crate::family::{Pkt, V6};
@@ -52,6 +52,11 @@ pub static CLB_LSN_V2: Array<ListenerInfo, LISTENERS> = Array::new();
 /// Backend id → address and flags (present, accepting new connections).
 #[btf_map]
 pub static CLB_BE_V1: Array<BackendInfo, BACKENDS> = Array::new();
+
+/// Backend id → active connections and weight (least connections; `backend ls` ACTIVE). Mapped
+/// into user space, which corrects the counts with atomic adds of its own.
+#[btf_map]
+pub static CLB_LOAD_V1: Array<BackendLoad, BACKENDS, MMAPABLE> = Array::new();
 
 /// (backend IP, port, proto) → listeners it serves: how the reply path finds the connection.
 #[btf_map]

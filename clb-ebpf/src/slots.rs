@@ -76,7 +76,7 @@ macro_rules! table {
             unsafe fn fetch_or(p: *mut u32, v: u32) -> u32 {
                 // SAFETY: `p` is a slot's `seq` in a map value (caller). SeqCst: BPF's
                 // fetching atomics are full barriers; LLVM lowers weaker fetching orders to
-                // non-fetching instructions (see `schedule::round_robin`).
+                // non-fetching instructions (see `schedule::cursor`).
                 unsafe { atomic_or::<u32, u32, { AtomicOrdering::SeqCst }>(p, v) }
             }
             #[inline(always)]

@@ -310,6 +310,17 @@ impl Collector for Scrape {
         )?;
         family(
             &mut enc,
+            "clb_backend_active_connections",
+            "Active connections now: L4, verified flows in the open state (what least connections compares); HTTP, requests in flight.",
+            MetricType::Gauge,
+            st.listeners.iter().flat_map(|l| {
+                l.backends
+                    .iter()
+                    .map(|b| (hl(&l.name, &b.addr.to_string()), b.active))
+            }),
+        )?;
+        family(
+            &mut enc,
             "clb_backend_accepting",
             "1 if the backend takes new connections (weight > 0, not draining, healthy or all unhealthy).",
             MetricType::Gauge,

@@ -298,6 +298,7 @@ async fn fuzz(n: u64, seed: u64) -> HttpFuzzReport {
         cookie_name: COOKIE.into(),
         max_conns: 100_000,
         io_timeout_secs: 5,
+        least_requests: false,
         backends: vec![L7Backend {
             addr,
             weight: 10,

@@ -377,6 +377,25 @@ impl PacketLab {
         raw[i]
     }
 
+    /// Backend `addr` of listener `name`'s active connections (`clb_common::LOAD_MAP`).
+    pub fn active(&self, name: &str, addr: impl Into<SocketAddr>) -> i64 {
+        let id = self.backend_id(name, addr);
+        clb::datapath::Tables::actives(&*self.reader)[id as usize]
+    }
+
+    /// One walk of the sweeper over the tables, as the daemon's does (expiry, live counts,
+    /// active-count corrections).
+    pub fn sweep(&self) -> clb::datapath::sweep::SweepReport {
+        let ctl = self.ctl.clone();
+        clb::datapath::sweep::sweep(
+            &*self.reader,
+            &|| ctl.snapshot().policy.clone(),
+            clb::time::monotonic_ns(),
+            std::time::Duration::ZERO,
+        )
+        .expect("sweep")
+    }
+
     /// The datapath reader (tables, counters).
     pub fn reader(&self) -> &AyaReader {
         &self.reader
@@ -436,6 +455,12 @@ impl PacketLab {
     /// The connection-table entry of `key`.
     pub fn conn(&self, key: &ConnKey) -> Option<ConnValue> {
         entry::<ConnKey, ConnValue>(self.tables().conn_map(), key)
+    }
+
+    /// Deletes a connection-table entry behind the datapath's back (as an LRU eviction does).
+    pub fn delete_conn(&self, key: &ConnKey) {
+        clb::datapath::batch::delete_one(self.tables().conn_map().fd().as_fd(), key)
+            .expect("conn delete");
     }
 
     /// Writes a connection-table entry.

@@ -381,7 +381,29 @@ pub fn backend_views(api: &Api, name: &str) -> ApiResult<Vec<BackendView>> {
     let l = snap
         .listener(name)
         .ok_or_else(|| ConfigError::UnknownListener(name.into()))?;
-    Ok(BackendView::of(l, &live_of(api)))
+    let active = active_of(api, l);
+    Ok(BackendView::of(l, &live_of(api), &|i, _| active[i]))
+}
+
+/// Active connections now of each backend of `l`, in its order: L4, the datapath's counts of
+/// open verified flows; HTTP, the proxy's requests in flight.
+fn active_of(api: &Api, l: &crate::control::state::ListenerState) -> Vec<u64> {
+    if l.spec.http().is_some() {
+        let m = api.l7.in_flight(&l.spec.name);
+        return l
+            .backends
+            .iter()
+            .map(|b| m.get(&b.spec.addr).copied().unwrap_or(0))
+            .collect();
+    }
+    let all = api.ctl.reader().actives();
+    l.backends
+        .iter()
+        .map(|b| {
+            b.id.and_then(|id| all.get(id as usize))
+                .map_or(0, |n| (*n).max(0) as u64)
+        })
+        .collect()
 }
 
 /// The daemon's status.
@@ -491,8 +513,10 @@ pub fn stats_view(api: &Api) -> ApiResult<StatsResponse> {
             None => Default::default(),
         };
         let mut backends = Vec::new();
-        for b in &l.backends {
+        let active = active_of(api, l);
+        for (b, active) in l.backends.iter().zip(active) {
             backends.push(BackendStats {
+                active,
                 addr: b.spec.addr,
                 counters: match b.id {
                     Some(id) => r.backend_stats(id)?,

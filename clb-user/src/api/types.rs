@@ -31,7 +31,7 @@ pub struct ListenerView {
     /// L4: connection idle timeout in effect, seconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idle_timeout: Option<u32>,
-    /// L4: scheduler.
+    /// Scheduler in effect.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sched: Option<Sched>,
     /// L4: forwarding.
@@ -140,6 +140,7 @@ impl ListenerView {
                     .then(|| k.maglev_size.unwrap_or(clb_common::DEFAULT_MAGLEV_SIZE));
             }
             Kind::Http(h) => {
+                v.sched = Some(h.sched);
                 v.keepalive_timeout = Some(
                     h.keepalive_timeout
                         .unwrap_or(crate::control::model::DEFAULT_KEEPALIVE_SECS),
@@ -225,14 +226,25 @@ pub struct BackendView {
     pub drain_remaining_secs: Option<u64>,
     /// Live entries naming this backend, as of the last sweep (L4 listeners).
     pub live: Live,
+    /// Active connections now (L4: verified flows in the open state, the count least
+    /// connections compares; HTTP: requests in flight).
+    #[serde(default)]
+    pub active: u64,
 }
 
 impl BackendView {
-    pub fn of(l: &ListenerState, live: &dyn Fn(u32) -> Live) -> Vec<Self> {
+    /// `live(id)`: a backend's live entries at the last sweep; `active(i, id)`: the active
+    /// count of the listener's `i`-th backend (datapath id `id`, if it has one).
+    pub fn of(
+        l: &ListenerState,
+        live: &dyn Fn(u32) -> Live,
+        active: &dyn Fn(usize, Option<u32>) -> u64,
+    ) -> Vec<Self> {
         let now = Instant::now();
         l.backends
             .iter()
-            .map(|b| BackendView {
+            .enumerate()
+            .map(|(i, b)| BackendView {
                 addr: b.spec.addr,
                 weight: b.spec.weight,
                 health: b.health,
@@ -244,6 +256,7 @@ impl BackendView {
                     .and_then(|d| d.deadline)
                     .map(|t| t.saturating_duration_since(now).as_secs()),
                 live: b.id.map(live).unwrap_or_default(),
+                active: active(i, b.id),
             })
             .collect()
     }
@@ -357,6 +370,9 @@ pub struct BackendStats {
     #[serde(flatten)]
     pub counters: TrafficCounters,
     pub live: Live,
+    /// Active connections now (see [`BackendView::active`]).
+    #[serde(default)]
+    pub active: u64,
 }
 
 /// Counters of a listener.

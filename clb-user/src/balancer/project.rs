@@ -11,10 +11,10 @@ use std::{
 use clb_common::{
     BACKEND_F_ACCEPTING, BACKEND_F_PRESENT, BACKEND_F_V6, BackendAddrInfo, BackendAddrKey,
     BackendAddrKey6, BackendInfo, DENY_BACKEND, DENY_LOCAL, DENY_VIP, FLOOD_WINDOW_NS,
-    GlobalConfig, LISTENER_F_ACTIVE, LISTENER_F_DSR, LISTENER_F_MAGLEV, LISTENER_F_SHARED_BACKENDS,
-    LISTENER_F_V6, ListenerInfo, ListenerInfo6, ListenerKey, ListenerKey6,
-    MAX_LISTENERS_PER_BACKEND_ADDR, NO_LISTENER, NS_PER_SEC, WRR_SLOTS, ip_to_be, ip6_to_be,
-    port_to_be, prefix_mask_be, prefix_mask6_be,
+    GlobalConfig, LISTENER_F_ACTIVE, LISTENER_F_DSR, LISTENER_F_LC, LISTENER_F_MAGLEV,
+    LISTENER_F_SHARED_BACKENDS, LISTENER_F_V6, ListenerInfo, ListenerInfo6, ListenerKey,
+    ListenerKey6, MAX_LISTENERS_PER_BACKEND_ADDR, NO_LISTENER, NS_PER_SEC, WRR_SLOTS, ip_to_be,
+    ip6_to_be, lc_slot, port_to_be, prefix_mask_be, prefix_mask6_be,
 };
 
 use super::Ids;
@@ -27,6 +27,9 @@ use crate::{
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SchedPlan {
     Wrr,
+    /// Weighted least connections: the schedule lists each accepting backend once with its
+    /// weight (`clb_common::lc_slot`); the datapath compares their active connections.
+    Lc,
     /// Maglev with a table of this many slots.
     Maglev(u32),
 }
@@ -166,8 +169,10 @@ pub fn project(plan: &Plan, ids: &Ids) -> DpConfig {
                 );
             }
         }
-        if matches!(l.sched, SchedPlan::Maglev(_)) {
-            flags |= LISTENER_F_MAGLEV;
+        match l.sched {
+            SchedPlan::Maglev(_) => flags |= LISTENER_F_MAGLEV,
+            SchedPlan::Lc => flags |= LISTENER_F_LC,
+            SchedPlan::Wrr => {}
         }
         if l.dsr {
             flags |= LISTENER_F_DSR;
@@ -257,6 +262,7 @@ pub fn project(plan: &Plan, ids: &Ids) -> DpConfig {
             }
             .schedule(&members),
             SchedPlan::Maglev(size) => Maglev { size }.schedule(&members),
+            SchedPlan::Lc => members.iter().map(|m| lc_slot(m.id, m.weight)).collect(),
         };
         c.schedules.insert(id, Arc::new(schedule));
     }

@@ -147,7 +147,8 @@ pub struct ListenerOpts {
     /// L4: connection idle timeout, seconds (1-3600; default 900 tcp, 300 udp).
     #[arg(long)]
     pub idle_timeout: Option<u32>,
-    /// L4: scheduler: wrr (weighted round robin, default) or maglev (consistent hash).
+    /// Scheduler: wrr (weighted round robin, default), lc (weighted least connections; HTTP:
+    /// least requests in flight) or maglev (L4: consistent hash).
     #[arg(long, value_parser = parse_sched)]
     pub sched: Option<Sched>,
     /// L4: forwarding: nat (default) or dsr (direct server return; backend port = VIP port).
@@ -237,7 +238,8 @@ fn parse_sched(s: &str) -> Result<Sched, String> {
     match s {
         "wrr" => Ok(Sched::Wrr),
         "maglev" => Ok(Sched::Maglev),
-        _ => Err(format!("scheduler must be wrr or maglev, not {s:?}")),
+        "lc" => Ok(Sched::Lc),
+        _ => Err(format!("scheduler must be wrr, maglev or lc, not {s:?}")),
     }
 }
 

@@ -50,6 +50,7 @@ pub fn listeners(v: &[ListenerView]) -> String {
         .map(|l| {
             let sched = match (l.sched, l.forward) {
                 (Some(s), Some(f)) => format!("{s}/{f}"),
+                (Some(s), None) => s.to_string(),
                 _ => "wrr".into(),
             };
             let persist = match (l.persist, l.persist_mask) {
@@ -148,6 +149,7 @@ pub fn backends(v: &[BackendView]) -> String {
                     (true, Some(s)) => format!("draining, cut in {s}s"),
                     (true, None) => "drained".into(),
                 },
+                b.active.to_string(),
                 b.live.conns.to_string(),
                 b.live.half_open.to_string(),
                 b.live.sessions.to_string(),
@@ -162,12 +164,14 @@ pub fn backends(v: &[BackendView]) -> String {
             "SINCE",
             "NEW-CONNS",
             "DRAIN",
+            "ACTIVE",
             "CONNS",
             "HALF-OPEN",
             "PERSISTED",
         ],
         &rows,
-    )
+    ) + "(ACTIVE: open connections now, HTTP: requests in flight; CONNS, HALF-OPEN and PERSISTED: \
+         live table entries at the last sweep)\n"
 }
 
 pub fn sessions(v: &[SessionView]) -> String {

@@ -114,7 +114,8 @@ impl std::str::FromStr for SameSite {
     }
 }
 
-/// How an L4 listener picks a backend for a new client.
+/// How a listener picks a backend for a new client (one without a live persistence entry or
+/// cookie).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Sched {
@@ -122,8 +123,11 @@ pub enum Sched {
     #[default]
     Wrr,
     /// Maglev consistent hashing: a pure function of the client (or flow) and the backend set,
-    /// so every balancer node picks the same backend.
+    /// so every balancer node picks the same backend (L4 listeners).
     Maglev,
+    /// Weighted least connections (IPVS `wlc`): the accepting backend with the fewest active
+    /// connections per unit of weight (HTTP listeners: requests in flight).
+    Lc,
 }
 
 impl std::fmt::Display for Sched {
@@ -131,6 +135,7 @@ impl std::fmt::Display for Sched {
         f.write_str(match self {
             Sched::Wrr => "wrr",
             Sched::Maglev => "maglev",
+            Sched::Lc => "lc",
         })
     }
 }
@@ -175,6 +180,8 @@ pub struct L4Spec {
 /// An HTTP or HTTPS listener's own settings.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct HttpSpec {
+    /// Weighted round robin or least outstanding requests (`Sched::Lc`); never Maglev.
+    pub sched: Sched,
     /// HTTPS: TLS is terminated here, with these certificates (chosen by the client's SNI; the
     /// first when it sends none). Empty for HTTP.
     pub certs: Vec<CertSpec>,
@@ -480,9 +487,12 @@ impl ListenerSpec {
         }
     }
 
-    /// The scheduler in effect (HTTP listeners: weighted round robin).
+    /// The scheduler in effect.
     pub fn sched(&self) -> Sched {
-        self.l4().map_or(Sched::Wrr, |l| l.sched)
+        match &self.kind {
+            Kind::L4(l) => l.sched,
+            Kind::Http(h) => h.sched,
+        }
     }
 
     /// Checks this listener on its own (ranges, names, duplicates among its backends).
@@ -1177,9 +1187,15 @@ impl TryFrom<WireListener> for ListenerSpec {
                 if proto == Proto::Http && !w.certs.is_empty() {
                     return Err(not_for("certificate"));
                 }
+                if w.sched == Some(Sched::Maglev) {
+                    return Err(ConfigError::Invalid(format!(
+                        "listener {:?}: sched = \"maglev\" does not apply to {proto} listeners \
+                         (wrr or lc)",
+                        w.name
+                    )));
+                }
                 for (set, field) in [
                     (w.idle_timeout.is_some(), "idle_timeout"),
-                    (w.sched.is_some(), "sched"),
                     (w.forward.is_some(), "forward"),
                     (w.persist_mask.is_some(), "persist_mask"),
                     (w.maglev_size.is_some(), "maglev_size"),
@@ -1189,6 +1205,7 @@ impl TryFrom<WireListener> for ListenerSpec {
                     }
                 }
                 Kind::Http(HttpSpec {
+                    sched: w.sched.unwrap_or_default(),
                     certs: w.certs,
                     tls: proto == Proto::Https,
                     cookie_samesite: w.cookie_samesite,
@@ -1269,6 +1286,7 @@ impl From<ListenerSpec> for WireListener {
                 w.maglev_size = l.maglev_size;
             }
             Kind::Http(hs) => {
+                w.sched = (hs.sched != Sched::Wrr).then_some(hs.sched);
                 w.keepalive_timeout = hs.keepalive_timeout;
                 w.cookie_name = hs.cookie_name;
                 w.max_conns = hs.max_conns;
@@ -1483,7 +1501,10 @@ mod tests {
         let e = serde_json::from_str::<ListenerSpec>(j)
             .unwrap_err()
             .to_string();
-        assert!(e.contains("sched does not apply to http"), "{e}");
+        assert!(e.contains("\"maglev\" does not apply to http"), "{e}");
+        let j = r#"{"name":"h","vip":"10.0.0.1:80","proto":"http","sched":"lc"}"#;
+        let s: ListenerSpec = serde_json::from_str(j).unwrap();
+        assert_eq!(s.sched(), Sched::Lc);
         let j = r#"{"name":"u","vip":"10.0.0.1:53","proto":"udp","sched":"maglev","persist":60,"persist_mask":24}"#;
         let s: ListenerSpec = serde_json::from_str(j).unwrap();
         assert_eq!(

@@ -248,6 +248,7 @@ impl State {
                 idle_timeout_secs: l.idle_timeout_secs(),
                 sched: match k.sched {
                     Sched::Wrr => SchedPlan::Wrr,
+                    Sched::Lc => SchedPlan::Lc,
                     Sched::Maglev => {
                         SchedPlan::Maglev(k.maglev_size.unwrap_or(DEFAULT_MAGLEV_SIZE))
                     }

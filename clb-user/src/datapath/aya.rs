@@ -18,7 +18,7 @@ use clb_common::{
     BackendAddrKey6, BackendInfo, CONN_MAP, CONN6_MAP, COUNTER_MAP, CURSOR_MAP, ConnKey, ConnKey6,
     ConnValue, DENY_SRC_MAP, DENY_SRC6_MAP, DEVICE_MAP, GLOBAL_MAP, GlobalConfig, HALF_OPEN_MAP,
     HALF_OPEN6_MAP, HalfOpenValue, HalfSlot, HalfSlot6, LISTENER_ADDR_MAP, LISTENER_ADDR6_MAP,
-    LISTENER_F_ACTIVE, LISTENER_F_V6, LISTENER_MAP, LISTENER_STATS_MAP, LISTENER6_MAP,
+    LISTENER_F_ACTIVE, LISTENER_F_V6, LISTENER_MAP, LISTENER_STATS_MAP, LISTENER6_MAP, LOAD_MAP,
     ListenerInfo, ListenerInfo6, ListenerKey, ListenerKey6, ListenerRef, MAX_LISTENERS,
     NUM_COUNTERS, PENDING_SESSION_MAP, PENDING_SESSION6_MAP, PendSlot, PendSlot6, SCHED_MAP,
     SESSION_MAP, SESSION6_MAP, SHARED_STATE_MAP, SessionKey, SessionKey6, SessionValue,
@@ -27,7 +27,7 @@ use clb_common::{
 
 use super::{
     Dataplane, Decide, DpConfig, DpError, Reader, SWEEP_BATCH, Scan, SessionTable, TABLE_BATCH,
-    TableInfo, Tables, batch, slots::SlotTable,
+    TableInfo, Tables, batch, loads::LoadTable, slots::SlotTable,
 };
 
 fn map_err(map: &'static str) -> impl FnOnce(MapError) -> DpError {
@@ -72,6 +72,8 @@ pub struct AyaTables {
     half_open6: SlotTable<HalfSlot6>,
     sessions6: MapData,
     pending6: SlotTable<PendSlot6>,
+    /// Active connections per backend, mapped.
+    loads: LoadTable,
 }
 
 /// The flow tables' names, in `AyaTables`'s field order.
@@ -108,7 +110,15 @@ impl AyaTables {
             .collect::<Result<Vec<_>, _>>()?
             .into_iter();
         let mut next = || m.next().ok_or(DpError::Missing(CONN_MAP));
+        let loads = match ebpf.take_map(LOAD_MAP).ok_or(DpError::Missing(LOAD_MAP))? {
+            Map::Array(m) => LoadTable::new(m).map_err(|source| DpError::Io {
+                map: LOAD_MAP,
+                source,
+            })?,
+            _ => return Err(DpError::Missing(LOAD_MAP)),
+        };
         Ok(Self {
+            loads,
             conns: next()?,
             half_open: slot_table(next()?, HALF_OPEN_MAP)?,
             sessions: next()?,
@@ -144,6 +154,10 @@ impl AyaTables {
             half_open6: slot_table(reopen(f, HALF_OPEN6_MAP)?, HALF_OPEN6_MAP)?,
             sessions6: reopen(g, SESSION6_MAP)?,
             pending6: slot_table(reopen(h, PENDING_SESSION6_MAP)?, PENDING_SESSION6_MAP)?,
+            loads: LoadTable::of(self.loads.map()).map_err(|source| DpError::Io {
+                map: LOAD_MAP,
+                source,
+            })?,
         })
     }
 
@@ -365,6 +379,12 @@ impl Tables for AyaTables {
             SessionTable::Verified => prune(&self.sessions6, SESSION6_MAP, pause, decide),
             SessionTable::Pending => prune_slots(&self.pending6, pause, decide),
         }
+    }
+    fn actives(&self) -> Vec<i64> {
+        self.loads.all()
+    }
+    fn add_active(&self, id: u32, delta: i64) {
+        self.loads.add(id, delta);
     }
 }
 
@@ -805,6 +825,12 @@ macro_rules! delegate_tables {
                 decide: &mut Decide<'_, SessionKey6, SessionValue>,
             ) -> Result<(u64, u64), DpError> {
                 self.$field.prune_sessions6(table, pause, decide)
+            }
+            fn actives(&self) -> Vec<i64> {
+                self.$field.actives()
+            }
+            fn add_active(&self, id: u32, delta: i64) {
+                self.$field.add_active(id, delta)
             }
         }
     };

@@ -33,6 +33,8 @@ pub struct MemState {
     pub pending6: HashMap<SessionKey6, SessionValue>,
     pub listener_stats: HashMap<u32, TrafficCounters>,
     pub backend_stats: HashMap<u32, TrafficCounters>,
+    /// Active connections per backend id (`clb_common::LOAD_MAP`).
+    pub active: HashMap<u32, i64>,
     /// Map writes so far (schedules count once per replacement).
     pub writes: usize,
 }
@@ -250,6 +252,19 @@ macro_rules! mem_tables {
                     Ok(prune_map(m, decide))
                 }
             )*
+            fn actives(&self) -> Vec<i64> {
+                let s = self.state();
+                let mut v = vec![0; clb_common::MAX_BACKENDS as usize];
+                for (id, n) in &s.active {
+                    if let Some(slot) = v.get_mut(*id as usize) {
+                        *slot = *n;
+                    }
+                }
+                v
+            }
+            fn add_active(&self, id: u32, delta: i64) {
+                *self.state().active.entry(id).or_default() += delta;
+            }
         }
     };
 }

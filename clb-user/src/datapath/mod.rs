@@ -14,6 +14,7 @@
 pub mod aya;
 pub mod batch;
 pub mod loader;
+pub mod loads;
 pub mod lock;
 pub mod mem;
 pub mod slots;
@@ -210,6 +211,12 @@ pub trait Tables: Send + Sync {
         pause: std::time::Duration,
         decide: &mut Decide<'_, SessionKey6, SessionValue>,
     ) -> Result<(u64, u64), DpError>;
+
+    /// Active connections of every backend, by id (`clb_common::BackendLoad`; a count being
+    /// corrected may be transiently negative).
+    fn actives(&self) -> Vec<i64>;
+    /// Adds `delta` to backend `id`'s active count, atomically with the datapath's own adds.
+    fn add_active(&self, id: u32, delta: i64);
 }
 
 /// Size and memory of one table.
@@ -257,16 +264,39 @@ fn pick<'a, K: FlowKey, V>(
     }
 }
 
+/// A `Decide` over connection entries that deletes those for which `gone(listener id, backend
+/// id)` and counts the open ones among them per backend in `open`.
+fn pick_conns<'a, K: FlowKey>(
+    gone: &'a dyn Fn(u32, u32) -> bool,
+    open: &'a mut BTreeMap<u32, i64>,
+) -> impl FnMut(&[K], &[ConnValue], &mut Vec<K>) + 'a {
+    move |ks, vs, dead| {
+        for (k, v) in ks.iter().zip(vs) {
+            if gone(k.listener(), v.backend) {
+                dead.push(*k);
+                if v.state == clb_common::CONN_OPEN {
+                    *open.entry(v.backend).or_default() += 1;
+                }
+            }
+        }
+    }
+}
+
 /// Deletes the connection and half-open entries (both families) for which
-/// `gone(listener id, backend id)`.
+/// `gone(listener id, backend id)`; the open connections among them leave their backend's
+/// active count.
 fn purge_flows(t: &dyn Tables, gone: &dyn Fn(u32, u32) -> bool) -> Result<u64, DpError> {
     let zero = std::time::Duration::ZERO;
-    let conn = |v: &ConnValue| v.backend;
     let half = |v: &HalfOpenValue| u32::from(v.backend);
-    Ok(t.prune_conns(zero, &mut pick(gone, conn))?.1
-        + t.prune_half_open(zero, &mut pick(gone, half))?.1
-        + t.prune_conns6(zero, &mut pick(gone, conn))?.1
-        + t.prune_half_open6(zero, &mut pick(gone, half))?.1)
+    let mut open: BTreeMap<u32, i64> = BTreeMap::new();
+    let mut n = t.prune_conns(zero, &mut pick_conns(gone, &mut open))?.1;
+    n += t.prune_conns6(zero, &mut pick_conns(gone, &mut open))?.1;
+    n += t.prune_half_open(zero, &mut pick(gone, half))?.1;
+    n += t.prune_half_open6(zero, &mut pick(gone, half))?.1;
+    for (b, k) in open {
+        t.add_active(b, -k);
+    }
+    Ok(n)
 }
 
 /// Deletes every flow-table entry (both families) for which `gone(listener id, backend id)`.

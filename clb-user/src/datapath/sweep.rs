@@ -3,6 +3,9 @@
 //! walk, counts the live ones per listener and backend. Those counts are what `clb stats`,
 //! `backend ls` and `/metrics` show, so no reader ever walks a million-entry table itself.
 //!
+//! The walk of the connection tables also corrects each backend's active-connection count
+//! (least connections, `backend ls` ACTIVE): see [`reconcile`].
+//!
 //! Expiry: connections by idle timeout or FIN/RST aging; half-open entries by the half-open
 //! timeout; persistence entries by the listener's duration (all of a listener's when its
 //! persistence is off). Entries of listeners that no longer exist are not the sweeper's
@@ -16,7 +19,7 @@
 
 use std::{collections::HashMap, sync::Arc, time::Instant};
 
-use clb_common::{conn_timeout_ns, is_expired};
+use clb_common::{CONN_OPEN, conn_timeout_ns, is_expired};
 use serde::{Deserialize, Serialize};
 
 use super::{DpError, FlowKey, SessionTable, Tables};
@@ -51,6 +54,9 @@ pub struct SweepReport {
     pub pending_scanned: u64,
     pub pending_removed: u64,
     pub micros: u64,
+    /// Active connections added to or taken from the backends' counts by
+    /// [`reconcile`] (entries that left without a packet the datapath saw).
+    pub active_corrected: u64,
     /// Live entries per table, in `TABLE_NAMES` order (IPv4 four, then IPv6 four).
     pub tables_live: [u64; 8],
     /// Live entries per listener id.
@@ -81,6 +87,10 @@ struct Walk<'a> {
     now_ns: u64,
     by_l: HashMap<u32, Live>,
     by_b: HashMap<u32, Live>,
+    /// Live connection entries in `CONN_OPEN`, per backend id: what its active count should be.
+    open: HashMap<u32, i64>,
+    /// Expired entries in `CONN_OPEN` this walk deletes, per backend id.
+    gone_open: HashMap<u32, i64>,
 }
 
 impl Walk<'_> {
@@ -94,12 +104,24 @@ impl Walk<'_> {
         let p = (self.policy)();
         for (k, v) in ks.iter().zip(vs) {
             let lid = k.listener();
-            if let Some((idle, _)) = p.listeners.get(&lid) {
-                if is_expired(self.now_ns, v.last_seen_ns, conn_timeout_ns(v.state, *idle)) {
+            let open = v.state == CONN_OPEN;
+            match p.listeners.get(&lid) {
+                Some((idle, _))
+                    if is_expired(self.now_ns, v.last_seen_ns, conn_timeout_ns(v.state, *idle)) =>
+                {
                     dead.push(*k);
-                } else {
-                    self.live(lid, v.backend, |c| c.conns += 1);
+                    if open {
+                        *self.gone_open.entry(v.backend).or_default() += 1;
+                    }
+                    continue;
                 }
+                Some(_) => self.live(lid, v.backend, |c| c.conns += 1),
+                // A removed listener's entry, until the control plane's purge: still counted
+                // by the datapath, and the purge subtracts it.
+                None => {}
+            }
+            if open {
+                *self.open.entry(v.backend).or_default() += 1;
             }
         }
     }
@@ -148,6 +170,39 @@ impl Walk<'_> {
     }
 }
 
+/// Corrects the backends' active counts after a walk of the connection tables: first the
+/// open entries the walk deleted (expired), exactly; then, per backend, the difference
+/// between the open entries the walk found (`open`) and the count, beyond what the datapath
+/// itself changed during the walk (`before` → now, which the walk may or may not have seen).
+/// With no opens and closes on a backend during its walk its count becomes exact; under
+/// churn it converges over walks, off by at most that walk's churn. Returns the total
+/// correction.
+fn reconcile(
+    t: &dyn Tables,
+    before: &[i64],
+    open: &HashMap<u32, i64>,
+    gone_open: &HashMap<u32, i64>,
+) -> u64 {
+    for (b, n) in gone_open {
+        t.add_active(*b, -n);
+    }
+    let after = t.actives();
+    let mut corrected = 0;
+    for (id, (&c0, &c1)) in before.iter().zip(&after).enumerate() {
+        let id = id as u32;
+        let walk = open.get(&id).copied().unwrap_or(0);
+        let gone = gone_open.get(&id).copied().unwrap_or(0);
+        let churn = (c1 - c0 + gone).abs();
+        let d = walk - c1;
+        if d.abs() > churn {
+            let fix = d - d.signum() * churn;
+            t.add_active(id, fix);
+            corrected += fix.unsigned_abs();
+        }
+    }
+    corrected
+}
+
 /// Sweeps the tables once at `now_ns`, waiting `pause` after each batch (pacing).
 pub fn sweep(
     t: &dyn Tables,
@@ -162,6 +217,8 @@ pub fn sweep(
         now_ns,
         by_l: HashMap::new(),
         by_b: HashMap::new(),
+        open: HashMap::new(),
+        gone_open: HashMap::new(),
     };
     // Per table: (scanned, removed), then the live count is the walk's difference.
     let add = |r: &mut SweepReport, slot: usize, (scanned, removed): (u64, u64)| {
@@ -185,12 +242,14 @@ pub fn sweep(
             }
         }
     };
+    let before = t.actives();
     let c4 = t.prune_conns(pause, &mut |ks, vs, dead| w.conns(ks, vs, dead))?;
     add(&mut r, 0, c4);
-    let h4 = t.prune_half_open(pause, &mut |ks, vs, dead| w.half_open(ks, vs, dead))?;
-    add(&mut r, 1, h4);
     let c6 = t.prune_conns6(pause, &mut |ks, vs, dead| w.conns(ks, vs, dead))?;
     add(&mut r, 4, c6);
+    r.active_corrected = reconcile(t, &before, &w.open, &w.gone_open);
+    let h4 = t.prune_half_open(pause, &mut |ks, vs, dead| w.half_open(ks, vs, dead))?;
+    add(&mut r, 1, h4);
     let h6 = t.prune_half_open6(pause, &mut |ks, vs, dead| w.half_open(ks, vs, dead))?;
     add(&mut r, 5, h6);
     for (i, table) in [SessionTable::Verified, SessionTable::Pending]
@@ -301,5 +360,72 @@ mod tests {
         let mut left: Vec<u16> = dp.state().conns.keys().map(|k| k.client_port).collect();
         left.sort_unstable();
         assert_eq!(left, vec![1, 3, 4]);
+    }
+
+    #[test]
+    fn active_counts_become_the_open_entries_whatever_way_the_others_left() {
+        let dp = MemDataplane::new();
+        let now = 1_000 * NS_PER_SEC;
+        let mut port = 0;
+        let mut conn = |age_s: u64, state, backend| {
+            port += 1;
+            (
+                ConnKey {
+                    client: 7,
+                    client_port: port,
+                    listener: 3,
+                    proto: 6,
+                    _pad: [0; 3],
+                },
+                ConnValue {
+                    last_seen_ns: now - age_s * NS_PER_SEC,
+                    backend,
+                    state,
+                    flags: 0,
+                    _pad: [0; 2],
+                },
+            )
+        };
+        {
+            let mut s = dp.state();
+            // Backend 5: four open, one closing, two idle past the timeout (the datapath
+            // counted six: the two expired ones never sent a packet that closed them).
+            for _ in 0..4 {
+                let (k, v) = conn(1, CONN_OPEN, 5);
+                s.conns.insert(k, v);
+            }
+            let (k, v) = conn(1, CONN_FIN, 5);
+            s.conns.insert(k, v);
+            for _ in 0..2 {
+                let (k, v) = conn(20, CONN_OPEN, 5);
+                s.conns.insert(k, v);
+            }
+            s.active.insert(5, 6);
+            // Backend 6: three open the count never saw (tables an earlier clb left).
+            for _ in 0..3 {
+                let (k, v) = conn(1, CONN_OPEN, 6);
+                s.conns.insert(k, v);
+            }
+            // Backend 7: counted five, all evicted by the LRU.
+            s.active.insert(7, 5);
+        }
+        let policy = Arc::new(SweepPolicy {
+            listeners: [(3, (10 * NS_PER_SEC, 0))].into(),
+            half_open_ns: 30 * NS_PER_SEC,
+        });
+        let r = sweep(&dp, &|| policy.clone(), now, std::time::Duration::ZERO).unwrap();
+        let a = dp.actives();
+        assert_eq!((a[5], a[6], a[7]), (4, 3, 0));
+        assert_eq!(
+            r.active_corrected,
+            3 + 5,
+            "the expired two are not a correction"
+        );
+        // A second walk finds nothing to correct.
+        let r = sweep(&dp, &|| policy.clone(), now, std::time::Duration::ZERO).unwrap();
+        assert_eq!(r.active_corrected, 0);
+        // A purge takes its open entries off the count.
+        crate::datapath::purge(&dp, &|_, b| b == 6).unwrap();
+        assert_eq!(dp.actives()[6], 0);
     }
 }

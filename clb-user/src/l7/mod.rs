@@ -73,6 +73,9 @@ pub struct L7Config {
     pub max_conns: u32,
     /// Write and backend-answer timeout, seconds.
     pub io_timeout_secs: u32,
+    /// New clients go to the accepting backend with the fewest requests in flight per unit
+    /// of weight (`sched = "lc"`), not by weighted round robin.
+    pub least_requests: bool,
     pub backends: Vec<L7Backend>,
 }
 
@@ -215,6 +218,15 @@ impl Proxies {
         v
     }
 
+    /// Requests in flight now on each backend of HTTP listener `name` (empty when it does
+    /// not run).
+    pub fn in_flight(&self, name: &str) -> HashMap<SocketAddr, u64> {
+        lock(&self.running)
+            .get(name)
+            .map(|r| r.state.in_flight())
+            .unwrap_or_default()
+    }
+
     /// Makes the running listeners match `configs`: starts new ones, swaps the routing view
     /// of running ones (their connections stay), stops removed ones (or ones whose VIP
     /// changed).
@@ -321,6 +333,7 @@ fn configs(snap: &crate::control::state::Snapshot) -> Vec<L7Config> {
                     .unwrap_or_else(|| DEFAULT_COOKIE_NAME.into()),
                 max_conns: h.max_conns.unwrap_or(DEFAULT_HTTP_MAX_CONNS),
                 io_timeout_secs: h.io_timeout.unwrap_or(DEFAULT_HTTP_IO_TIMEOUT),
+                least_requests: h.sched == crate::control::model::Sched::Lc,
                 backends: l
                     .backends
                     .iter()

@@ -96,6 +96,9 @@ pub struct Snapshot {
     tags: Vec<[u8; 8]>,
     /// What follows `NAME=VALUE` in the `Set-Cookie` of a new cookie.
     cookie_attrs: String,
+    /// Requests in flight on each backend (by `cfg.backends` index), carried over by address
+    /// from the snapshot this one replaces.
+    loads: Vec<Arc<AtomicU64>>,
 }
 
 impl Snapshot {
@@ -127,11 +130,13 @@ impl Snapshot {
         if cfg.tls.is_some() {
             cookie_attrs.push_str("; Secure");
         }
+        let loads = cfg.backends.iter().map(|_| Arc::default()).collect();
         Self {
             cfg,
             schedule,
             tags,
             cookie_attrs,
+            loads,
         }
     }
 
@@ -308,11 +313,28 @@ impl ListenerState {
     }
 
     /// Routes by `snap` from now on (and serves its certificates to new handshakes).
-    pub fn update(&self, snap: Snapshot) {
+    pub fn update(&self, mut snap: Snapshot) {
         if let (Some(tls), Some(certs)) = (&self.tls, &snap.cfg.tls) {
             tls.set_certs(certs);
         }
+        let old = self.snapshot.load();
+        for (b, load) in snap.cfg.backends.iter().zip(&mut snap.loads) {
+            if let Some(i) = old.cfg.backends.iter().position(|o| o.addr == b.addr) {
+                *load = old.loads[i].clone();
+            }
+        }
         self.snapshot.store(Arc::new(snap));
+    }
+
+    /// Requests in flight now, per backend.
+    pub fn in_flight(&self) -> HashMap<SocketAddr, u64> {
+        let s = self.snapshot.load();
+        s.cfg
+            .backends
+            .iter()
+            .zip(&s.loads)
+            .map(|(b, l)| (b.addr, l.load(Ordering::Relaxed)))
+            .collect()
     }
 
     fn next_backend(&self, s: &Snapshot) -> Option<usize> {
@@ -320,7 +342,50 @@ impl ListenerState {
             return None;
         }
         let c = self.cursor.fetch_add(1, Ordering::Relaxed);
+        if s.cfg.least_requests {
+            return least_loaded(&s.cfg.backends, &s.loads, c);
+        }
         Some(s.schedule[(c % s.schedule.len() as u64) as usize])
+    }
+}
+
+/// The accepting backend with the fewest requests in flight per unit of weight, comparing
+/// from index `start` on (ties go to the first, so equal backends take turns).
+fn least_loaded(
+    backends: &[super::L7Backend],
+    loads: &[Arc<AtomicU64>],
+    start: u64,
+) -> Option<usize> {
+    let n = backends.len();
+    let mut best: Option<(usize, u64, u64)> = None;
+    for k in 0..n {
+        let i = (start as usize).wrapping_add(k) % n;
+        let b = &backends[i];
+        if !b.accepting || b.weight == 0 {
+            continue;
+        }
+        let (a, w) = (loads[i].load(Ordering::Relaxed), u64::from(b.weight));
+        if best.is_none_or(|(_, ba, bw)| a * bw < ba * w) {
+            best = Some((i, a, w));
+        }
+    }
+    best.map(|(i, _, _)| i)
+}
+
+/// A request counted in flight on its backend until dropped (with its response body, or with
+/// the tunnel of an upgraded connection).
+struct BackendLoad(Arc<AtomicU64>);
+
+impl BackendLoad {
+    fn new(c: &Arc<AtomicU64>) -> Self {
+        c.fetch_add(1, Ordering::Relaxed);
+        Self(c.clone())
+    }
+}
+
+impl Drop for BackendLoad {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -612,12 +677,13 @@ where
             // head is ready: a client that stops reading a long body is a stalled request.
             let guard = InFlight::new(cx.act.clone());
             cx.act.head_started_ms.store(0, Ordering::Relaxed);
-            let (resp, log) = proxy(req, &cx, &st).await;
+            let (resp, log, load) = proxy(req, &cx, &st).await;
             let status = resp.status().as_u16();
             Ok::<_, Infallible>(resp.map(|inner| {
                 GuardedBody {
                     inner,
                     _guard: guard,
+                    _load: load,
                     log: log.map(|(entry, to)| {
                         Box::new(Logged {
                             entry,
@@ -858,6 +924,7 @@ impl Drop for InFlight {
 struct GuardedBody {
     inner: Body,
     _guard: InFlight,
+    _load: Option<BackendLoad>,
     log: Option<Box<Logged>>,
 }
 
@@ -942,6 +1009,8 @@ impl hyper::body::Body for ClientBody {
 struct Routed {
     backend: Option<SocketAddr>,
     persistence: &'static str,
+    /// The request counted on its backend (absent once a tunnel took it over).
+    load: Option<BackendLoad>,
 }
 
 /// Proxies one request; with an access log, also returns its entry so far.
@@ -949,7 +1018,11 @@ async fn proxy(
     req: Request<Incoming>,
     cx: &ReqCx,
     st: &ListenerState,
-) -> (Response<Body>, Option<(access::Entry, Arc<AccessLog>)>) {
+) -> (
+    Response<Body>,
+    Option<(access::Entry, Arc<AccessLog>)>,
+    Option<BackendLoad>,
+) {
     let c = &st.counters;
     let t0 = Instant::now();
     c.requests.fetch_add(1, Ordering::Relaxed);
@@ -989,7 +1062,7 @@ async fn proxy(
         )),
         _ => None,
     };
-    (resp, log)
+    (resp, log, routed.load.take())
 }
 
 fn client_error(st: &ListenerState, status: StatusCode, msg: &str) -> Response<Body> {
@@ -1132,6 +1205,7 @@ async fn route(
     };
     let backend = cfg.backends[i].addr;
     routed.backend = Some(backend);
+    routed.load = Some(BackendLoad::new(&snap.loads[i]));
     *lock(&st.counters.per_backend).entry(backend).or_default() += 1;
 
     strip_hop_by_hop(&mut parts.headers);
@@ -1279,13 +1353,14 @@ async fn route(
             rp.headers.insert(header::UPGRADE, u);
         }
         st.counters.upgrades.fetch_add(1, Ordering::Relaxed);
-        tokio::spawn(tunnel(
-            client_up,
-            backend_up,
-            cx.act.clone(),
-            cx.hold.clone(),
-            peer,
-        ));
+        // The tunnel stays counted on its backend while it lasts (least requests sees
+        // WebSockets).
+        let load = routed.load.take();
+        let t = tunnel(client_up, backend_up, cx.act.clone(), cx.hold.clone(), peer);
+        tokio::spawn(async move {
+            t.await;
+            drop(load);
+        });
     }
     Response::from_parts(rp, rb.map_err(|e| Box::new(e) as BoxError).boxed())
 }
@@ -1430,6 +1505,7 @@ mod tests {
             cookie_name: "c".into(),
             max_conns: 10,
             io_timeout_secs: 60,
+            least_requests: false,
             backends: vec![
                 b("10.0.10.2:80", 10, true),
                 b("10.0.11.2:80", 10, false),
@@ -1440,5 +1516,31 @@ mod tests {
         assert_eq!(s.schedule.len(), 3);
         assert!(!s.schedule.contains(&1));
         assert_eq!(s.schedule.iter().filter(|&&i| i == 2).count(), 2);
+    }
+
+    #[test]
+    fn least_requests_divides_in_flight_by_weight_among_accepting_backends() {
+        let b = |weight, accepting| L7Backend {
+            addr: "10.0.10.2:80".parse().unwrap(),
+            weight,
+            accepting,
+        };
+        let backends = [b(10, true), b(20, true), b(10, false), b(0, true)];
+        let loads: Vec<Arc<AtomicU64>> = [3, 5, 0, 0]
+            .into_iter()
+            .map(|n| Arc::new(AtomicU64::new(n)))
+            .collect();
+        // 3/10 > 5/20: the heavier backend; not accepting and weight 0 never.
+        assert_eq!(least_loaded(&backends, &loads, 0), Some(1));
+        loads[1].store(6, Ordering::Relaxed);
+        // 3/10 = 6/20: a tie goes to the first from the rotating start.
+        assert_eq!(least_loaded(&backends, &loads, 0), Some(0));
+        assert_eq!(least_loaded(&backends, &loads, 1), Some(1));
+        assert_eq!(least_loaded(&[b(10, false)], &loads[..1], 0), None);
+        // Counted while the guard lives.
+        let g = BackendLoad::new(&loads[0]);
+        assert_eq!(loads[0].load(Ordering::Relaxed), 4);
+        drop(g);
+        assert_eq!(loads[0].load(Ordering::Relaxed), 3);
     }
 }

@@ -16,6 +16,7 @@ mod e2e_https;
 mod e2e_ipv6;
 mod e2e_l4;
 mod e2e_l7;
+mod e2e_lc;
 mod e2e_maglev;
 mod e2e_owner;
 mod e2e_tables;

@@ -1345,3 +1345,136 @@ fn malformed_vip_packets_are_dropped_with_a_reason_and_ip_options_are_forwarded(
         )]);
     });
 }
+
+/// "web" with weighted least connections and no persistence.
+fn web_lc() -> ListenerSpec {
+    let mut l = web(0);
+    l4(&mut l).sched = Sched::Lc;
+    l4(&mut l).idle_timeout = Some(20);
+    l
+}
+
+#[test]
+fn least_connections_counts_every_way_a_connection_opens_and_ends() {
+    with_lab(|lab| {
+        lab.apply(vec![web_lc()]);
+        let active = |n: u8| lab.active("web", backend(n, 8080));
+        // Three connections on three backends: each goes to a least-loaded one.
+        let (c1, c2, c3) = (client(45001), client(45002), client(45003));
+        let n1 = handshake(lab, c1);
+        assert_eq!(active(n1), 1, "the handshake's ACK opened it");
+        let n2 = handshake(lab, c2);
+        let n3 = handshake(lab, c3);
+        let mut ns = [n1, n2, n3];
+        ns.sort_unstable();
+        assert_eq!(ns, [2, 3, 4], "one connection on each backend");
+        // A SYN alone (no proof yet) counts nothing.
+        let (v, out) = lab.run(&FrameSpec::tcp(client(45009), sa(VIP), SYN).build());
+        assert_eq!(v, XDP_REDIRECT);
+        assert_eq!(
+            active(backend_of(&out)),
+            1,
+            "an unverified SYN is not active"
+        );
+
+        // The client's FIN ends c1 on n1: the next connection is n1's, the only emptier one.
+        let fin = FrameSpec::tcp(c1, sa(VIP), FIN | ACK);
+        assert_eq!(lab.run(&fin.build()).0, XDP_REDIRECT);
+        assert_eq!(active(n1), 0, "FIN from the client");
+        let c4 = client(45004);
+        assert_eq!(
+            handshake(lab, c4),
+            n1,
+            "least connections: the backend with none"
+        );
+        // The backend's FIN ends c4 (seen on the reply path).
+        let bfin = reply_from(lab, n1, 8080, c4, FIN | ACK);
+        assert_eq!(lab.run_on(lab.backend_if, &bfin.build()).0, XDP_REDIRECT);
+        assert_eq!(active(n1), 0, "FIN from the backend");
+        // A second FIN of a closed connection counts nothing again.
+        assert_eq!(lab.run(&fin.build()).0, XDP_REDIRECT);
+        assert_eq!(active(n1), 0);
+
+        // An RST from the backend ends c2; both ends talking again brings it back.
+        let brst = reply_from(lab, n2, 8080, c2, RST);
+        assert_eq!(lab.run_on(lab.backend_if, &brst.build()).0, XDP_REDIRECT);
+        assert_eq!(active(n2), 0, "RST");
+        assert_eq!(lab.run(&data_of(c2).build()).0, XDP_REDIRECT);
+        assert_eq!(
+            active(n2),
+            0,
+            "the client alone proves nothing after an RST"
+        );
+        let r2 = reply_from(lab, n2, 8080, c2, ACK);
+        assert_eq!(lab.run_on(lab.backend_if, &r2.build()).0, XDP_REDIRECT);
+        assert_eq!(active(n2), 1, "both ends again: open again");
+
+        // Idle expiry: the sweeper deletes c3's entry and takes it off n3's count.
+        let k3 = conn_key(lab, "web", c3, PROTO_TCP);
+        backdate_conn(lab, &k3, 25);
+        let r = lab.sweep();
+        assert!(r.conns_removed >= 1);
+        assert_eq!(active(n3), 0, "idle expiry, by the sweeper");
+
+        // An entry that vanished without a packet (LRU eviction: deleted behind clb's back)
+        // is corrected by the next walk; so is a count that drifted upwards.
+        let k2 = conn_key(lab, "web", c2, PROTO_TCP);
+        lab.delete_conn(&k2);
+        assert_eq!(active(n2), 1, "the datapath did not see it go");
+        lab.sweep();
+        assert_eq!(active(n2), 0, "the walk found no open entry on it");
+
+        // A removed backend's open connections leave its count with the purge.
+        let c5 = client(45005);
+        let n5 = handshake(lab, c5);
+        assert_eq!(active(n5), 1);
+        let mut l = web_lc();
+        l.backends.retain(|b| b.addr != backend(n5, 8080).into());
+        let id5 = lab.backend_id("web", backend(n5, 8080));
+        lab.apply(vec![l]);
+        assert_eq!(
+            clb::datapath::Tables::actives(lab.reader())[id5 as usize],
+            0,
+            "purged with its backend"
+        );
+    });
+}
+
+#[test]
+fn least_connections_divides_by_weight_and_a_persisted_client_stays() {
+    with_lab(|lab| {
+        let mut l = web_lc();
+        l.persist = 600;
+        // Weights 1 : 2 : 0 (the third takes nothing new).
+        for (b, w) in l.backends.iter_mut().zip([1, 2, 0]) {
+            b.weight = w;
+        }
+        lab.apply(vec![l]);
+        let mut on = [0u32; 5];
+        for i in 0..30 {
+            // Each from its own address: no persistence entry to follow.
+            let c = SocketAddrV4::new(Ipv4Addr::new(10, 2, 0, 1 + i), 46000);
+            on[usize::from(handshake(lab, c))] += 1;
+        }
+        assert!(
+            (9..=11).contains(&on[2]) && on[2] + on[3] == 30 && on[4] == 0,
+            "active / weight equalised at 1 : 2: {on:?}"
+        );
+        // A persisted client keeps its backend however many more connections it opens,
+        // although the other one becomes the less loaded.
+        let first = SocketAddrV4::new(Ipv4Addr::new(10, 2, 0, 1), 46001);
+        let b = handshake(lab, first);
+        for port in 46002..46010 {
+            let c = SocketAddrV4::new(Ipv4Addr::new(10, 2, 0, 1), port);
+            assert_eq!(
+                handshake(lab, c),
+                b,
+                "its persistence entry, not the least loaded"
+            );
+        }
+        assert_eq!(
+            lab.active("web", backend(b, 8080)),
+            i64::from(on[usize::from(b)]) + 9
+        );
+    });
+}

@@ -563,7 +563,7 @@
 
   // ----------------------------------------------------------------- backends
 
-  const BACKEND_COLS = ['addr', 'weight', 'health', 'accepting', 'drain', 'conns', 'sessions', 'actions'];
+  const BACKEND_COLS = ['addr', 'weight', 'health', 'accepting', 'drain', 'active', 'conns', 'sessions', 'actions'];
 
   function createBackendRow(listener, addr) {
     const tr = el('tr', { 'data-backend': addr });
@@ -604,6 +604,7 @@
     cell('drain').replaceChildren(drain);
 
     const live = b.live || {};
+    setText(cell('active'), fmtNum(b.active || 0));
     setText(cell('conns'), fmtNum(live.conns || 0));
     cell('conns').title = `${fmtNum(live.half_open || 0)} half-open`;
     setText(cell('sessions'), fmtNum(live.sessions || 0));
