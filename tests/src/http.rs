@@ -2,6 +2,7 @@
 //! a JSON body naming itself and echoing what the proxy sent it:
 //! `{"backend": NAME, "cookie": .., "x_forwarded_for": .., "x_forwarded_proto": ..,
 //! "forwarded": .., "host": .., "connection": ..}`, except `GET /big`: [`BIG_BODY`] bytes.
+//! `/slow` answers the same after [`SLOW`] (requests that stay in flight).
 
 use std::{
     convert::Infallible,
@@ -17,6 +18,9 @@ use hyper::{Request, Response, body::Bytes, service::service_fn};
 use hyper_util::rt::TokioIo;
 
 use crate::netns::NetNs;
+
+/// How long `/slow` takes to answer.
+pub const SLOW: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// Size of the body of `GET /big`.
 pub const BIG_BODY: usize = 32 << 20;
@@ -90,6 +94,9 @@ async fn serve(listener: tokio::net::TcpListener, name: String, requests: Arc<At
                         return Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(
                             vec![b'x'; BIG_BODY],
                         ))));
+                    }
+                    if req.uri().path() == "/slow" {
+                        tokio::time::sleep(SLOW).await;
                     }
                     let body = serde_json::json!({
                         "backend": name,

@@ -56,6 +56,14 @@ fn maglev(persist: u32) -> ListenerSpec {
     l
 }
 
+fn least_conns(persist: u32) -> ListenerSpec {
+    let mut l = web(persist);
+    if let Kind::L4(k) = &mut l.kind {
+        k.sched = Sched::Lc;
+    }
+    l
+}
+
 /// A unique source for the i-th new flow of a figure (`base` keeps figures apart).
 fn source(base: u8, i: usize) -> SocketAddrV4 {
     let ip = (u32::from(base) << 24) | (3 << 16) | ((i / 50_000) as u32);
@@ -385,6 +393,33 @@ pub fn run(scale: &Scale, report: &mut Report) -> anyhow::Result<()> {
                 )
             },
         )?;
+        // Least connections: the cursor as round robin, plus a comparison of every accepting
+        // backend's count (3 here).
+        lab.apply(vec![least_conns(0)]);
+        let syn_lc = measure(lab, scale, XDP_REDIRECT, |i| {
+            (
+                lab.client_if,
+                FrameSpec::tcp(source(66, i), VIP, SYN).build(),
+            )
+        })?;
+        let syn_lc_par = measure_parallel(
+            lab,
+            scale,
+            XDP_REDIRECT,
+            |i| {
+                (
+                    lab.client_if,
+                    FrameSpec::tcp(source(67, i), VIP, SYN).build(),
+                )
+            },
+            |i| {
+                (
+                    lab.client_if,
+                    FrameSpec::tcp(source(68, i), VIP, SYN).build(),
+                )
+            },
+        )?;
+        lab.apply(vec![web(0)]);
         let nonvip = measure(lab, scale, XDP_PASS, |_| {
             (
                 lab.client_if,
@@ -469,9 +504,23 @@ pub fn run(scale: &Scale, report: &mut Report) -> anyhow::Result<()> {
             None,
             "hash + Maglev table lookup + half-open insert",
         ));
+        rows.push(Row {
+            section: "per-packet (BPF_PROG_TEST_RUN)".into(),
+            figure: format!("SYN, least connections ({})", small.label),
+            unit: "ns".into(),
+            clb: syn_lc.path_ns,
+            peers: vec![("round robin".into(), syn_wrr.path_ns)],
+            ratio: Some(("round robin".into(), syn_lc.path_ns / syn_wrr.path_ns)),
+            target: Some((
+                "≤ 1.1× round robin".into(),
+                syn_lc.path_ns / syn_wrr.path_ns <= 1.1,
+            )),
+            note: "cursor + a global function comparing 3 backends' active counts + half-open insert; same run, round robin's SYN of the same listener shape".into(),
+        });
         for (what, single, par) in [
             ("SYN, round robin", &syn_wrr, &syn_wrr_par),
             ("SYN, Maglev", &syn_maglev, &syn_maglev_par),
+            ("SYN, least connections", &syn_lc, &syn_lc_par),
         ] {
             let r = par.path_ns / single.path_ns;
             rows.push(Row {
@@ -482,7 +531,7 @@ pub fn run(scale: &Scale, report: &mut Report) -> anyhow::Result<()> {
                 peers: vec![("one CPU".into(), single.path_ns)],
                 ratio: Some(("one CPU".into(), r)),
                 target: None,
-                note: "CPU 0 measured while CPU 1 runs SYNs of other clients through the same listener; round robin shares one cursor cache line between CPUs, Maglev shares nothing written".into(),
+                note: "CPU 0 measured while CPU 1 runs SYNs of other clients through the same listener; round robin and least connections share one cursor cache line between CPUs (least connections reads the counts, its SYNs write none), Maglev shares nothing written".into(),
             });
         }
         rows.push(row(
@@ -588,7 +637,7 @@ pub fn katran_rows(scale: &Scale, src: Option<&std::path::Path>, report: &mut Re
         .find(|r| r.figure.starts_with("established TCP flow (1k"))
         .and_then(|r| r.peers.iter().find(|(n, _)| n == "XDP_PASS"))
         .map_or(f64::NAN, |(_, v)| *v);
-    let pairs: [(&str, &str, f64, Option<f64>); 7] = [
+    let pairs: [(&str, &str, f64, Option<f64>); 8] = [
         (
             "established TCP flow (1k",
             "established flow",
@@ -615,6 +664,12 @@ pub fn katran_rows(scale: &Scale, src: Option<&std::path::Path>, report: &mut Re
         ),
         (
             "SYN, Maglev scheduler (1k",
+            "new flow",
+            k.new_flow,
+            Some(0.6),
+        ),
+        (
+            "SYN, least connections (1k",
             "new flow",
             k.new_flow,
             Some(0.6),

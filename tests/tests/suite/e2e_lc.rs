@@ -4,12 +4,14 @@
 
 use std::{
     collections::HashMap,
+    io::{Read as _, Write as _},
     net::{Ipv4Addr, SocketAddrV4, TcpStream},
     time::Duration,
 };
 
 use clb_tests::{
     daemon::{Daemon, one_listener_config},
+    http::HttpServer,
     netns::{CLIENT_IP, Topology, VIP, backend_ip},
     servers::{NameServer, ask, connect, udp_ask, udp_socket},
     wait_for,
@@ -238,4 +240,65 @@ fn udp_flows_are_counted_and_placed_on_the_least_loaded_backend() {
     let t = tally(second.iter().map(|(_, b)| b.as_str()));
     let on_new = t.get("b1").unwrap_or(&0) + t.get("b2").unwrap_or(&0);
     assert!(on_new >= 22, "{t:?}");
+}
+
+#[test]
+fn http_least_requests_sends_new_requests_where_fewest_are_in_flight() {
+    let topo = Topology::new("lch", 3, 0).expect("topology");
+    let _servers: Vec<HttpServer> = topo
+        .backends
+        .iter()
+        .enumerate()
+        .map(|(i, ns)| {
+            HttpServer::start(
+                ns,
+                SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, PORT),
+                &format!("b{i}"),
+            )
+            .expect("http backend")
+        })
+        .collect();
+    let cfg = one_listener_config("web", vip(80), "http", 1, PORT, "sched = \"lc\"\n");
+    let d = Daemon::start(&topo, &cfg);
+    // A slow request on a connection of its own; its answer names the backend.
+    let send = || {
+        let mut c = connect(&topo.client, CLIENT_IP, vip(80)).expect("connect");
+        c.write_all(b"GET /slow HTTP/1.1\r\nHost: shop\r\nConnection: close\r\n\r\n")
+            .expect("request");
+        c
+    };
+    let answer = |mut c: TcpStream| {
+        c.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        let mut out = String::new();
+        c.read_to_string(&mut out).expect("response");
+        (0..3)
+            .map(|i| format!("b{i}"))
+            .find(|b| out.contains(&format!("\"backend\":\"{b}\"")))
+            .unwrap_or_else(|| panic!("no backend in {out}"))
+    };
+    let first: Vec<TcpStream> = (0..12).map(|_| send()).collect();
+    let busy = wait_for(Duration::from_secs(2), || {
+        (active(&d)["b0"] == 12).then_some(())
+    });
+    assert!(
+        busy.is_some(),
+        "12 requests in flight on b0: {:?}",
+        active(&d)
+    );
+    d.clb_ok(&["backend", "add", "web", &be(1)]);
+    d.clb_ok(&["backend", "add", "web", &be(2)]);
+    let second: Vec<TcpStream> = (0..24).map(|_| send()).collect();
+    let names: Vec<String> = second.into_iter().map(answer).collect();
+    let t = tally(names.iter().map(String::as_str));
+    let on_new = t.get("b1").unwrap_or(&0) + t.get("b2").unwrap_or(&0);
+    assert!(on_new >= 22, "the 24 requests after b1, b2 joined: {t:?}");
+    assert!(first.into_iter().map(answer).all(|b| b == "b0"));
+    let idle = wait_for(Duration::from_secs(2), || {
+        active(&d).values().all(|n| *n == 0).then_some(())
+    });
+    assert!(
+        idle.is_some(),
+        "nothing in flight once answered: {:?}",
+        active(&d)
+    );
 }

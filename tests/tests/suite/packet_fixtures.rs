@@ -1478,3 +1478,89 @@ fn least_connections_divides_by_weight_and_a_persisted_client_stays() {
         );
     });
 }
+
+#[test]
+fn least_connection_counts_do_not_drift_over_100k_connections_with_evictions() {
+    // 1024 connection entries: the LRU evicts almost every connection left open.
+    let tables = TablesSpec {
+        connections: 1024,
+        flood_threshold: Some(0),
+        ..TablesSpec::default()
+    };
+    with_lab_tables(tables, |lab| {
+        lab.apply(vec![web_lc()]);
+        let ids: Vec<u32> = (2..=4)
+            .map(|n| lab.backend_id("web", backend(n, 8080)))
+            .collect();
+        let open_entries = || {
+            let mut by: std::collections::HashMap<u32, i64> = Default::default();
+            clb::datapath::Tables::scan_conns(lab.reader(), &mut |_, vs| {
+                for v in vs.iter().filter(|v| v.state == CONN_OPEN) {
+                    *by.entry(v.backend).or_default() += 1;
+                }
+                true
+            })
+            .unwrap();
+            by
+        };
+        for i in 0..100_000u32 {
+            let c = SocketAddrV4::new(
+                Ipv4Addr::new(10, 2, 0, 1 + (i / 50_000) as u8),
+                1024 + (i % 50_000) as u16,
+            );
+            let n = handshake(lab, c);
+            let end = match i % 4 {
+                0 => Some((lab.client_if, FrameSpec::tcp(c, sa(VIP), FIN | ACK))),
+                1 => Some((lab.backend_if, reply_from(lab, n, 8080, c, RST))),
+                2 => Some((lab.client_if, FrameSpec::tcp(c, sa(VIP), RST))),
+                // Left open: evicted by the LRU, or aged out below.
+                _ => None,
+            };
+            if let Some((on, f)) = end {
+                assert_eq!(lab.run_on(on, &f.build()).0, XDP_REDIRECT);
+            }
+        }
+        let actives = |lab: &PacketLab| {
+            let a = clb::datapath::Tables::actives(lab.reader());
+            ids.iter().map(|id| a[*id as usize]).collect::<Vec<i64>>()
+        };
+        let truth = open_entries();
+        let before: i64 = actives(lab).iter().sum();
+        let open: i64 = truth.values().sum();
+        assert!(
+            before > open + 20_000,
+            "the evicted open connections are still counted before a walk: {before} vs {open}"
+        );
+        // Half the surviving open entries go idle past the timeout.
+        let mut aged = 0;
+        clb::datapath::Tables::scan_conns(lab.reader(), &mut |ks, vs| {
+            for (k, v) in ks.iter().zip(vs) {
+                if v.state == CONN_OPEN && aged < open / 2 {
+                    lab.put_conn(
+                        *k,
+                        ConnValue {
+                            last_seen_ns: ago(25),
+                            ..*v
+                        },
+                    );
+                    aged += 1;
+                }
+            }
+            true
+        })
+        .unwrap();
+        let r = lab.sweep();
+        assert!(r.conns_removed >= aged as u64);
+        let truth = open_entries();
+        let want: Vec<i64> = ids
+            .iter()
+            .map(|id| truth.get(id).copied().unwrap_or(0))
+            .collect();
+        assert_eq!(
+            actives(lab),
+            want,
+            "each count is its backend's open entries"
+        );
+        assert!(want.iter().sum::<i64>() > 0, "some open entries survive");
+    });
+}
