@@ -1564,3 +1564,53 @@ fn least_connection_counts_do_not_drift_over_100k_connections_with_evictions() {
         assert!(want.iter().sum::<i64>() > 0, "some open entries survive");
     });
 }
+
+#[test]
+fn on_dsr_least_connections_counts_what_the_client_side_shows() {
+    with_lab(|lab| {
+        let mut l = ListenerSpec::new("dsr", sa(VIP), Proto::Tcp);
+        l4(&mut l).forward = Forward::Dsr;
+        l4(&mut l).sched = Sched::Lc;
+        l.backends = (2..=3)
+            .map(|n| BackendSpec::new(backend(n, 80), 10))
+            .collect();
+        lab.apply(vec![l]);
+        let active = |n: u8| lab.active("dsr", backend(n, 80));
+        // Verified by the client's data after its handshake ACK (clb never sees the SYN-ACK).
+        let open = |c: SocketAddrV4| {
+            let (v, out) = lab.run(&FrameSpec::tcp(c, sa(VIP), SYN).build());
+            assert_eq!(v, XDP_REDIRECT);
+            let n = dsr_backend_of(&out);
+            assert_eq!(
+                lab.run(&FrameSpec::tcp(c, sa(VIP), ACK).build()).0,
+                XDP_REDIRECT
+            );
+            assert_eq!(active(n), 0, "a SYN and an ACK prove nothing on DSR");
+            assert_eq!(lab.run(&data_of(c).build()).0, XDP_REDIRECT);
+            n
+        };
+        let (c1, c2) = (client(50100), client(50101));
+        let n1 = open(c1);
+        assert_eq!(active(n1), 1);
+        let n2 = open(c2);
+        assert_ne!(n1, n2, "the second connection goes to the empty backend");
+        // The client's FIN closes the count; so does its RST.
+        assert_eq!(
+            lab.run(&FrameSpec::tcp(c1, sa(VIP), FIN | ACK).build()).0,
+            XDP_REDIRECT
+        );
+        assert_eq!(active(n1), 0);
+        assert_eq!(
+            lab.run(&FrameSpec::tcp(c2, sa(VIP), RST).build()).0,
+            XDP_REDIRECT
+        );
+        assert_eq!(active(n2), 0);
+        // After an RST the client alone brings a DSR flow back (its replies are never seen).
+        assert_eq!(lab.run(&data_of(c2).build()).0, XDP_REDIRECT);
+        assert_eq!(
+            active(n2),
+            1,
+            "the client talks on after the RST: open again"
+        );
+    });
+}
