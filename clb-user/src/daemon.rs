@@ -374,6 +374,10 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
             drains(c.clone())
         }));
         let c = ctl.clone();
+        loops.push(supervise::spawn(ctl.clone(), "slow-start", move || {
+            ramps(c.clone())
+        }));
+        let c = ctl.clone();
         loops.push(supervise::spawn(ctl.clone(), "health", move || {
             let c = c.clone();
             async move {
@@ -584,6 +588,19 @@ async fn drains(ctl: Arc<Controller>) -> anyhow::Result<()> {
                 conns_removed = n,
                 "drain deadline reached, connections removed"
             );
+        }
+    }
+}
+
+/// Raises the weights of backends in slow start once a second until they are full.
+async fn ramps(ctl: Arc<Controller>) -> anyhow::Result<()> {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let c = ctl.clone();
+        if let Err(e) = tokio::task::spawn_blocking(move || c.advance_ramps()).await? {
+            // Detached or a map write refused: the next tick tries again.
+            tracing::debug!("slow start not advanced: {e}");
         }
     }
 }

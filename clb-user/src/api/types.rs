@@ -28,6 +28,9 @@ pub struct ListenerView {
     pub proto: Proto,
     /// Persistence, seconds (0 = off).
     pub persist: u32,
+    /// Slow start, seconds (0 = off).
+    #[serde(default)]
+    pub slow_start: u32,
     /// L4: connection idle timeout in effect, seconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idle_timeout: Option<u32>,
@@ -107,6 +110,7 @@ impl ListenerView {
             vip: s.vip,
             proto: s.proto(),
             persist: s.persist,
+            slow_start: s.slow_start,
             idle_timeout: None,
             sched: None,
             forward: None,
@@ -214,6 +218,9 @@ pub fn unix(t: SystemTime) -> u64 {
 pub struct BackendView {
     pub addr: SocketAddr,
     pub weight: u32,
+    /// The weight in effect now (lower during a slow start).
+    #[serde(default)]
+    pub weight_now: u32,
     pub health: Health,
     /// Unix time (s) of the last health change (or of the backend's creation).
     pub health_since: u64,
@@ -247,6 +254,7 @@ impl BackendView {
             .map(|(i, b)| BackendView {
                 addr: b.spec.addr,
                 weight: b.spec.weight,
+                weight_now: b.weight_now,
                 health: b.health,
                 health_since: unix(b.health_since),
                 accepting: b.accepting,

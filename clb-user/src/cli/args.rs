@@ -151,6 +151,10 @@ pub struct ListenerOpts {
     /// least requests in flight) or maglev (L4: consistent hash).
     #[arg(long, value_parser = parse_sched)]
     pub sched: Option<Sched>,
+    /// Slow start, seconds (0-600, 0 = off): a backend that joins or comes back healthy has
+    /// its weight ramped from a tenth to full over this time.
+    #[arg(long)]
+    pub slow_start: Option<u32>,
     /// L4: forwarding: nat (default) or dsr (direct server return; backend port = VIP port).
     #[arg(long, value_parser = parse_forward)]
     pub forward: Option<Forward>,
@@ -321,6 +325,7 @@ impl ListenerOpts {
         };
         put("persist", self.persist.map(|v| json!(v)));
         put("idle_timeout", self.idle_timeout.map(|v| json!(v)));
+        put("slow_start", self.slow_start.map(|v| json!(v)));
         put("sched", self.sched.map(|v| json!(v)));
         put("forward", self.forward.map(|v| json!(v)));
         put("persist_mask", self.persist_mask.map(|v| json!(v)));

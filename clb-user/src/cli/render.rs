@@ -140,7 +140,11 @@ pub fn backends(v: &[BackendView]) -> String {
         .map(|b| {
             vec![
                 b.addr.to_string(),
-                b.weight.to_string(),
+                if b.weight_now != b.weight {
+                    format!("{} (slow start, {} of it now)", b.weight, b.weight_now)
+                } else {
+                    b.weight.to_string()
+                },
                 format!("{:?}", b.health).to_lowercase(),
                 format!("{}s ago", now.saturating_sub(b.health_since)),
                 if b.accepting { "yes" } else { "no" }.into(),

@@ -18,10 +18,11 @@ pub mod state;
 pub mod status;
 
 use std::{
+    collections::HashMap,
     net::{IpAddr, SocketAddr},
     path::PathBuf,
     sync::{Arc, Mutex, MutexGuard, PoisonError},
-    time::{Instant, SystemTime},
+    time::{Duration, Instant, SystemTime},
 };
 
 use arc_swap::ArcSwap;
@@ -342,12 +343,53 @@ impl Controller {
             if rt.health == health {
                 return Ok(false);
             }
+            if health == Health::Healthy
+                && s.config
+                    .listeners
+                    .iter()
+                    .any(|l| l.name == listener && l.slow_start > 0)
+            {
+                rt.ramp_from = Some(Instant::now());
+            }
             rt.health = health;
             rt.health_since = SystemTime::now();
             *s.transitions
                 .entry((listener.to_owned(), addr, health))
                 .or_default() += 1;
             Ok(true)
+        })
+    }
+
+    /// Moves the backends in slow start on: their listeners' plans are computed again with
+    /// the weights of now, and a backend whose slow start is over leaves it. Returns whether
+    /// any was in slow start (the daemon calls it once a second).
+    pub fn advance_ramps(&self) -> Result<bool, ChangeError> {
+        {
+            let w = lock(&self.writer);
+            if w.state.runtime.values().all(|rt| rt.ramp_from.is_none()) {
+                return Ok(false);
+            }
+        }
+        self.runtime_change(|s| {
+            let now = Instant::now();
+            let secs: HashMap<String, u32> = s
+                .config
+                .listeners
+                .iter()
+                .map(|l| (l.name.clone(), l.slow_start))
+                .collect();
+            let mut any = false;
+            for ((listener, _), rt) in s.runtime.iter_mut() {
+                if let Some(t0) = rt.ramp_from {
+                    any = true;
+                    let total =
+                        Duration::from_secs(u64::from(secs.get(listener).copied().unwrap_or(0)));
+                    if now.saturating_duration_since(t0) >= total {
+                        rt.ramp_from = None;
+                    }
+                }
+            }
+            Ok(any)
         })
     }
 

@@ -114,6 +114,13 @@ impl std::str::FromStr for SameSite {
     }
 }
 
+/// Longest slow start a listener may have, seconds.
+pub const MAX_SLOW_START_SECS: u32 = 600;
+
+fn is_zero(v: &u32) -> bool {
+    *v == 0
+}
+
 /// How a listener picks a backend for a new client (one without a live persistence entry or
 /// cookie).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -419,6 +426,10 @@ pub struct ListenerSpec {
     pub vip: SocketAddr,
     /// Session persistence, seconds: 0 = off; 1–3600 for tcp/udp, 30–3600 for http.
     pub persist: u32,
+    /// Slow start, seconds, 0–600 (0 = off): a backend that joins or comes back healthy has
+    /// its weight ramped from a tenth to full over this time, so least connections (or round
+    /// robin) does not send it every new client at once.
+    pub slow_start: u32,
     pub kind: Kind,
     pub health_check: HealthCheckSpec,
     pub backends: Vec<BackendSpec>,
@@ -443,6 +454,7 @@ impl ListenerSpec {
             name: name.into(),
             vip: vip.into(),
             persist: 0,
+            slow_start: 0,
             health_check: HealthCheckSpec::of(default_check(proto)),
             kind,
             backends: Vec::new(),
@@ -506,6 +518,13 @@ impl ListenerSpec {
             });
         }
         check_unicast("vip", self.vip.ip())?;
+        range(
+            "slow_start",
+            self.slow_start,
+            0,
+            MAX_SLOW_START_SECS,
+            "0-600 seconds (0 = off)",
+        )?;
         match &self.kind {
             Kind::L4(l) => {
                 range(
@@ -1093,6 +1112,8 @@ pub struct WireListener {
     pub proto: Option<Proto>,
     #[serde(default)]
     pub persist: u32,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub slow_start: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idle_timeout: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -1236,6 +1257,7 @@ impl TryFrom<WireListener> for ListenerSpec {
             name: w.name,
             vip: w.vip,
             persist: w.persist,
+            slow_start: w.slow_start,
             kind,
             health_check,
             backends: w.backends,
@@ -1252,6 +1274,7 @@ impl From<ListenerSpec> for WireListener {
             vip: s.vip,
             proto: Some(proto),
             persist: s.persist,
+            slow_start: s.slow_start,
             health_check: Some(WireHealthCheck {
                 kind: Some(h.kind),
                 interval: Some(h.interval),

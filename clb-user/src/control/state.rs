@@ -44,6 +44,8 @@ pub struct BackendRuntime {
     pub health: Health,
     pub health_since: SystemTime,
     pub drain: Option<Drain>,
+    /// When its slow start began (it joined, or came back healthy); `None` at full weight.
+    pub ramp_from: Option<Instant>,
 }
 
 impl BackendRuntime {
@@ -52,8 +54,25 @@ impl BackendRuntime {
             health: Health::Healthy,
             health_since: SystemTime::now(),
             drain: None,
+            ramp_from: None,
         }
     }
+}
+
+/// A backend's weight `at`, in its listener's slow start of `secs` seconds begun at `from`:
+/// from a tenth of `weight` (at least 1) up to all of it, linearly; `weight` itself outside a
+/// slow start.
+pub fn ramped_weight(weight: u32, from: Option<Instant>, secs: u32, at: Instant) -> u32 {
+    let Some(t0) = from else {
+        return weight;
+    };
+    let total = std::time::Duration::from_secs(u64::from(secs));
+    let gone = at.saturating_duration_since(t0);
+    if weight == 0 || gone >= total {
+        return weight;
+    }
+    let share = 0.1 + 0.9 * gone.as_secs_f64() / total.as_secs_f64();
+    ((f64::from(weight) * share).round() as u32).clamp(1, weight)
 }
 
 /// (listener name, backend address).
@@ -174,18 +193,21 @@ impl State {
     }
 
     /// Brings the runtime state in line with the configuration: new backends start healthy
-    /// (checks prove otherwise), removed ones are forgotten, and a backend whose weight
-    /// changed (compared with `previous`) leaves its drain: the operator put it back.
+    /// (checks prove otherwise) and, added by a change (`previous` is the configuration before
+    /// it), in slow start; removed ones are forgotten, and a backend whose weight changed
+    /// leaves its drain: the operator put it back.
     pub fn reconcile_runtime(&mut self, previous: Option<&ConfigFile>) {
         let mut next = HashMap::new();
         for l in &self.config.listeners {
             for b in &l.backends {
                 let key = (l.name.clone(), b.addr);
-                let mut rt = self
-                    .runtime
-                    .get(&key)
-                    .copied()
-                    .unwrap_or_else(BackendRuntime::new);
+                let mut rt = self.runtime.get(&key).copied().unwrap_or_else(|| {
+                    let mut rt = BackendRuntime::new();
+                    if previous.is_some() && l.slow_start > 0 {
+                        rt.ramp_from = Some(Instant::now());
+                    }
+                    rt
+                });
                 let old_weight = previous
                     .and_then(|p| p.listeners.iter().find(|x| x.name == l.name))
                     .and_then(|x| x.backends.iter().find(|x| x.addr == b.addr))
@@ -204,6 +226,11 @@ impl State {
             .get(&(l.name.clone(), b.addr))
             .copied()
             .unwrap_or_else(BackendRuntime::new)
+    }
+
+    /// Backend `b` of `l`'s weight `now` (lower during its slow start).
+    pub fn weight_now(&self, l: &ListenerSpec, b: &BackendSpec, now: Instant) -> u32 {
+        ramped_weight(b.weight, self.runtime_of(l, b).ramp_from, l.slow_start, now)
     }
 
     /// Which backends of `l` accept new connections: weight > 0, not draining, and healthy —
@@ -235,6 +262,7 @@ impl State {
 
     /// What the datapath should do.
     pub fn plan(&self) -> Plan {
+        let now = Instant::now();
         let mut listeners = Vec::new();
         for l in &self.config.listeners {
             let Some(k) = l.l4() else {
@@ -263,7 +291,7 @@ impl State {
                     .zip(accepting)
                     .map(|(b, accepting)| BackendPlan {
                         addr: b.addr,
-                        weight: b.weight,
+                        weight: self.weight_now(l, b, now),
                         accepting,
                     })
                     .collect(),
@@ -288,6 +316,7 @@ impl State {
 
     /// The view every reader sees, with the datapath ids `ids` gave.
     pub fn snapshot(&self, ids: &Ids, generation: u64) -> Snapshot {
+        let now = Instant::now();
         let mut listeners = Vec::new();
         let mut by_id = HashMap::new();
         let mut backend_by_id = HashMap::new();
@@ -312,6 +341,7 @@ impl State {
                     }
                     BackendState {
                         spec: b.clone(),
+                        weight_now: self.weight_now(l, b, now),
                         id: bid,
                         health: rt.health,
                         health_since: rt.health_since,
@@ -359,6 +389,8 @@ impl State {
 #[derive(Clone, Debug)]
 pub struct BackendState {
     pub spec: BackendSpec,
+    /// The weight in effect (below `spec.weight` during a slow start).
+    pub weight_now: u32,
     /// Datapath id (L4 listeners).
     pub id: Option<u32>,
     pub health: Health,
@@ -416,5 +448,30 @@ impl Snapshot {
     /// The listener with datapath id `id`.
     pub fn listener_by_id(&self, id: u32) -> Option<&ListenerState> {
         self.by_id.get(&id).map(|i| &self.listeners[*i])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::ramped_weight;
+
+    #[test]
+    fn a_slow_start_ramps_from_a_tenth_to_the_full_weight() {
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        assert_eq!(ramped_weight(50, None, 10, at(0)), 50, "no slow start");
+        assert_eq!(ramped_weight(50, Some(t0), 10, at(0)), 5);
+        assert_eq!(ramped_weight(50, Some(t0), 10, at(5)), 28);
+        assert_eq!(ramped_weight(50, Some(t0), 10, at(10)), 50);
+        assert_eq!(ramped_weight(50, Some(t0), 10, at(60)), 50);
+        assert_eq!(ramped_weight(3, Some(t0), 10, at(0)), 1, "at least 1");
+        assert_eq!(
+            ramped_weight(0, Some(t0), 10, at(0)),
+            0,
+            "quiescent stays so"
+        );
+        assert_eq!(ramped_weight(10, Some(t0), 0, at(0)), 10, "slow start off");
     }
 }

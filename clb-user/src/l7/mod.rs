@@ -339,7 +339,7 @@ fn configs(snap: &crate::control::state::Snapshot) -> Vec<L7Config> {
                     .iter()
                     .map(|b| L7Backend {
                         addr: b.spec.addr,
-                        weight: b.spec.weight,
+                        weight: b.weight_now,
                         accepting: b.accepting,
                     })
                     .collect(),

@@ -23,7 +23,7 @@ fn per_packet_figures_are_produced() {
     let mut r = Report::default();
     perpacket::run(&Scale::TINY, &mut r).unwrap();
     finite(&r, "per-packet");
-    assert_eq!(r.rows.len(), 17);
+    assert_eq!(r.rows.len(), 19);
     let v6 = r
         .rows
         .iter()

@@ -627,10 +627,17 @@ fn https_keeps_a_client_on_one_backend_over_http1_http2_and_websocket_and_rotate
         "clb_http_request_duration_seconds_bucket{le=\"+Inf\",listener=\"shop\"}",
         "clb_tls_certificate_expiry_timestamp_seconds{",
         "clb_build_info{version=",
-        "clb_tls_resumed_handshakes_total{listener=\"shop\"} 2",
     ] {
         assert!(m.contains(want), "no {want} in /metrics:\n{m}");
     }
+    // The two resumptions this test makes, at least: Chromium's second load may resume too.
+    let resumed = m
+        .lines()
+        .find(|l| l.starts_with("clb_tls_resumed_handshakes_total{listener=\"shop\"}"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0);
+    assert!(resumed >= 2, "resumed handshakes counted: {resumed}\n{m}");
     let h2_conns = m
         .lines()
         .find(|l| l.starts_with("clb_http_h2_connections_total{listener=\"shop\"}"))

@@ -302,3 +302,38 @@ fn http_least_requests_sends_new_requests_where_fewest_are_in_flight() {
         active(&d)
     );
 }
+
+#[test]
+fn a_backend_in_slow_start_takes_a_growing_share() {
+    let e = env("lcs", "tcp", "slow_start = 4\n");
+    let d = &e.daemon;
+    let first = hold(&e, 12);
+    assert!(first.iter().all(|(_, b)| b == "b0"));
+    d.clb_ok(&["backend", "add", "web", &be(1)]);
+    // Weight 1 of 10 at first: least connections compares 12 / 10 with n / 1, so the new
+    // backend takes about one new connection in ten instead of all of them.
+    let early = hold(&e, 10);
+    let on_new = early.iter().filter(|(_, b)| b == "b1").count();
+    assert!(
+        on_new <= 5,
+        "a backend in slow start gets every new connection: {on_new} of 10"
+    );
+    let ls = d.clb_ok(&["backend", "ls", "web"]);
+    assert!(ls.contains("slow start"), "{ls}");
+    // Once the ramp is over it is a full member: the next ones go to it until it catches up.
+    let full = wait_for(Duration::from_secs(8), || {
+        let v: serde_json::Value = d.clb_json(&["backend", "ls", "web"]);
+        v.as_array()
+            .unwrap()
+            .iter()
+            .all(|b| b["weight_now"] == b["weight"])
+            .then_some(())
+    });
+    assert!(full.is_some(), "{}", d.clb_ok(&["backend", "ls", "web"]));
+    let late = hold(&e, 10);
+    let on_new = late.iter().filter(|(_, b)| b == "b1").count();
+    assert!(
+        on_new >= 9,
+        "at full weight the emptier backend takes them: {on_new} of 10"
+    );
+}
