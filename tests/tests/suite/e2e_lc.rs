@@ -337,3 +337,44 @@ fn a_backend_in_slow_start_takes_a_growing_share() {
         "at full weight the emptier backend takes them: {on_new} of 10"
     );
 }
+
+#[test]
+fn weights_one_to_two_split_held_connections_one_to_two() {
+    let topo = Topology::new("lc12", 2, 0).expect("topology");
+    let servers: Vec<NameServer> = topo
+        .backends
+        .iter()
+        .enumerate()
+        .map(|(i, ns)| {
+            NameServer::tcp(
+                ns,
+                SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, PORT),
+                &format!("b{i}"),
+            )
+            .expect("tcp server")
+        })
+        .collect();
+    let mut cfg = format!(
+        "[[listener]]\nname = \"web\"\nvip = \"{}\"\nproto = \"tcp\"\nsched = \"lc\"\n",
+        vip(80)
+    );
+    for (i, w) in [10, 20].iter().enumerate() {
+        cfg += &format!("[[listener.backend]]\naddr = \"{}\"\nweight = {w}\n", be(i));
+    }
+    let daemon = Daemon::start(&topo, &cfg);
+    let e = Env {
+        daemon,
+        _servers: servers,
+        topo,
+    };
+    let held = hold(&e, 30);
+    let t = tally(held.iter().map(|(_, b)| b.as_str()));
+    let (b0, b1) = (
+        t.get("b0").copied().unwrap_or(0),
+        t.get("b1").copied().unwrap_or(0),
+    );
+    assert!(
+        (9..=11).contains(&b0) && b0 + b1 == 30,
+        "weights 1 : 2 over 30 held: {t:?}"
+    );
+}
