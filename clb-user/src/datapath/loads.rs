@@ -5,7 +5,6 @@
 
 use std::{
     io,
-    os::fd::{AsFd as _, AsRawFd as _},
     sync::atomic::{AtomicU64, Ordering},
 };
 
@@ -41,23 +40,7 @@ impl LoadTable {
             ));
         }
         let len = info.max_entries();
-        // SAFETY: sysconf has no preconditions.
-        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
-        let bytes = (len as usize * size_of::<BackendLoad>()).next_multiple_of(page);
-        // SAFETY: a fresh shared mapping of the map's fd; the kernel checks size and flags.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                bytes,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                map.fd().as_fd().as_raw_fd(),
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
+        let (p, bytes) = super::slots::map_shared(&map, len as usize * size_of::<BackendLoad>())?;
         Ok(Self {
             map,
             base: p.cast(),

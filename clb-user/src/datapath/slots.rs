@@ -16,6 +16,30 @@ use clb_common::slots::{self, Entry, Mem, Put, SLOT_WAYS, Slot};
 /// Times a user-space insert retries a set the datapath holds at that instant.
 const PUT_TRIES: u32 = 1000;
 
+/// Maps `len` bytes (rounded up to whole pages) of the mmapable map behind `map` into this
+/// process, shared with the kernel; returns the mapping and its size (for `munmap`).
+pub fn map_shared(map: &MapData, len: usize) -> io::Result<(*mut u8, usize)> {
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
+    let bytes = len.next_multiple_of(page);
+    // SAFETY: a fresh shared mapping of the map's fd; the kernel checks the size and that
+    // the map is mmapable.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            bytes,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            map.fd().as_fd().as_raw_fd(),
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((p.cast(), bytes))
+}
+
 /// One in-place table, mapped.
 pub struct SlotTable<S: Slot> {
     map: MapData,
@@ -47,24 +71,7 @@ impl<S: Slot> SlotTable<S> {
             ));
         }
         let sets = info.max_entries();
-        // SAFETY: sysconf has no preconditions.
-        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
-        let bytes = (sets as usize * set).next_multiple_of(page);
-        // SAFETY: a fresh shared mapping of the map's fd; the kernel checks the size and that
-        // the map is mmapable.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                bytes,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                map.fd().as_fd().as_raw_fd(),
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
+        let (p, bytes) = map_shared(&map, sets as usize * set)?;
         Ok(Self {
             map,
             base: p.cast(),
