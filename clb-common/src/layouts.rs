@@ -167,6 +167,9 @@ pub const LAYOUTS: &[Layout] = &[
     cur(crate::FIB_SCRATCH_MAP, "v0.2.0"),
     cur(crate::ICMP6_SCRATCH_MAP, "v0.2.0"),
     cur(crate::LOAD_MAP, THIS_RELEASE),
+    cur(crate::FRAG_MAP, THIS_RELEASE),
+    cur(crate::FRAG6_MAP, THIS_RELEASE),
+    cur(crate::FRAG6_SCRATCH_MAP, THIS_RELEASE),
 ];
 
 /// The registry's entry for pin `name` (a resize's `RESIZE_` prefix is the caller's to strip).

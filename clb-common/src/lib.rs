@@ -210,8 +210,21 @@ pub const ICMP6_SCRATCH_MAP: &str = "CLB_ICMP6_SCRATCH_V1";
 /// Mapped into user space (`BPF_F_MMAPABLE`), which adjusts counts with atomic adds too.
 pub const LOAD_MAP: &str = "CLB_LOAD_V1";
 
+/// [`FragKey`] → [`FragValue`]: IPv4 datagrams whose first fragment was a backend's reply,
+/// SNATed to the VIP, so that their later fragments (which carry no ports) are rewritten the
+/// same way (LRU, [`FRAG_ENTRIES`]).
+pub const FRAG_MAP: &str = "CLB_FRAG_V1";
+/// [`FragKey6`] → [`FragValue6`]: the same for IPv6 (fragment header identification).
+pub const FRAG6_MAP: &str = "CLB_FRAG6_V1";
+/// Per-CPU scratch where the IPv6 reply path builds a [`FRAG6_MAP`] entry (its 72 bytes do
+/// not fit that path's stack).
+pub const FRAG6_SCRATCH_MAP: &str = "CLB_FRAG6_SCRATCH_V1";
+
 /// Every map of the program, for pinning and teardown.
-pub const ALL_MAPS: [&str; 33] = [
+pub const ALL_MAPS: [&str; 36] = [
+    FRAG_MAP,
+    FRAG6_MAP,
+    FRAG6_SCRATCH_MAP,
     LOAD_MAP,
     PROGRAM_MAP,
     FIB_SCRATCH_MAP,
@@ -261,15 +274,22 @@ pub const XDP_PROGRAM: &str = "clb_xdp";
 pub const XDP6_PROGRAM: &str = "clb_xdp6";
 /// The ICMPv6 program, tail-called from [`XDP6_PROGRAM`] at [`TAIL_V6_ICMP`].
 pub const XDP6_ICMP_PROGRAM: &str = "clb_xdp6_icmp";
+/// The IPv6 later-fragment program, tail-called from [`XDP6_PROGRAM`] at [`TAIL_V6_FRAG`].
+pub const XDP6_FRAG_PROGRAM: &str = "clb_xdp6_frag";
 /// Slots of [`PROGRAM_MAP`].
 pub const TAIL_SLOTS: u32 = 4;
 /// Slot of [`XDP6_PROGRAM`] in [`PROGRAM_MAP`].
 pub const TAIL_V6: u32 = 0;
 /// Slot of [`XDP6_ICMP_PROGRAM`] in [`PROGRAM_MAP`].
 pub const TAIL_V6_ICMP: u32 = 1;
+/// Slot of [`XDP6_FRAG_PROGRAM`] in [`PROGRAM_MAP`].
+pub const TAIL_V6_FRAG: u32 = 2;
 /// The programs tail-called, with their slots.
-pub const TAIL_PROGRAMS: [(&str, u32); 2] =
-    [(XDP6_PROGRAM, TAIL_V6), (XDP6_ICMP_PROGRAM, TAIL_V6_ICMP)];
+pub const TAIL_PROGRAMS: [(&str, u32); 3] = [
+    (XDP6_PROGRAM, TAIL_V6),
+    (XDP6_ICMP_PROGRAM, TAIL_V6_ICMP),
+    (XDP6_FRAG_PROGRAM, TAIL_V6_FRAG),
+];
 /// Name of the XDP program that only passes packets (for veth peers, and as a benchmark floor).
 pub const PASS_PROGRAM: &str = "clb_pass";
 
@@ -522,6 +542,70 @@ pub struct BackendLoad {
     pub active: u64,
 }
 const _: () = assert!(core::mem::size_of::<BackendLoad>() == 8);
+
+/// Entries of each fragment table: datagrams being fragmented at one instant (a datagram's
+/// fragments leave its backend back to back; an entry is needed only until its last one).
+pub const FRAG_ENTRIES: u32 = 4096;
+/// How long a fragment entry rewrites later fragments of its datagram (Linux reassembles for
+/// up to 30 s, but a sender emits a datagram's fragments in one burst; an identification the
+/// sender reuses later for another destination port must not be rewritten by a stale entry).
+pub const FRAG_TTL_NS: u64 = 2_000_000_000;
+
+/// Key of [`FRAG_MAP`]: what every fragment of one IPv4 datagram shares (RFC 791), addresses
+/// and identification in network byte order, as the backend sent them.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct FragKey {
+    /// The backend's address (the fragments' source).
+    pub src: u32,
+    /// The client's address.
+    pub dst: u32,
+    /// IPv4 identification.
+    pub id: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(core::mem::size_of::<FragKey>() == 12);
+
+/// Key of [`FRAG6_MAP`] (RFC 8200 §4.5: source, destination, identification).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct FragKey6 {
+    pub src: Addr6,
+    pub dst: Addr6,
+    /// The fragment header's identification, network byte order.
+    pub id: u32,
+    /// The fragmented packet's upper-layer protocol.
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(core::mem::size_of::<FragKey6>() == 40);
+
+/// Value of [`FRAG_MAP`]: the VIP the datagram's first fragment was rewritten to, and whose
+/// counters its fragments add to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct FragValue {
+    /// Monotonic ns after which the entry rewrites nothing.
+    pub expires_ns: u64,
+    /// The VIP (network byte order).
+    pub vip: u32,
+    pub listener: u32,
+    pub backend: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<FragValue>() == 24);
+
+/// Value of [`FRAG6_MAP`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct FragValue6 {
+    pub expires_ns: u64,
+    pub vip: Addr6,
+    pub listener: u32,
+    pub backend: u32,
+}
+const _: () = assert!(core::mem::size_of::<FragValue6>() == 32);
 
 /// Schedule slots a least-connections choice compares per new flow: with at most this many
 /// accepting backends it is exact; with more, it is the least loaded of this many consecutive
@@ -1065,6 +1149,14 @@ pub mod counter {
     /// A packet too big for its egress MTU with don't-fragment set, answered by clb with an
     /// ICMP "fragmentation needed" quoting it as its sender sent it (before the NAT).
     pub const FRAG_NEEDED_SENT: u32 = 26;
+    /// First fragments of a backend's UDP reply, SNATed to the VIP like any reply and noted
+    /// (source, destination, identification) so the datagram's later fragments follow.
+    pub const REPLY_FRAG_FIRST: u32 = 27;
+    /// Later fragments of a noted reply datagram, rewritten to come from the VIP.
+    pub const REPLY_FRAG_REWRITTEN: u32 = 28;
+    /// Later fragments (no ports) of no noted datagram: passed to the stack (not a reply of
+    /// clb's, or its first fragment arrived after them or was missed).
+    pub const FRAG_NOT_NOTED: u32 = 29;
 
     /// First drop reason: IPv4 header length below 20 bytes.
     pub const DROP_BAD_IHL: u32 = 32;
@@ -1144,6 +1236,9 @@ pub mod counter {
         n[SLOT_BUSY as usize] = "slot_busy";
         n[HALF_OPEN_UNPROVEN as usize] = "half_open_unproven";
         n[FRAG_NEEDED_SENT as usize] = "frag_needed_sent";
+        n[REPLY_FRAG_FIRST as usize] = "reply_frag_first";
+        n[REPLY_FRAG_REWRITTEN as usize] = "reply_frag_rewritten";
+        n[FRAG_NOT_NOTED as usize] = "frag_not_noted";
         n[DROP_BAD_IHL as usize] = "drop_bad_ihl";
         n[DROP_TRUNCATED_IP as usize] = "drop_truncated_ip";
         n[DROP_TRUNCATED_L4 as usize] = "drop_truncated_l4";
@@ -1192,6 +1287,10 @@ mod user {
         };
     }
     pod!(
+        FragKey,
+        FragKey6,
+        FragValue,
+        FragValue6,
         ListenerKey6,
         ListenerInfo6,
         BackendAddrKey6,

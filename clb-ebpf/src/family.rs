@@ -78,6 +78,17 @@ pub trait Family: Sized + Copy {
         dsr: bool,
         now: u64,
     ) -> u32;
+    /// Notes a reply's first fragment (before its rewrite), so its datagram's later fragments
+    /// are SNATed to `vip` too (`frag`).
+    fn note_fragment(
+        ctx: &XdpContext,
+        ip: *const Self::Hdr,
+        p: &Pkt<Self>,
+        vip: Self::Addr,
+        listener: u32,
+        backend: u32,
+        now: u64,
+    );
     /// Turns the TCP packet into an RST to its sender (for `XDP_TX`).
     fn rst(ctx: &XdpContext, p: &Pkt<Self>) -> Result<(), ()>;
 }
@@ -113,7 +124,7 @@ pub struct Pkt<F: Family> {
     pub sport: u16,
     pub dport: u16,
     pub proto: u8,
-    /// TCP flags, 0 for UDP.
+    /// TCP flags; for UDP 0, or `frag::UDP_FIRST_FRAGMENT` for a datagram's first fragment.
     pub tcp_flags: u8,
 }
 

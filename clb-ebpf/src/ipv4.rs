@@ -9,6 +9,7 @@ use network_types::ip::Ipv4Hdr;
 
 use crate::{
     family::{BPF_ANY, End, Family, Pkt, V4},
+    frag,
     maps::{CLB_BE_ADDR_V1, CLB_CONN_V2, CLB_SESS_V2},
     nat, rst, spoof,
 };
@@ -120,6 +121,18 @@ impl Family for V4 {
         now: u64,
     ) -> u32 {
         nat::forward(ctx, ip, p, nh_dst, dsr, now)
+    }
+    #[inline(always)]
+    fn note_fragment(
+        _ctx: &XdpContext,
+        ip: *const Ipv4Hdr,
+        _p: &Pkt<V4>,
+        vip: u32,
+        listener: u32,
+        backend: u32,
+        now: u64,
+    ) {
+        frag::note4(ip, vip, listener, backend, now);
     }
     #[inline(always)]
     fn rst(ctx: &XdpContext, p: &Pkt<V4>) -> Result<(), ()> {

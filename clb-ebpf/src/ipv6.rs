@@ -9,6 +9,7 @@ use network_types::ip::Ipv6Hdr;
 
 use crate::{
     family::{BPF_ANY, End, Family, Pkt, V6},
+    frag,
     maps::{CLB_BE_ADDR6_V1, CLB_BE6_V1, CLB_CONN6_V1, CLB_LSN6_V1, CLB_SESS6_V1},
     nat6, rst, spoof,
 };
@@ -141,6 +142,18 @@ impl Family for V6 {
                 dsr,
             },
         )
+    }
+    #[inline(always)]
+    fn note_fragment(
+        ctx: &XdpContext,
+        _ip: *const Ipv6Hdr,
+        p: &Pkt<V6>,
+        vip: Addr6,
+        listener: u32,
+        backend: u32,
+        now: u64,
+    ) {
+        frag::note6(ctx, p, vip, listener, backend, now);
     }
     #[inline(always)]
     fn rst(ctx: &XdpContext, p: &Pkt<V6>) -> Result<(), ()> {

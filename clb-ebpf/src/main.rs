@@ -25,6 +25,7 @@ mod csum;
 mod family;
 mod flood;
 mod forward;
+mod frag;
 mod halfopen;
 mod icmp;
 mod icmp6;
@@ -45,7 +46,9 @@ mod spoof;
 mod stats;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
-use clb_common::{ListenerKey, ListenerKey6, PROTO_ICMP, TAIL_V6, TAIL_V6_ICMP, counter};
+use clb_common::{
+    ListenerKey, ListenerKey6, PROTO_ICMP, TAIL_V6, TAIL_V6_FRAG, TAIL_V6_ICMP, counter,
+};
 use network_types::ip::{Ipv4Hdr, Ipv6Hdr};
 
 use crate::{
@@ -91,6 +94,17 @@ pub fn clb_xdp6(ctx: XdpContext) -> u32 {
 pub fn clb_xdp6_icmp(ctx: XdpContext) -> u32 {
     let action = match parse6::ipv6(&ctx) {
         Some(ip) => icmp6::process(&ctx, ip),
+        None => xdp_action::XDP_PASS,
+    };
+    finish(&ctx, action)
+}
+
+/// Later IPv6 fragments (tail-called from [`clb_xdp6`]): a noted reply datagram's are SNATed
+/// to its VIP (`frag`); others to a VIP are dropped, the rest pass.
+#[xdp]
+pub fn clb_xdp6_frag(ctx: XdpContext) -> u32 {
+    let action = match parse6::ipv6(&ctx) {
+        Some(ip) => frag::later6(&ctx, ip),
         None => xdp_action::XDP_PASS,
     };
     finish(&ctx, action)
@@ -153,6 +167,8 @@ fn process4(ctx: &XdpContext, ip: *mut Ipv4Hdr) -> u32 {
             };
             // SAFETY: read-only use of a map value.
             match unsafe { CLB_LSN_ADDR_V1.get(&key) } {
+                // A client's fragment: clb balances whole datagrams only.
+                Some(_) if frag::is_first(&p) => drop(counter::DROP_FRAGMENT),
                 Some(l) => forward::client_packet::<V4>(ctx, ip, &p, l.id),
                 None => reply::backend_packet::<V4>(ctx, ip, &p),
             }
@@ -161,6 +177,11 @@ fn process4(ctx: &XdpContext, ip: *mut Ipv4Hdr) -> u32 {
         // → dropped with a reason; an ICMP error about a flow → to its backend; another
         // protocol → passed); otherwise not ours.
         None => {
+            // A later fragment of a backend's reply whose first fragment was SNATed.
+            let action = frag::follow4(ctx, ip);
+            if action != frag::NOT_NOTED {
+                return action;
+            }
             // SAFETY: `parse::ipv4` bounds-checked a full IPv4 header.
             let daddr = u32::from_ne_bytes(unsafe { (*ip).dst_addr });
             let marker = ListenerKey {
@@ -207,9 +228,15 @@ fn process6(ctx: &XdpContext, ip: *mut Ipv6Hdr) -> u32 {
         };
         // SAFETY: read-only use of a map value.
         return match unsafe { CLB_LSN_ADDR6_V1.get(&key) } {
+            Some(_) if frag::is_first(&p) => drop(counter::DROP_FRAGMENT),
             Some(l) => forward::client_packet::<V6>(ctx, ip, &p, l.id),
             None => reply::backend_packet::<V6>(ctx, ip, &p),
         };
+    }
+    // A later fragment: perhaps of a backend's reply (in a program of its own: its state
+    // does not fit this one's frame).
+    if let Parsed6::Fragment { .. } = parsed {
+        return tail(ctx, TAIL_V6_FRAG);
     }
     if !parse6::to_vip(ip) {
         return xdp_action::XDP_PASS;
@@ -217,7 +244,7 @@ fn process6(ctx: &XdpContext, ip: *mut Ipv6Hdr) -> u32 {
     match parsed {
         Parsed6::Icmp { .. } => tail(ctx, TAIL_V6_ICMP),
         Parsed6::Bad(reason) => drop(reason),
-        Parsed6::Other | Parsed6::Packet => xdp_action::XDP_PASS,
+        Parsed6::Other | Parsed6::Packet | Parsed6::Fragment { .. } => xdp_action::XDP_PASS,
     }
 }
 

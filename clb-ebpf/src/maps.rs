@@ -14,10 +14,11 @@ use clb_common::{
     Addr6, BPF_F_INNER_MAP, BPF_F_MMAPABLE, BackendAddrInfo, BackendAddrKey, BackendAddrKey6,
     BackendInfo, BackendLoad, ConnKey, ConnKey6, ConnValue, CpuState, DEFAULT_CONNS,
     DEFAULT_CONNS6, DEFAULT_HALF_OPEN, DEFAULT_HALF_OPEN6, DEFAULT_SESSIONS, DEFAULT_SESSIONS6,
-    GlobalConfig, HalfSlot, HalfSlot6, ListenerInfo, ListenerInfo6, ListenerKey, ListenerKey6,
-    ListenerRef, MAX_BACKENDS, MAX_DENIED_SOURCES, MAX_DEVICES, MAX_LISTENERS, NH_SLOTS,
-    NUM_COUNTERS, NextHop, NextHop6, PendSlot, PendSlot6, SCHED_TEMPLATE_SLOTS, SLOT_WAYS,
-    SessionKey, SessionKey6, SessionValue, SharedState, TrafficCounters,
+    FRAG_ENTRIES, FragKey, FragKey6, FragValue, FragValue6, GlobalConfig, HalfSlot, HalfSlot6,
+    ListenerInfo, ListenerInfo6, ListenerKey, ListenerKey6, ListenerRef, MAX_BACKENDS,
+    MAX_DENIED_SOURCES, MAX_DEVICES, MAX_LISTENERS, NH_SLOTS, NUM_COUNTERS, NextHop, NextHop6,
+    PendSlot, PendSlot6, SCHED_TEMPLATE_SLOTS, SLOT_WAYS, SessionKey, SessionKey6, SessionValue,
+    SharedState, TrafficCounters,
 };
 
 use crate::family::{Pkt, V6};
@@ -57,6 +58,16 @@ pub static CLB_BE_V1: Array<BackendInfo, BACKENDS> = Array::new();
 /// into user space, which corrects the counts with atomic adds of its own.
 #[btf_map]
 pub static CLB_LOAD_V1: Array<BackendLoad, BACKENDS, MMAPABLE> = Array::new();
+
+/// IPv4 reply datagrams being fragmented: (backend, client, identification) → VIP.
+#[btf_map]
+pub static CLB_FRAG_V1: LruHashMap<FragKey, FragValue, { FRAG_ENTRIES as usize }> =
+    LruHashMap::new();
+
+/// IPv6 reply datagrams being fragmented.
+#[btf_map]
+pub static CLB_FRAG6_V1: LruHashMap<FragKey6, FragValue6, { FRAG_ENTRIES as usize }> =
+    LruHashMap::new();
 
 /// (backend IP, port, proto) → listeners it serves: how the reply path finds the connection.
 #[btf_map]
@@ -206,6 +217,17 @@ pub static CLB_FIB_SCRATCH_V1: PerCpuArray<bpf_fib_lookup, 1> = PerCpuArray::new
 /// VIP). Filled by user space after loading.
 #[btf_map]
 pub static CLB_PROGS_V1: ProgramArray<{ clb_common::TAIL_SLOTS as usize }> = ProgramArray::new();
+
+/// Per-CPU scratch of the IPv6 reply path: the fragment entry it is writing.
+#[btf_map]
+pub static CLB_FRAG6_SCRATCH_V1: PerCpuArray<FragEntry6, 1> = PerCpuArray::new();
+
+/// An IPv6 fragment entry being written (see [`CLB_FRAG6_SCRATCH_V1`]).
+#[repr(C)]
+pub struct FragEntry6 {
+    pub key: FragKey6,
+    pub val: FragValue6,
+}
 
 /// Per-CPU scratch of the ICMPv6 program (the quote of an ICMPv6 error being handled).
 #[btf_map]

@@ -111,6 +111,22 @@ pub fn forward(
     dsr: bool,
     now: u64,
 ) -> u32 {
+    forward_or(ctx, ip, p, nh_dst, dsr, now, |mtu| {
+        too_big(ctx, ip, p, mtu, now)
+    })
+}
+
+/// [`forward`], with `over_mtu(mtu)` the action for a packet over the egress MTU.
+#[inline(always)]
+pub fn forward_or(
+    ctx: &XdpContext,
+    ip: *mut Ipv4Hdr,
+    p: &Pkt<V4>,
+    nh_dst: u32,
+    dsr: bool,
+    now: u64,
+    over_mtu: impl Fn(u16) -> u32,
+) -> u32 {
     // SAFETY: `ip` is bounds-checked (see `rewrite`).
     let ttl = unsafe { (*ip).ttl };
     if ttl <= 1 {
@@ -126,7 +142,7 @@ pub fn forward(
         stats::count(counter::NEXTHOP_CACHED);
     } else {
         match fib(ctx, ip, p, nh_dst) {
-            Err(TOO_BIG) => return too_big(ctx, ip, p, fib_mtu(), now),
+            Err(TOO_BIG) => return over_mtu(fib_mtu()),
             Ok(found) => {
                 *nh = NextHop {
                     dst: nh_dst,
@@ -151,7 +167,7 @@ pub fn forward(
     // frame over the egress MTU is dropped by the kernel without a word).
     if p.ip_len > nh.mtu {
         let mtu = nh.mtu;
-        return too_big(ctx, ip, p, mtu, now);
+        return over_mtu(mtu);
     }
     let (ifindex, src_mac, dst_mac) = (nh.ifindex, nh.src_mac, nh.dst_mac);
     emit(ctx, ifindex, src_mac, dst_mac, dsr, || {

@@ -95,7 +95,10 @@ pub fn l4_lenient(ctx: &XdpContext, ip: *const Ipv4Hdr) -> Option<Pkt<V4>> {
         )
     };
     let ihl = ((vihl & 0x0f) as usize) * 4;
-    if vihl >> 4 != 4 || ihl < Ipv4Hdr::LEN || frags & 0x3fff != 0 {
+    // A UDP datagram's first fragment (more-fragments, offset 0) has its ports: a backend's
+    // fragmented reply (see `frag`). Any other fragment has none.
+    let first_fragment = frags & 0x3fff == 0x2000 && proto == PROTO_UDP;
+    if vihl >> 4 != 4 || ihl < Ipv4Hdr::LEN || (frags & 0x3fff != 0 && !first_fragment) {
         return None;
     }
     if proto != PROTO_TCP && proto != PROTO_UDP {
@@ -105,7 +108,11 @@ pub fn l4_lenient(ctx: &XdpContext, ip: *const Ipv4Hdr) -> Option<Pkt<V4>> {
     if (tot_len as usize) < ihl || IP_OFF + tot_len as usize > frame_len {
         return None;
     }
-    l4_ports(ctx, ip, ihl, tot_len, proto).ok()
+    let mut p = l4_ports(ctx, ip, ihl, tot_len, proto).ok()?;
+    if first_fragment {
+        p.tcp_flags = crate::frag::UDP_FIRST_FRAGMENT;
+    }
+    Some(p)
 }
 
 #[inline(always)]

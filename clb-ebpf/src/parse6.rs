@@ -1,6 +1,7 @@
 //! IPv6 parsing: the fixed header, then at most `MAX_EXT_HEADERS` hop-by-hop and destination
-//! options headers skipped, then the transport header. A fragment header means no ports to
-//! balance on; a routing header, too many or truncated extension headers make the packet
+//! options headers skipped, then a fragment header, then the transport header. A fragment
+//! means no ports to balance on (a backend's fragmented UDP reply is followed by `frag`); a
+//! routing header, too many or truncated extension headers make the packet
 //! unparseable; so does a UDP checksum of 0 (illegal over IPv6). All are dropped (with a
 //! reason) if the packet is addressed to a VIP.
 
@@ -44,6 +45,10 @@ pub enum Parsed6 {
     Icmp { off: usize, end: usize },
     /// Another upper-layer protocol (passed to the stack).
     Other,
+    /// A later fragment (offset > 0) of a datagram with this identification (network byte
+    /// order) and upper-layer protocol: perhaps of a backend's reply (see `frag`); dropped if
+    /// it goes to a VIP.
+    Fragment { id: u32, proto: u8 },
     /// Malformed, fragmented or unparseable: this drop reason if it goes to a VIP.
     Bad(u32),
 }
@@ -54,6 +59,7 @@ const PACKET: u64 = 0;
 const ICMP: u64 = 1 << 56;
 const OTHER: u64 = 2 << 56;
 const BAD: u64 = 3 << 56;
+const FRAGMENT: u64 = 4 << 56;
 
 impl Parsed6 {
     #[inline(always)]
@@ -65,6 +71,10 @@ impl Parsed6 {
                 end: ((v >> 16) & 0xffff) as usize,
             },
             OTHER => Parsed6::Other,
+            FRAGMENT => Parsed6::Fragment {
+                id: v as u32,
+                proto: (v >> 32) as u8,
+            },
             _ => Parsed6::Bad(v as u32),
         }
     }
@@ -112,6 +122,31 @@ pub fn parse(ctx: &XdpContext, ip: *const Ipv6Hdr, out: &mut Pkt<V6>) -> u64 {
         }
         i += 1;
     }
+    // A fragment header: a later fragment has no ports (its identification may still say
+    // whose reply it is); a UDP datagram's first fragment is parsed on, marked as one.
+    let mut first_fragment = false;
+    if nh == NEXTHDR_FRAGMENT {
+        let Ok(f) = ptr_at::<[u8; 8]>(ctx, off) else {
+            return BAD | u64::from(counter::DROP_BAD_EXTHDR);
+        };
+        // SAFETY: bounds-checked by `ptr_at`.
+        let (next, offset, id) = unsafe {
+            (
+                (*f)[0],
+                u16::from_be_bytes([(*f)[2], (*f)[3]]) & 0xfff8,
+                u32::from_ne_bytes([(*f)[4], (*f)[5], (*f)[6], (*f)[7]]),
+            )
+        };
+        if offset != 0 {
+            return FRAGMENT | (u64::from(next) << 32) | u64::from(id);
+        }
+        if next != PROTO_UDP || off + 8 > end {
+            return BAD | u64::from(counter::DROP_FRAGMENT);
+        }
+        first_fragment = true;
+        off = (off + 8) & 0x3fff;
+        nh = next;
+    }
     match nh {
         PROTO_TCP | PROTO_UDP => match ports(ctx, off, end - off, nh) {
             Ok((sport, dport, tcp_flags)) => {
@@ -134,14 +169,17 @@ pub fn parse(ctx: &XdpContext, ip: *const Ipv6Hdr, out: &mut Pkt<V6>) -> u64 {
                     sport,
                     dport,
                     proto: nh,
-                    tcp_flags,
+                    tcp_flags: if first_fragment {
+                        crate::frag::UDP_FIRST_FRAGMENT
+                    } else {
+                        tcp_flags
+                    },
                 };
                 PACKET
             }
             Err(()) => BAD | u64::from(counter::DROP_TRUNCATED_L4),
         },
         PROTO_ICMPV6 => ICMP | (off as u64 & 0xffff) | ((end as u64 & 0xffff) << 16),
-        NEXTHDR_FRAGMENT => BAD | u64::from(counter::DROP_FRAGMENT),
         // A routing header (the destination may not be final), or still an options header
         // after the bound.
         NEXTHDR_ROUTING | NEXTHDR_HOP | NEXTHDR_DEST => BAD | u64::from(counter::DROP_BAD_EXTHDR),

@@ -18,7 +18,7 @@ use crate::{
     family::Family,
     flood,
     forward::{self, Flow},
-    halfopen,
+    frag, halfopen,
     maps::CLB_LSN_V2,
     nat::End,
     parse::Pkt,
@@ -132,6 +132,9 @@ fn answer<F: Family>(
     now: u64,
 ) -> u32 {
     stats::reply(id, backend, p.ip_len);
+    if frag::is_first(p) {
+        F::note_fragment(ctx, ip, p, vip, id, backend, now);
+    }
     if F::rewrite(ctx, ip, p, End::Src, vip, vip_port).is_err() {
         return xdp_action::XDP_ABORTED;
     }

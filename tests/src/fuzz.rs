@@ -17,6 +17,10 @@
 //!   flow's first packet); UDP after the two-way exchange (not checked: UDP has no proof to
 //!   check). Blind ACKs of every kind — random numbers, before any SYN-ACK, bare SYN + ACK
 //!   pairs on DSR — are generated against half-open entries with and without a SYN-ACK;
+//! - a backend's UDP reply over its link's MTU is generated as its stack fragments it (first
+//!   fragment, then the later ones, IPv4 and IPv6): once the first left from the VIP, every
+//!   later fragment of its datagram leaves from the VIP too, never with the backend's address
+//!   (`XDP_PASS` would have the stack send it so);
 //! - at the end, the verdict counters add up to the frames sent.
 //!
 //! About a third of the frames are IPv6 (extension headers within and past the parser's
@@ -44,7 +48,7 @@ use crate::{
         PacketLab, XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX, backend, backend_mac,
         backend6, verdict_name,
     },
-    packet::{ACK, FrameSpec, RST, SYN, hexdump, icmp_error, parse, verify_checksums},
+    packet::{self, ACK, FrameSpec, RST, SYN, hexdump, icmp_error, parse, verify_checksums},
     packet6::{self, Frame6Spec, icmp6_error, parse6},
 };
 
@@ -154,6 +158,11 @@ impl Config {
         c
     }
 
+    /// Whether `ip` is the address of a VIP.
+    fn is_vip(&self, ip: IpAddr) -> bool {
+        self.vips.iter().any(|v| v.ip() == ip)
+    }
+
     fn of(ls: &[ListenerSpec]) -> Self {
         let mut c = Config {
             nat_backends: HashSet::new(),
@@ -210,6 +219,8 @@ struct Gen {
     rng: fastrand::Rng,
     /// Forwarded flows, IPv4 and IPv6.
     seen: [Vec<Seen>; 2],
+    /// The later fragments of a fragmented reply, sent next (in order).
+    queued: Vec<Vec<u8>>,
 }
 
 fn v4(a: SocketAddr) -> SocketAddrV4 {
@@ -268,13 +279,24 @@ impl Gen {
         Some(self.seen[fam][i])
     }
 
-    /// A valid frame of some kind: a third IPv6.
+    /// A valid frame of some kind: a third IPv6. The later fragments of a fragmented reply
+    /// come right after its first.
     fn frame(&mut self) -> Vec<u8> {
+        if !self.queued.is_empty() {
+            return self.queued.remove(0);
+        }
         if self.rng.u8(..3) == 0 {
             self.frame6()
         } else {
             self.frame4()
         }
+    }
+
+    /// The first of `pieces`; the others are queued to follow it.
+    fn fragmented(&mut self, mut pieces: Vec<Vec<u8>>) -> Vec<u8> {
+        let first = pieces.remove(0);
+        self.queued = pieces;
+        first
     }
 
     fn source6(&mut self) -> Ipv6Addr {
@@ -420,6 +442,12 @@ impl Gen {
                 };
                 s.src_mac = backend_mac(bsrc.ip().octets()[15]);
                 s.hop_limit = self.ttl();
+                if proto == 17 && self.rng.u8(..3) == 0 {
+                    s.payload = self.bytes(3000);
+                    let id = self.rng.u32(..);
+                    let chunk = 8 * self.rng.usize(1..200);
+                    return self.fragmented(packet6::fragments6(&s.build(), chunk, id));
+                }
                 self.ext6(&mut s);
                 s.build()
             }
@@ -581,6 +609,13 @@ impl Gen {
                 };
                 s.src_mac = backend_mac(bsrc.ip().octets()[3]);
                 s.ttl = self.ttl();
+                // A UDP answer over the link's MTU: its stack's fragments, in order.
+                if proto == 17 && self.rng.u8(..3) == 0 {
+                    s.frag = 0;
+                    s.payload = self.bytes(3000);
+                    let chunk = 8 * self.rng.usize(1..200);
+                    return self.fragmented(packet::fragments(&s.build(), chunk));
+                }
                 s.build()
             }
             // ICMP to a VIP: errors quoting seen flows (or made-up ones), echo, any type.
@@ -769,7 +804,10 @@ fn check(
         _ => {}
     }
     let is6 = |f: &[u8]| f.len() >= 14 && f[12..14] == [0x86, 0xdd];
-    let valid_in = if is6(input) {
+    // A fragment's transport checksum covers the whole datagram: not checkable alone.
+    let valid_in = if fragment_of(input).is_some() {
+        false
+    } else if is6(input) {
         packet6::verify_checksums6(input).is_ok()
     } else {
         input.len() >= 34 && input[12..14] == [0x08, 0x00] && verify_checksums(input).is_ok()
@@ -820,6 +858,14 @@ fn check(
             if valid_in {
                 verify_checksums(out).map_err(|e| format!("redirected with {e}"))?;
             }
+            // A reply's fragment (the later ones have no ports): from a VIP.
+            if fragment_of(out).is_some() {
+                return if cfg.is_vip(source_of(out)) {
+                    Ok(())
+                } else {
+                    Err(format!("fragment redirected from {}", source_of(out)))
+                };
+            }
             let dst_mac: [u8; 6] = out[0..6].try_into().expect("6 bytes");
             let p = flow(out).map_err(|e| format!("redirected frame unparsable: {e}"))?;
             if p.proto == if v6out { 58 } else { 1 } {
@@ -845,6 +891,37 @@ fn check(
         }
         _ => Ok(()),
     }
+}
+
+/// A UDP fragment's datagram key (source, destination, identification), its offset and
+/// its TTL or hop limit: IPv4, or IPv6 with the fragment header first.
+fn fragment_of(f: &[u8]) -> Option<(Vec<u8>, usize, u8)> {
+    if f.len() >= 34 && f[12..14] == [0x08, 0x00] && f[14] >> 4 == 4 && f[23] == 17 {
+        let fo = u16::from_be_bytes([f[20], f[21]]);
+        if fo & 0x3fff == 0 {
+            return None;
+        }
+        let key = [&f[26..34], &f[18..20]].concat();
+        return Some((key, usize::from(fo & 0x1fff) * 8, f[22]));
+    }
+    if f.len() >= 62 && f[12..14] == [0x86, 0xdd] && f[20] == 44 && f[54] == 17 {
+        let fo = u16::from_be_bytes([f[56], f[57]]);
+        let key = [&f[22..54], &f[58..62]].concat();
+        return Some((key, usize::from(fo & 0xfff8), f[21]));
+    }
+    None
+}
+
+/// The source address of an IPv4 or IPv6 frame (unspecified if it is neither).
+fn source_of(f: &[u8]) -> IpAddr {
+    if f.len() >= 34 && f[12..14] == [0x08, 0x00] {
+        return IpAddr::V4(Ipv4Addr::new(f[26], f[27], f[28], f[29]));
+    }
+    if f.len() >= 54 && f[12..14] == [0x86, 0xdd] {
+        let a: [u8; 16] = f[22..38].try_into().expect("16 bytes");
+        return IpAddr::V6(a.into());
+    }
+    IpAddr::V4(Ipv4Addr::UNSPECIFIED)
 }
 
 /// The family-independent fields of a frame.
@@ -893,6 +970,7 @@ pub fn run(lab: &mut PacketLab, frames: u64, seed: u64, failures_dir: Option<&Pa
     let mut g = Gen {
         rng: fastrand::Rng::with_seed(seed),
         seen: [Vec::new(), Vec::new()],
+        queued: Vec::new(),
     };
     // Entries in every table: verified flows (handshakes completed with the backend's
     // SYN-ACK, or on DSR with a data segment), half-open ones with and without a recorded
@@ -948,12 +1026,16 @@ pub fn run(lab: &mut PacketLab, frames: u64, seed: u64, failures_dir: Option<&Pa
         lab.run(&Frame6Spec::udp(c6, sa6(VIP6, 53), b"q").build());
     }
     let mut report = FuzzReport::default();
+    // The datagram (source, destination, identification) whose first fragment was last
+    // SNATed to a VIP.
+    let mut snatted: Option<Vec<u8>> = None;
     let mut before = lab.counters();
     let start_counts = before;
     let t0 = Instant::now();
     for n in 0..frames {
         let mut f = g.frame();
-        if g.rng.bool() {
+        let mutated = g.rng.bool();
+        if mutated {
             g.mutate(&mut f);
         }
         // BPF_PROG_TEST_RUN refuses frames shorter than an Ethernet header (no NIC delivers
@@ -974,8 +1056,32 @@ pub fn run(lab: &mut PacketLab, frames: u64, seed: u64, failures_dir: Option<&Pa
         {
             *slot += 1;
         }
-        if let Err(why) =
-            check(&cfg, &f, verdict, &out, &before, &after).and_then(|()| claim.justifies(promoted))
+        // A later fragment of a reply datagram whose first fragment left from the VIP must
+        // leave from the VIP too (passed, the stack would send it with the backend's address).
+        let fragment = fragment_of(&f);
+        let leaked = match fragment {
+            Some((key, 0, _)) => {
+                if verdict == XDP_REDIRECT && cfg.is_vip(source_of(&out)) {
+                    snatted = Some(key);
+                }
+                Ok(())
+            }
+            Some((key, _, hops)) if !mutated && hops > 1 && snatted.as_ref() == Some(&key) => {
+                if verdict == XDP_REDIRECT && cfg.is_vip(source_of(&out)) {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "a later fragment of a reply SNATed to the VIP left as {} from {}",
+                        verdict_name(verdict),
+                        source_of(&out)
+                    ))
+                }
+            }
+            _ => Ok(()),
+        };
+        if let Err(why) = check(&cfg, &f, verdict, &out, &before, &after)
+            .and(leaked)
+            .and_then(|()| claim.justifies(promoted))
         {
             eprintln!(
                 "fuzz frame {n} (seed {seed}) broke an invariant: {why}\n verdict {}\n input:\n{}\n output:\n{}",

@@ -332,6 +332,86 @@ pub fn hexdump(f: &[u8]) -> String {
         .join("\n")
 }
 
+/// Splits an IPv4 frame (20-byte header) into fragments of at most `chunk` payload bytes (a
+/// multiple of 8), as a sender's stack does: the frame's identification in each, more
+/// fragments on all but the last, offsets in 8-byte units, don't-fragment cleared.
+pub fn fragments(frame: &[u8], chunk: usize) -> Vec<Vec<u8>> {
+    assert!(chunk.is_multiple_of(8) && chunk > 0, "chunk {chunk}");
+    let head = &frame[..ETH_LEN + 20];
+    assert_eq!(head[ETH_LEN] & 0x0f, 5, "no IPv4 options");
+    let payload = &frame[ETH_LEN + 20..];
+    let n = payload.len().div_ceil(chunk);
+    (0..n)
+        .map(|i| {
+            let part = &payload[i * chunk..((i + 1) * chunk).min(payload.len())];
+            let mut f = head.to_vec();
+            let more = if i + 1 < n { 0x2000 } else { 0 };
+            let ip = &mut f[ETH_LEN..];
+            ip[2..4].copy_from_slice(&((20 + part.len()) as u16).to_be_bytes());
+            ip[6..8].copy_from_slice(&((more | (i * chunk / 8)) as u16).to_be_bytes());
+            ip[10..12].copy_from_slice(&[0, 0]);
+            let c = checksum(&ip[..20]);
+            ip[10..12].copy_from_slice(&c.to_be_bytes());
+            f.extend_from_slice(part);
+            f
+        })
+        .collect()
+}
+
+/// Reassembles IPv4 fragments (in any order) as a receiver does, into the frame with the
+/// first fragment's Ethernet and IPv4 header (flags and offset 0). `Err` if they do not form
+/// one datagram: a header checksum wrong, source, destination, protocol or identification
+/// not shared (what a client's reassembly would refuse), a gap or no last fragment.
+pub fn reassemble(frags: &[Vec<u8>]) -> Result<Vec<u8>, String> {
+    let key = |f: &[u8]| {
+        let ip = &f[ETH_LEN..ETH_LEN + 20];
+        (ip[4..6].to_vec(), ip[9], ip[12..20].to_vec())
+    };
+    let first = frags.first().ok_or("no fragments")?;
+    let mut parts: Vec<(usize, bool, &[u8], &[u8])> = Vec::new();
+    for f in frags {
+        let ip = &f[ETH_LEN..];
+        if checksum(&ip[..20]) != 0 {
+            return Err("fragment header checksum".into());
+        }
+        if key(f) != key(first) {
+            return Err(format!(
+                "fragment of another datagram: {:?} vs {:?}",
+                key(f),
+                key(first)
+            ));
+        }
+        let fo = u16::from_be_bytes([ip[6], ip[7]]);
+        let tot = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
+        parts.push((
+            usize::from(fo & 0x1fff) * 8,
+            fo & 0x2000 != 0,
+            &f[..ETH_LEN + 20],
+            &ip[20..tot],
+        ));
+    }
+    parts.sort_by_key(|p| p.0);
+    let mut payload = Vec::new();
+    for (off, _, _, data) in &parts {
+        if *off != payload.len() {
+            return Err(format!("gap at {} (next fragment at {off})", payload.len()));
+        }
+        payload.extend_from_slice(data);
+    }
+    if parts.last().is_some_and(|p| p.1) {
+        return Err("no last fragment".into());
+    }
+    let mut f = parts[0].2.to_vec();
+    let ip = &mut f[ETH_LEN..];
+    ip[2..4].copy_from_slice(&((20 + payload.len()) as u16).to_be_bytes());
+    ip[6..8].copy_from_slice(&[0, 0]);
+    ip[10..12].copy_from_slice(&[0, 0]);
+    let c = checksum(&ip[..20]);
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    f.extend_from_slice(&payload);
+    Ok(f)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

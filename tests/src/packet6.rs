@@ -343,6 +343,74 @@ pub fn verify_checksums6(f: &[u8]) -> Result<(), String> {
     }
 }
 
+/// Splits an IPv6 frame without extension headers into fragments of at most `chunk` bytes of
+/// its upper-layer packet (a multiple of 8), each with a fragment header of identification
+/// `id`, as a sender's stack does.
+pub fn fragments6(frame: &[u8], chunk: usize, id: u32) -> Vec<Vec<u8>> {
+    assert!(chunk.is_multiple_of(8) && chunk > 0, "chunk {chunk}");
+    let head = &frame[..ETH_LEN + IP6_LEN];
+    let proto = head[ETH_LEN + 6];
+    let payload = &frame[ETH_LEN + IP6_LEN..];
+    let n = payload.len().div_ceil(chunk);
+    (0..n)
+        .map(|i| {
+            let part = &payload[i * chunk..((i + 1) * chunk).min(payload.len())];
+            let mut f = head.to_vec();
+            f[ETH_LEN + 4..ETH_LEN + 6].copy_from_slice(&((8 + part.len()) as u16).to_be_bytes());
+            f[ETH_LEN + 6] = FRAGMENT;
+            let more = u16::from(i + 1 < n);
+            f.extend_from_slice(&[proto, 0]);
+            f.extend_from_slice(&(((i * chunk) as u16) | more).to_be_bytes());
+            f.extend_from_slice(&id.to_be_bytes());
+            f.extend_from_slice(part);
+            f
+        })
+        .collect()
+}
+
+/// Reassembles IPv6 fragments made like [`fragments6`]'s (in any order) into the frame
+/// without the fragment header. `Err` if they are not one datagram (source, destination or
+/// identification not shared), or leave a gap or no last fragment.
+pub fn reassemble6(frags: &[Vec<u8>]) -> Result<Vec<u8>, String> {
+    let key = |f: &[u8]| {
+        (
+            f[ETH_LEN + 8..ETH_LEN + IP6_LEN].to_vec(),
+            f[ETH_LEN + IP6_LEN + 4..ETH_LEN + IP6_LEN + 8].to_vec(),
+        )
+    };
+    let first = frags.first().ok_or("no fragments")?;
+    let mut parts: Vec<(usize, bool, &[u8])> = Vec::new();
+    for f in frags {
+        if f[ETH_LEN + 6] != FRAGMENT {
+            return Err("not a fragment".into());
+        }
+        if key(f) != key(first) {
+            return Err("fragment of another datagram (source, destination or id)".into());
+        }
+        let h = &f[ETH_LEN + IP6_LEN..];
+        let fo = u16::from_be_bytes([h[2], h[3]]);
+        let len = usize::from(u16::from_be_bytes([f[ETH_LEN + 4], f[ETH_LEN + 5]]));
+        parts.push((usize::from(fo & 0xfff8), fo & 1 != 0, &h[8..len]));
+    }
+    parts.sort_by_key(|p| p.0);
+    let mut payload = Vec::new();
+    for (off, _, data) in &parts {
+        if *off != payload.len() {
+            return Err(format!("gap at {} (next fragment at {off})", payload.len()));
+        }
+        payload.extend_from_slice(data);
+    }
+    if parts.last().is_some_and(|p| p.1) {
+        return Err("no last fragment".into());
+    }
+    let proto = first[ETH_LEN + IP6_LEN];
+    let mut f = first[..ETH_LEN + IP6_LEN].to_vec();
+    f[ETH_LEN + 4..ETH_LEN + 6].copy_from_slice(&(payload.len() as u16).to_be_bytes());
+    f[ETH_LEN + 6] = proto;
+    f.extend_from_slice(&payload);
+    Ok(f)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

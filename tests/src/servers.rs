@@ -79,7 +79,8 @@ impl NameServer {
         })
     }
 
-    /// A UDP name server on `addr` in `ns` (`[::]:port` serves both families).
+    /// A UDP name server on `addr` in `ns` (`[::]:port` serves both families). It answers
+    /// its name and the asker's address; a query `big N` gets that padded to N bytes.
     pub fn udp(ns: &NetNs, addr: impl Into<SocketAddr>, name: &str) -> io::Result<Self> {
         let addr = addr.into();
         let sock = ns.run(|| {
@@ -97,9 +98,17 @@ impl NameServer {
         let t = std::thread::spawn(move || {
             let mut buf = [0u8; 2048];
             while !st.load(Ordering::Relaxed) {
-                if let Ok((_, peer)) = sock.recv_from(&mut buf) {
-                    let reply = format!("{nm} {peer}\n");
-                    if sock.send_to(reply.as_bytes(), peer).is_ok() {
+                if let Ok((n, peer)) = sock.recv_from(&mut buf) {
+                    let mut reply = format!("{nm} {peer}\n").into_bytes();
+                    // "big N": an answer of N bytes (padded), larger than a link's MTU.
+                    if let Some(size) = std::str::from_utf8(&buf[..n])
+                        .ok()
+                        .and_then(|q| q.strip_prefix("big "))
+                        .and_then(|q| q.trim().parse::<usize>().ok())
+                    {
+                        reply.resize(size.min(60_000), b'x');
+                    }
+                    if sock.send_to(&reply, peer).is_ok() {
                         sv.fetch_add(1, Ordering::Relaxed);
                     }
                 }

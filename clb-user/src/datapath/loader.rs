@@ -28,7 +28,6 @@ use clb_common::{
     ALL_MAPS, CONN_MAP, CONN6_MAP, HALF_OPEN_MAP, HALF_OPEN6_MAP, HalfSlot, HalfSlot6,
     PASS_PROGRAM, PENDING_SESSION_MAP, PENDING_SESSION6_MAP, PROGRAM_MAP, PendSlot, PendSlot6,
     SESSION_MAP, SESSION6_MAP, SLOT_SETS_GLOBAL, SLOT_SETS6_GLOBAL, TAIL_PROGRAMS, XDP_PROGRAM,
-    XDP6_ICMP_PROGRAM, XDP6_PROGRAM,
     layouts::{self, Fate},
     slot_sets,
     slots::Slot,
@@ -354,7 +353,10 @@ fn load_inner(pin_dir: Option<&Path>, sizes: &TableSizes, small: bool) -> anyhow
             return Err(explain_load_error(e, sizes));
         }
     };
-    for name in [XDP_PROGRAM, XDP6_PROGRAM, XDP6_ICMP_PROGRAM, PASS_PROGRAM] {
+    for name in [XDP_PROGRAM, PASS_PROGRAM]
+        .into_iter()
+        .chain(TAIL_PROGRAMS.map(|(name, _)| name))
+    {
         let prog: &mut Xdp = ebpf
             .program_mut(name)
             .ok_or_else(|| anyhow!("program {name} missing from the object"))?
@@ -397,7 +399,7 @@ fn load_inner(pin_dir: Option<&Path>, sizes: &TableSizes, small: bool) -> anyhow
     })
 }
 
-/// Puts the IPv6 programs into the program array the balancer tail-calls them through (a
+/// Puts the IPv6 programs (packets, ICMPv6, later fragments) into the program array the balancer tail-calls them through (a
 /// pinned array from an earlier load gets this load's programs).
 fn fill_tail_calls(ebpf: &mut Ebpf) -> anyhow::Result<()> {
     let mut fds = Vec::new();

@@ -17,6 +17,9 @@
 //!   the backend's own links 1500, as behind a router with a smaller MTU): clb answers the
 //!   client's too-big segments with "fragmentation needed" quoting the VIP, the client lowers
 //!   its path MTU and the upload completes.
+//! - A backend's UDP answers of 1 473 and 4 000 bytes (more than its link's MTU: its stack
+//!   fragments them), over IPv4 and IPv6, reach a connected client socket — which accepts
+//!   only datagrams from the VIP — whole.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -29,8 +32,8 @@ use clb_tests::{
     fleet::{self, Fleet},
     flood::{Flood, FloodSpec},
     http::HttpServer,
-    netns::{CLIENT_IP, NetNs, Topology, VIP, backend_ip},
-    servers::{NameServer, ask, ask_once, connect, tcp_on_backends},
+    netns::{CLIENT_IP, CLIENT_IP6, NetNs, Topology, VIP, VIP6, backend_ip, backend_ip6},
+    servers::{NameServer, ask, ask_once, connect, tcp_on_backends, udp_socket},
     wait_for,
 };
 
@@ -453,4 +456,43 @@ fn an_upload_through_a_smaller_mtu_on_the_backend_side_completes() {
             .as_deref(),
         Some("b0")
     );
+}
+
+#[test]
+fn a_fragmented_udp_reply_reaches_a_connected_client_from_the_vip() {
+    let topo = Topology::new("hfrag", 1, 0).expect("topology");
+    let any: std::net::SocketAddr = (std::net::Ipv6Addr::UNSPECIFIED, 5353).into();
+    let _server = NameServer::udp(&topo.backends[0], any, "b0").expect("udp server");
+    let vip6 = std::net::SocketAddr::from((VIP6, 53));
+    let cfg = format!(
+        "{}[[listener]]\nname = \"dns6\"\nvip = \"{vip6}\"\nproto = \"udp\"\n\
+         [[listener.backend]]\naddr = \"[{}]:5353\"\n",
+        one_listener_config("dns", vip(53), "udp", 1, 5353, ""),
+        backend_ip6(0)
+    );
+    let d = Daemon::start(&topo, &cfg);
+    let cases: [(std::net::IpAddr, std::net::SocketAddr, usize); 3] = [
+        (CLIENT_IP.into(), vip(53).into(), 1473),
+        (CLIENT_IP.into(), vip(53).into(), 4000),
+        (CLIENT_IP6.into(), vip6, 4000),
+    ];
+    for (src, to, size) in cases {
+        let s = udp_socket(&topo.client, src).expect("client socket");
+        // Connected: the kernel hands it only datagrams from the VIP (a stub resolver's way).
+        s.connect(to).expect("connect");
+        s.send(format!("big {size}").as_bytes()).expect("send");
+        let mut buf = vec![0u8; 65536];
+        let n = s.recv(&mut buf).unwrap_or_else(|e| {
+            panic!(
+                "no {size}-byte answer from {to} ({e}); counters: rewritten {}, not noted {}\n{}",
+                counter(&d, "reply_frag_rewritten"),
+                counter(&d, "frag_not_noted"),
+                d.log()
+            )
+        });
+        assert_eq!(n, size, "the whole answer from {to}");
+        assert!(buf.starts_with(b"b0 "), "from backend b0: {:?}", &buf[..8]);
+    }
+    assert!(counter(&d, "reply_frag_first") >= 3);
+    assert!(counter(&d, "reply_frag_rewritten") >= 1 + 2 + 2);
 }

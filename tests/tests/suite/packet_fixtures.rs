@@ -22,7 +22,7 @@ use clb_tests::{
         Fixture, PacketLab, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX, ago, backend, backend_mac,
         with_lab, with_lab_tables,
     },
-    packet::{ACK, CLIENT_MAC, FIN, FrameSpec, LB_MAC, PSH, RST, SYN, icmp_error, parse},
+    packet::{self, ACK, CLIENT_MAC, FIN, FrameSpec, LB_MAC, PSH, RST, SYN, icmp_error, parse},
 };
 
 const VIP: &str = "10.0.0.100:80";
@@ -879,6 +879,86 @@ fn udp_flows_are_verified_by_a_two_way_exchange() {
                 to_backend(lab, &s, p, 5353),
             )]);
         }
+    });
+}
+
+/// A backend's 4 000-byte UDP answer, fragmented by its stack (1 480-byte pieces), reaches
+/// the client from the VIP: every fragment (the later ones carry no ports), reassembling into
+/// the datagram the client asked the VIP for. Fragments of no noted datagram pass untouched;
+/// a client's fragments to a VIP are dropped.
+#[test]
+fn a_fragmented_udp_reply_reaches_the_client_from_the_vip() {
+    with_lab(|lab| {
+        lab.apply(vec![dns()]);
+        let q = FrameSpec::udp(client(5300), sa(UDP_VIP), b"large query");
+        let (v, out) = lab.run(&q.build());
+        assert_eq!(v, XDP_REDIRECT);
+        let n = backend_of(&out);
+        let body: Vec<u8> = (0..4000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let mut answer = FrameSpec::udp(backend(n, 5353), client(5300), &body);
+        answer.frag = 0;
+        answer.src_mac = backend_mac(n);
+        answer.dst_mac = lab.backend_if_mac;
+        let pieces = packet::fragments(&answer.build(), 1480);
+        assert_eq!(pieces.len(), 3);
+        let (first, rewritten) = (
+            lab.counter("reply_frag_first"),
+            lab.counter("reply_frag_rewritten"),
+        );
+        let mut outs = Vec::new();
+        for (i, f) in pieces.iter().enumerate() {
+            let (v, out) = lab.run_on(lab.backend_if, f);
+            assert_eq!(v, XDP_REDIRECT, "fragment {i}");
+            assert_eq!(
+                &out[14 + 12..14 + 16],
+                &[10, 0, 0, 100],
+                "fragment {i} from the VIP"
+            );
+            assert_eq!(&out[0..6], &CLIENT_MAC, "fragment {i} to the client");
+            outs.push(out);
+        }
+        assert_eq!(lab.counter("reply_frag_first"), first + 1);
+        assert_eq!(lab.counter("reply_frag_rewritten"), rewritten + 2);
+        let mut expected = answer.clone();
+        expected.src = sa(UDP_VIP);
+        expected.ttl -= 1;
+        expected.src_mac = lab.client_if_mac;
+        expected.dst_mac = CLIENT_MAC;
+        let whole = packet::reassemble(&outs).expect("one datagram");
+        packet::verify_checksums(&whole).expect("checksums of the whole datagram");
+        assert_eq!(whole, expected.build(), "the datagram as from the VIP");
+
+        // A later fragment of a datagram clb noted nothing for (another identification, or
+        // not a reply at all): the stack's.
+        let mut other = pieces[1].clone();
+        other[14 + 4] ^= 0xff;
+        let c = packet::checksum(&{
+            let mut h = other[14..34].to_vec();
+            h[10..12].copy_from_slice(&[0, 0]);
+            h
+        });
+        other[14 + 10..14 + 12].copy_from_slice(&c.to_be_bytes());
+        let not_noted = lab.counter("frag_not_noted");
+        lab.check(&[
+            Fixture::unchanged("a later fragment of no noted datagram", other, XDP_PASS)
+                .on(lab.backend_if),
+        ]);
+        assert_eq!(lab.counter("frag_not_noted"), not_noted + 1);
+
+        // A client's fragmented datagram to a VIP: no ports in the later pieces, dropped
+        // (first and later alike), and no state.
+        let mut big = FrameSpec::udp(client(5301), sa(UDP_VIP), &body);
+        big.frag = 0;
+        let cpieces = packet::fragments(&big.build(), 1480);
+        let drops = lab.counter("drop_fragment");
+        for f in &cpieces {
+            assert_eq!(lab.run(f).0, XDP_DROP);
+        }
+        assert_eq!(lab.counter("drop_fragment"), drops + 3);
+        assert!(
+            lab.half_open(&conn_key(lab, "dns", client(5301), PROTO_UDP))
+                .is_none()
+        );
     });
 }
 

@@ -25,7 +25,8 @@ use clb_tests::{
     packet::{ACK, CLIENT_MAC, FrameSpec, LB_MAC, PSH, RST, SYN},
     packet6::{
         DEST_OPTS, DEST_UNREACH, ECHO_REQUEST, FRAGMENT, Frame6Spec, HOP_BY_HOP, NEIGHBOR_ADVERT,
-        NEIGHBOR_SOLICIT, PACKET_TOO_BIG, ROUTING, icmp6_error, l4_checksum, parse6,
+        NEIGHBOR_SOLICIT, PACKET_TOO_BIG, ROUTING, fragments6, icmp6_error, l4_checksum, parse6,
+        reassemble6, verify_checksums6,
     },
 };
 
@@ -311,6 +312,61 @@ fn ipv6_persistence_commits_on_the_handshake_keeps_a_prefix_together_and_expires
         }
         let pkey = session_key(lab, "web6", *remote(7, 1, 0).ip(), 64);
         assert!(lab.session6(SessionTable::Verified, &pkey).is_some());
+    });
+}
+
+/// A backend's 4 000-byte UDP answer over IPv6, fragmented by its stack (fragment headers,
+/// 1 448-byte pieces), reaches the client from the VIP in every fragment and reassembles
+/// into the datagram as from the VIP.
+#[test]
+fn ipv6_a_fragmented_udp_reply_reaches_the_client_from_the_vip() {
+    with_lab(|lab| {
+        lab.apply(vec![dns()]);
+        let q = Frame6Spec::udp(client(5300), sa(UDP_VIP), b"large query");
+        let (v, out) = lab.run(&q.build());
+        assert_eq!(v, XDP_REDIRECT);
+        let n = backend_of(&out);
+        let body: Vec<u8> = (0..4000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let mut answer = Frame6Spec::udp(backend6(n, 5353), client(5300), &body);
+        answer.src_mac = backend_mac(n);
+        answer.dst_mac = lab.backend_if_mac;
+        let pieces = fragments6(&answer.build(), 1448, 0x0bad_cafe);
+        assert_eq!(pieces.len(), 3);
+        let rewritten = lab.counter("reply_frag_rewritten");
+        let vip = sa(UDP_VIP).ip().octets();
+        let mut outs = Vec::new();
+        for (i, f) in pieces.iter().enumerate() {
+            let (v, out) = lab.run_on(lab.backend_if, f);
+            assert_eq!(v, XDP_REDIRECT, "fragment {i}");
+            assert_eq!(&out[14 + 8..14 + 24], &vip, "fragment {i} from the VIP");
+            assert_eq!(&out[0..6], &CLIENT_MAC, "fragment {i} to the client");
+            outs.push(out);
+        }
+        assert_eq!(lab.counter("reply_frag_rewritten"), rewritten + 2);
+        let mut expected = answer.clone();
+        expected.src = sa(UDP_VIP);
+        expected.hop_limit -= 1;
+        expected.src_mac = lab.client_if_mac;
+        expected.dst_mac = CLIENT_MAC;
+        let whole = reassemble6(&outs).expect("one datagram");
+        verify_checksums6(&whole).expect("checksums of the whole datagram");
+        assert_eq!(whole, expected.build(), "the datagram as from the VIP");
+
+        // Another identification: not noted, the stack's.
+        let other = fragments6(&answer.build(), 1448, 0x0bad_cafd).remove(1);
+        lab.check(&[
+            Fixture::unchanged("a later fragment of no noted datagram", other, XDP_PASS)
+                .on(lab.backend_if),
+        ]);
+        // A client's fragments to the VIP: dropped, first and later alike.
+        let big = Frame6Spec::udp(client(5301), sa(UDP_VIP), &body);
+        for f in fragments6(&big.build(), 1448, 7) {
+            assert_eq!(lab.run(&f).0, XDP_DROP);
+        }
+        assert!(
+            lab.half_open6(&conn_key(lab, "dns6", client(5301), PROTO_UDP))
+                .is_none()
+        );
     });
 }
 
