@@ -34,12 +34,12 @@ fn vip() -> SocketAddrV4 {
 }
 
 /// An event-driven line server (`who` → name) in a backend namespace; stops on drop.
-struct FastServer {
+pub(super) struct FastServer {
     rt: Option<tokio::runtime::Runtime>,
 }
 
 impl FastServer {
-    fn start(ns: &NetNs, name: String) -> anyhow::Result<Self> {
+    pub(super) fn start(ns: &NetNs, name: String) -> anyhow::Result<Self> {
         let rt = ns.run(move || -> anyhow::Result<_> {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(1)
@@ -182,7 +182,7 @@ fn start_peer(topo: &Topology, peer: Peer) -> anyhow::Result<Running> {
     Ok(running)
 }
 
-fn connect_from(ns: &NetNs, src: Ipv4Addr) -> std::io::Result<TcpStream> {
+pub(super) fn connect_from(ns: &NetNs, src: Ipv4Addr) -> std::io::Result<TcpStream> {
     let s = ns.run(|| {
         let s = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
         s.set_reuse_address(true)?;
@@ -196,7 +196,7 @@ fn connect_from(ns: &NetNs, src: Ipv4Addr) -> std::io::Result<TcpStream> {
     Ok(t)
 }
 
-fn ask(r: &mut BufReader<TcpStream>) -> std::io::Result<()> {
+pub(super) fn ask(r: &mut BufReader<TcpStream>) -> std::io::Result<()> {
     r.get_mut().write_all(b"who\n")?;
     let mut line = String::new();
     if r.read_line(&mut line)? == 0 {

@@ -5,6 +5,7 @@
 //! comparison is a ratio of figures taken in the same run, interleaved where possible, and the
 //! report says what bottleneck each figure hit.
 
+pub mod balance;
 pub mod conns;
 pub mod dsr;
 pub mod flood;

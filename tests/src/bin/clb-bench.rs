@@ -4,7 +4,7 @@
 use std::{path::PathBuf, time::Instant};
 
 use clb_tests::bench::{
-    Scale, conns, dsr, flood, https, l7, memory, perpacket, rate, report::Report,
+    Scale, balance, conns, dsr, flood, https, l7, memory, perpacket, rate, report::Report,
 };
 
 fn main() -> anyhow::Result<()> {
@@ -68,6 +68,10 @@ fn main() -> anyhow::Result<()> {
     if want("conns") {
         println!("\n== connections/s and requests/s (real TCP clients) ==");
         conns::run(&scale, &mut report)?;
+    }
+    if want("balance") {
+        println!("\n== held-connection balance (least connections, skewed workload) ==");
+        balance::run(&scale, &mut report)?;
     }
     if want("dsr") {
         println!("\n== direct server return vs NAT (64 KiB answers) ==");

@@ -1,7 +1,9 @@
 //! The benchmark machinery at tiny scale: every figure is produced, clb loses nothing and
 //! moves no client. Asserts no timing (speed belongs to `cargo xtask bench`).
 
-use clb_tests::bench::{Scale, conns, dsr, flood, l7, memory, perpacket, rate, report::Report};
+use clb_tests::bench::{
+    Scale, balance, conns, dsr, flood, l7, memory, perpacket, rate, report::Report,
+};
 
 fn finite(report: &Report, section: &str) {
     let rows: Vec<_> = report
@@ -60,6 +62,17 @@ fn connection_figures_are_produced_for_every_peer() {
     finite(&r, "connections");
     assert_eq!(r.rows[0].peers.len(), 3);
     assert!(r.rows.iter().all(|row| row.clb > 0.0), "clb served nothing");
+}
+
+#[test]
+fn balance_figure_is_produced_and_least_connections_is_even() {
+    let mut r = Report::default();
+    balance::run(&Scale::TINY, &mut r).unwrap();
+    finite(&r, "balance");
+    // Behaviour, not speed: least connections leaves every backend 3 of the 9 held ones;
+    // round robin piles them up (every third connection is a held one).
+    assert_eq!(r.rows[0].clb, 1.0, "{}", r.rows[0].note);
+    assert!(r.rows[0].peers[0].1 >= 2.0, "{}", r.rows[0].note);
 }
 
 #[test]
