@@ -1,7 +1,8 @@
 //! The config file: TOML, a `[tables]` table for the datapath's table sizes, and one
 //! `[[listener]]` table per listener with `[[listener.backend]]` tables. Read at daemon start
 //! and on reload (inside the change transaction); every change is written back atomically
-//! before it is applied (temp file in the target's directory, fsync, rename, fsync of the
+//! before it is applied, into the file's own text (comments and layout kept, see
+//! [`crate::control::edit`]) (temp file in the target's directory, fsync, rename, fsync of the
 //! directory), through symlinks to their target, leaving no temp file behind on failure.
 //!
 //! ```toml
@@ -133,15 +134,46 @@ impl ConfigFile {
         validate_all(&self.listeners)
     }
 
-    /// The TOML text of this configuration.
-    pub fn to_toml(&self) -> String {
+    /// The canonical TOML of this configuration, without the header comment.
+    pub fn body(&self) -> String {
         // Serializing plain data to TOML cannot fail: every value is a table, array, string or
         // integer, and tables come after values by construction.
-        let body = toml::to_string_pretty(self).unwrap_or_else(|e| format!("# {e}\n"));
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# {e}\n"))
+    }
+
+    /// The TOML text of this configuration in its canonical form (a new file).
+    pub fn to_toml(&self) -> String {
         format!(
             "# clb configuration. Written by the clb daemon after every change made through\n\
-             # its API; edit it by hand and run `clb reload`, or use the CLI.\n\n{body}"
+             # its API (your comments and layout are kept); edit it by hand and run\n\
+             # `clb reload`, or use the CLI.\n\n{}",
+            self.body()
         )
+    }
+
+    /// The text to write over a file holding `old`: `old` edited to say this configuration
+    /// (comments, order and formatting of what did not change kept; see
+    /// [`crate::control::edit`]), or the canonical form for a new or blank file, or when `old`
+    /// cannot be edited (then a warning says so).
+    pub fn text_over(&self, old: Option<&str>) -> String {
+        let Some(old) = old.filter(|o| !o.trim().is_empty()) else {
+            return self.to_toml();
+        };
+        let only_comments = old
+            .parse::<toml_edit::DocumentMut>()
+            .is_ok_and(|d| d.as_table().is_empty());
+        if only_comments {
+            // A file of comments alone: keep them on top.
+            return format!("{}\n\n{}", old.trim_end(), self.body());
+        }
+        crate::control::edit::edit(old, self).unwrap_or_else(|| {
+            tracing::warn!(
+                "the config file's text could not be edited in place (not TOML, or spelled in a \
+                 way the editor does not follow): writing it in canonical form, without its \
+                 comments"
+            );
+            self.to_toml()
+        })
     }
 
     /// Writes `self` to `path` atomically (see the module docs). When `path` is a symlink its
@@ -168,6 +200,7 @@ impl ConfigFile {
         let mode = std::fs::metadata(&target)
             .map(|m| m.permissions().mode() & 0o7777)
             .unwrap_or(0o644);
+        let text = self.text_over(std::fs::read_to_string(&target).ok().as_deref());
         let tmp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
         let guard = TempGuard(&tmp);
         let mut f = OpenOptions::new()
@@ -176,7 +209,7 @@ impl ConfigFile {
             .mode(mode)
             .open(&tmp)
             .map_err(err("creating the temp file"))?;
-        f.write_all(self.to_toml().as_bytes())
+        f.write_all(text.as_bytes())
             .map_err(err("writing the temp file"))?;
         f.sync_all().map_err(err("syncing the temp file"))?;
         drop(f);

@@ -11,6 +11,7 @@
 //! Readers never take the writer's lock: they load the latest snapshot ([`arc_swap`]), the
 //! sweeper's latest report, and read counters and tables through their own handles.
 
+pub mod edit;
 pub mod file;
 pub mod model;
 pub mod patch;

@@ -587,3 +587,124 @@ fn clb_check_names_the_problem_of_a_bad_file_and_passes_a_good_one() {
     );
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// The config file is the operator's: ten changes of different kinds through the CLI and a
+/// hand edit taken in by `clb reload` keep every comment, the order and the spelling of what
+/// they did not touch, and write only what they changed.
+#[test]
+fn comments_in_the_config_file_survive_ten_changes_through_the_cli() {
+    let text = format!(
+        "# Production balancer, reviewed 2026-11-30 (ticket OPS-41).\n\n\
+         # The shop. Cart state lives on the backend: keep persistence on.\n\
+         [[listener]]\n\
+         name = \"web\"\n\
+         vip = \"{vip}\"\n\
+         proto = \"tcp\"\n\
+         persist = 600          # seconds, 0 = off\n\
+         sched = \"wrr\"          # explicit default\n\n\
+         # rack A\n\
+         [[listener.backend]]\n\
+         addr = \"{b0}\"\n\n\
+         # rack B, smaller box\n\
+         [[listener.backend]]\n\
+         addr = \"{b1}\"\n\
+         weight = 5             # half of rack A\n",
+        vip = vip(),
+        b0 = be(0),
+        b1 = be(1),
+    );
+    let topo = Topology::new("cm", 3, 0).expect("topology");
+    let _servers: Vec<NameServer> = topo
+        .backends
+        .iter()
+        .enumerate()
+        .map(|(i, ns)| {
+            NameServer::tcp(
+                ns,
+                SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, PORT),
+                &format!("b{i}"),
+            )
+            .unwrap()
+        })
+        .collect();
+    let d = Daemon::start(&topo, &text);
+    let dns_be = format!("{}:53", backend_ip(1));
+    let comments = [
+        "# Production balancer, reviewed 2026-11-30 (ticket OPS-41).",
+        "# The shop. Cart state lives on the backend: keep persistence on.",
+        "# seconds, 0 = off",
+        "# rack A",
+        "# rack B, smaller box",
+        "# half of rack A",
+    ];
+    let changes: [&[&str]; 10] = [
+        &["listener", "set", "web", "--persist", "300"],
+        &["backend", "set", "web", &be(1), "--weight", "7"],
+        &["backend", "add", "web", &be(2)],
+        &["listener", "set", "web", "--hc-interval", "3"],
+        &[
+            "listener",
+            "add",
+            "dns",
+            "--vip",
+            "10.0.0.100:53",
+            "--proto",
+            "udp",
+        ],
+        &["backend", "add", "dns", &dns_be],
+        &["listener", "set", "web", "--sched", "lc"],
+        &["backend", "rm", "web", &be(2)],
+        &["listener", "rm", "dns"],
+        &["listener", "set", "web", "--persist", "0"],
+    ];
+    for (i, change) in changes.iter().enumerate() {
+        d.clb_ok(change);
+        let now = d.config_text();
+        for c in comments {
+            assert!(
+                now.contains(c),
+                "change {i} ({change:?}) lost {c:?}:\n{now}"
+            );
+        }
+        if i == 4 {
+            // A hand edit between changes: a new comment and a value, taken in by reload.
+            let edited = now.replace("# rack A\n", "# rack A (moved to row 3 on 2026-12-01)\n");
+            assert_ne!(edited, now);
+            std::fs::write(&d.config, &edited).unwrap();
+            d.clb_ok(&["reload"]);
+        }
+    }
+    let end = d.config_text();
+    assert!(
+        end.contains("# rack A (moved to row 3 on 2026-12-01)"),
+        "{end}"
+    );
+    // Each value changed where it stands, its comment kept in its column.
+    assert!(
+        end.contains("persist = 0            # seconds, 0 = off"),
+        "{end}"
+    );
+    assert!(
+        end.contains("sched = \"lc\"           # explicit default"),
+        "{end}"
+    );
+    assert!(
+        end.contains("weight = 7             # half of rack A"),
+        "{end}"
+    );
+    // Only what a change needed was written: the one health-check field set, no listener or
+    // backend that was removed again, no weight for the backend that never had one.
+    assert!(
+        end.contains("[listener.health_check]\ninterval = 3"),
+        "{end}"
+    );
+    assert!(!end.contains("dns") && !end.contains(&be(2)), "{end}");
+    assert_eq!(end.matches("weight").count(), 1, "{end}");
+    assert!(end.starts_with("# Production balancer"), "{end}");
+    // And the file says what runs: a restart from it is the same listener.
+    let l: serde_json::Value = d.clb_json(&["listener", "ls"]);
+    assert_eq!(l[0]["persist"], 0, "{l}");
+    assert_eq!(l[0]["sched"], "lc", "{l}");
+    let who = ask_once(&topo.client, clb_tests::netns::CLIENT_IP, vip()).expect("a request");
+    assert!(who == "b0" || who == "b1", "{who}");
+}
