@@ -35,19 +35,7 @@ struct Env {
 
 fn env(tag: &str, backends: usize, configured: usize, clients: usize, extra: &str) -> Env {
     let topo = Topology::new(tag, backends, clients).expect("topology");
-    let servers = topo
-        .backends
-        .iter()
-        .enumerate()
-        .map(|(i, ns)| {
-            NameServer::tcp(
-                ns,
-                SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, PORT),
-                &format!("b{i}"),
-            )
-            .unwrap()
-        })
-        .collect();
+    let servers = clb_tests::servers::tcp_on_backends(&topo, PORT);
     let daemon = Daemon::start(&topo, &config(configured, extra));
     Env {
         daemon,
@@ -614,19 +602,7 @@ fn comments_in_the_config_file_survive_ten_changes_through_the_cli() {
         b1 = be(1),
     );
     let topo = Topology::new("cm", 3, 0).expect("topology");
-    let _servers: Vec<NameServer> = topo
-        .backends
-        .iter()
-        .enumerate()
-        .map(|(i, ns)| {
-            NameServer::tcp(
-                ns,
-                SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, PORT),
-                &format!("b{i}"),
-            )
-            .unwrap()
-        })
-        .collect();
+    let _servers = clb_tests::servers::tcp_on_backends(&topo, PORT);
     let d = Daemon::start(&topo, &text);
     let dns_be = format!("{}:53", backend_ip(1));
     let comments = [
