@@ -176,50 +176,61 @@ impl ConfigFile {
         })
     }
 
-    /// Writes `self` to `path` atomically (see the module docs). When `path` is a symlink its
-    /// final target is replaced and the link stays. On failure the file is unchanged and no
-    /// temp file is left.
-    pub fn save(&self, path: &Path) -> Result<(), SaveError> {
-        let err = |what: &'static str| {
-            move |source| SaveError {
-                path: path.to_owned(),
-                what,
-                source,
-            }
-        };
-        let target = resolve(path).map_err(err("resolving the path"))?;
-        let dir = target
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."))
-            .to_owned();
-        let name = target
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "clb.toml".into());
-        let mode = std::fs::metadata(&target)
-            .map(|m| m.permissions().mode() & 0o7777)
-            .unwrap_or(0o644);
-        let text = self.text_over(std::fs::read_to_string(&target).ok().as_deref());
-        let tmp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
-        let guard = TempGuard(&tmp);
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(mode)
-            .open(&tmp)
-            .map_err(err("creating the temp file"))?;
-        f.write_all(text.as_bytes())
-            .map_err(err("writing the temp file"))?;
-        f.sync_all().map_err(err("syncing the temp file"))?;
-        drop(f);
-        std::fs::rename(&tmp, &target).map_err(err("renaming the temp file over it"))?;
-        std::mem::forget(guard);
-        File::open(&dir)
-            .and_then(|d| d.sync_all())
-            .map_err(err("syncing its directory"))?;
-        Ok(())
+    /// Writes `self` to `path` atomically (see the module docs), merged into the file's own
+    /// text. When `path` is a symlink its final target is replaced and the link stays. On
+    /// failure the file is unchanged and no temp file is left. Returns the text it replaced
+    /// (None when there was no file), which [`write_text`] puts back byte for byte.
+    pub fn save(&self, path: &Path) -> Result<Option<String>, SaveError> {
+        let old = resolve(path)
+            .ok()
+            .and_then(|t| std::fs::read_to_string(t).ok());
+        write_text(path, &self.text_over(old.as_deref()))?;
+        Ok(old)
     }
+}
+
+/// Writes `text` to `path` atomically: a temp file in the same directory, synced, renamed over
+/// the target (a symlink's final target; the link stays), the directory synced. The file keeps
+/// its mode. On failure the file is unchanged and no temp file is left.
+pub fn write_text(path: &Path, text: &str) -> Result<(), SaveError> {
+    let err = |what: &'static str| {
+        move |source| SaveError {
+            path: path.to_owned(),
+            what,
+            source,
+        }
+    };
+    let target = resolve(path).map_err(err("resolving the path"))?;
+    let dir = target
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+        .to_owned();
+    let name = target
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "clb.toml".into());
+    let mode = std::fs::metadata(&target)
+        .map(|m| m.permissions().mode() & 0o7777)
+        .unwrap_or(0o644);
+    let tmp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
+    let guard = TempGuard(&tmp);
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&tmp)
+        .map_err(err("creating the temp file"))?;
+    f.write_all(text.as_bytes())
+        .map_err(err("writing the temp file"))?;
+    f.sync_all().map_err(err("syncing the temp file"))?;
+    drop(f);
+    std::fs::rename(&tmp, &target).map_err(err("renaming the temp file over it"))?;
+    std::mem::forget(guard);
+    File::open(&dir)
+        .and_then(|d| d.sync_all())
+        .map_err(err("syncing its directory"))?;
+    Ok(())
 }
 
 /// Removes a temp file unless defused with `mem::forget`.

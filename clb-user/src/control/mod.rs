@@ -284,14 +284,22 @@ impl Controller {
             .retain(|name, _| !candidate.certs.contains_key(name));
         let previous = std::mem::replace(&mut candidate.config, next);
         candidate.reconcile_runtime(Some(&previous));
-        if write_file {
-            candidate.config.save(&self.info.config)?;
-        }
+        // The file's text before the change: a refused change puts it back byte for byte.
+        let replaced = if write_file {
+            candidate.config.save(&self.info.config)?
+        } else {
+            None
+        };
         match w.balancer.commit(&candidate.plan()) {
             Ok(_) => {}
             Err(BalancerError::Purge(e)) => warn!("purging removed entries: {e}"),
             Err(e) => {
-                if write_file && let Err(restore) = previous.save(&self.info.config) {
+                let restored = match &replaced {
+                    Some(text) => file::write_text(&self.info.config, text),
+                    None if write_file => previous.save(&self.info.config).map(drop),
+                    None => Ok(()),
+                };
+                if let Err(restore) = restored {
                     return Err(ChangeError::Inconsistent(format!(
                         "{e}; putting the config file back failed too: {restore}"
                     )));
