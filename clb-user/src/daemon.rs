@@ -361,6 +361,7 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
         l7: proxies.clone(),
         bgp: speaker.clone(),
         sign_in: Arc::new(crate::api::signin::SignInCodes::new(opts.console)),
+        source: crate::control::audit::Source::Api,
     };
 
     let mut loops = Vec::new();
@@ -488,7 +489,7 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
             while hup.recv().await.is_some() {
                 let c = ctl.clone();
                 match tokio::task::spawn_blocking(move || c.reload()).await {
-                    Ok(Ok(())) => {}
+                    Ok(Ok(_)) => {}
                     Ok(Err(e)) => error!("reload failed, keeping the running state: {e}"),
                     Err(e) => error!("reload task failed: {e}"),
                 }

@@ -387,6 +387,7 @@ fn harness(case: u64) -> Harness {
         l7: Arc::new(Proxies::new(key, clb::l7::ConnBudget::new(1000))),
         bgp: None,
         sign_in: Arc::new(clb::api::signin::SignInCodes::new(None)),
+        source: clb::control::audit::Source::Api,
     };
     let app = clb::api::server::router(api);
     Harness {

@@ -409,10 +409,15 @@ impl PacketLab {
     /// Makes `listeners` the configuration, through the control plane's transaction.
     pub fn apply(&self, listeners: Vec<ListenerSpec>) {
         self.ctl
-            .change(|c| {
-                c.listeners = listeners;
-                Ok(())
-            })
+            .change(
+                clb::control::audit::Source::Api,
+                "apply the lab's listeners",
+                |c| {
+                    c.listeners = listeners;
+                    Ok(())
+                },
+            )
+            .map(drop)
             .expect("applying the configuration");
     }
 

@@ -86,6 +86,22 @@ impl<'a> Client<'a> {
             .map_err(ClientError::Transport)
     }
 
+    /// GET a text answer (`/v1/config`).
+    pub async fn get_text(&self, path: &str) -> Result<String, ClientError> {
+        let b = self.call(Method::GET, path, None).await?;
+        String::from_utf8(b.to_vec())
+            .with_context(|| format!("decoding the answer to GET {path}"))
+            .map_err(ClientError::Transport)
+    }
+
+    /// DELETE and decode the answer.
+    pub async fn delete<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        let b = self.call(Method::DELETE, path, None).await?;
+        serde_json::from_slice(&b)
+            .with_context(|| format!("decoding the answer to DELETE {path}"))
+            .map_err(ClientError::Transport)
+    }
+
     /// POST without a body and decode the answer.
     pub async fn post<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
         let b = self.call(Method::POST, path, None).await?;

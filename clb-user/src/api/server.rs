@@ -29,12 +29,13 @@ use serde::{Deserialize, de::DeserializeOwned};
 
 use super::types::{
     BackendPatch, BackendStats, BackendView, ConnView, DEFAULT_DRAIN_SECS, DrainRequest, ErrorBody,
-    FloodStatus, HealthTransitionCount, ListenerStats, ListenerView, Page, SessionView,
-    StatsResponse, Status, SweeperStatus, TableStatus,
+    FloodStatus, ForgetAnswer, HealthTransitionCount, ListenerStats, ListenerView, Page,
+    ReloadAnswer, SessionView, StatsResponse, Status, SweeperStatus, TableStatus,
 };
 use crate::{
     control::{
         ChangeError, Controller,
+        audit::Source,
         file::ConfigFileError,
         model::{BackendSpec, ConfigError, ListenerSpec},
         patch,
@@ -53,6 +54,9 @@ pub struct Api {
     pub bgp: Option<Arc<crate::bgp::Speaker>>,
     /// One-time console sign-in codes (`POST /v1/console/link`).
     pub sign_in: Arc<super::signin::SignInCodes>,
+    /// Where the changes made through this handle come from, for the audit trail (the
+    /// console's handle says `console`).
+    pub source: Source,
 }
 
 /// An error with its HTTP status.
@@ -179,10 +183,12 @@ pub fn router(api: Api) -> Router {
             "/v1/listeners/{name}/backends/{addr}/drain",
             post(drain_backend),
         )
-        .route("/v1/sessions", get(sessions))
+        .route("/v1/sessions", get(sessions).delete(forget_sessions))
         .route("/v1/conns", get(conns))
         .route("/v1/stats", get(stats))
         .route("/v1/reload", post(reload))
+        .route("/v1/config", get(running_config))
+        .route("/v1/events", get(events))
         .route("/v1/bgp", get(bgp_status))
         .route("/v1/bgp/withdraw", post(bgp_withdraw))
         .route("/v1/bgp/announce", post(bgp_announce))
@@ -230,61 +236,73 @@ pub async fn op_add_listener(api: &Api, spec: ListenerSpec) -> ApiResult<()> {
             .await
             .map_err(|e| ApiError(StatusCode::CONFLICT, e))?;
     }
-    let ctl = api.ctl.clone();
+    let (ctl, src) = (api.ctl.clone(), api.source);
+    let what = format!("add listener {}", spec.name);
     applied(api, move || {
-        Ok(ctl.change(|c| {
-            if c.listeners.iter().any(|x| x.name == spec.name) {
-                return Err(ConfigError::DuplicateListener(spec.name.clone()));
-            }
-            c.listeners.push(spec);
-            Ok(())
-        })?)
+        Ok(ctl
+            .change(src, &what, |c| {
+                if c.listeners.iter().any(|x| x.name == spec.name) {
+                    return Err(ConfigError::DuplicateListener(spec.name.clone()));
+                }
+                c.listeners.push(spec);
+                Ok(())
+            })
+            .map(drop)?)
     })
     .await
 }
 
 /// Applies a JSON merge patch to a listener.
 pub async fn op_patch_listener(api: &Api, name: String, p: serde_json::Value) -> ApiResult<()> {
-    let ctl = api.ctl.clone();
+    let (ctl, src) = (api.ctl.clone(), api.source);
+    let what = format!("change listener {name}: {p}");
     applied(api, move || {
-        Ok(ctl.change(|c| {
-            let l = find(&mut c.listeners, &name)?;
-            *l = patch::apply(l, &p)?;
-            Ok(())
-        })?)
+        Ok(ctl
+            .change(src, &what, |c| {
+                let l = find(&mut c.listeners, &name)?;
+                *l = patch::apply(l, &p)?;
+                Ok(())
+            })
+            .map(drop)?)
     })
     .await
 }
 
 pub async fn op_delete_listener(api: &Api, name: String) -> ApiResult<()> {
-    let ctl = api.ctl.clone();
+    let (ctl, src) = (api.ctl.clone(), api.source);
+    let what = format!("remove listener {name}");
     applied(api, move || {
-        Ok(ctl.change(|c| {
-            let before = c.listeners.len();
-            c.listeners.retain(|x| x.name != name);
-            if c.listeners.len() == before {
-                return Err(ConfigError::UnknownListener(name.clone()));
-            }
-            Ok(())
-        })?)
+        Ok(ctl
+            .change(src, &what, |c| {
+                let before = c.listeners.len();
+                c.listeners.retain(|x| x.name != name);
+                if c.listeners.len() == before {
+                    return Err(ConfigError::UnknownListener(name.clone()));
+                }
+                Ok(())
+            })
+            .map(drop)?)
     })
     .await
 }
 
 pub async fn op_add_backend(api: &Api, name: String, spec: BackendSpec) -> ApiResult<()> {
-    let ctl = api.ctl.clone();
+    let (ctl, src) = (api.ctl.clone(), api.source);
+    let what = format!("add backend {} to listener {name}", spec.addr);
     applied(api, move || {
-        Ok(ctl.change(|c| {
-            let l = find(&mut c.listeners, &name)?;
-            if l.backends.iter().any(|x| x.addr == spec.addr) {
-                return Err(ConfigError::DuplicateBackend {
-                    listener: name.clone(),
-                    addr: spec.addr,
-                });
-            }
-            l.backends.push(spec);
-            Ok(())
-        })?)
+        Ok(ctl
+            .change(src, &what, |c| {
+                let l = find(&mut c.listeners, &name)?;
+                if l.backends.iter().any(|x| x.addr == spec.addr) {
+                    return Err(ConfigError::DuplicateBackend {
+                        listener: name.clone(),
+                        addr: spec.addr,
+                    });
+                }
+                l.backends.push(spec);
+                Ok(())
+            })
+            .map(drop)?)
     })
     .await
 }
@@ -295,25 +313,31 @@ pub async fn op_set_weight(
     addr: SocketAddr,
     weight: u32,
 ) -> ApiResult<()> {
-    let ctl = api.ctl.clone();
+    let (ctl, src) = (api.ctl.clone(), api.source);
+    let what = format!("set weight {weight} on listener {name} backend {addr}");
     applied(api, move || {
-        Ok(ctl.change(|c| {
-            find_backend(find(&mut c.listeners, &name)?, addr)?.weight = weight;
-            Ok(())
-        })?)
+        Ok(ctl
+            .change(src, &what, |c| {
+                find_backend(find(&mut c.listeners, &name)?, addr)?.weight = weight;
+                Ok(())
+            })
+            .map(drop)?)
     })
     .await
 }
 
 pub async fn op_delete_backend(api: &Api, name: String, addr: SocketAddr) -> ApiResult<()> {
-    let ctl = api.ctl.clone();
+    let (ctl, src) = (api.ctl.clone(), api.source);
+    let what = format!("remove backend {addr} from listener {name}");
     applied(api, move || {
-        Ok(ctl.change(|c| {
-            let l = find(&mut c.listeners, &name)?;
-            find_backend(l, addr)?;
-            l.backends.retain(|x| x.addr != addr);
-            Ok(())
-        })?)
+        Ok(ctl
+            .change(src, &what, |c| {
+                let l = find(&mut c.listeners, &name)?;
+                find_backend(l, addr)?;
+                l.backends.retain(|x| x.addr != addr);
+                Ok(())
+            })
+            .map(drop)?)
     })
     .await
 }
@@ -334,8 +358,8 @@ pub async fn op_drain(
         .into());
     }
     let deadline = (!req.now).then(|| Instant::now() + Duration::from_secs(u64::from(secs)));
-    let ctl = api.ctl.clone();
-    applied(api, move || Ok(ctl.drain(&name, addr, deadline)?)).await
+    let (ctl, src) = (api.ctl.clone(), api.source);
+    applied(api, move || Ok(ctl.drain(src, &name, addr, deadline)?)).await
 }
 
 /// The listener named `name` in `specs`.
@@ -1087,6 +1111,37 @@ async fn sessions(State(api): State<Api>, Query(q): Query<ListQuery>) -> ApiResu
     Ok(json(blocking(move || list_sessions(&a, &q)).await?))
 }
 
+/// `DELETE /v1/sessions?listener=L[&client=ADDR[/PREFIX]]`: forgets persisted clients.
+async fn forget_sessions(
+    State(api): State<Api>,
+    Query(q): Query<ListQuery>,
+) -> ApiResult<Response> {
+    let Some(listener) = q.listener.clone() else {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            "DELETE /v1/sessions needs ?listener=NAME (and &client=ADDR or ADDR/PREFIX to \
+             forget only those clients)"
+                .into(),
+        ));
+    };
+    if q.backend.is_some() || q.offset.is_some() || q.limit.is_some() {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            "DELETE /v1/sessions takes only listener and client".into(),
+        ));
+    }
+    let clients = match q.client.as_deref() {
+        Some(c) => {
+            let f = ClientFilter::parse(c)?;
+            Some((f.net, f.bits))
+        }
+        None => None,
+    };
+    let (ctl, src) = (api.ctl.clone(), api.source);
+    let removed = blocking(move || Ok(ctl.forget_sessions(src, &listener, clients)?)).await?;
+    Ok(json(ForgetAnswer { removed }))
+}
+
 async fn conns(State(api): State<Api>, Query(q): Query<ListQuery>) -> ApiResult<Response> {
     let a = api.clone();
     Ok(json(blocking(move || list_conns(&a, &q)).await?))
@@ -1097,8 +1152,54 @@ async fn stats(State(api): State<Api>) -> ApiResult<Response> {
     Ok(json(blocking(move || stats_view(&a)).await?))
 }
 
-async fn reload(State(api): State<Api>) -> ApiResult<Response> {
+/// `POST /v1/reload[?dry_run=true]`: what the reload changed (or, dry, would change).
+async fn reload(State(api): State<Api>, Query(q): Query<ReloadQuery>) -> ApiResult<Response> {
     let ctl = api.ctl.clone();
-    applied(&api, move || Ok(ctl.reload()?)).await?;
-    Ok(StatusCode::NO_CONTENT.into_response())
+    let dry = q.dry_run.unwrap_or(false);
+    let changes = if dry {
+        blocking(move || Ok(ctl.reload_dry_run()?)).await?
+    } else {
+        applied(&api, move || Ok(ctl.reload()?)).await?
+    };
+    Ok(json(ReloadAnswer {
+        applied: !dry,
+        changes,
+    }))
+}
+
+/// `GET /v1/config`: the running configuration as the config file spells it (TOML).
+async fn running_config(State(api): State<Api>) -> ApiResult<Response> {
+    let ctl = api.ctl.clone();
+    let text = blocking(move || Ok(ctl.config().to_toml())).await?;
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, "application/toml")],
+        text,
+    )
+        .into_response())
+}
+
+/// `GET /v1/events[?limit=N]`: the last audit events (default 50, at most
+/// [`crate::control::audit::KEPT`]), oldest first.
+async fn events(State(api): State<Api>, Query(q): Query<EventsQuery>) -> ApiResult<Response> {
+    let kept = crate::control::audit::KEPT as u64;
+    let n = q.limit.unwrap_or(50);
+    if n == 0 || n > kept {
+        return Err(ConfigError::Range {
+            field: "limit",
+            value: n.to_string(),
+            allowed: "1-512",
+        }
+        .into());
+    }
+    Ok(json(api.ctl.audit().last(n as usize)))
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct ReloadQuery {
+    dry_run: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct EventsQuery {
+    limit: Option<u64>,
 }

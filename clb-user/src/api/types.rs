@@ -473,3 +473,19 @@ pub struct ConsoleLink {
     pub code: String,
     pub expires_in_secs: u64,
 }
+
+/// The answer to `POST /v1/reload`: what the reload changed, one line per field, listener or
+/// backend (`listener web: persist 0 → 600`); with `dry_run`, what it would change
+/// (`applied` false, nothing changed).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReloadAnswer {
+    pub applied: bool,
+    pub changes: Vec<String>,
+}
+
+/// The answer to `DELETE /v1/sessions?listener=L[&client=C]`: how many persisted clients were
+/// forgotten (a client counts once, whether it had a verified entry, a pending one or both).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ForgetAnswer {
+    pub removed: u64,
+}

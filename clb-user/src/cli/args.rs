@@ -48,10 +48,23 @@ pub enum Command {
         #[arg(long, default_value = "/etc/clb/clb.toml")]
         config: PathBuf,
     },
-    /// Re-read the config file (the running state stays if it is invalid).
-    Reload,
+    /// Re-read the config file and apply it, printing what changed field by field (the
+    /// running state stays if the file is invalid).
+    Reload {
+        /// Print what a reload would change and apply nothing.
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the running configuration, as the config file spells it (TOML).
+    Config,
     /// Daemon status: datapath, tables, flood mode, background loops, BGP.
     Status {
+        /// Also the last N changes (audit events: applied and refused, with their source;
+        /// default 20).
+        #[arg(long, value_name = "N", num_args = 0..=1, default_missing_value = "20")]
+        events: Option<u64>,
         #[arg(long)]
         json: bool,
     },
@@ -63,7 +76,7 @@ pub enum Command {
     Backend(BackendCmd),
     /// Persisted clients.
     #[command(subcommand)]
-    Session(TableCmd),
+    Session(SessionCmd),
     /// Tracked flows.
     #[command(subcommand)]
     Conn(TableCmd),
@@ -421,6 +434,27 @@ pub enum BackendCmd {
     },
     /// List a listener's backends with health and live entries.
     Ls {
+        listener: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum SessionCmd {
+    #[command(flatten)]
+    Table(TableCmd),
+    /// Forget the persisted clients of LISTENER in CLIENT (an address, or a prefix such as
+    /// 10.2.0.0/16): their next connection is scheduled again; their established
+    /// connections stay on their backend.
+    Rm {
+        listener: String,
+        client: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Forget every persisted client of LISTENER.
+    Flush {
         listener: String,
         #[arg(long)]
         json: bool,

@@ -12,17 +12,20 @@ use anyhow::Context as _;
 use clap::CommandFactory as _;
 use hyper::Method;
 
-use self::args::{BackendCmd, BgpCmd, ConsoleCmd, ListenerCmd, TableCmd};
+use self::args::{BackendCmd, BgpCmd, ConsoleCmd, ListenerCmd, SessionCmd, TableCmd};
 pub use self::args::{Cli, Command};
 use crate::{
     api::{
         client::{Client, ClientError, seg},
         types::{
-            BackendPatch, BackendView, ConnView, DrainRequest, ListenerView, Page, SessionView,
-            StatsResponse, Status,
+            BackendPatch, BackendView, ConnView, DrainRequest, ForgetAnswer, ListenerView, Page,
+            ReloadAnswer, SessionView, StatsResponse, Status,
         },
     },
-    control::model::{BackendSpec, ListenerSpec},
+    control::{
+        audit::Event,
+        model::{BackendSpec, ListenerSpec},
+    },
     datapath::{loader, lock},
 };
 
@@ -55,18 +58,48 @@ pub async fn run_client(cli: Cli) -> Result<(), ClientError> {
         | Command::Man => {
             unreachable!("handled by main")
         }
-        Command::Reload => c.send_empty(Method::POST, "/v1/reload").await?,
-        Command::Status { json } => {
-            let s: Status = c.get("/v1/status").await?;
-            if json {
-                print_json(&s)?;
+        Command::Reload { dry_run, json } => {
+            let path = if dry_run {
+                "/v1/reload?dry_run=true"
             } else {
-                out(&render::status(&s));
+                "/v1/reload"
+            };
+            let a: ReloadAnswer = c.post(path).await?;
+            if json {
+                print_json(&a)?;
+            } else {
+                out(&render::reload(&a));
+            }
+        }
+        Command::Config => print!("{}", c.get_text("/v1/config").await?),
+        Command::Status { events, json } => {
+            let s: Status = c.get("/v1/status").await?;
+            let events: Option<Vec<Event>> = match events {
+                Some(n) => Some(c.get(&format!("/v1/events?limit={n}")).await?),
+                None => None,
+            };
+            match (json, events) {
+                (true, None) => print_json(&s)?,
+                (true, Some(e)) => print_json(&serde_json::json!({ "status": s, "events": e }))?,
+                (false, e) => {
+                    out(&render::status(&s));
+                    if let Some(e) = e {
+                        out(&render::events(&e));
+                    }
+                }
             }
         }
         Command::Listener(cmd) => listener(&c, cmd).await?,
         Command::Backend(cmd) => backend(&c, cmd).await?,
-        Command::Session(cmd) => {
+        Command::Session(SessionCmd::Rm {
+            listener,
+            client,
+            json,
+        }) => forget(&c, &listener, Some(&client), json).await?,
+        Command::Session(SessionCmd::Flush { listener, json }) => {
+            forget(&c, &listener, None, json).await?
+        }
+        Command::Session(SessionCmd::Table(cmd)) => {
             let (q, json) = query(cmd);
             let p: Page<SessionView> = c.get(&format!("/v1/sessions{q}")).await?;
             if json {
@@ -117,6 +150,31 @@ pub async fn run_client(cli: Cli) -> Result<(), ClientError> {
                 }
             }
         },
+    }
+    Ok(())
+}
+
+/// `clb session rm` / `flush`: forgets persisted clients of one listener.
+async fn forget(
+    c: &Client<'_>,
+    listener: &str,
+    client: Option<&str>,
+    json: bool,
+) -> Result<(), ClientError> {
+    let mut path = format!("/v1/sessions?listener={}", seg(listener));
+    if let Some(cl) = client {
+        path.push_str(&format!("&client={}", seg(cl)));
+    }
+    let a: ForgetAnswer = c.delete(&path).await?;
+    if json {
+        print_json(&a)?;
+    } else {
+        out(&format!(
+            "forgot {} persisted client entr{} of listener {listener}{}\n",
+            a.removed,
+            if a.removed == 1 { "y" } else { "ies" },
+            client.map(|c| format!(" in {c}")).unwrap_or_default()
+        ));
     }
     Ok(())
 }

@@ -184,7 +184,7 @@ pub fn sessions(v: &[SessionView]) -> String {
         .map(|s| {
             vec![
                 s.listener.clone(),
-                if s.prefix < 32 {
+                if s.prefix < if s.client.is_ipv4() { 32 } else { 128 } {
                     format!("{}/{}", s.client, s.prefix)
                 } else {
                     s.client.to_string()
@@ -535,4 +535,46 @@ pub fn stats(s: &StatsResponse) -> String {
         .ok();
     }
     out
+}
+
+/// What a reload changed (or, dry, would change), one line each.
+pub fn reload(a: &crate::api::types::ReloadAnswer) -> String {
+    let mut s = String::new();
+    if a.changes.is_empty() {
+        s.push_str(if a.applied {
+            "reloaded: no changes\n"
+        } else {
+            "a reload would change nothing\n"
+        });
+        return s;
+    }
+    s.push_str(if a.applied {
+        "reloaded:\n"
+    } else {
+        "a reload would apply (nothing was changed):\n"
+    });
+    for c in &a.changes {
+        s.push_str("  ");
+        s.push_str(c);
+        s.push('\n');
+    }
+    s
+}
+
+/// The audit events, oldest first.
+pub fn events(v: &[crate::control::audit::Event]) -> String {
+    let rows: Vec<Vec<String>> = v
+        .iter()
+        .map(|e| {
+            vec![
+                crate::time::utc(i64::try_from(e.at).unwrap_or(i64::MAX)),
+                e.source.to_string(),
+                match &e.refused {
+                    Some(why) => format!("refused: {} ({why})", e.change),
+                    None => e.change.clone(),
+                },
+            ]
+        })
+        .collect();
+    format!("\nEvents:\n{}", table(&["TIME", "SOURCE", "CHANGE"], &rows))
 }

@@ -149,7 +149,10 @@ pub fn load_or_create_token(file: Option<&Path>, state_dir: &Path) -> anyhow::Re
 impl Console {
     pub fn new(api: Api, token: String, series: Arc<Series>, opts: ConsoleOptions) -> Arc<Self> {
         Arc::new(Self {
-            api,
+            api: Api {
+                source: crate::control::audit::Source::Console,
+                ..api
+            },
             token,
             idle: opts.session_idle,
             sessions: Mutex::new(HashMap::new()),

@@ -11,6 +11,8 @@
 //! Readers never take the writer's lock: they load the latest snapshot ([`arc_swap`]), the
 //! sweeper's latest report, and read counters and tables through their own handles.
 
+pub mod audit;
+pub mod diff;
 pub mod edit;
 pub mod file;
 pub mod model;
@@ -31,6 +33,7 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use self::{
+    audit::{Audit, Source},
     file::{ConfigFile, ConfigFileError, SaveError},
     model::ConfigError,
     state::{Drain, Health, Snapshot, State},
@@ -71,6 +74,15 @@ pub enum ChangeError {
     Detached(String),
 }
 
+/// The refusal of a change to `[tables]` while running.
+fn tables_need_restart() -> ConfigError {
+    ConfigError::Invalid(
+        "[tables] sizes apply when the datapath is loaded: restart the daemon to resize the \
+         tables (their live entries are copied)"
+            .into(),
+    )
+}
+
 /// The control plane.
 pub struct Controller {
     writer: Mutex<Writer>,
@@ -83,6 +95,7 @@ pub struct Controller {
     flood: FloodWatch,
     detached: Mutex<Option<String>>,
     info: DaemonInfo,
+    audit: Audit,
 }
 
 struct Writer {
@@ -138,6 +151,7 @@ impl Controller {
             interfaces: Interfaces::default(),
             flood: FloodWatch::default(),
             detached: Mutex::new(None),
+            audit: Audit::default(),
             info: DaemonInfo {
                 config: opts.config_path,
                 ..opts.info
@@ -232,28 +246,69 @@ impl Controller {
         }
     }
 
+    /// The audit trail of changes.
+    pub fn audit(&self) -> &Audit {
+        &self.audit
+    }
+
     /// Applies `f` to a copy of the configuration as one transaction (see the module docs).
+    /// `what` says what was asked (`add backend web 10.0.1.1:80`), for the audit line of a
+    /// refusal; an applied change is recorded by its difference. Returns that difference.
     pub fn change(
         &self,
+        source: Source,
+        what: &str,
         f: impl FnOnce(&mut ConfigFile) -> Result<(), ConfigError>,
-    ) -> Result<(), ChangeError> {
-        let mut w = lock(&self.writer);
-        self.check_attached()?;
-        let mut next = w.state.config.clone();
-        f(&mut next)?;
-        self.transact(&mut w, next, true)
+    ) -> Result<Vec<String>, ChangeError> {
+        let r = (|| {
+            let mut w = lock(&self.writer);
+            self.check_attached()?;
+            let mut next = w.state.config.clone();
+            f(&mut next)?;
+            self.transact(&mut w, next, true, source)
+        })();
+        if let Err(e) = &r {
+            self.audit.refused(source, what, &e.to_string());
+        }
+        r
     }
 
     /// Re-reads the config file and applies it, as one transaction (the file is read inside
     /// it, so concurrent changes are never lost to a stale copy). An unusable file changes
-    /// nothing.
-    pub fn reload(&self) -> Result<(), ChangeError> {
-        let mut w = lock(&self.writer);
-        self.check_attached()?;
+    /// nothing. Returns what changed (see [`diff::diff`]).
+    pub fn reload(&self) -> Result<Vec<String>, ChangeError> {
+        let r = (|| {
+            let mut w = lock(&self.writer);
+            self.check_attached()?;
+            let next = ConfigFile::load(&self.info.config)?;
+            self.transact(&mut w, next, false, Source::Reload)
+        })();
+        match &r {
+            Ok(lines) => info!(
+                config = %self.info.config.display(),
+                changes = lines.len(),
+                "configuration reloaded"
+            ),
+            Err(e) => self.audit.refused(Source::Reload, "reload", &e.to_string()),
+        }
+        r
+    }
+
+    /// What a reload would change now, applying nothing: the file is read and checked as a
+    /// reload would (its certificates read too), and compared with the running configuration.
+    pub fn reload_dry_run(&self) -> Result<Vec<String>, ChangeError> {
+        let w = lock(&self.writer);
         let next = ConfigFile::load(&self.info.config)?;
-        self.transact(&mut w, next, false)?;
-        info!(config = %self.info.config.display(), "configuration reloaded");
-        Ok(())
+        if next.tables != w.state.config.tables {
+            return Err(tables_need_restart().into());
+        }
+        w.state.load_certs(&next, true)?;
+        Ok(diff::diff(&w.state.config, &next))
+    }
+
+    /// The running configuration.
+    pub fn config(&self) -> ConfigFile {
+        lock(&self.writer).state.config.clone()
     }
 
     fn transact(
@@ -261,21 +316,17 @@ impl Controller {
         w: &mut Writer,
         next: ConfigFile,
         write_file: bool,
-    ) -> Result<(), ChangeError> {
+        source: Source,
+    ) -> Result<Vec<String>, ChangeError> {
         next.validate()?;
         if next.tables != w.state.config.tables {
-            return Err(ConfigError::Invalid(
-                "[tables] sizes apply when the datapath is loaded: restart the daemon to resize \
-                 the tables (their live entries are copied)"
-                    .into(),
-            )
-            .into());
+            return Err(tables_need_restart().into());
         }
         // Certificates are read before anything changes: a bad file refuses the change. A
         // reload reads every file again (that is how a renewed certificate is taken in).
         let certs = w.state.load_certs(&next, !write_file)?;
         if next == w.state.config && w.state.same_certs(&certs) {
-            return Ok(());
+            return Ok(Vec::new());
         }
         let mut candidate = w.state.clone();
         candidate.certs = certs;
@@ -310,9 +361,14 @@ impl Controller {
                 });
             }
         }
+        let mut lines = diff::diff(&previous, &candidate.config);
+        if lines.is_empty() {
+            lines.push("certificates read again".into());
+        }
+        self.audit.applied(source, &lines);
         w.state = candidate;
         self.publish(w);
-        Ok(())
+        Ok(lines)
     }
 
     /// Applies a runtime change (health, drain) as one transaction; no file is written.
@@ -343,7 +399,7 @@ impl Controller {
         addr: SocketAddr,
         health: Health,
     ) -> Result<bool, ChangeError> {
-        self.runtime_change(|s| {
+        let changed = self.runtime_change(|s| {
             let missing = unknown(s, listener, addr);
             let rt = s
                 .runtime
@@ -366,7 +422,20 @@ impl Controller {
                 .entry((listener.to_owned(), addr, health))
                 .or_default() += 1;
             Ok(true)
-        })
+        })?;
+        if changed {
+            let (was, now) = match health {
+                Health::Healthy => ("unhealthy", "healthy"),
+                Health::Unhealthy => ("healthy", "unhealthy"),
+            };
+            self.audit.applied(
+                Source::Health,
+                &[format!(
+                    "listener {listener} backend {addr}: health {was} → {now}"
+                )],
+            );
+        }
+        Ok(changed)
     }
 
     /// Moves the backends in slow start on: their listeners' plans are computed again with
@@ -406,11 +475,24 @@ impl Controller {
     /// with `None`) its remaining connections are cut.
     pub fn drain(
         &self,
+        source: Source,
         listener: &str,
         addr: SocketAddr,
         deadline: Option<Instant>,
     ) -> Result<(), ChangeError> {
-        self.runtime_change(|s| {
+        let what = format!(
+            "listener {listener} backend {addr}: drain{}",
+            match deadline {
+                Some(t) => format!(
+                    " (connections cut in {} s)",
+                    t.saturating_duration_since(Instant::now())
+                        .as_secs_f64()
+                        .round()
+                ),
+                None => ", connections cut now".into(),
+            }
+        );
+        let r = self.runtime_change(|s| {
             let missing = unknown(s, listener, addr);
             let rt = s
                 .runtime
@@ -421,7 +503,14 @@ impl Controller {
                 started: SystemTime::now(),
             });
             Ok(true)
-        })?;
+        });
+        match r {
+            Ok(_) => self.audit.applied(source, &[what]),
+            Err(e) => {
+                self.audit.refused(source, &what, &e.to_string());
+                return Err(e);
+            }
+        }
         self.finish_drains(Instant::now())?;
         Ok(())
     }
@@ -454,8 +543,78 @@ impl Controller {
             .balancer
             .cut(&|b| ids.contains(&b))
             .map_err(|e: DpError| ChangeError::Datapath(BalancerError::Purge(Box::new(e))))?;
+        let lines: Vec<String> = due
+            .iter()
+            .map(|(l, a)| format!("listener {l} backend {a}: drained, its connections cut"))
+            .collect();
+        self.audit.applied(Source::Timer, &lines);
         self.publish(&mut w);
         Ok(n)
+    }
+
+    /// Forgets the persisted clients of an L4 listener in `clients` (an address and prefix
+    /// length; all of them with `None`): their next connection is scheduled again, their
+    /// established connections stay. A client entry is selected when its network (the
+    /// client masked by the listener's persistence mask) and `clients` overlap. Returns how
+    /// many entries were removed.
+    pub fn forget_sessions(
+        &self,
+        source: Source,
+        listener: &str,
+        clients: Option<(IpAddr, u8)>,
+    ) -> Result<u64, ChangeError> {
+        let what = match clients {
+            Some((ip, bits)) => {
+                format!("listener {listener}: forget persisted clients in {ip}/{bits}")
+            }
+            None => format!("listener {listener}: forget every persisted client"),
+        };
+        let r = (|| {
+            let mut w = lock(&self.writer);
+            self.check_attached()?;
+            let l = w
+                .state
+                .config
+                .listeners
+                .iter()
+                .find(|l| l.name == listener)
+                .ok_or_else(|| ConfigError::UnknownListener(listener.to_owned()))?;
+            let Some(k) = l.l4() else {
+                return Err(ConfigError::Invalid(format!(
+                    "listener {listener} is an HTTP listener: its clients are persisted by the \
+                     cookie they hold, which clb cannot take back (lower its persist, or remove \
+                     the backend)"
+                ))
+                .into());
+            };
+            let full: u8 = if l.vip.is_ipv4() { 32 } else { 128 };
+            let mask = k.persist_mask.unwrap_or(full);
+            if let Some((ip, bits)) = clients
+                && ip.is_ipv4() != l.vip.is_ipv4()
+            {
+                return Err(ConfigError::Invalid(format!(
+                    "client {ip}/{bits} is not of listener {listener}'s family ({})",
+                    l.vip
+                ))
+                .into());
+            }
+            let Some(lid) = w.balancer.ids().listener(l.vip, l.proto().ip_proto()) else {
+                return Ok(0);
+            };
+            let select = |entry: IpAddr| match clients {
+                None => true,
+                Some((ip, bits)) => same_net(entry, ip, bits.min(mask)),
+            };
+            crate::datapath::forget_sessions(w.balancer.tables(), lid, &select)
+                .map_err(|e| ChangeError::Datapath(BalancerError::Purge(Box::new(e))))
+        })();
+        match &r {
+            Ok(n) => self
+                .audit
+                .applied(source, &[format!("{what}: {n} removed")]),
+            Err(e) => self.audit.refused(source, &what, &e.to_string()),
+        }
+        r
     }
 
     /// Registers an interface the datapath may redirect to.
@@ -477,5 +636,24 @@ fn unknown(s: &State, listener: &str, addr: SocketAddr) -> ConfigError {
         }
     } else {
         ConfigError::UnknownListener(listener.into())
+    }
+}
+
+/// Whether `a` and `b` agree in their first `bits` bits (false across families).
+fn same_net(a: IpAddr, b: IpAddr, bits: u8) -> bool {
+    match (a, b) {
+        (IpAddr::V4(a), IpAddr::V4(b)) => {
+            let m = u32::MAX
+                .checked_shl(32 - u32::from(bits.min(32)))
+                .unwrap_or(0);
+            u32::from(a) & m == u32::from(b) & m
+        }
+        (IpAddr::V6(a), IpAddr::V6(b)) => {
+            let m = u128::MAX
+                .checked_shl(128 - u32::from(bits.min(128)))
+                .unwrap_or(0);
+            u128::from(a) & m == u128::from(b) & m
+        }
+        _ => false,
     }
 }

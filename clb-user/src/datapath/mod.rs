@@ -311,6 +311,42 @@ pub fn purge(t: &dyn Tables, gone: &dyn Fn(u32, u32) -> bool) -> Result<u64, DpE
     Ok(n)
 }
 
+/// Deletes the persistence entries (verified and pending, both families) of listener id
+/// `listener` whose client `forget` selects (the client as its entry holds it: masked by the
+/// listener's persistence mask). Returns how many were deleted.
+pub fn forget_sessions(
+    t: &dyn Tables,
+    listener: u32,
+    forget: &dyn Fn(std::net::IpAddr) -> bool,
+) -> Result<u64, DpError> {
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+    let zero = std::time::Duration::ZERO;
+    // A client can have an entry in both tables (a verified one and a pending one not yet
+    // swept): the answer counts clients, not entries.
+    let mut gone = std::collections::HashSet::new();
+    for table in [SessionTable::Verified, SessionTable::Pending] {
+        t.prune_sessions(table, zero, &mut |ks: &[SessionKey], _, dead| {
+            for k in ks.iter().filter(|k| u32::from(k.listener) == listener) {
+                let ip = IpAddr::V4(Ipv4Addr::from(clb_common::ip_from_be(k.client)));
+                if forget(ip) {
+                    gone.insert(ip);
+                    dead.push(*k);
+                }
+            }
+        })?;
+        t.prune_sessions6(table, zero, &mut |ks: &[SessionKey6], _, dead| {
+            for k in ks.iter().filter(|k| u32::from(k.listener) == listener) {
+                let ip = IpAddr::V6(Ipv6Addr::from(clb_common::ip6_from_be(k.client)));
+                if forget(ip) {
+                    gone.insert(ip);
+                    dead.push(*k);
+                }
+            }
+        })?;
+    }
+    Ok(gone.len() as u64)
+}
+
 /// Deletes the connection-table entries (verified and half-open, both families) naming one of
 /// `backends`: a drained backend's remaining connections are cut.
 pub fn cut_connections(t: &dyn Tables, backends: &dyn Fn(u32) -> bool) -> Result<u64, DpError> {

@@ -412,6 +412,26 @@ fn console_api_refuses_bad_input_and_changes_nothing() {
     assert_eq!(st, 204, "{text}");
     assert_eq!(persist(&e.d, "web"), 600);
     assert!(e.d.config_text().contains("persist = 600"));
+    // The audit trail names the console as the source, the refusals with their reason.
+    let ev: serde_json::Value = e.d.clb_json(&["status", "--events", "50"]);
+    let ev = ev["events"].as_array().expect("events").clone();
+    assert!(
+        ev.iter().any(|x| x["source"] == "console"
+            && x["change"] == "listener web: persist 0 → 600"
+            && x.get("refused").is_none()),
+        "{ev:#?}"
+    );
+    assert!(
+        ev.iter().any(|x| x["source"] == "console"
+            && x["refused"]
+                .as_str()
+                .is_some_and(|r| r.contains("persist 4000 is out of range"))),
+        "{ev:#?}"
+    );
+    assert!(
+        e.d.log().contains("listener web: persist 0 → 600"),
+        "no audit line in the daemon's log"
+    );
     let (st, _, text) = http.call(
         "PATCH",
         "/api/listeners/web",

@@ -684,3 +684,155 @@ fn comments_in_the_config_file_survive_ten_changes_through_the_cli() {
     let who = ask_once(&topo.client, clb_tests::netns::CLIENT_IP, vip()).expect("a request");
     assert!(who == "b0" || who == "b1", "{who}");
 }
+
+/// The events `clb status --events` shows.
+fn events(d: &Daemon) -> Vec<serde_json::Value> {
+    let v: serde_json::Value = d.clb_json(&["status", "--events", "100"]);
+    v["events"].as_array().expect("events").clone()
+}
+
+#[test]
+fn reload_dry_run_shows_a_pending_edit_and_every_change_is_audited() {
+    let topo = Topology::new("dr", 3, 0).expect("topology");
+    let _servers = clb_tests::servers::tcp_on_backends(&topo, PORT);
+    let d = Daemon::start(&topo, &config(2, "persist = 600"));
+    // A CLI change.
+    d.clb_ok(&["backend", "set", "web", &be(1), "--weight", "5"]);
+    // A hand edit: a field and a backend.
+    let edited = d.config_text().replace("persist = 600", "persist = 300")
+        + &format!("\n[[listener.backend]]\naddr = \"{}\"\n", be(2));
+    std::fs::write(&d.config, &edited).unwrap();
+    let dry = d.clb_ok(&["reload", "--dry-run"]);
+    assert!(
+        dry.contains("nothing was changed")
+            && dry.contains("listener web: persist 600 → 300")
+            && dry.contains(&format!("listener web backend {} added (weight 10)", be(2))),
+        "{dry}"
+    );
+    let l: serde_json::Value = d.clb_json(&["listener", "ls"]);
+    assert_eq!(l[0]["persist"], 600, "a dry run applied: {l}");
+    let b: Vec<serde_json::Value> = d.clb_json(&["backend", "ls", "web"]);
+    assert_eq!(b.len(), 2, "a dry run added a backend: {b:?}");
+    assert_eq!(d.config_text(), edited, "a dry run wrote the file");
+    // The reload applies and prints the same difference; a second one has nothing to do.
+    let done = d.clb_ok(&["reload"]);
+    assert!(
+        done.starts_with("reloaded:") && done.contains("listener web: persist 600 → 300"),
+        "{done}"
+    );
+    let l: serde_json::Value = d.clb_json(&["listener", "ls"]);
+    assert_eq!(l[0]["persist"], 300, "{l}");
+    assert!(d.clb_ok(&["reload"]).contains("no changes"));
+    // The running configuration, as the file spells it.
+    let running = d.clb_ok(&["config"]);
+    assert!(
+        running.contains("persist = 300") && running.contains(&be(2)),
+        "{running}"
+    );
+    // A bad edit: the dry run and the reload name the field; nothing changes.
+    std::fs::write(&d.config, edited.replace("persist = 300", "persist = 9000")).unwrap();
+    for args in [&["reload", "--dry-run"][..], &["reload"][..]] {
+        let out = d.clb(args);
+        assert!(!out.ok, "{args:?} accepted persist 9000");
+        assert!(
+            out.stderr.contains("persist 9000 is out of range"),
+            "{}",
+            out.stderr
+        );
+    }
+    let l: serde_json::Value = d.clb_json(&["listener", "ls"]);
+    assert_eq!(l[0]["persist"], 300, "{l}");
+    // The audit trail: the CLI change, the reload's lines, the refused reload, in order.
+    let ev = events(&d);
+    let find = |source: &str, change: &str| {
+        ev.iter()
+            .position(|x| x["source"] == source && x["change"] == change)
+            .unwrap_or_else(|| panic!("no {source} event {change:?}: {ev:#?}"))
+    };
+    let cli = find(
+        "api",
+        &format!("listener web backend {}: weight 10 → 5", be(1)),
+    );
+    let rel = find("reload", "listener web: persist 600 → 300");
+    let refused = ev
+        .iter()
+        .rposition(|x| {
+            x["source"] == "reload"
+                && x["refused"]
+                    .as_str()
+                    .is_some_and(|r| r.contains("persist 9000"))
+        })
+        .unwrap_or_else(|| panic!("no refused reload: {ev:#?}"));
+    assert!(cli < rel && rel < refused, "{ev:#?}");
+    let table = d.clb_ok(&["status", "--events"]);
+    assert!(
+        table.contains("SOURCE") && table.contains("persist 600 → 300"),
+        "{table}"
+    );
+    let log = d.log();
+    assert!(
+        log.contains("weight 10 → 5") && log.contains("persist 600 → 300"),
+        "no audit lines in the log:\n{log}"
+    );
+}
+
+#[test]
+fn session_rm_reschedules_that_client_and_the_others_keep_theirs() {
+    let e = env("sr", 3, 3, 6, "persist = 600");
+    let first = |ip: Ipv4Addr| ask_once(&e.topo.client, ip, vip()).expect("a request");
+    let placed: Vec<(Ipv4Addr, String)> = e
+        .topo
+        .extra_clients
+        .iter()
+        .map(|&ip| (ip, first(ip)))
+        .collect();
+    let sessions: Vec<serde_json::Value> = e.daemon.clb_json(&["session", "ls"]);
+    assert_eq!(sessions.len(), 6, "{sessions:?}");
+    let (gone, _) = placed[0];
+    // Bad input changes nothing.
+    for bad in ["10.0.0.300", "10.0.0.0/33", "fd00::1"] {
+        let out = e.daemon.clb(&["session", "rm", "web", bad]);
+        assert!(!out.ok, "session rm {bad} accepted");
+    }
+    assert!(
+        !e.daemon
+            .clb(&["session", "rm", "nosuch", &gone.to_string()])
+            .ok
+    );
+    let sessions: Vec<serde_json::Value> = e.daemon.clb_json(&["session", "ls"]);
+    assert_eq!(sessions.len(), 6, "refused removals removed: {sessions:?}");
+    // Forgotten three times, that client is scheduled again each time (round robin moves it);
+    // the others keep their backend throughout.
+    let mut seen = std::collections::HashSet::from([placed[0].1.clone()]);
+    for round in 0..3 {
+        let out = e
+            .daemon
+            .clb_ok(&["session", "rm", "web", &gone.to_string()]);
+        assert!(out.contains("forgot 1 "), "round {round}: {out}");
+        let sessions: Vec<serde_json::Value> = e.daemon.clb_json(&["session", "ls"]);
+        assert_eq!(sessions.len(), 5, "round {round}: {sessions:?}");
+        assert!(
+            sessions.iter().all(|s| s["client"] != gone.to_string()),
+            "round {round}: {sessions:?}"
+        );
+        seen.insert(first(gone));
+        for (ip, who) in &placed[1..] {
+            assert_eq!(&first(*ip), who, "round {round}: {ip} moved");
+        }
+    }
+    assert!(
+        seen.len() >= 2,
+        "the forgotten client never moved: {seen:?}"
+    );
+    // A flush forgets every client of the listener.
+    let out = e.daemon.clb_ok(&["session", "flush", "web"]);
+    assert!(out.contains("forgot 6 "), "{out}");
+    let sessions: Vec<serde_json::Value> = e.daemon.clb_json(&["session", "ls"]);
+    assert!(sessions.is_empty(), "{sessions:?}");
+    let ev = events(&e.daemon);
+    assert!(
+        ev.iter().any(|x| x["change"]
+            == format!("listener web: forget persisted clients in {gone}/32: 1 removed")),
+        "{ev:#?}"
+    );
+}
