@@ -237,6 +237,45 @@ fn sd_notify(state: &str) {
     }
 }
 
+/// Feeds systemd's watchdog (`WatchdogSec=` sets `WATCHDOG_USEC`) at half its period, but only
+/// while the daemon is alive where it matters: each ping follows a probe that takes the control
+/// plane's writer lock (a change stuck forever fails it) and reads the datapath's counters map,
+/// on the blocking pool, bounded by the period. A wedged runtime, a frozen control plane or an
+/// unreadable datapath stop the pings, and systemd restarts the daemon — which breaks no flow,
+/// the datapath and its tables being pinned.
+fn spawn_watchdog(ctl: Arc<Controller>) -> Option<tokio::task::JoinHandle<()>> {
+    let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
+    if let Some(pid) = std::env::var("WATCHDOG_PID")
+        .ok()
+        .and_then(|p| p.parse::<u32>().ok())
+        && pid != std::process::id()
+    {
+        return None;
+    }
+    let every = Duration::from_micros(usec / 2).max(Duration::from_millis(100));
+    info!(
+        every_ms = every.as_millis() as u64,
+        "feeding the systemd watchdog"
+    );
+    Some(tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        loop {
+            tick.tick().await;
+            let c = ctl.clone();
+            let probe = tokio::task::spawn_blocking(move || {
+                drop(c.config());
+                c.reader().counters().map(drop)
+            });
+            match tokio::time::timeout(every, probe).await {
+                Ok(Ok(Ok(()))) => sd_notify("WATCHDOG=1"),
+                Ok(Ok(Err(e))) => warn!("watchdog probe: reading the datapath: {e}"),
+                Ok(Err(e)) => warn!("watchdog probe failed: {e}"),
+                Err(_) => warn!(?every, "watchdog probe did not finish in time"),
+            }
+        }
+    }))
+}
+
 /// Runs the daemon until SIGTERM/SIGINT. The datapath, its pins and links stay when it stops.
 pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
     if opts.ifaces.is_empty() {
@@ -481,6 +520,7 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
     let listener = api::bind(&opts.api)?;
     info!(api = %opts.api.display(), "API listening");
     sd_notify("READY=1");
+    let watchdog = spawn_watchdog(ctl.clone());
 
     let mut hup = tokio::signal::unix::signal(SignalKind::hangup())?;
     let reloader = {
@@ -508,6 +548,9 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
         s.shutdown().await;
     }
     reloader.abort();
+    if let Some(w) = watchdog {
+        w.abort();
+    }
     for l in loops {
         l.abort();
     }

@@ -7,20 +7,24 @@ use clb::{
     api::client::ClientError,
     cli::{self, Cli, Command},
     daemon::{self, DaemonOptions},
+    l7::access::Format,
 };
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Daemon(args) => {
-            tracing_subscriber::fmt()
-                .with_env_filter(
-                    tracing_subscriber::EnvFilter::try_from_default_env()
-                        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-                )
+            let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+            let log = tracing_subscriber::fmt().with_env_filter(filter);
+            match args.log_format {
+                // One object per line: time, level, target, the message and its fields.
+                Format::Json => log.json().flatten_event(true).with_ansi(false).init(),
                 // Colour only for a person at a terminal, not in journald or a log file.
-                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
-                .init();
+                Format::Text => log
+                    .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
+                    .init(),
+            }
             let opts = DaemonOptions {
                 config: args.config,
                 init_config: args.init_config,

@@ -136,6 +136,10 @@ pub struct DaemonArgs {
     /// The access log's format: one JSON object per line, or a plain line.
     #[arg(long, value_enum, default_value = "json")]
     pub access_log_format: crate::l7::access::Format,
+    /// The daemon's own log (standard output): plain lines, or one JSON object per line (for a
+    /// log collector). Colour only when standard output is a terminal.
+    #[arg(long, value_enum, default_value = "text")]
+    pub log_format: crate::l7::access::Format,
     /// Console sessions end after this many seconds without a request.
     #[arg(long, default_value_t = 1800, value_parser = clap::value_parser!(u64).range(1..=86400))]
     pub console_session_idle: u64,

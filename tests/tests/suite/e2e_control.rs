@@ -774,6 +774,38 @@ fn reload_dry_run_shows_a_pending_edit_and_every_change_is_audited() {
         log.contains("weight 10 → 5") && log.contains("persist 600 → 300"),
         "no audit lines in the log:\n{log}"
     );
+    // Written to a file, not a terminal: no colour codes.
+    assert!(!log.contains('\x1b'), "ANSI escapes in a log file:\n{log}");
+}
+
+#[test]
+fn log_format_json_writes_one_object_per_line_with_the_audit_fields() {
+    let topo = Topology::new("lj", 2, 0).expect("topology");
+    let _servers = clb_tests::servers::tcp_on_backends(&topo, PORT);
+    let d = Daemon::start_with(
+        &topo,
+        &config(1, "persist = 600"),
+        &["--log-format", "json"],
+    );
+    d.clb_ok(&["listener", "set", "web", "--persist", "300"]);
+    let log = d.log();
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .filter(|l| !l.starts_with("--- run") && !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["target"] == "clb::daemon" && l["level"] == "INFO"),
+        "{log}"
+    );
+    assert!(
+        lines.iter().any(|l| l["target"] == "clb::audit"
+            && l["message"] == "listener web: persist 600 → 300"
+            && l["source"] == "api"),
+        "no JSON audit line:\n{log}"
+    );
 }
 
 #[test]

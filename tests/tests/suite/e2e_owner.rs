@@ -469,7 +469,8 @@ fn teardown_refuses_what_is_not_a_clb_pin_directory() {
 
 #[test]
 fn the_operator_kit_notify_completions_man_and_version() {
-    // systemd's notify protocol: READY=1 once the datapath is attached, STOPPING=1 on stop.
+    // systemd's notify protocol: READY=1 once the datapath is attached, WATCHDOG=1 every
+    // WATCHDOG_USEC/2 while the control plane answers, STOPPING=1 on stop.
     let topo = Topology::new("sd", 1, 0).unwrap();
     let _s = servers(&topo);
     let dir = std::env::temp_dir().join(clb_tests::netns::unique_name("notify"));
@@ -483,7 +484,10 @@ fn the_operator_kit_notify_completions_man_and_version() {
         &topo.iface_list(),
         &two_listeners(1),
         &[],
-        &[("NOTIFY_SOCKET", sock_path.to_str().unwrap())],
+        &[
+            ("NOTIFY_SOCKET", sock_path.to_str().unwrap()),
+            ("WATCHDOG_USEC", "400000"),
+        ],
     );
     let mut buf = [0u8; 256];
     let n = sock.recv(&mut buf).unwrap();
@@ -491,9 +495,25 @@ fn the_operator_kit_notify_completions_man_and_version() {
     let st: serde_json::Value = d.clb_json(&["status"]);
     assert_eq!(st["datapath"], "attached");
     ask_once(&topo.client, CLIENT_IP, vip()).unwrap();
+    // Two pings within a few periods (200 ms each).
+    for _ in 0..2 {
+        let n = sock.recv(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"WATCHDOG=1");
+    }
     d.stop();
-    let n = sock.recv(&mut buf).unwrap();
-    assert_eq!(&buf[..n], b"STOPPING=1");
+    let mut stopping = false;
+    for _ in 0..100 {
+        let n = sock.recv(&mut buf).unwrap();
+        match &buf[..n] {
+            b"WATCHDOG=1" => continue,
+            m => {
+                assert_eq!(m, b"STOPPING=1");
+                stopping = true;
+                break;
+            }
+        }
+    }
+    assert!(stopping, "no STOPPING=1");
     std::fs::remove_dir_all(&dir).ok();
 
     // Completions for three shells, a man page, a version naming the commit.
@@ -531,4 +551,24 @@ fn the_operator_kit_notify_completions_man_and_version() {
     )
     .unwrap();
     assert!(unit.contains("Type=notify") && unit.contains("ExecReload=/bin/kill -HUP $MAINPID"));
+    assert!(unit.contains("WatchdogSec=") && unit.contains("NoNewPrivileges=yes"));
+    // systemd itself finds nothing wrong with it (the binary and man page are not
+    // installed here: point ExecStart at the built one and leave the man link out).
+    if std::path::Path::new("/usr/bin/systemd-analyze").exists() {
+        let copy = std::env::temp_dir()
+            .join(clb_tests::netns::unique_name("unit"))
+            .with_extension("service");
+        let text = unit
+            .replace("/usr/local/bin/clb", &clb_bin().to_string_lossy())
+            .replace("Documentation=man:clb(1)\n", "");
+        std::fs::write(&copy, text).unwrap();
+        let o = Command::new("/usr/bin/systemd-analyze")
+            .arg("verify")
+            .arg(&copy)
+            .output()
+            .unwrap();
+        std::fs::remove_file(&copy).ok();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success() && err.trim().is_empty(), "{err}");
+    }
 }
