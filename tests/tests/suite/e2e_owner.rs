@@ -567,8 +567,24 @@ fn the_operator_kit_notify_completions_man_and_version() {
             .arg(&copy)
             .output()
             .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr).to_string();
+        // And rates its exposure medium at worst (5.4 as shipped).
+        let sec = Command::new("/usr/bin/systemd-analyze")
+            .args(["security", "--offline=yes"])
+            .arg(&copy)
+            .output()
+            .unwrap();
         std::fs::remove_file(&copy).ok();
-        let err = String::from_utf8_lossy(&o.stderr);
         assert!(o.status.success() && err.trim().is_empty(), "{err}");
+        let report = String::from_utf8_lossy(&sec.stdout);
+        if let Some(level) = report
+            .lines()
+            .find_map(|l| l.split("Overall exposure level for ").nth(1))
+            .and_then(|r| r.split(':').nth(1))
+            .and_then(|r| r.split_whitespace().next())
+            .and_then(|n| n.parse::<f64>().ok())
+        {
+            assert!(level < 6.0, "exposure {level}: {report}");
+        }
     }
 }
