@@ -83,7 +83,7 @@ impl Speaker {
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let bird = resolve(bird).with_context(|| {
             format!(
-                "{} not found: BGP needs BIRD 2 (Debian package bird2; `cargo xtask setup` installs it)",
+                "{} not found: BGP needs BIRD 2 (Debian: `apt-get install bird2`)",
                 bird.display()
             )
         })?;

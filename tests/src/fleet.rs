@@ -237,7 +237,9 @@ impl RouterBird {
             .stdout(std::process::Stdio::null())
             .stderr(std::fs::File::create(dir.join("stderr"))?)
             .spawn()
-            .context("starting the router's BIRD (is bird2 installed? `cargo xtask setup`)")?;
+            .context(
+                "starting the router's BIRD (is bird2 installed? `cargo xtask setup --test`)",
+            )?;
         let b = Self {
             child: Some(child),
             dir,

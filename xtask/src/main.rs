@@ -3,7 +3,8 @@
 //! `PINNED_TOOLCHAIN`, which `setup` installs first (`RUSTUP_AUTO_INSTALL=0` machines never
 //! install it on their own).
 //!
-//! - `setup`  installs what building and testing need, skipping what is already there.
+//! - `setup`  installs what building needs (`--test`: and testing, `--bench`: and the full
+//!            bench), skipping what is already there. Every other task installs only its own.
 //! - `build`  builds the workspace (and the embedded XDP object).
 //! - `run`    with `--iface`: the daemon on real NICs; without: the demo in namespaces.
 //! - `test`   unit, packet (BPF_PROG_TEST_RUN) and namespace end-to-end tests.
@@ -30,10 +31,14 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Install the toolchain, bpf-linker and system packages (idempotent).
+    /// Install the toolchain, bpf-linker and the system packages building needs (idempotent).
     Setup {
-        /// Also install the benchmark peers (nftables, haproxy, nginx stream, and clang-22 with
-        /// libbpf-dev to build Katran).
+        /// Also what the tests need (namespaces' tools, BIRD, curl/openssl/h2load, Chromium
+        /// for the console tests, promtool, and the peers the bench smoke test runs).
+        #[arg(long)]
+        test: bool,
+        /// Also what the full bench needs (the tests' packages and clang-22 with libbpf-dev
+        /// to build Katran).
         #[arg(long)]
         bench: bool,
     },
@@ -108,9 +113,18 @@ fn main() -> anyhow::Result<()> {
     let root = root()?;
     std::env::set_current_dir(&root)?;
     match cli.cmd {
-        Cmd::Setup { bench } => setup_with(&root, true, bench, bench),
+        Cmd::Setup { test, bench } => {
+            let need = if bench {
+                Need::BenchFull
+            } else if test {
+                Need::Test
+            } else {
+                Need::Build
+            };
+            setup(&root, true, need)
+        }
         Cmd::Build { release } => {
-            setup(&root, false, false)?;
+            setup(&root, false, Need::Build)?;
             let mut args = vec![
                 "build",
                 "--workspace",
@@ -137,7 +151,15 @@ fn main() -> anyhow::Result<()> {
             if fleet.is_some() && iface.is_some() {
                 bail!("--fleet runs the demo in namespaces; it takes no --iface");
             }
-            setup(&root, false, false)?;
+            setup(
+                &root,
+                false,
+                if iface.is_some() {
+                    Need::Build
+                } else {
+                    Need::Demo
+                },
+            )?;
             match iface {
                 Some(iface) => {
                     cargo(
@@ -178,7 +200,7 @@ fn main() -> anyhow::Result<()> {
         }
         Cmd::Test { filter, upgrades } => {
             // The benchmark's smoke test runs against the peers too.
-            setup(&root, false, true)?;
+            setup(&root, false, Need::Test)?;
             let t0 = Instant::now();
             cargo(&root, &["build", "-p", "clb-user", "--bin", "clb"])?;
             let mut args = vec![
@@ -206,7 +228,11 @@ fn main() -> anyhow::Result<()> {
             only,
             katran_src,
         } => {
-            setup_with(&root, false, true, !quick)?;
+            setup(
+                &root,
+                false,
+                if quick { Need::Test } else { Need::BenchFull },
+            )?;
             cargo(
                 &root,
                 &[
@@ -239,7 +265,7 @@ fn main() -> anyhow::Result<()> {
             http_inputs,
             seed,
         } => {
-            setup(&root, false, false)?;
+            setup(&root, false, Need::Build)?;
             cargo(
                 &root,
                 &["build", "--release", "-p", "clb-tests", "--bin", "clb-fuzz"],
@@ -253,7 +279,7 @@ fn main() -> anyhow::Result<()> {
             run_foreground(cmd)
         }
         Cmd::Lint => {
-            setup(&root, false, false)?;
+            setup(&root, false, Need::Build)?;
             cargo(&root, &["fmt", "--all", "--", "--check"])?;
             cargo(
                 &root,
@@ -400,21 +426,19 @@ const BUILD_PACKAGES: &[&str] = &[
     "libzstd-dev",
     "zlib1g-dev",
 ];
-/// Packages the tests and the demo need: ip, ethtool, nsenter, bpftool, promtool, BIRD (the
-/// fleet announces VIPs over BGP through it), Chromium and its WebDriver (the console's
-/// browser tests), and the HTTPS listeners' clients no one here wrote: curl, openssl, h2load
-/// (`nghttp2-client`) and Debian's WebSocket library for `/usr/bin/python3`.
+/// Packages the demo in namespaces needs: ip, ethtool, nsenter, BIRD (the fleet demo
+/// announces VIPs over BGP through it).
+const DEMO_PACKAGES: &[&str] = &["iproute2", "ethtool", "util-linux", "bird2"];
+/// Packages the tests need beyond the demo's: bpftool, promtool, Chromium and its WebDriver
+/// (the console's browser tests), and the HTTPS listeners' clients no one here wrote: curl,
+/// openssl, h2load (`nghttp2-client`) and Debian's WebSocket library for `/usr/bin/python3`.
 const TEST_PACKAGES: &[&str] = &[
-    "iproute2",
     "curl",
     "openssl",
     "nghttp2-client",
     "python3-websockets",
-    "ethtool",
-    "util-linux",
     "bpftool",
     "prometheus",
-    "bird2",
     "chromium",
     "chromium-driver",
 ];
@@ -426,12 +450,37 @@ const KATRAN_PACKAGES: &[&str] = &["clang-22", "libbpf-dev"];
 /// bpf-linker release used (built against Debian's LLVM 22, matching rustc 1.98's LLVM).
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
-fn setup(root: &Path, verbose: bool, bench: bool) -> anyhow::Result<()> {
-    setup_with(root, verbose, bench, false)
+/// What a task needs installed; each level includes the ones before it.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
+enum Need {
+    /// Building (and `run --iface`, lint, fuzz): the toolchain, LLVM, bpf-linker.
+    Build,
+    /// The demo in namespaces.
+    Demo,
+    /// The tests (and the quick bench): the clients, the browser, the peers of the smoke test.
+    Test,
+    /// The full bench: Katran's build tools too.
+    BenchFull,
 }
 
-/// [`setup`], with Katran's build tools when `katran` (the full bench).
-fn setup_with(root: &Path, verbose: bool, bench: bool, katran: bool) -> anyhow::Result<()> {
+/// The Debian packages `need` installs.
+fn packages(need: Need) -> Vec<&'static str> {
+    let mut pkgs: Vec<&str> = BUILD_PACKAGES.to_vec();
+    if need >= Need::Demo {
+        pkgs.extend(DEMO_PACKAGES);
+    }
+    if need >= Need::Test {
+        pkgs.extend(TEST_PACKAGES);
+        pkgs.extend(BENCH_PACKAGES);
+    }
+    if need >= Need::BenchFull {
+        pkgs.extend(KATRAN_PACKAGES);
+    }
+    pkgs
+}
+
+/// Installs what `need` asks for that is missing.
+fn setup(root: &Path, verbose: bool, need: Need) -> anyhow::Result<()> {
     let t0 = Instant::now();
     let tc = toolchain(root)?;
     let mut did = Vec::new();
@@ -478,18 +527,10 @@ fn setup_with(root: &Path, verbose: bool, bench: bool, katran: bool) -> anyhow::
         did.push(format!("rust {tc}"));
     }
     // 2. System packages.
-    let mut pkgs: Vec<&str> = BUILD_PACKAGES
-        .iter()
-        .chain(TEST_PACKAGES)
-        .copied()
+    let missing: Vec<&str> = packages(need)
+        .into_iter()
+        .filter(|p| !dpkg_installed(p))
         .collect();
-    if bench {
-        pkgs.extend(BENCH_PACKAGES);
-    }
-    if katran {
-        pkgs.extend(KATRAN_PACKAGES);
-    }
-    let missing: Vec<&str> = pkgs.into_iter().filter(|p| !dpkg_installed(p)).collect();
     if !missing.is_empty() {
         require_root(&format!("install {}", missing.join(" ")))?;
         if Command::new("apt-get").arg("--version").output().is_err() {
@@ -614,4 +655,31 @@ fn bpf_linker_ok(llvm: u32) -> bool {
             .and_then(|m| m.parse::<u32>().ok())
             .is_some_and(|m| m >= llvm)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Building (the documented install path, `cargo xtask build --release`) installs no
+    /// browser, no Prometheus and no peer; the tests get all of them.
+    #[test]
+    fn building_installs_only_what_building_needs() {
+        let build = packages(Need::Build);
+        for p in TEST_PACKAGES
+            .iter()
+            .chain(DEMO_PACKAGES)
+            .chain(BENCH_PACKAGES)
+            .chain(KATRAN_PACKAGES)
+        {
+            assert!(!build.contains(p), "build installs {p}");
+        }
+        assert!(!packages(Need::Demo).contains(&"chromium"));
+        let test = packages(Need::Test);
+        for p in ["chromium", "prometheus", "bird2", "haproxy", "llvm-22-dev"] {
+            assert!(test.contains(&p), "tests lack {p}");
+        }
+        assert!(!test.contains(&"clang-22"));
+        assert!(packages(Need::BenchFull).contains(&"clang-22"));
+    }
 }
