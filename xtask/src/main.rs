@@ -4,7 +4,7 @@
 //! install it on their own).
 //!
 //! - `setup`  installs what building needs (`--test`: and testing, `--bench`: and the full
-//!            bench), skipping what is already there. Every other task installs only its own.
+//!   bench), skipping what is already there. Every other task installs only its own.
 //! - `build`  builds the workspace (and the embedded XDP object).
 //! - `run`    with `--iface`: the daemon on real NICs; without: the demo in namespaces.
 //! - `test`   unit, packet (BPF_PROG_TEST_RUN) and namespace end-to-end tests.
