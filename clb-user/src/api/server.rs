@@ -286,20 +286,33 @@ pub async fn op_delete_listener(api: &Api, name: String) -> ApiResult<()> {
     .await
 }
 
-pub async fn op_add_backend(api: &Api, name: String, spec: BackendSpec) -> ApiResult<()> {
+/// Adds `specs` to listener `name` as one transaction: all of them or, on any bad entry (a
+/// duplicate, an address of the wrong family, a weight out of range), none.
+pub async fn op_add_backends(api: &Api, name: String, specs: Vec<BackendSpec>) -> ApiResult<()> {
     let (ctl, src) = (api.ctl.clone(), api.source);
-    let what = format!("add backend {} to listener {name}", spec.addr);
+    let what = match specs.as_slice() {
+        [one] => format!("add backend {} to listener {name}", one.addr),
+        many => format!("add {} backends to listener {name}", many.len()),
+    };
+    if specs.is_empty() {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            "no backend to add: an empty array".into(),
+        ));
+    }
     applied(api, move || {
         Ok(ctl
             .change(src, &what, |c| {
                 let l = find(&mut c.listeners, &name)?;
-                if l.backends.iter().any(|x| x.addr == spec.addr) {
-                    return Err(ConfigError::DuplicateBackend {
-                        listener: name.clone(),
-                        addr: spec.addr,
-                    });
+                for spec in specs {
+                    if l.backends.iter().any(|x| x.addr == spec.addr) {
+                        return Err(ConfigError::DuplicateBackend {
+                            listener: name.clone(),
+                            addr: spec.addr,
+                        });
+                    }
+                    l.backends.push(spec);
                 }
-                l.backends.push(spec);
                 Ok(())
             })
             .map(drop)?)
@@ -307,18 +320,38 @@ pub async fn op_add_backend(api: &Api, name: String, spec: BackendSpec) -> ApiRe
     .await
 }
 
-pub async fn op_set_weight(
+/// Changes a backend's weight and/or administrative state (`maint` cuts its connections).
+pub async fn op_patch_backend(
     api: &Api,
     name: String,
     addr: SocketAddr,
-    weight: u32,
+    patch: BackendPatch,
 ) -> ApiResult<()> {
+    if patch.weight.is_none() && patch.state.is_none() {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            "nothing to change: give weight and/or state".into(),
+        ));
+    }
     let (ctl, src) = (api.ctl.clone(), api.source);
-    let what = format!("set weight {weight} on listener {name} backend {addr}");
+    let mut asked = Vec::new();
+    if let Some(w) = patch.weight {
+        asked.push(format!("weight {w}"));
+    }
+    if let Some(st) = patch.state {
+        asked.push(format!("state {st}"));
+    }
+    let what = format!("set {} on listener {name} backend {addr}", asked.join(", "));
     applied(api, move || {
         Ok(ctl
             .change(src, &what, |c| {
-                find_backend(find(&mut c.listeners, &name)?, addr)?.weight = weight;
+                let b = find_backend(find(&mut c.listeners, &name)?, addr)?;
+                if let Some(w) = patch.weight {
+                    b.weight = w;
+                }
+                if let Some(st) = patch.state {
+                    b.state = st;
+                }
                 Ok(())
             })
             .map(drop)?)
@@ -1061,13 +1094,34 @@ async fn list_backends(State(api): State<Api>, Path(name): Path<String>) -> ApiR
     Ok(json(backend_views(&api, &name)?))
 }
 
+/// A `POST .../backends` body: one backend object, or an array of them.
+pub fn backends_body(b: &Bytes) -> ApiResult<Vec<BackendSpec>> {
+    let v: serde_json::Value = body(b)?;
+    let bad = |e: serde_json::Error, at: String| {
+        ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("invalid request body{at}: {e}"),
+        )
+    };
+    match v {
+        serde_json::Value::Array(items) => items
+            .into_iter()
+            .enumerate()
+            .map(|(i, x)| serde_json::from_value(x).map_err(|e| bad(e, format!(" (entry {i})"))))
+            .collect(),
+        one => Ok(vec![
+            serde_json::from_value(one).map_err(|e| bad(e, String::new()))?,
+        ]),
+    }
+}
+
 async fn add_backend(
     State(api): State<Api>,
     Path(name): Path<String>,
     b: Bytes,
 ) -> ApiResult<Response> {
-    let spec: BackendSpec = body(&b)?;
-    op_add_backend(&api, name, spec).await?;
+    let specs = backends_body(&b)?;
+    op_add_backends(&api, name, specs).await?;
     Ok(StatusCode::CREATED.into_response())
 }
 
@@ -1078,7 +1132,7 @@ async fn patch_backend(
 ) -> ApiResult<Response> {
     let addr = parse_addr(&addr)?;
     let p: BackendPatch = body(&b)?;
-    op_set_weight(&api, name, addr, p.weight).await?;
+    op_patch_backend(&api, name, addr, p).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 

@@ -13,7 +13,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     control::{
-        model::{BackendSpec, CheckKind, Forward, HealthCheckSpec, Kind, Proto, SameSite, Sched},
+        model::{
+            AdminState, BackendSpec, CheckKind, Forward, HealthCheckSpec, Kind, Proto, SameSite,
+            Sched,
+        },
         state::{Health, ListenerState},
         status::LoopStatus,
     },
@@ -226,6 +229,9 @@ pub struct BackendView {
     pub health_since: u64,
     /// Takes new connections and new persisted clients.
     pub accepting: bool,
+    /// `ready`, or `maint` (out of service until put back).
+    #[serde(default)]
+    pub state: AdminState,
     pub draining: bool,
     /// Seconds until a drain cuts the remaining connections; `None` when not draining or
     /// already cut.
@@ -258,6 +264,7 @@ impl BackendView {
                 health: b.health,
                 health_since: unix(b.health_since),
                 accepting: b.accepting,
+                state: b.spec.state,
                 draining: b.drain.is_some(),
                 drain_remaining_secs: b
                     .drain
@@ -274,7 +281,12 @@ impl BackendView {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BackendPatch {
-    pub weight: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight: Option<u32>,
+    /// `maint` takes the backend out of service (established connections cut), `ready`
+    /// puts it back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<AdminState>,
 }
 
 /// `POST /v1/listeners/{name}/backends/{addr}/drain` body.

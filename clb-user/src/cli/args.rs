@@ -7,7 +7,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::{
     certs::CertSpec,
-    control::model::{CheckKind, Forward, Proto, SameSite, Sched},
+    control::model::{AdminState, CheckKind, Forward, Proto, SameSite, Sched},
     datapath::loader::{AttachMode, DEFAULT_BPFFS},
 };
 
@@ -408,20 +408,26 @@ pub enum ListenerCmd {
 
 #[derive(Subcommand, Debug)]
 pub enum BackendCmd {
-    /// Add a backend to a listener.
+    /// Add backends to a listener, as one transaction: all of them or, on a bad one, none.
     Add {
         listener: String,
-        addr: SocketAddr,
-        /// Weight 0-100 (0 = quiescent), default 10.
+        #[arg(required = true, num_args = 1..)]
+        addrs: Vec<SocketAddr>,
+        /// Weight 0-100 (0 = quiescent), default 10, for each of them.
         #[arg(long)]
         weight: Option<u32>,
     },
-    /// Change a backend's weight (ends a drain).
+    /// Change a backend's weight (ends a drain) or state: `maint` takes it out of service
+    /// (no new connections or persisted clients, established ones cut, no health checks,
+    /// kept across restarts) until `ready`.
+    #[command(group(clap::ArgGroup::new("change").required(true).multiple(true).args(["weight", "state"])))]
     Set {
         listener: String,
         addr: SocketAddr,
         #[arg(long)]
-        weight: u32,
+        weight: Option<u32>,
+        #[arg(long, value_parser = |s: &str| s.parse::<AdminState>())]
+        state: Option<AdminState>,
     },
     /// Remove a backend (its connections are cut: drain it first for a graceful exit).
     Rm { listener: String, addr: SocketAddr },

@@ -308,29 +308,29 @@ async fn backend(c: &Client<'_>, cmd: BackendCmd) -> Result<(), ClientError> {
     match cmd {
         BackendCmd::Add {
             listener,
-            addr,
+            addrs,
             weight,
         } => {
-            let spec = BackendSpec {
-                addr,
-                weight: weight.unwrap_or(clb_common::DEFAULT_WEIGHT),
-            };
-            c.send(
-                Method::POST,
-                &format!("/v1/listeners/{}/backends", seg(&listener)),
-                &spec,
-            )
-            .await
+            let specs: Vec<BackendSpec> = addrs
+                .into_iter()
+                .map(|a| BackendSpec::new(a, weight.unwrap_or(clb_common::DEFAULT_WEIGHT)))
+                .collect();
+            let path = format!("/v1/listeners/{}/backends", seg(&listener));
+            match specs.as_slice() {
+                [one] => c.send(Method::POST, &path, one).await,
+                _ => c.send(Method::POST, &path, &specs).await,
+            }
         }
         BackendCmd::Set {
             listener,
             addr,
             weight,
+            state,
         } => {
             c.send(
                 Method::PATCH,
                 &path(&listener, &addr),
-                &BackendPatch { weight },
+                &BackendPatch { weight, state },
             )
             .await
         }

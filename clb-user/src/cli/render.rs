@@ -149,6 +149,7 @@ pub fn backends(v: &[BackendView]) -> String {
                 format!("{}s ago", now.saturating_sub(b.health_since)),
                 if b.accepting { "yes" } else { "no" }.into(),
                 match (b.draining, b.drain_remaining_secs) {
+                    _ if !b.state.is_ready() => b.state.to_string(),
                     (false, _) => "-".into(),
                     (true, Some(s)) => format!("draining, cut in {s}s"),
                     (true, None) => "drained".into(),
@@ -167,7 +168,7 @@ pub fn backends(v: &[BackendView]) -> String {
             "HEALTH",
             "SINCE",
             "NEW-CONNS",
-            "DRAIN",
+            "STATE",
             "ACTIVE",
             "CONNS",
             "HALF-OPEN",

@@ -46,13 +46,13 @@ pub use self::series::{SERIES_EVERY, Series, run as sample};
 use crate::{
     api::{
         server::{
-            Api, ApiError, ApiResult, ListQuery, backend_views, blocking, body, list_conns,
-            list_sessions, listener_views, op_add_backend, op_delete_backend, op_drain,
-            op_patch_listener, op_set_weight, parse_addr, status_view,
+            Api, ApiError, ApiResult, ListQuery, backend_views, backends_body, blocking, body,
+            list_conns, list_sessions, listener_views, op_add_backends, op_delete_backend,
+            op_drain, op_patch_backend, op_patch_listener, parse_addr, status_view,
         },
         types::{BackendPatch, DrainRequest, ErrorBody},
     },
-    control::{lock, model::BackendSpec},
+    control::lock,
 };
 
 /// The Content-Security-Policy of every console response.
@@ -490,8 +490,8 @@ async fn add_backend(
     UrlPath(name): UrlPath<String>,
     b: Bytes,
 ) -> ApiResult<Response> {
-    let spec: BackendSpec = body(&b)?;
-    op_add_backend(&c.api, name, spec).await?;
+    let specs = backends_body(&b)?;
+    op_add_backends(&c.api, name, specs).await?;
     Ok(StatusCode::CREATED.into_response())
 }
 
@@ -502,7 +502,7 @@ async fn set_weight(
 ) -> ApiResult<Response> {
     let addr = parse_addr(&addr)?;
     let p: BackendPatch = body(&b)?;
-    op_set_weight(&c.api, name, addr, p.weight).await?;
+    op_patch_backend(&c.api, name, addr, p).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 

@@ -141,6 +141,24 @@ impl Controller {
             Err(e) => return Err(ChangeError::Datapath(e)),
         }
         let snap = state.snapshot(balancer.ids(), 1);
+        let mut w = Writer {
+            balancer,
+            state,
+            generation: 1,
+        };
+        // Backends in maintenance carry no connection, whatever the pinned tables hold (the
+        // file may have been edited while the daemon was down).
+        let maint = in_maint(&w.state.config, None);
+        if !maint.is_empty() {
+            match cut_backends(&mut w, &maint) {
+                Ok(n) if n > 0 => info!(
+                    removed = n,
+                    "cut the connections of backends in maintenance"
+                ),
+                Ok(_) => {}
+                Err(e) => warn!("cutting the connections of backends in maintenance: {e}"),
+            }
+        }
         let (generation, _) = watch::channel(1);
         Ok(Arc::new(Self {
             snapshot: ArcSwap::from_pointee(snap),
@@ -156,11 +174,7 @@ impl Controller {
                 config: opts.config_path,
                 ..opts.info
             },
-            writer: Mutex::new(Writer {
-                balancer,
-                state,
-                generation: 1,
-            }),
+            writer: Mutex::new(w),
         }))
     }
 
@@ -367,6 +381,13 @@ impl Controller {
         }
         self.audit.applied(source, &lines);
         w.state = candidate;
+        // Backends put in maintenance by this change: their connections are cut now.
+        let maint = in_maint(&w.state.config, Some(&previous));
+        if !maint.is_empty()
+            && let Err(e) = cut_backends(w, &maint)
+        {
+            warn!("cutting the connections of backends put in maintenance: {e}");
+        }
         self.publish(w);
         Ok(lines)
     }
@@ -531,18 +552,7 @@ impl Controller {
         if due.is_empty() {
             return Ok(0);
         }
-        let ids: Vec<u32> = due
-            .iter()
-            .filter_map(|(l, a)| {
-                let l = w.state.config.listeners.iter().find(|x| &x.name == l)?;
-                let lid = w.balancer.ids().listener(l.vip, l.proto().ip_proto())?;
-                w.balancer.ids().backend(lid, *a)
-            })
-            .collect();
-        let n = w
-            .balancer
-            .cut(&|b| ids.contains(&b))
-            .map_err(|e: DpError| ChangeError::Datapath(BalancerError::Purge(Box::new(e))))?;
+        let n = cut_backends(&mut w, &due)?;
         let lines: Vec<String> = due
             .iter()
             .map(|(l, a)| format!("listener {l} backend {a}: drained, its connections cut"))
@@ -656,4 +666,47 @@ fn same_net(a: IpAddr, b: IpAddr, bits: u8) -> bool {
         }
         _ => false,
     }
+}
+
+/// The backends of `config` in maintenance (listener, address) — with `previous`, only those
+/// that were in service (or absent) there.
+fn in_maint(config: &ConfigFile, previous: Option<&ConfigFile>) -> Vec<(String, SocketAddr)> {
+    let was_maint = |l: &str, a: SocketAddr| {
+        previous.is_some_and(|p| {
+            p.listeners
+                .iter()
+                .filter(|x| x.name == l)
+                .flat_map(|x| &x.backends)
+                .any(|b| b.addr == a && !b.state.is_ready())
+        })
+    };
+    config
+        .listeners
+        .iter()
+        .flat_map(|l| {
+            l.backends
+                .iter()
+                .filter(|b| !b.state.is_ready() && !was_maint(&l.name, b.addr))
+                .map(|b| (l.name.clone(), b.addr))
+        })
+        .collect()
+}
+
+/// Removes the flow entries of `backends` (listener, address) from the datapath. Returns
+/// how many were removed.
+fn cut_backends(w: &mut Writer, backends: &[(String, SocketAddr)]) -> Result<u64, ChangeError> {
+    let ids: Vec<u32> = backends
+        .iter()
+        .filter_map(|(l, a)| {
+            let l = w.state.config.listeners.iter().find(|x| &x.name == l)?;
+            let lid = w.balancer.ids().listener(l.vip, l.proto().ip_proto())?;
+            w.balancer.ids().backend(lid, *a)
+        })
+        .collect();
+    if ids.is_empty() {
+        return Ok(0);
+    }
+    w.balancer
+        .cut(&|b| ids.contains(&b))
+        .map_err(|e: DpError| ChangeError::Datapath(BalancerError::Purge(Box::new(e))))
 }

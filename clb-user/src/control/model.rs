@@ -383,6 +383,49 @@ pub struct BackendSpec {
     /// Weight 0–100; 0 = quiescent (no new connections or persisted clients).
     #[serde(default = "default_weight")]
     pub weight: u32,
+    /// `maint`: out of service until put back — no new connections or persisted clients,
+    /// established connections cut, no health checks. Kept in the file, so it holds across
+    /// restarts and reloads (a drain is the daemon's, graceful and timed).
+    #[serde(default, skip_serializing_if = "AdminState::is_ready")]
+    pub state: AdminState,
+}
+
+/// A backend's administrative state.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AdminState {
+    /// In service.
+    #[default]
+    Ready,
+    /// In maintenance.
+    Maint,
+}
+
+impl AdminState {
+    /// Whether in service.
+    pub fn is_ready(&self) -> bool {
+        *self == AdminState::Ready
+    }
+}
+
+impl std::str::FromStr for AdminState {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "ready" => Ok(AdminState::Ready),
+            "maint" => Ok(AdminState::Maint),
+            _ => Err(format!("unknown state {s:?}: ready or maint")),
+        }
+    }
+}
+
+impl std::fmt::Display for AdminState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            AdminState::Ready => "ready",
+            AdminState::Maint => "maint",
+        })
+    }
 }
 
 fn default_weight() -> u32 {
@@ -390,11 +433,12 @@ fn default_weight() -> u32 {
 }
 
 impl BackendSpec {
-    /// A backend at `addr` with weight `weight`.
+    /// A backend at `addr` with weight `weight`, in service.
     pub fn new(addr: impl Into<SocketAddr>, weight: u32) -> Self {
         Self {
             addr: addr.into(),
             weight,
+            state: AdminState::Ready,
         }
     }
 }
@@ -1354,10 +1398,8 @@ mod tests {
     }
 
     fn with_backend(mut x: ListenerSpec, addr: &str) -> ListenerSpec {
-        x.backends.push(BackendSpec {
-            addr: addr.parse().unwrap(),
-            weight: 10,
-        });
+        x.backends
+            .push(BackendSpec::new(addr.parse::<SocketAddr>().unwrap(), 10));
         x
     }
 
@@ -1438,10 +1480,10 @@ mod tests {
         if let Kind::L4(k) = &mut x.kind {
             k.idle_timeout = Some(3600);
         }
-        x.backends.push(BackendSpec {
-            addr: "10.1.0.1:80".parse().unwrap(),
-            weight: 101,
-        });
+        x.backends.push(BackendSpec::new(
+            "10.1.0.1:80".parse::<SocketAddr>().unwrap(),
+            101,
+        ));
         assert!(
             x.validate()
                 .unwrap_err()

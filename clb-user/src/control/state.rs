@@ -194,8 +194,8 @@ impl State {
 
     /// Brings the runtime state in line with the configuration: new backends start healthy
     /// (checks prove otherwise) and, added by a change (`previous` is the configuration before
-    /// it), in slow start; removed ones are forgotten, and a backend whose weight changed
-    /// leaves its drain: the operator put it back.
+    /// it), in slow start; removed ones are forgotten, and a backend whose weight or state
+    /// (maintenance) changed leaves its drain: the operator decided otherwise.
     pub fn reconcile_runtime(&mut self, previous: Option<&ConfigFile>) {
         let mut next = HashMap::new();
         for l in &self.config.listeners {
@@ -208,11 +208,11 @@ impl State {
                     }
                     rt
                 });
-                let old_weight = previous
+                let old = previous
                     .and_then(|p| p.listeners.iter().find(|x| x.name == l.name))
                     .and_then(|x| x.backends.iter().find(|x| x.addr == b.addr))
-                    .map(|x| x.weight);
-                if old_weight.is_some_and(|w| w != b.weight) {
+                    .map(|x| (x.weight, x.state));
+                if old.is_some_and(|o| o != (b.weight, b.state)) {
                     rt.drain = None;
                 }
                 next.insert(key, rt);
@@ -233,7 +233,8 @@ impl State {
         ramped_weight(b.weight, self.runtime_of(l, b).ramp_from, l.slow_start, now)
     }
 
-    /// Which backends of `l` accept new connections: weight > 0, not draining, and healthy —
+    /// Which backends of `l` accept new connections: weight > 0, in service (not `maint`), not
+    /// draining, and healthy —
     /// or, when every such backend is unhealthy, all of them (the cloud LB's fail-open rule).
     /// Also returns whether that fail-open rule is in force.
     pub fn accepting(&self, l: &ListenerSpec) -> (Vec<bool>, bool) {
@@ -242,7 +243,10 @@ impl State {
             .iter()
             .map(|b| {
                 let rt = self.runtime_of(l, b);
-                (b.weight > 0 && rt.drain.is_none(), rt.health)
+                (
+                    b.weight > 0 && b.state.is_ready() && rt.drain.is_none(),
+                    rt.health,
+                )
             })
             .collect();
         let any = eligible.iter().any(|(e, _)| *e);

@@ -100,6 +100,10 @@ async fn sync(ctl: &Arc<Controller>, tasks: &mut HashMap<Key, (HealthCheckSpec, 
     for l in &snap.listeners {
         for b in &l.backends {
             let key = (l.spec.name.clone(), b.spec.addr);
+            if !b.spec.state.is_ready() {
+                // In maintenance: not checked (its task ends; back in service, it starts again).
+                continue;
+            }
             if l.spec.health_check.kind == CheckKind::None {
                 if b.health != Health::Healthy {
                     unchecked.push(key);

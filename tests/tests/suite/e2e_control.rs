@@ -868,3 +868,59 @@ fn session_rm_reschedules_that_client_and_the_others_keep_theirs() {
         "{ev:#?}"
     );
 }
+
+#[test]
+fn a_batch_of_fifty_backends_is_one_transaction() {
+    let e = env("bt", 2, 2, 0, "");
+    let d = &e.daemon;
+    // 50 addresses nobody answers on (weight 0: no client is sent there), then one bad
+    // entry: an IPv6 address on an IPv4 listener.
+    let fifty: Vec<String> = (0..50).map(|i| format!("10.0.77.{}:80", i + 1)).collect();
+    let mut args: Vec<&str> = vec!["backend", "add", "web"];
+    args.extend(fifty.iter().map(String::as_str));
+    args.extend(["[fd00::9]:80", "--weight", "0"]);
+    let before = d.config_text();
+    let out = d.clb(&args);
+    assert!(!out.ok, "a bad entry refuses the batch");
+    assert!(out.stderr.contains("fd00::9"), "{}", out.stderr);
+    assert_eq!(d.config_text(), before, "nothing written");
+    let ls: Vec<serde_json::Value> = d.clb_json(&["backend", "ls", "web"]);
+    assert_eq!(ls.len(), 2, "nothing added");
+    // A duplicate inside the batch refuses it too.
+    let mut dup = args[..args.len() - 3].to_vec();
+    dup.extend([fifty[7].as_str(), "--weight", "0"]);
+    assert!(!d.clb(&dup).ok);
+    assert_eq!(
+        d.clb_json::<Vec<serde_json::Value>>(&["backend", "ls", "web"])
+            .len(),
+        2
+    );
+    // Both refusals audited with what was asked.
+    let ev = events(d);
+    assert_eq!(ev.len(), 2, "{ev:?}");
+    assert!(
+        ev.iter()
+            .all(|e| e["change"] == "add 51 backends to listener web")
+    );
+    // The good 50: one change, audited as 50 additions.
+    let mut good = args[..args.len() - 3].to_vec();
+    good.extend(["--weight", "0"]);
+    d.clb_ok(&good);
+    let ls: Vec<serde_json::Value> = d.clb_json(&["backend", "ls", "web"]);
+    assert_eq!(ls.len(), 52);
+    let ev = events(d);
+    let added = ev[2..]
+        .iter()
+        .filter(|e| {
+            e["change"]
+                .as_str()
+                .is_some_and(|c| c.ends_with("added (weight 0)"))
+        })
+        .count();
+    assert_eq!(added, 50, "{ev:?}");
+    // Traffic still goes only to the two weighted backends.
+    for _ in 0..4 {
+        let who = ask_once(&e.topo.client, clb_tests::netns::CLIENT_IP, vip()).unwrap();
+        assert!(who == "b0" || who == "b1", "{who}");
+    }
+}

@@ -185,6 +185,77 @@ fn all_backends_down_still_get_traffic_and_the_state_says_so() {
 }
 
 #[test]
+fn maintenance_cuts_at_once_holds_across_a_restart_and_ends_on_ready() {
+    let topo = Topology::new("mt", 2, 0).unwrap();
+    let _servers: Vec<NameServer> = (0..2).map(|i| server(&topo, i)).collect();
+    let mut d = Daemon::start(&topo, &config("tcp", 80, 2, ""));
+    let on_b0 = |d: &Daemon| {
+        let conns: Vec<serde_json::Value> = d.clb_json(&["conn", "ls"]);
+        conns
+            .iter()
+            .filter(|c| c["backend"] == be(0).as_str())
+            .count()
+    };
+    let mut conns: Vec<(TcpStream, String)> = (0..8)
+        .map(|_| {
+            let mut c = connect(&topo.client, CLIENT_IP, vip()).unwrap();
+            let who = ask(&mut c).unwrap();
+            (c, who)
+        })
+        .collect();
+    assert_eq!(conns.iter().filter(|(_, w)| w == "b0").count(), 4);
+    // A drain keeps b0's connections (until its timeout, 60 s here)...
+    d.clb_ok(&["backend", "drain", "web", &be(0), "--timeout", "60"]);
+    assert_eq!(on_b0(&d), 4, "a drain keeps established connections");
+    // ...maintenance cuts them at once, and stops b0's health checks.
+    d.clb_ok(&["backend", "set", "web", &be(0), "--state", "maint"]);
+    assert_eq!(on_b0(&d), 0, "maintenance cuts established connections");
+    let view = backend_view(&d, &be(0));
+    assert_eq!(view["state"], "maint");
+    assert_eq!(view["accepting"], false);
+    assert!(d.clb_ok(&["backend", "ls", "web"]).contains("maint"));
+    assert!(
+        d.config_text().contains("state = \"maint\""),
+        "{}",
+        d.config_text()
+    );
+    let ev = d.clb_ok(&["status", "--events", "5"]);
+    assert!(ev.contains("maint"), "audited: {ev}");
+    for _ in 0..4 {
+        assert_eq!(ask_once(&topo.client, CLIENT_IP, vip()).unwrap(), "b1");
+    }
+    // The connections on b1 never noticed.
+    for (c, who) in conns.iter_mut().filter(|(_, w)| w == "b1") {
+        assert_eq!(ask(c).unwrap(), *who);
+    }
+    // It is the file's: a restart keeps b0 out.
+    d.stop();
+    d.spawn();
+    assert_eq!(backend_view(&d, &be(0))["state"], "maint");
+    for _ in 0..4 {
+        assert_eq!(ask_once(&topo.client, CLIENT_IP, vip()).unwrap(), "b1");
+    }
+    // Back in service: checked again, and new clients reach it (turns taken in order).
+    d.clb_ok(&["backend", "set", "web", &be(0), "--state", "ready"]);
+    assert!(!d.config_text().contains("maint"));
+    let back = wait_for(Duration::from_secs(10), || {
+        (0..4)
+            .any(|_| ask_once(&topo.client, CLIENT_IP, vip()).ok().as_deref() == Some("b0"))
+            .then_some(())
+    });
+    assert!(back.is_some(), "b0 back in service takes new clients");
+    // Bad input changes nothing.
+    let bad = d.clb(&["backend", "set", "web", &be(0), "--state", "off"]);
+    assert!(
+        !bad.ok && bad.stderr.contains("ready or maint"),
+        "{}",
+        bad.stderr
+    );
+    let none = d.clb(&["backend", "set", "web", &be(0)]);
+    assert!(!none.ok, "nothing to change is refused");
+}
+
+#[test]
 fn drained_backend_keeps_its_connections_until_the_timeout() {
     let topo = Topology::new("dr", 2, 0).unwrap();
     let servers: Vec<NameServer> = (0..2).map(|i| server(&topo, i)).collect();

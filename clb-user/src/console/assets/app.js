@@ -578,6 +578,7 @@
     sessTd.className = 'num';
     actTd.className = 'row-actions';
     actTd.append(el('button', { type: 'button', class: 'btn small drain', text: 'Drain' }),
+      el('button', { type: 'button', class: 'btn small maint', text: 'Maintenance' }),
       el('button', { type: 'button', class: 'btn small danger remove', text: 'Remove' }));
     return tr;
   }
@@ -598,7 +599,12 @@
     cell('accepting').replaceChildren(b.accepting ? el('span', { class: 'ok-text', text: 'yes' }) : el('span', { class: 'muted', text: 'no' }));
 
     let drain;
-    if (b.draining && b.drain_remaining_secs != null) drain = pill(`draining, cut in ${b.drain_remaining_secs} s`, 'warn');
+    const maint = b.state === 'maint';
+    const mb = tr.querySelector('.maint');
+    setText(mb, maint ? 'Back in service' : 'Maintenance');
+    mb.dataset.maint = maint ? '1' : '';
+    if (maint) drain = pill('maintenance', 'warn');
+    else if (b.draining && b.drain_remaining_secs != null) drain = pill(`draining, cut in ${b.drain_remaining_secs} s`, 'warn');
     else if (b.draining) drain = pill('drained', 'muted');
     else drain = el('span', { class: 'muted', text: '-' });
     cell('drain').replaceChildren(drain);
@@ -697,6 +703,16 @@
       () => api('POST', `${backendPath(listener, addr)}/drain`, n === 0 ? { now: true } : { timeout: n }));
   }
 
+  function toggleMaint(tr) {
+    const listener = state.selected;
+    const addr = tr.dataset.backend;
+    const btn = tr.querySelector('.maint');
+    const back = btn.dataset.maint === '1';
+    if (!back && !window.confirm(
+      `Put ${addr} in maintenance? It takes no new clients, its connections are cut now and its health checks stop, until you put it back.`)) return;
+    backendAction(btn, () => api('PATCH', backendPath(listener, addr), { state: back ? 'ready' : 'maint' }));
+  }
+
   function removeBackend(tr) {
     const listener = state.selected;
     const addr = tr.dataset.backend;
@@ -710,6 +726,7 @@
     if (!btn || !tr) return;
     if (btn.classList.contains('weight-save')) saveWeight(tr);
     else if (btn.classList.contains('drain')) drainBackend(tr);
+    else if (btn.classList.contains('maint')) toggleMaint(tr);
     else if (btn.classList.contains('remove')) removeBackend(tr);
   }
 
