@@ -289,17 +289,17 @@ pub async fn op_delete_listener(api: &Api, name: String) -> ApiResult<()> {
 /// Adds `specs` to listener `name` as one transaction: all of them or, on any bad entry (a
 /// duplicate, an address of the wrong family, a weight out of range), none.
 pub async fn op_add_backends(api: &Api, name: String, specs: Vec<BackendSpec>) -> ApiResult<()> {
-    let (ctl, src) = (api.ctl.clone(), api.source);
-    let what = match specs.as_slice() {
-        [one] => format!("add backend {} to listener {name}", one.addr),
-        many => format!("add {} backends to listener {name}", many.len()),
-    };
     if specs.is_empty() {
         return Err(ApiError(
             StatusCode::BAD_REQUEST,
             "no backend to add: an empty array".into(),
         ));
     }
+    let (ctl, src) = (api.ctl.clone(), api.source);
+    let what = match specs.as_slice() {
+        [one] => format!("add backend {} to listener {name}", one.addr),
+        many => format!("add {} backends to listener {name}", many.len()),
+    };
     applied(api, move || {
         Ok(ctl
             .change(src, &what, |c| {

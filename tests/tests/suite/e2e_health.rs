@@ -46,6 +46,17 @@ fn server(topo: &Topology, i: usize) -> NameServer {
     .unwrap()
 }
 
+/// `n` connections from the client to the VIP, each with the backend that answered it.
+fn open_conns(topo: &Topology, n: usize) -> Vec<(TcpStream, String)> {
+    (0..n)
+        .map(|_| {
+            let mut c = connect(&topo.client, CLIENT_IP, vip()).unwrap();
+            let who = ask(&mut c).unwrap();
+            (c, who)
+        })
+        .collect()
+}
+
 fn backend_view(d: &Daemon, addr: &str) -> serde_json::Value {
     let v: Vec<serde_json::Value> = d.clb_json(&["backend", "ls", "web"]);
     v.into_iter()
@@ -196,13 +207,7 @@ fn maintenance_cuts_at_once_holds_across_a_restart_and_ends_on_ready() {
             .filter(|c| c["backend"] == be(0).as_str())
             .count()
     };
-    let mut conns: Vec<(TcpStream, String)> = (0..8)
-        .map(|_| {
-            let mut c = connect(&topo.client, CLIENT_IP, vip()).unwrap();
-            let who = ask(&mut c).unwrap();
-            (c, who)
-        })
-        .collect();
+    let mut conns = open_conns(&topo, 8);
     assert_eq!(conns.iter().filter(|(_, w)| w == "b0").count(), 4);
     // A drain keeps b0's connections (until its timeout, 60 s here)...
     d.clb_ok(&["backend", "drain", "web", &be(0), "--timeout", "60"]);
@@ -262,13 +267,7 @@ fn drained_backend_keeps_its_connections_until_the_timeout() {
     // Sweeps every second: `backend ls` counts live connections from the sweeper's walk.
     let d = Daemon::start_with(&topo, &config("tcp", 80, 2, ""), &["--sweep-interval", "1"]);
     // 20 connections: 10 on each backend.
-    let mut conns: Vec<(TcpStream, String)> = (0..20)
-        .map(|_| {
-            let mut c = connect(&topo.client, CLIENT_IP, vip()).unwrap();
-            let who = ask(&mut c).unwrap();
-            (c, who)
-        })
-        .collect();
+    let mut conns = open_conns(&topo, 20);
     let mut on_b0: Vec<TcpStream> = Vec::new();
     conns.retain_mut(|(c, who)| {
         if who == "b0" {
