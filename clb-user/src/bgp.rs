@@ -3,7 +3,9 @@
 //! With `[bgp]` in the config, the daemon runs its own BIRD (`bird -f`, a supervised child,
 //! with its configuration, log and control socket under `<state-dir>/bird/`): one BGP session
 //! per `[[bgp.peer]]`, BFD on them unless turned off, and a static protocol whose routes are
-//! the VIPs this node announces, exported to the peers with this node as next hop.
+//! the VIPs this node announces, exported to the peers with this node as next hop: IPv4 VIPs
+//! to the IPv4 peers, IPv6 VIPs (static protocol `clb_vips6`) to the IPv6 peers, one session
+//! per peer and family as routers are usually set up.
 //!
 //! A VIP is announced while the datapath is attached and one of its listeners has a backend
 //! that takes new connections (weight > 0, healthy, not draining); otherwise it is withdrawn —
@@ -16,7 +18,7 @@
 
 use std::{
     collections::BTreeSet,
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr},
     path::{Path, PathBuf},
     process::Stdio,
     sync::{
@@ -36,7 +38,7 @@ use crate::control::{Controller, lock, model::BgpSpec, state::Health};
 /// One BGP session as BIRD reports it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PeerStatus {
-    pub address: Ipv4Addr,
+    pub address: IpAddr,
     pub remote_as: u32,
     /// BIRD's protocol state and info, e.g. "up Established" or "start Connect".
     pub state: String,
@@ -52,8 +54,8 @@ pub struct BgpStatus {
     pub router_id: Ipv4Addr,
     /// VIPs withdrawn by command.
     pub maintenance: bool,
-    /// The VIPs announced now.
-    pub announced: Vec<Ipv4Addr>,
+    /// The VIPs announced now (both families).
+    pub announced: Vec<IpAddr>,
     pub peers: Vec<PeerStatus>,
     /// How long peers keep this node's routes after it goes silent, at most.
     pub withdrawal_bound_ms: u64,
@@ -70,7 +72,7 @@ pub struct Speaker {
     bird: PathBuf,
     birdc: PathBuf,
     maintenance: AtomicBool,
-    announced: Mutex<BTreeSet<Ipv4Addr>>,
+    announced: Mutex<BTreeSet<IpAddr>>,
     child: tokio::sync::Mutex<Option<Child>>,
     /// Serializes writes of the include file and `configure` calls.
     configuring: tokio::sync::Mutex<()>,
@@ -108,6 +110,7 @@ impl Speaker {
             configuring: tokio::sync::Mutex::new(()),
         };
         std::fs::write(s.vips_path(), "").context("writing BIRD's VIP include file")?;
+        std::fs::write(s.vips6_path(), "").context("writing BIRD's VIP include file")?;
         std::fs::write(s.conf_path(), s.config()).context("writing BIRD's configuration")?;
         Ok(s)
     }
@@ -117,6 +120,9 @@ impl Speaker {
     }
     fn vips_path(&self) -> PathBuf {
         self.dir.join("vips.conf")
+    }
+    fn vips6_path(&self) -> PathBuf {
+        self.dir.join("vips6.conf")
     }
     fn socket(&self) -> PathBuf {
         self.dir.join("bird.ctl")
@@ -130,10 +136,12 @@ impl Speaker {
              router id {};\n\
              log \"{}\" all;\n\
              protocol device {{ scan time 10; }}\n\
-             protocol static clb_vips {{\n  ipv4;\n  include \"{}\";\n}}\n",
+             protocol static clb_vips {{\n  ipv4;\n  include \"{}\";\n}}\n\
+             protocol static clb_vips6 {{\n  ipv6;\n  include \"{}\";\n}}\n",
             self.router_id,
             self.dir.join("bird.log").display(),
-            self.vips_path().display()
+            self.vips_path().display(),
+            self.vips6_path().display()
         );
         if b.bfd {
             c += &format!(
@@ -143,12 +151,18 @@ impl Speaker {
         }
         for (i, p) in b.peers.iter().enumerate() {
             c += &format!(
-                "protocol bgp peer{i} {{\n  local as {};\n  neighbor {} as {};\n  hold time {};\n  connect retry time 1;\n  error wait time 1, 10;\n{}  ipv4 {{ import none; export where proto = \"clb_vips\"; next hop self; }};\n}}\n",
+                "protocol bgp peer{i} {{\n  local as {};\n  neighbor {} as {};\n  hold time {};\n  connect retry time 1;\n  error wait time 1, 10;\n{}  {} {{ import none; export where proto = \"{}\"; next hop self; }};\n}}\n",
                 b.local_as,
                 p.address,
                 p.remote_as,
                 b.hold_time,
                 if b.bfd { "  bfd on;\n" } else { "" },
+                if p.address.is_ipv4() { "ipv4" } else { "ipv6" },
+                if p.address.is_ipv4() {
+                    "clb_vips"
+                } else {
+                    "clb_vips6"
+                },
             );
         }
         c
@@ -170,11 +184,13 @@ impl Speaker {
         }
     }
 
-    /// The VIPs this node should announce now.
-    pub fn wanted(&self, ctl: &Controller) -> BTreeSet<Ipv4Addr> {
+    /// The VIPs this node should announce now: those of a family some peer carries.
+    pub fn wanted(&self, ctl: &Controller) -> BTreeSet<IpAddr> {
         if self.maintenance.load(Ordering::Relaxed) || ctl.detached().is_some() {
             return BTreeSet::new();
         }
+        let v4 = self.spec.peers.iter().any(|p| p.address.is_ipv4());
+        let v6 = self.spec.peers.iter().any(|p| p.address.is_ipv6());
         ctl.snapshot()
             .listeners
             .iter()
@@ -183,27 +199,30 @@ impl Speaker {
                     .iter()
                     .any(|b| b.spec.weight > 0 && b.drain.is_none() && b.health == Health::Healthy)
             })
-            // IPv4 VIPs: the sessions carry IPv4 unicast only (IPv6 VIPs are not announced).
-            .filter_map(|l| match l.spec.vip.ip() {
-                std::net::IpAddr::V4(v) => Some(v),
-                std::net::IpAddr::V6(_) => None,
-            })
+            .map(|l| l.spec.vip.ip())
+            .filter(|ip| if ip.is_ipv4() { v4 } else { v6 })
             .collect()
     }
 
     /// Makes BIRD announce exactly `vips`.
-    async fn apply(&self, vips: BTreeSet<Ipv4Addr>) -> anyhow::Result<()> {
+    async fn apply(&self, vips: BTreeSet<IpAddr>) -> anyhow::Result<()> {
         let _one = self.configuring.lock().await;
         if *lock(&self.announced) == vips {
             return Ok(());
         }
-        let text: String = vips
-            .iter()
-            .map(|v| format!("route {v}/32 via \"lo\";\n"))
-            .collect();
-        let tmp = self.dir.join(".vips.conf.tmp");
-        std::fs::write(&tmp, text)?;
-        std::fs::rename(&tmp, self.vips_path())?;
+        for (path, v6, len) in [
+            (self.vips_path(), false, 32),
+            (self.vips6_path(), true, 128),
+        ] {
+            let text: String = vips
+                .iter()
+                .filter(|v| v.is_ipv6() == v6)
+                .map(|v| format!("route {v}/{len} via \"lo\";\n"))
+                .collect();
+            let tmp = self.dir.join(".vips.conf.tmp");
+            std::fs::write(&tmp, text)?;
+            std::fs::rename(&tmp, path)?;
+        }
         let out = self.birdc(&["configure"]).await?;
         if !out.contains("Reconfigured") && !out.contains("Reconfiguration in progress") {
             bail!("birdc configure: {}", out.trim());
@@ -226,6 +245,7 @@ impl Speaker {
         // Whatever was announced is gone with the old process.
         lock(&self.announced).clear();
         std::fs::write(self.vips_path(), "")?;
+        std::fs::write(self.vips6_path(), "")?;
         let mut cmd = Command::new(&self.bird);
         // BIRD goes with the daemon, however the daemon ends: a BIRD left behind would keep
         // sessions (and announcements) no daemon supervises, and clash with the next one's.
@@ -385,13 +405,14 @@ fn resolve(bird: &Path) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-/// This node's source address towards its first peer (its BGP router id when none is
+/// This node's source address towards its first IPv4 peer (its BGP router id when none is
 /// configured): unique in a fleet, and the same in every node's config file.
 fn source_towards(spec: &BgpSpec) -> anyhow::Result<Ipv4Addr> {
     let peer = spec
         .peers
-        .first()
-        .ok_or_else(|| anyhow::anyhow!("bgp: no peer"))?;
+        .iter()
+        .find(|p| p.address.is_ipv4())
+        .ok_or_else(|| anyhow::anyhow!("bgp: no IPv4 peer to take a router id from"))?;
     let s = std::net::UdpSocket::bind("0.0.0.0:0")?;
     s.connect((peer.address, 179))
         .with_context(|| format!("no route to BGP peer {}", peer.address))?;

@@ -372,6 +372,18 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
         ),
         _ => {}
     }
+    let v6 = ctl
+        .snapshot()
+        .listeners
+        .iter()
+        .any(|l| l.spec.vip.is_ipv6());
+    match std::fs::read_to_string("/proc/sys/net/ipv6/conf/all/forwarding") {
+        Ok(v) if v6 && v.trim() == "0" => warn!(
+            "net.ipv6.conf.all.forwarding is 0: the datapath's route lookups for IPv6 listeners \
+             fail (counted as drop_no_route); set it to 1"
+        ),
+        _ => {}
+    }
     info!(
         ifaces = ?opts.ifaces,
         mode = ?opts.xdp_mode,

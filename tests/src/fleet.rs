@@ -10,21 +10,36 @@
 //!
 //! Nodes and backends hold the VIP on `lo`; backends answer ARP only for their own address
 //! (`arp_ignore=1`, `arp_announce=2`) and route replies through the router, never through a
-//! node. The router reaches the VIP through a node: a static route ([`Fleet::route_vip_via`])
+//! node. IPv6 beside it: client fd00:1::2, router fd00:1::1 / fd00:20::1, node i
+//! fd00:20::(2+i), backend j fd00:20::(10+j) (hex), [`VIP6`] on the nodes' and backends' `lo`
+//! (neighbour discovery answers only for an interface's own addresses). The router reaches the VIP through a node: a static route ([`Fleet::route_vip_via`])
 //! or BGP (ECMP over the nodes that announce it). Every veth sends with checksum offload off;
 //! the switch ports facing nodes have GRO on, so frames a node's XDP program redirects out of
 //! its own interface are delivered.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use anyhow::Context as _;
 
-use crate::netns::{NetNs, VIP, extra_client_ip, fmt_mac, ip_batch, sh};
+use crate::netns::{NetNs, VIP, VIP6, extra_client_ip, fmt_mac, ip_batch, sh};
 
 /// The client's address.
 pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 2);
 /// The router's address on the segment.
 pub const ROUTER_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 20, 1);
+
+/// The router's IPv6 address on the segment.
+pub const ROUTER_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x20, 0, 0, 0, 0, 0, 1);
+
+/// IPv6 address of node `i` on the segment.
+pub fn node_ip6(i: usize) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0x20, 0, 0, 0, 0, 0, 2 + i as u16)
+}
+
+/// IPv6 address of backend `j` on the segment.
+pub fn backend_ip6(j: usize) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0x20, 0, 0, 0, 0, 0, 0x10 + j as u16)
+}
 
 /// Address of node `i` on the segment.
 pub fn node_ip(i: usize) -> Ipv4Addr {
@@ -100,6 +115,16 @@ impl Fleet {
         c.ip(&["addr", "add", "10.0.1.2/24", "dev", "eth0"])?;
         r.ip(&["addr", "add", "10.0.1.1/24", "dev", "eth0"])?;
         r.ip(&["addr", "add", &format!("{ROUTER_IP}/24"), "dev", "eth1"])?;
+        c.ip(&["addr", "add", "fd00:1::2/64", "dev", "eth0", "nodad"])?;
+        r.ip(&["addr", "add", "fd00:1::1/64", "dev", "eth0", "nodad"])?;
+        r.ip(&[
+            "addr",
+            "add",
+            &format!("{ROUTER_IP6}/64"),
+            "dev",
+            "eth1",
+            "nodad",
+        ])?;
         for (i, n) in self.nodes.iter().enumerate() {
             let port = format!("n{i}");
             veth(n, "eth0", s, &port)?;
@@ -107,6 +132,14 @@ impl Fleet {
             // The node's XDP program redirects out of its own eth0: the peer needs GRO.
             s.exec(&["ethtool", "-K", &port, "gro", "on"])?;
             n.ip(&["addr", "add", &format!("{}/24", node_ip(i)), "dev", "eth0"])?;
+            n.ip(&[
+                "addr",
+                "add",
+                &format!("{}/64", node_ip6(i)),
+                "dev",
+                "eth0",
+                "nodad",
+            ])?;
         }
         for (j, b) in self.backends.iter().enumerate() {
             let port = format!("b{j}");
@@ -118,6 +151,14 @@ impl Fleet {
                 &format!("{}/24", backend_ip(j)),
                 "dev",
                 "eth0",
+            ])?;
+            b.ip(&[
+                "addr",
+                "add",
+                &format!("{}/64", backend_ip6(j)),
+                "dev",
+                "eth0",
+                "nodad",
             ])?;
             for k in [
                 "net.ipv4.conf.all.arp_ignore=1",
@@ -141,7 +182,9 @@ impl Fleet {
             }
         }
         c.ip(&["route", "add", "default", "via", "10.0.1.1"])?;
+        c.ip(&["-6", "route", "add", "default", "via", "fd00:1::1"])?;
         r.sysctl("net.ipv4.ip_forward=1")?;
+        r.sysctl("net.ipv6.conf.all.forwarding=1")?;
         r.sysctl("net.ipv4.fib_multipath_hash_policy=1")?;
         for k in ["all", "default", "eth0", "eth1"] {
             r.sysctl(&format!("net.ipv4.conf.{k}.rp_filter=0"))?;
@@ -150,9 +193,20 @@ impl Fleet {
         for ns in self.nodes.iter().chain(&self.backends) {
             ns.ip(&["addr", "add", &format!("{VIP}/32"), "dev", "lo"])?;
             ns.ip(&["route", "add", "default", "via", &ROUTER_IP.to_string()])?;
+            ns.ip(&["addr", "add", &format!("{VIP6}/128"), "dev", "lo", "nodad"])?;
+            ns.ip(&[
+                "-6",
+                "route",
+                "add",
+                "default",
+                "via",
+                &ROUTER_IP6.to_string(),
+            ])?;
         }
         for n in &self.nodes {
             n.sysctl("net.ipv4.ip_forward=1")?;
+            // The datapath's FIB lookups fail on an interface that does not forward.
+            n.sysctl("net.ipv6.conf.all.forwarding=1")?;
         }
         if !self.extra_clients.is_empty() {
             let lines: Vec<String> = self
@@ -201,8 +255,18 @@ pub const ROUTER_AS: u32 = 65000;
 pub const NODE_AS: u32 = 65001;
 
 impl RouterBird {
-    /// Starts BIRD in the router namespace with a session to each of `nodes` nodes.
+    /// Starts BIRD in the router namespace with an IPv4 session to each node.
     pub fn start(f: &Fleet) -> anyhow::Result<Self> {
+        Self::start_with(f, false)
+    }
+
+    /// As [`RouterBird::start`], plus an IPv6 session to each node (its IPv6 VIP routes
+    /// merged into one ECMP route too).
+    pub fn start_dual(f: &Fleet) -> anyhow::Result<Self> {
+        Self::start_with(f, true)
+    }
+
+    fn start_with(f: &Fleet, v6: bool) -> anyhow::Result<Self> {
         let dir = std::env::temp_dir().join(crate::netns::unique_name("rbird"));
         std::fs::create_dir_all(&dir)?;
         let mut conf = format!(
@@ -214,6 +278,15 @@ impl RouterBird {
                 "protocol bgp n{i} from node {{ neighbor {} as {NODE_AS}; }}\n",
                 node_ip(i)
             );
+        }
+        if v6 {
+            conf += "protocol kernel {\n  ipv6 { import none; export all; };\n  merge paths on;\n}\ntemplate bgp node6 {\n  local as 65000;\n  hold time 9;\n  connect retry time 1;\n  error wait time 1, 10;\n  bfd on;\n  ipv6 { import all; export none; };\n}\n";
+            for i in 0..f.nodes.len() {
+                conf += &format!(
+                    "protocol bgp n{i}v6 from node6 {{ neighbor {} as {NODE_AS}; }}\n",
+                    node_ip6(i)
+                );
+            }
         }
         std::fs::write(dir.join("bird.conf"), conf)?;
         let child = std::process::Command::new("nsenter")
@@ -300,6 +373,29 @@ impl Fleet {
             .collect();
         v.sort();
         v
+    }
+
+    /// The router's next hops for the IPv6 VIP, as addresses (global or link-local, as the
+    /// router's kernel holds them).
+    pub fn vip6_nexthops(&self) -> Vec<Ipv6Addr> {
+        let r = self
+            .router
+            .ip(&["-6", "route", "show", &format!("{VIP6}/128")])
+            .unwrap_or_default();
+        let mut v: Vec<Ipv6Addr> = r
+            .split("via ")
+            .skip(1)
+            .filter_map(|t| t.split_whitespace().next()?.parse().ok())
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// The shared config of every node with an IPv6 session beside the IPv4 one.
+    pub fn node_config_dual(listeners: &str) -> String {
+        format!(
+            "[bgp]\nlocal_as = {NODE_AS}\nbfd_interval_ms = 100\nbfd_multiplier = 3\n[[bgp.peer]]\naddress = \"{ROUTER_IP}\"\nremote_as = {ROUTER_AS}\n[[bgp.peer]]\naddress = \"{ROUTER_IP6}\"\nremote_as = {ROUTER_AS}\n\n{listeners}"
+        )
     }
 
     /// The shared config of every node: `[bgp]` towards the router (no router id: each node

@@ -1010,7 +1010,7 @@ pub struct BgpSpec {
     pub local_as: u32,
     /// This node's BGP router id (an address of the node, unique in the fleet). Omitted (so
     /// that every node can run from the same file): the node's source address towards its
-    /// first peer.
+    /// first IPv4 peer (needed when every peer is IPv6).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub router_id: Option<Ipv4Addr>,
     /// BFD on every session, so a peer that goes silent is dropped in under a second.
@@ -1034,8 +1034,10 @@ pub struct BgpSpec {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BgpPeer {
-    /// The peer's address (directly connected).
-    pub address: Ipv4Addr,
+    /// The peer's address (directly connected). An IPv4 peer's session carries the IPv4 VIPs,
+    /// an IPv6 peer's the IPv6 VIPs (one session per family, next hop this node's own address
+    /// on it).
+    pub address: IpAddr,
     /// The peer's AS number.
     pub remote_as: u32,
 }
@@ -1084,10 +1086,15 @@ impl BgpSpec {
                 "bgp: at least one [[bgp.peer]] is needed".into(),
             ));
         }
+        if self.router_id.is_none() && !self.peers.iter().any(|p| p.address.is_ipv4()) {
+            return Err(ConfigError::Invalid(
+                "bgp: router_id is needed when no peer is IPv4 (it defaults to this node's address towards the first IPv4 peer)".into(),
+            ));
+        }
         let mut seen = HashSet::new();
         for p in &self.peers {
             asn("bgp.peer.remote_as", p.remote_as)?;
-            check_unicast4("bgp.peer.address", p.address)?;
+            check_unicast("bgp.peer.address", p.address)?;
             if !seen.insert(p.address) {
                 return Err(ConfigError::Invalid(format!(
                     "bgp: peer {} is listed twice",
@@ -1601,5 +1608,24 @@ mod tests {
             k.maglev_size = Some(65537);
         }
         x.validate().unwrap();
+    }
+
+    #[test]
+    fn bgp_peers_of_either_family_and_a_router_id_without_an_ipv4_one() {
+        let spec = |peers: &str, id: &str| -> BgpSpec {
+            toml::from_str(&format!("local_as = 65001\n{id}{peers}")).unwrap()
+        };
+        let both = "[[peer]]\naddress = \"10.0.20.1\"\nremote_as = 65000\n[[peer]]\naddress = \"fd00:20::1\"\nremote_as = 65000\n";
+        spec(both, "").validate().unwrap();
+        let six = "[[peer]]\naddress = \"fd00:20::1\"\nremote_as = 65000\n";
+        let e = spec(six, "").validate().unwrap_err().to_string();
+        assert!(e.contains("router_id is needed"), "{e}");
+        spec(six, "router_id = \"10.0.20.2\"\n").validate().unwrap();
+        let ll = "[[peer]]\naddress = \"fe80::1\"\nremote_as = 65000\n";
+        let e = spec(ll, "router_id = \"10.0.20.2\"\n")
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("bgp.peer.address"), "{e}");
     }
 }

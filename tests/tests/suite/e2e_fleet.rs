@@ -8,14 +8,14 @@
 
 use std::{
     collections::{HashMap, HashSet},
-    net::{Ipv4Addr, SocketAddrV4, TcpStream},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, TcpStream},
     time::{Duration, Instant},
 };
 
 use clb_tests::{
     daemon::Daemon,
-    fleet::{Fleet, RouterBird, backend_ip, node_ip},
-    netns::VIP,
+    fleet::{Fleet, RouterBird, backend_ip, backend_ip6, node_ip, node_ip6},
+    netns::{VIP, VIP6},
     servers::{NameServer, ask, ask_once, connect},
 };
 
@@ -265,6 +265,155 @@ fn a_fleet_keeps_every_client_on_its_backend_through_node_death_return_and_maint
     assert!(
         broken.is_empty(),
         "connections broken by the announcement: {broken:?}"
+    );
+    drop(nodes);
+    drop(router);
+}
+
+/// Node `i`'s addresses on the segment: its global IPv6 and its link-local one (the router's
+/// kernel may hold either as the next hop BGP gave it).
+fn node_addrs6(f: &Fleet, i: usize) -> Vec<Ipv6Addr> {
+    let ll = f.nodes[i]
+        .ip(&["-6", "-o", "addr", "show", "dev", "eth0", "scope", "link"])
+        .unwrap_or_default();
+    let mut v = vec![node_ip6(i)];
+    v.extend(
+        ll.split("inet6 ")
+            .skip(1)
+            .filter_map(|t| t.split('/').next()?.parse::<Ipv6Addr>().ok()),
+    );
+    v
+}
+
+/// Waits until the router's IPv6 VIP route goes through exactly `nodes` (by either of each
+/// node's addresses).
+fn await_nexthops6(f: &Fleet, nodes: &[usize], within: Duration) -> bool {
+    let addrs: Vec<Vec<Ipv6Addr>> = (0..f.nodes.len()).map(|i| node_addrs6(f, i)).collect();
+    let t0 = Instant::now();
+    while t0.elapsed() < within {
+        let hops = f.vip6_nexthops();
+        let on: Vec<usize> = (0..f.nodes.len())
+            .filter(|i| hops.iter().any(|h| addrs[*i].contains(h)))
+            .collect();
+        if on == nodes && hops.len() == nodes.len() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+/// An IPv6 VIP is announced over the nodes' IPv6 sessions (beside the IPv4 VIP on the IPv4
+/// ones), the router's ECMP route carries clients to its DSR backends, and a withdrawal takes
+/// the node out of the route.
+#[test]
+fn an_ipv6_vip_is_announced_and_withdrawn_over_bgp() {
+    let f = Fleet::new("f6", 2, 2, 0).unwrap();
+    let _servers: Vec<NameServer> = f
+        .backends
+        .iter()
+        .enumerate()
+        .map(|(j, ns)| {
+            NameServer::tcp(
+                ns,
+                SocketAddrV6::new(Ipv6Addr::UNSPECIFIED, PORT, 0, 0),
+                &format!("b{j}"),
+            )
+            .unwrap()
+        })
+        .collect();
+    let router = RouterBird::start_dual(&f).unwrap();
+    let mut l = format!(
+        "[[listener]]\nname = \"web\"\nvip = \"{}\"\nproto = \"tcp\"\nsched = \"maglev\"\nforward = \"dsr\"\n[[listener.backend]]\naddr = \"{}:{PORT}\"\n",
+        vip(),
+        backend_ip(0)
+    );
+    l += &format!(
+        "[[listener]]\nname = \"web6\"\nvip = \"[{VIP6}]:{PORT}\"\nproto = \"tcp\"\nsched = \"maglev\"\nforward = \"dsr\"\n"
+    );
+    for j in 0..2 {
+        l += &format!(
+            "[[listener.backend]]\naddr = \"[{}]:{PORT}\"\n",
+            backend_ip6(j)
+        );
+    }
+    let cfg = Fleet::node_config_dual(&l);
+    let nodes: Vec<Daemon> = f
+        .nodes
+        .iter()
+        .map(|n| Daemon::start_on(n, "eth0", &cfg, &[]))
+        .collect();
+    let up = await_nexthops6(&f, &[0, 1], Duration::from_secs(30));
+    assert!(
+        up,
+        "the router never had both nodes for the IPv6 VIP: {:?}\n{}\n{}",
+        f.vip6_nexthops(),
+        router.birdc(&["show", "protocols"]),
+        router.log()
+    );
+    assert!(
+        await_nexthops(&f, &[0, 1], Duration::from_secs(10)).is_some(),
+        "{}",
+        f.vip_route().unwrap_or_default()
+    );
+    let st: serde_json::Value = nodes[0].clb_json(&["status"]);
+    let bgp = &st["bgp"];
+    let announced: HashSet<String> = bgp["announced"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        announced,
+        HashSet::from([VIP.to_string(), VIP6.to_string()]),
+        "{bgp}"
+    );
+    for p in bgp["peers"].as_array().unwrap() {
+        assert!(
+            p["state"].as_str().unwrap().contains("Established"),
+            "{bgp}"
+        );
+    }
+    // Clients reach the IPv6 VIP through the announced route.
+    let dst = SocketAddr::new(VIP6.into(), PORT);
+    let src: std::net::IpAddr = "fd00:1::2".parse().unwrap();
+    let names: HashSet<String> = (0..8)
+        .map(|_| {
+            ask_once(&f.client, src, dst).unwrap_or_else(|e| {
+                panic!(
+                    "a client through the IPv6 VIP: {e}\nroute: {:?}\nstats 0: {}\nstats 1: {}\nneigh: {}",
+                    f.vip6_nexthops(),
+                    nodes[0].clb(&["stats"]).stdout,
+                    nodes[1].clb(&["stats"]).stdout,
+                    f.nodes[0].ip(&["-6", "neigh"]).unwrap_or_default()
+                )
+            })
+        })
+        .collect();
+    assert!(names.iter().all(|n| n == "b0" || n == "b1"), "{names:?}");
+
+    // Withdrawn on node 0: the router's IPv6 route goes through node 1 alone; announced again.
+    nodes[0].clb_ok(&["bgp", "withdraw"]);
+    assert!(
+        await_nexthops6(&f, &[1], Duration::from_secs(10)),
+        "{:?}",
+        f.vip6_nexthops()
+    );
+    assert!(ask_once(&f.client, src, dst).is_ok());
+    nodes[0].clb_ok(&["bgp", "announce"]);
+    assert!(
+        await_nexthops6(&f, &[0, 1], Duration::from_secs(10)),
+        "{:?}",
+        f.vip6_nexthops()
+    );
+    // A node that stops withdraws both families first.
+    let mut nodes = nodes;
+    nodes.remove(1);
+    assert!(
+        await_nexthops6(&f, &[0], Duration::from_secs(10)),
+        "{:?}",
+        f.vip6_nexthops()
     );
     drop(nodes);
     drop(router);
