@@ -121,6 +121,21 @@ impl<'a> Client<'a> {
         self.call(method, path, Some(b)).await.map(drop)
     }
 
+    /// A request with a JSON body, answer decoded.
+    pub async fn exchange<B: Serialize, T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: &B,
+    ) -> Result<T, ClientError> {
+        let b = serde_json::to_vec(body).context("encoding the request")?;
+        let what = format!("{method} {path}");
+        let a = self.call(method, path, Some(b)).await?;
+        serde_json::from_slice(&a)
+            .with_context(|| format!("decoding the answer to {what}"))
+            .map_err(ClientError::Transport)
+    }
+
     /// A request without a body, answer ignored.
     pub async fn send_empty(&self, method: Method, path: &str) -> Result<(), ClientError> {
         self.call(method, path, None).await.map(drop)

@@ -28,15 +28,15 @@ use clb_common::{
 use serde::{Deserialize, de::DeserializeOwned};
 
 use super::types::{
-    BackendPatch, BackendStats, BackendView, ConnView, DEFAULT_DRAIN_SECS, DrainRequest, ErrorBody,
-    FloodStatus, ForgetAnswer, HealthTransitionCount, ListenerStats, ListenerView, Page,
+    ApplyDoc, BackendPatch, BackendStats, BackendView, ConnView, DEFAULT_DRAIN_SECS, DrainRequest,
+    ErrorBody, FloodStatus, ForgetAnswer, HealthTransitionCount, ListenerStats, ListenerView, Page,
     ReloadAnswer, SessionView, StatsResponse, Status, SweeperStatus, TableStatus,
 };
 use crate::{
     control::{
         ChangeError, Controller,
         audit::Source,
-        file::ConfigFileError,
+        file::{ConfigFile, ConfigFileError},
         model::{BackendSpec, ConfigError, ListenerSpec},
         patch,
         state::Snapshot,
@@ -188,6 +188,7 @@ pub fn router(api: Api) -> Router {
         .route("/v1/stats", get(stats))
         .route("/v1/reload", post(reload))
         .route("/v1/config", get(running_config))
+        .route("/v1/apply", post(apply))
         .route("/v1/events", get(events))
         .route("/v1/bgp", get(bgp_status))
         .route("/v1/bgp/withdraw", post(bgp_withdraw))
@@ -250,6 +251,65 @@ pub async fn op_add_listener(api: &Api, spec: ListenerSpec) -> ApiResult<()> {
             .map(drop)?)
     })
     .await
+}
+
+/// Applies a listener document ([`ApplyDoc`]) as one transaction: every listener it names is
+/// replaced by the document's (backends included) or added; the others are left alone. All or
+/// nothing: one bad listener, backend or certificate refuses the whole document. With `dry`,
+/// answers what it would change and changes nothing. Returns the changes (see
+/// [`crate::control::diff::diff`]).
+pub async fn op_apply(api: &Api, doc: ApplyDoc, dry: bool) -> ApiResult<Vec<String>> {
+    if doc.listeners.is_empty() {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            "no listener in the document (it holds [[listener]] tables, each with its [[listener.backend]] ones)".into(),
+        ));
+    }
+    let mut names = HashSet::new();
+    if let Some(l) = doc.listeners.iter().find(|l| !names.insert(l.name.clone())) {
+        return Err(ConfigError::DuplicateListener(l.name.clone()).into());
+    }
+    let order = doc
+        .listeners
+        .iter()
+        .map(|l| l.name.as_str())
+        .collect::<Vec<_>>()
+        .join(", ");
+    let ctl = api.ctl.clone();
+    // An HTTP listener on an address no HTTP listener holds yet must be able to bind it.
+    let running = ctl.config();
+    let to_bind: Vec<SocketAddr> = doc
+        .listeners
+        .iter()
+        .filter(|l| l.http().is_some())
+        .filter(|l| {
+            !running
+                .listeners
+                .iter()
+                .any(|x| x.http().is_some() && x.vip == l.vip)
+        })
+        .map(|l| l.vip)
+        .collect();
+    let merge = move |c: &mut ConfigFile| {
+        for l in doc.listeners {
+            match c.listeners.iter_mut().find(|x| x.name == l.name) {
+                Some(x) => *x = l,
+                None => c.listeners.push(l),
+            }
+        }
+        Ok(())
+    };
+    if dry {
+        return blocking(move || Ok(ctl.preview(merge)?)).await;
+    }
+    for vip in to_bind {
+        crate::l7::check_bindable(vip)
+            .await
+            .map_err(|e| ApiError(StatusCode::CONFLICT, e))?;
+    }
+    let src = api.source;
+    let what = format!("apply listeners {order}");
+    applied(api, move || Ok(ctl.change(src, &what, merge)?)).await
 }
 
 /// Applies a JSON merge patch to a listener.
@@ -1215,6 +1275,21 @@ async fn reload(State(api): State<Api>, Query(q): Query<ReloadQuery>) -> ApiResu
     } else {
         applied(&api, move || Ok(ctl.reload()?)).await?
     };
+    Ok(json(ReloadAnswer {
+        applied: !dry,
+        changes,
+    }))
+}
+
+/// `POST /v1/apply[?dry_run=true]`: a listener document (see [`op_apply`]).
+async fn apply(
+    State(api): State<Api>,
+    Query(q): Query<ReloadQuery>,
+    b: Bytes,
+) -> ApiResult<Response> {
+    let doc: ApplyDoc = body(&b)?;
+    let dry = q.dry_run.unwrap_or(false);
+    let changes = op_apply(&api, doc, dry).await?;
     Ok(json(ReloadAnswer {
         applied: !dry,
         changes,

@@ -495,6 +495,16 @@ pub struct ReloadAnswer {
     pub changes: Vec<String>,
 }
 
+/// A `POST /v1/apply` body: listeners in the config file's spelling, each with its backends
+/// (`{"listener": [{"name": "web", "vip": …, "backend": [{"addr": …}]}]}`). Each replaces the
+/// listener of its name, or is added; listeners the document does not name are left alone.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApplyDoc {
+    #[serde(rename = "listener")]
+    pub listeners: Vec<crate::control::model::ListenerSpec>,
+}
+
 /// The answer to `DELETE /v1/sessions?listener=L[&client=C]`: how many persisted clients were
 /// forgotten (a client counts once, whether it had a verified entry, a pending one or both).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

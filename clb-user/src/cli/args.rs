@@ -57,6 +57,21 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Apply a listener document: `[[listener]]` tables in the config file's spelling (TOML;
+    /// JSON `{"listener": [...]}` if the file ends in .json), each with its backends. Every
+    /// listener in it replaces the running one of its name, backends included, or is added;
+    /// listeners it does not name are left alone. One transaction: a bad entry changes nothing.
+    /// Prints what changed, field by field.
+    Apply {
+        /// The document (`-` for standard input).
+        #[arg(short = 'f', long = "file", value_name = "FILE")]
+        file: PathBuf,
+        /// Print what the document would change and apply nothing.
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long)]
+        json: bool,
+    },
     /// Print the running configuration, as the config file spells it (TOML).
     Config,
     /// Daemon status: datapath, tables, flood mode, background loops, BGP.

@@ -71,6 +71,24 @@ pub async fn run_client(cli: Cli) -> Result<(), ClientError> {
                 out(&render::reload(&a));
             }
         }
+        Command::Apply {
+            file,
+            dry_run,
+            json,
+        } => {
+            let doc = read_document(&file)?;
+            let path = if dry_run {
+                "/v1/apply?dry_run=true"
+            } else {
+                "/v1/apply"
+            };
+            let a: ReloadAnswer = c.exchange(Method::POST, path, &doc).await?;
+            if json {
+                print_json(&a)?;
+            } else {
+                out(&render::apply(&a));
+            }
+        }
         Command::Config => print!("{}", c.get_text("/v1/config").await?),
         Command::Status { events, json } => {
             let s: Status = c.get("/v1/status").await?;
@@ -428,4 +446,21 @@ pub fn man() -> anyhow::Result<()> {
     clap_mangen::Man::new(Cli::command()).render(&mut buf)?;
     out(&String::from_utf8_lossy(&buf));
     Ok(())
+}
+
+/// A listener document for `clb apply`, as JSON: a `.json` file as it is, anything else read
+/// as TOML (its errors carry the line and column). `-` is standard input (TOML).
+fn read_document(file: &std::path::Path) -> anyhow::Result<serde_json::Value> {
+    let text = if file.as_os_str() == "-" {
+        std::io::read_to_string(std::io::stdin()).context("reading the document from stdin")?
+    } else {
+        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?
+    };
+    let at = file.display();
+    if file.extension().is_some_and(|e| e == "json") {
+        return serde_json::from_str(&text).with_context(|| format!("{at}: not JSON"));
+    }
+    let doc: toml::Table = toml::from_str(&text)
+        .map_err(|e| anyhow::anyhow!("{at}: {}", e.to_string().trim().replace('\n', " ")))?;
+    serde_json::to_value(doc).with_context(|| format!("{at}: converting to JSON"))
 }

@@ -540,20 +540,22 @@ pub fn stats(s: &StatsResponse) -> String {
 
 /// What a reload changed (or, dry, would change), one line each.
 pub fn reload(a: &crate::api::types::ReloadAnswer) -> String {
-    let mut s = String::new();
-    if a.changes.is_empty() {
-        s.push_str(if a.applied {
-            "reloaded: no changes\n"
-        } else {
-            "a reload would change nothing\n"
-        });
-        return s;
-    }
-    s.push_str(if a.applied {
-        "reloaded:\n"
-    } else {
-        "a reload would apply (nothing was changed):\n"
-    });
+    changes(a, "a reload", "reloaded")
+}
+
+/// What `clb apply` applied, or would apply with `--dry-run`.
+pub fn apply(a: &crate::api::types::ReloadAnswer) -> String {
+    changes(a, "the document", "applied")
+}
+
+/// A list of changes: `done` (`reloaded`) when applied, what `what` would apply otherwise.
+fn changes(a: &crate::api::types::ReloadAnswer, what: &str, done: &str) -> String {
+    let mut s = match (a.applied, a.changes.is_empty()) {
+        (true, true) => return format!("{done}: no changes\n"),
+        (false, true) => return format!("{what} would change nothing\n"),
+        (true, false) => format!("{done}:\n"),
+        (false, false) => format!("{what} would apply (nothing was changed):\n"),
+    };
     for c in &a.changes {
         s.push_str("  ");
         s.push_str(c);

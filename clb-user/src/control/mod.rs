@@ -313,11 +313,32 @@ impl Controller {
     pub fn reload_dry_run(&self) -> Result<Vec<String>, ChangeError> {
         let w = lock(&self.writer);
         let next = ConfigFile::load(&self.info.config)?;
+        Self::would_change(&w, &next, true)
+    }
+
+    /// What [`Controller::change`] with `f` would change now, applying nothing: the result is
+    /// validated and its certificates read exactly as the change would.
+    pub fn preview(
+        &self,
+        f: impl FnOnce(&mut ConfigFile) -> Result<(), ConfigError>,
+    ) -> Result<Vec<String>, ChangeError> {
+        let w = lock(&self.writer);
+        let mut next = w.state.config.clone();
+        f(&mut next)?;
+        next.validate()?;
+        Self::would_change(&w, &next, false)
+    }
+
+    fn would_change(
+        w: &Writer,
+        next: &ConfigFile,
+        reread: bool,
+    ) -> Result<Vec<String>, ChangeError> {
         if next.tables != w.state.config.tables {
             return Err(tables_need_restart().into());
         }
-        w.state.load_certs(&next, true)?;
-        Ok(diff::diff(&w.state.config, &next))
+        w.state.load_certs(next, reread)?;
+        Ok(diff::diff(&w.state.config, next))
     }
 
     /// The running configuration.

@@ -924,3 +924,83 @@ fn a_batch_of_fifty_backends_is_one_transaction() {
         assert!(who == "b0" || who == "b1", "{who}");
     }
 }
+
+#[test]
+fn apply_replaces_and_adds_listeners_as_one_transaction() {
+    let e = env("ap", 3, 2, 3, "");
+    let d = &e.daemon;
+    let mut open = connect(&e.topo.client, clb_tests::netns::CLIENT_IP, vip()).expect("connect");
+    let on = ask(&mut open).expect("first request");
+    // The document: `web` with persistence and a third backend, and a new UDP listener.
+    let doc = format!(
+        "# the shop's listeners, reviewed\n{}{}",
+        config(3, "persist = 600 # carts"),
+        one_listener_config("dns", SocketAddrV4::new(VIP, 53), "udp", 1, 5353, "")
+    );
+    let path = d.dir().join("shop.toml");
+    std::fs::write(&path, &doc).unwrap();
+    let file = path.to_str().unwrap();
+    let before = d.config_text();
+    // A dry run lists every change and applies none.
+    let out = d.clb_ok(&["apply", "-f", file, "--dry-run"]);
+    assert!(out.contains("would apply (nothing was changed)"), "{out}");
+    assert!(out.contains("persist 0 → 600"), "{out}");
+    assert!(out.contains(&be(2)), "{out}");
+    assert!(out.contains("dns"), "{out}");
+    assert_eq!(d.config_text(), before, "a dry run wrote the file");
+    let ls: Vec<serde_json::Value> = d.clb_json(&["listener", "ls"]);
+    assert_eq!(ls.len(), 1, "a dry run added a listener: {ls:?}");
+    // One bad entry refuses the whole document: a weight out of range on the new listener.
+    let bad = path.with_file_name("bad.toml");
+    let dns = format!("{}:5353", backend_ip(0));
+    std::fs::write(
+        &bad,
+        doc.replace(
+            &format!("addr = \"{dns}\""),
+            &format!("addr = \"{dns}\"\nweight = 100000"),
+        ),
+    )
+    .unwrap();
+    assert_ne!(std::fs::read_to_string(&bad).unwrap(), doc);
+    let out = d.clb(&["apply", "-f", bad.to_str().unwrap()]);
+    assert!(!out.ok, "a bad document was applied");
+    assert!(out.stderr.contains("weight"), "{}", out.stderr);
+    assert_eq!(d.config_text(), before, "a refused document wrote the file");
+    let ls: Vec<serde_json::Value> = d.clb_json(&["listener", "ls"]);
+    assert_eq!(ls.len(), 1, "{ls:?}");
+    assert_eq!(ls[0]["persist"], 0, "{ls:?}");
+    // Broken TOML is named with its place, before the daemon sees it.
+    std::fs::write(&bad, "[[listener]\nname = \"x\"\n").unwrap();
+    let out = d.clb(&["apply", "-f", bad.to_str().unwrap()]);
+    assert!(!out.ok);
+    assert!(out.stderr.contains("line 1"), "{}", out.stderr);
+    // The document applied: both listeners as written, the open connection untouched.
+    let out = d.clb_ok(&["apply", "-f", file]);
+    assert!(out.starts_with("applied:"), "{out}");
+    let ls: Vec<serde_json::Value> = d.clb_json(&["listener", "ls"]);
+    assert_eq!(ls.len(), 2, "{ls:?}");
+    let web = ls.iter().find(|l| l["name"] == "web").expect("web");
+    assert_eq!(web["persist"], 600, "{web}");
+    let bs: Vec<serde_json::Value> = d.clb_json(&["backend", "ls", "web"]);
+    assert_eq!(bs.len(), 3, "{bs:?}");
+    assert!(ls.iter().any(|l| l["name"] == "dns" && l["proto"] == "udp"));
+    assert_eq!(ask(&mut open).expect("the open connection"), on);
+    // The config file keeps the operator's comments and holds the new listener.
+    let text = d.config_text();
+    assert!(text.contains("name = \"dns\""), "{text}");
+    let seen: std::collections::HashSet<String> = e
+        .topo
+        .extra_clients
+        .iter()
+        .map(|&ip| ask_once(&e.topo.client, ip, vip()).expect("a request"))
+        .collect();
+    assert!(seen.contains("b2") || seen.len() == 3, "{seen:?}");
+    // Applying it again changes nothing; the audit trail has the one application.
+    assert_eq!(d.clb_ok(&["apply", "-f", file]), "applied: no changes\n");
+    let ev = events(d);
+    assert!(
+        ev.iter().any(|x| x["change"] == "apply listeners web, dns"
+            && x["refused"].as_str().is_some_and(|r| r.contains("weight"))),
+        "{ev:#?}"
+    );
+}
