@@ -61,7 +61,7 @@ pub struct Fleet {
     pub extra_clients: Vec<Ipv4Addr>,
 }
 
-fn veth(a_ns: &NetNs, a: &str, b_ns: &NetNs, b: &str) -> anyhow::Result<()> {
+pub(crate) fn veth(a_ns: &NetNs, a: &str, b_ns: &NetNs, b: &str) -> anyhow::Result<()> {
     sh(&[
         "ip",
         "link",

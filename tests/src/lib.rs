@@ -6,6 +6,7 @@ pub mod bench;
 pub mod browser;
 pub mod cgroup;
 pub mod daemon;
+pub mod deploy;
 pub mod fleet;
 pub mod flood;
 pub mod fuzz;

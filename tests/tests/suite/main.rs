@@ -7,6 +7,7 @@
 mod bench_smoke;
 mod e2e_console;
 mod e2e_control;
+mod e2e_deploy;
 mod e2e_dsr;
 mod e2e_fleet;
 mod e2e_flood;
