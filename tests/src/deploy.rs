@@ -23,7 +23,7 @@ use anyhow::{Context as _, bail};
 use crate::{
     daemon::Daemon,
     fleet::veth,
-    netns::{NetNs, ip_batch},
+    netns::{NetNs, add_host_addrs},
 };
 
 /// The client's address on its side of the router.
@@ -204,14 +204,7 @@ impl Site {
         addrs(r, "eth0", &["203.0.113.1/24", "2001:db8:c::1/64"])?;
         r.sysctl("net.ipv4.ip_forward=1")?;
         r.sysctl("net.ipv6.conf.all.forwarding=1")?;
-        if !self.extra_clients.is_empty() {
-            let lines: Vec<String> = self
-                .extra_clients
-                .iter()
-                .map(|a| format!("addr add {a}/32 dev eth0"))
-                .collect();
-            ip_batch(Some(c.name()), &lines)?;
-        }
+        add_host_addrs(c, "eth0", &self.extra_clients)?;
         Ok(())
     }
 

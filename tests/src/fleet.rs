@@ -21,7 +21,7 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 
 use anyhow::Context as _;
 
-use crate::netns::{NetNs, VIP, VIP6, extra_client_ip, fmt_mac, ip_batch, sh};
+use crate::netns::{NetNs, VIP, VIP6, add_host_addrs, extra_client_ip, fmt_mac, sh};
 
 /// The client's address.
 pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 2);
@@ -208,14 +208,7 @@ impl Fleet {
             // The datapath's FIB lookups fail on an interface that does not forward.
             n.sysctl("net.ipv6.conf.all.forwarding=1")?;
         }
-        if !self.extra_clients.is_empty() {
-            let lines: Vec<String> = self
-                .extra_clients
-                .iter()
-                .map(|a| format!("addr add {a}/32 dev eth0"))
-                .collect();
-            ip_batch(Some(self.client.name()), &lines)?;
-        }
+        add_host_addrs(&self.client, "eth0", &self.extra_clients)?;
         Ok(())
     }
 

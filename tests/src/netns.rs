@@ -62,6 +62,18 @@ pub fn ip_batch(ns: Option<&str>, lines: &[String]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Adds each of `addrs` as a /32 on `dev` in `ns` (one `ip -batch`; none: nothing).
+pub fn add_host_addrs(ns: &NetNs, dev: &str, addrs: &[Ipv4Addr]) -> anyhow::Result<()> {
+    if addrs.is_empty() {
+        return Ok(());
+    }
+    let lines: Vec<String> = addrs
+        .iter()
+        .map(|a| format!("addr add {a}/32 dev {dev}"))
+        .collect();
+    ip_batch(Some(ns.name()), &lines)
+}
+
 /// A unique name: `clb-<tag>-<pid>-<n>`, within the 15 characters an interface name allows
 /// when `tag` is short (namespaces have no such limit, but short names read better).
 pub fn unique_name(tag: &str) -> String {
@@ -398,14 +410,7 @@ impl Topology {
                 "permanent",
             ])?;
         }
-        if !self.extra_clients.is_empty() {
-            let lines: Vec<String> = self
-                .extra_clients
-                .iter()
-                .map(|a| format!("addr add {a}/32 dev eth0"))
-                .collect();
-            ip_batch(Some(self.client.name()), &lines)?;
-        }
+        add_host_addrs(&self.client, "eth0", &self.extra_clients)?;
         // Permanent neighbours on the balancer: XDP's FIB lookup needs them.
         let cmac = fmt_mac(self.client.mac("eth0")?);
         self.lb.ip(&[
